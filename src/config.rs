@@ -1,0 +1,397 @@
+//! Configuration: a main file (daemon settings, defaults for every database, the directory of
+//! per-database files) and one TOML file per database whose stem is the database's name.
+//! Layering is figment's: built-in defaults, then the files, then `LITESTREAMD_*` variables for
+//! the main file. `${VAR}` in string values is expanded so secrets stay out of files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::db::DbOptions;
+use crate::replica::{self, ReplicaClient};
+use crate::replicator::{ReplicaOptions, RetryPolicy};
+use crate::worker::DbSpec;
+
+pub const DEFAULT_CONFIG: &str = "/etc/litestreamd/litestreamd.toml";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { path: path.to_path_buf(), message: message.into() }
+}
+
+/// Settings that apply to every database unless its own file overrides them.
+/// Defaults are Litestream v0.3.13's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Defaults {
+    #[serde(with = "humantime_serde")]
+    pub monitor_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+    pub min_checkpoint_page_count: u32,
+    pub max_checkpoint_page_count: u32,
+    pub truncate_page_count: u32,
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub sync_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retention_check_interval: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        let d = DbOptions::default();
+        let r = ReplicaOptions::default();
+        Defaults {
+            monitor_interval: d.monitor_interval,
+            checkpoint_interval: d.checkpoint_interval,
+            min_checkpoint_page_count: d.min_checkpoint_page_count,
+            max_checkpoint_page_count: d.max_checkpoint_page_count,
+            truncate_page_count: d.truncate_page_count,
+            busy_timeout: d.busy_timeout,
+            sync_interval: r.sync_interval,
+            snapshot_interval: r.snapshot_interval,
+            retention: r.retention,
+            retention_check_interval: r.retention_check_interval,
+            retry: r.retry,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: "text".into() }
+    }
+}
+
+/// The main configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MainConfig {
+    /// Directory of per-database `*.toml` files; relative to the main file's directory.
+    pub dbs_dir: PathBuf,
+    pub control_socket: PathBuf,
+    /// Prometheus listen address; loopback by default.
+    pub metrics_addr: Option<String>,
+    pub log: LogConfig,
+    pub defaults: Defaults,
+}
+
+impl Default for MainConfig {
+    fn default() -> Self {
+        MainConfig {
+            dbs_dir: PathBuf::from("dbs.d"),
+            control_socket: PathBuf::from("/run/litestreamd/control.sock"),
+            metrics_addr: Some("127.0.0.1:9093".into()),
+            log: LogConfig::default(),
+            defaults: Defaults::default(),
+        }
+    }
+}
+
+/// One replica of a database, as written in its file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Defaults to the type; unique within the database.
+    pub name: Option<String>,
+    /// `file` (default). Inferred from `url` when given.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// A replica URL (`file:///dir`), instead of `type` + `path`.
+    pub url: Option<String>,
+    /// For `file`: the directory.
+    pub path: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub sync_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub snapshot_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub retention_check_interval: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+}
+
+/// A per-database file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DbConfig {
+    pub path: PathBuf,
+    pub meta_path: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub monitor_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub checkpoint_interval: Option<Duration>,
+    pub min_checkpoint_page_count: Option<u32>,
+    pub max_checkpoint_page_count: Option<u32>,
+    pub truncate_page_count: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub busy_timeout: Option<Duration>,
+    #[serde(default)]
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+/// A loaded configuration: the main file and every database, by name.
+#[derive(Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub main: MainConfig,
+    pub dbs: BTreeMap<String, DbConfig>,
+    /// Files that failed to load, with their errors.
+    pub errors: Vec<ConfigError>,
+}
+
+impl Config {
+    /// Loads the main file and the per-database directory. A bad database file is recorded in
+    /// `errors` and skipped; a bad main file is an error.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(invalid(path, "config file not found"));
+        }
+        let main: MainConfig = Figment::from(Serialized::defaults(MainConfig::default()))
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("LITESTREAMD_").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut main = main;
+        if main.dbs_dir.is_relative() {
+            main.dbs_dir = base.join(&main.dbs_dir);
+        }
+        let mut cfg = Config { path: path.to_path_buf(), main, dbs: BTreeMap::new(), errors: Vec::new() };
+        for file in db_files(&cfg.main.dbs_dir)? {
+            let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            match load_db_file(&file).and_then(|db| {
+                cfg.resolve(&name, &db).map(|_| db)
+            }) {
+                Ok(db) => {
+                    cfg.dbs.insert(name, db);
+                }
+                Err(e) => cfg.errors.push(e),
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Turns one database's config into a runnable spec (opens replica clients).
+    pub fn resolve(&self, name: &str, db: &DbConfig) -> Result<DbSpec, ConfigError> {
+        let file = self.main.dbs_dir.join(format!("{name}.toml"));
+        resolve_db(name, db, &self.main.defaults, &file)
+    }
+
+    pub fn specs(&self) -> Result<Vec<DbSpec>, ConfigError> {
+        self.dbs.iter().map(|(n, d)| self.resolve(n, d)).collect()
+    }
+
+    /// Finds a database by name or by path.
+    pub fn find(&self, name_or_path: &str) -> Option<(String, &DbConfig)> {
+        if let Some(db) = self.dbs.get(name_or_path) {
+            return Some((name_or_path.to_string(), db));
+        }
+        let want = absolute(Path::new(name_or_path));
+        self.dbs.iter().find(|(_, d)| absolute(&d.path) == want).map(|(n, d)| (n.clone(), d))
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `*.toml` files of the directory, sorted; editor backups and dpkg leftovers are ignored.
+pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ConfigError::Io { path: dir.to_path_buf(), source }),
+    };
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            n.ends_with(".toml") && !n.starts_with('.') && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+pub fn load_db_file(path: &Path) -> Result<DbConfig, ConfigError> {
+    let db: DbConfig = Figment::from(Toml::file_exact(path))
+        .extract()
+        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })?;
+    Ok(db)
+}
+
+/// Expands `${VAR}` (and `$VAR`) from the environment; `$$` is a literal `$`. An unset variable
+/// is an error rather than Litestream's silent empty string, so a missing secret is noticed.
+pub fn expand_env(s: &str, file: &Path) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let name: String = match chars.peek() {
+            Some('$') => {
+                chars.next();
+                out.push('$');
+                continue;
+            }
+            Some('{') => {
+                chars.next();
+                let mut n = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(ch) => n.push(ch),
+                        None => return Err(invalid(file, format!("unterminated ${{ in {s:?}"))),
+                    }
+                }
+                n
+            }
+            _ => {
+                let mut n = String::new();
+                while let Some(&ch) = chars.peek() {
+                    if ch.is_ascii_alphanumeric() || ch == '_' {
+                        n.push(ch);
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                }
+                if n.is_empty() {
+                    out.push('$');
+                    continue;
+                }
+                n
+            }
+        };
+        match std::env::var(&name) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => return Err(invalid(file, format!("environment variable {name} is not set"))),
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_db(name: &str, db: &DbConfig, d: &Defaults, file: &Path) -> Result<DbSpec, ConfigError> {
+    let path = PathBuf::from(expand_env(&db.path.to_string_lossy(), file)?);
+    if path.as_os_str().is_empty() {
+        return Err(invalid(file, "path: the database path is required"));
+    }
+    let opts = DbOptions {
+        meta_path: db.meta_path.clone(),
+        monitor_interval: db.monitor_interval.unwrap_or(d.monitor_interval),
+        checkpoint_interval: db.checkpoint_interval.unwrap_or(d.checkpoint_interval),
+        min_checkpoint_page_count: db.min_checkpoint_page_count.unwrap_or(d.min_checkpoint_page_count),
+        max_checkpoint_page_count: db.max_checkpoint_page_count.unwrap_or(d.max_checkpoint_page_count),
+        truncate_page_count: db.truncate_page_count.unwrap_or(d.truncate_page_count),
+        busy_timeout: db.busy_timeout.unwrap_or(d.busy_timeout),
+    };
+    if opts.min_checkpoint_page_count == 0 {
+        return Err(invalid(file, "min_checkpoint_page_count must be greater than 0"));
+    }
+    if opts.monitor_interval.is_zero() {
+        return Err(invalid(file, "monitor_interval must be greater than 0"));
+    }
+    if db.replicas.is_empty() {
+        return Err(invalid(file, "replicas: at least one replica is required"));
+    }
+    let mut replicas = Vec::new();
+    for (i, r) in db.replicas.iter().enumerate() {
+        let client = replica_client(r, file).map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
+        let name = r.name.clone().unwrap_or_else(|| client.kind().to_string());
+        if replicas.iter().any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name) {
+            return Err(invalid(file, format!("replicas[{i}]: duplicate replica name {name:?}")));
+        }
+        let ro = ReplicaOptions {
+            name,
+            sync_interval: r.sync_interval.unwrap_or(d.sync_interval),
+            snapshot_interval: r.snapshot_interval.unwrap_or(d.snapshot_interval),
+            retention: r.retention.unwrap_or(d.retention),
+            retention_check_interval: r.retention_check_interval.unwrap_or(d.retention_check_interval),
+            retry: r.retry.clone().unwrap_or_else(|| d.retry.clone()),
+        };
+        if ro.sync_interval.is_zero() {
+            return Err(invalid(file, format!("replicas[{i}]: sync_interval must be greater than 0")));
+        }
+        replicas.push((ro, client));
+    }
+    Ok(DbSpec { name: name.to_string(), path, opts, replicas })
+}
+
+/// Builds a replica client from its config entry.
+pub fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaClient, String> {
+    if let Some(url) = &r.url {
+        if r.path.is_some() {
+            return Err("url and path cannot both be set".into());
+        }
+        let url = expand_env(url, file).map_err(|e| e.to_string())?;
+        return replica::store_from_url(&url).map(ReplicaClient::new).map_err(|e| e.to_string());
+    }
+    match r.kind.as_deref().unwrap_or("file") {
+        "file" => {
+            let p = r.path.as_ref().ok_or("path: required for a file replica")?;
+            let p = PathBuf::from(expand_env(&p.to_string_lossy(), file).map_err(|e| e.to_string())?);
+            if replica::is_url(&p.to_string_lossy()) {
+                return Err("path looks like a URL; use url = \"...\"".into());
+            }
+            let p = absolute(&p);
+            Ok(ReplicaClient::new(std::sync::Arc::new(replica::file::FileStore::new(p))))
+        }
+        other => Err(format!("unsupported replica type {other:?} (supported: file)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_env() {
+        unsafe { std::env::set_var("LSD_TEST_SECRET", "s3cr3t") };
+        let f = Path::new("x.toml");
+        assert_eq!(expand_env("a-${LSD_TEST_SECRET}-$LSD_TEST_SECRET-$$", f).unwrap(), "a-s3cr3t-s3cr3t-$");
+        assert!(expand_env("${LSD_TEST_UNSET_VAR}", f).unwrap_err().to_string().contains("LSD_TEST_UNSET_VAR"));
+    }
+}

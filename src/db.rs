@@ -1,0 +1,872 @@
+//! The replication engine's database side (spec §2.2–2.5): it holds SQLite's WAL still with a
+//! long read transaction, copies committed frames into the shadow WAL under `.<db>-litestream/`,
+//! detects lost continuity (a new generation), follows WAL restarts (a new index) and runs the
+//! checkpoint policy.
+//!
+//! Everything here is blocking file and SQLite I/O; the async worker calls it through
+//! `spawn_blocking` with the [`Db`] behind a mutex, so one database never blocks another's thread.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OpenFlags};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::layout::{self, MAX_INDEX, MetaDir, Pos};
+use crate::wal::{self, FrameChain, FrameCheck, WAL_HEADER_SIZE, WalHeader};
+
+#[derive(Debug, Error)]
+pub enum DbError {
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: journal_mode is {mode:?}, expected wal")]
+    NotWal { path: PathBuf, mode: String },
+    #[error("{path}: invalid WAL header: {source}")]
+    BadWalHeader {
+        path: PathBuf,
+        #[source]
+        source: wal::WalError,
+    },
+}
+
+/// When and how to checkpoint; defaults are Litestream v0.3.13's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbOptions {
+    pub meta_path: Option<PathBuf>,
+    pub monitor_interval: Duration,
+    /// Time-based PASSIVE checkpoint; zero disables it.
+    pub checkpoint_interval: Duration,
+    pub min_checkpoint_page_count: u32,
+    /// RESTART threshold; zero disables it.
+    pub max_checkpoint_page_count: u32,
+    /// TRUNCATE threshold; zero disables it. Configurable here (Litestream 0.3 hard-codes it).
+    pub truncate_page_count: u32,
+    pub busy_timeout: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            meta_path: None,
+            monitor_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_secs(60),
+            min_checkpoint_page_count: 1000,
+            max_checkpoint_page_count: 10_000,
+            truncate_page_count: 500_000,
+            busy_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum CheckpointMode {
+    Passive,
+    Restart,
+    Truncate,
+}
+
+impl CheckpointMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointMode::Passive => "PASSIVE",
+            CheckpointMode::Restart => "RESTART",
+            CheckpointMode::Truncate => "TRUNCATE",
+        }
+    }
+}
+
+/// What one sync pass did.
+#[derive(Debug, Clone, Default)]
+pub struct SyncReport {
+    /// The shadow position after the pass (None while the database file does not exist).
+    pub pos: Option<Pos>,
+    /// Why a new generation was started, if one was.
+    pub new_generation: Option<String>,
+    pub checkpoint: Option<CheckpointMode>,
+    /// Frame bytes appended to the shadow WAL in this pass.
+    pub wal_bytes: u64,
+    pub db_size: u64,
+    pub wal_size: u64,
+    /// Bytes of shadow WAL on disk for the current generation.
+    pub shadow_bytes: u64,
+}
+
+/// An open database with its two connections: `reader` holds the long-running read transaction,
+/// `writer` does the `_litestream_seq` writes, the write lock and checkpoints.
+struct Open {
+    reader: Connection,
+    writer: Connection,
+    /// Keeps a plain descriptor open so POSIX locks are not dropped when some other descriptor
+    /// of this file is closed by this process.
+    _fd: File,
+    page_size: u32,
+    in_read_tx: bool,
+}
+
+pub struct Db {
+    path: PathBuf,
+    wal_path: PathBuf,
+    meta: MetaDir,
+    opts: DbOptions,
+    open: Option<Open>,
+    /// Snapshots in progress; while non-zero our checkpoints are skipped so the read
+    /// transaction that makes the copy consistent is never released.
+    snapshotting: Arc<AtomicUsize>,
+}
+
+/// Result of the continuity check.
+struct Verify {
+    /// Why continuity is lost (a new generation is needed).
+    reason: Option<&'static str>,
+    /// The real WAL header differs from the shadow's: SQLite restarted the WAL.
+    restart: bool,
+}
+
+impl Db {
+    pub fn new(path: impl Into<PathBuf>, opts: DbOptions) -> Self {
+        let path: PathBuf = path.into();
+        let meta = match &opts.meta_path {
+            Some(p) => MetaDir { root: p.clone() },
+            None => MetaDir::for_db(&path),
+        };
+        let mut wal_path = path.clone().into_os_string();
+        wal_path.push("-wal");
+        Db {
+            wal_path: wal_path.into(),
+            path,
+            meta,
+            opts,
+            open: None,
+            snapshotting: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn meta(&self) -> &MetaDir {
+        &self.meta
+    }
+    pub fn options(&self) -> &DbOptions {
+        &self.opts
+    }
+    pub fn page_size(&self) -> Option<u32> {
+        self.open.as_ref().map(|o| o.page_size)
+    }
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    fn io(&self, path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> DbError + use<> {
+        let path = path.to_path_buf();
+        move |source| DbError::Io { path, op, source }
+    }
+    fn sql(&self) -> impl FnOnce(rusqlite::Error) -> DbError + use<> {
+        let path = self.path.clone();
+        move |source| DbError::Sqlite { path, source }
+    }
+
+    /// The current generation id from `<meta>/generation`.
+    pub fn generation(&self) -> Result<Option<String>, DbError> {
+        let p = self.meta.generation_file();
+        match fs::read_to_string(&p) {
+            Ok(s) => {
+                let g = s.trim();
+                Ok(layout::is_generation(g).then(|| g.to_string()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&p, "read")(e)),
+        }
+    }
+
+    /// Highest shadow WAL index of a generation, if any file exists.
+    pub fn current_shadow_index(&self, generation: &str) -> Result<Option<u32>, DbError> {
+        let dir = self.meta.shadow_wal_dir(generation);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(&dir, "read_dir")(e)),
+        };
+        let mut max = None;
+        for e in rd {
+            let e = e.map_err(self.io(&dir, "read_dir"))?;
+            if let Some(i) = layout::parse_shadow_wal_name(&e.file_name().to_string_lossy()) {
+                max = max.max(Some(i));
+            }
+        }
+        Ok(max)
+    }
+
+    /// The shadow position: generation, highest index, and that file's size.
+    pub fn pos(&self) -> Result<Option<Pos>, DbError> {
+        let Some(generation) = self.generation()? else {
+            return Ok(None);
+        };
+        let Some(index) = self.current_shadow_index(&generation)? else {
+            return Ok(None);
+        };
+        let size = file_size(&self.meta.shadow_wal_path(&generation, index))
+            .map_err(self.io(&self.meta.shadow_wal_path(&generation, index), "stat"))?;
+        Ok(Some(Pos::new(generation, index, size)))
+    }
+
+    fn open_conn(&self) -> Result<Connection, DbError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&self.path, flags).map_err(self.sql())?;
+        conn.busy_timeout(self.opts.busy_timeout).map_err(self.sql())?;
+        set_persist_wal(&conn).map_err(self.sql())?;
+        Ok(conn)
+    }
+
+    /// Opens the database and takes the read lock (spec §2.2). Returns false while the file
+    /// does not exist yet.
+    fn init(&mut self) -> Result<bool, DbError> {
+        if self.open.is_some() {
+            return Ok(true);
+        }
+        if !self.path.exists() {
+            return Ok(false);
+        }
+        let fd = File::open(&self.path).map_err(self.io(&self.path, "open"))?;
+        let writer = self.open_conn()?;
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(DbError::NotWal {
+                path: self.path.clone(),
+                mode,
+            });
+        }
+        writer
+            .execute_batch(
+                "PRAGMA wal_autocheckpoint = 0;
+                 CREATE TABLE IF NOT EXISTS _litestream_seq (id INTEGER PRIMARY KEY, seq INTEGER);
+                 CREATE TABLE IF NOT EXISTS _litestream_lock (id INTEGER);",
+            )
+            .map_err(self.sql())?;
+        let page_size: u32 = writer
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(self.sql())?;
+        let reader = self.open_conn()?;
+        reader
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .map_err(self.sql())?;
+        self.open = Some(Open {
+            reader,
+            writer,
+            _fd: fd,
+            page_size,
+            in_read_tx: false,
+        });
+        self.acquire_read_lock()?;
+
+        fs::create_dir_all(&self.meta.root).map_err(self.io(&self.meta.root, "mkdir"))?;
+        remove_tmp_files(&self.meta.root);
+
+        // Continuity at startup: the newest shadow must describe the same WAL life as the real
+        // WAL, otherwise frames may have been lost while we were not running.
+        if let Some(generation) = self.generation()? {
+            let keep = match self.current_shadow_index(&generation)? {
+                Some(index) => {
+                    let shadow = self.meta.shadow_wal_path(&generation, index);
+                    self.repair_shadow_tail(&shadow)?;
+                    let a = read_header_bytes(&shadow);
+                    let b = read_header_bytes(&self.wal_path);
+                    matches!((a, b), (Some(a), Some(b)) if a == b)
+                }
+                None => false,
+            };
+            if !keep {
+                info!(db = %self.path.display(), "WAL header differs from the shadow WAL at start; a new generation will start");
+                let p = self.meta.generation_file();
+                fs::remove_file(&p).or_else(ignore_not_found).map_err(self.io(&p, "remove"))?;
+            }
+        }
+        self.remove_other_generations()?;
+        Ok(true)
+    }
+
+    /// Closes the connections, releasing the read lock.
+    pub fn close(&mut self) {
+        if let Some(mut open) = self.open.take()
+            && open.in_read_tx
+        {
+            let _ = open.reader.execute_batch("ROLLBACK");
+            open.in_read_tx = false;
+        }
+    }
+
+    fn conns(&mut self) -> &mut Open {
+        self.open.as_mut().expect("database is open")
+    }
+
+    fn acquire_read_lock(&mut self) -> Result<(), DbError> {
+        let err = self.sql();
+        let o = self.conns();
+        if o.in_read_tx {
+            return Ok(());
+        }
+        o.reader.execute_batch("BEGIN").map_err(err)?;
+        let r: rusqlite::Result<i64> =
+            o.reader
+                .query_row("SELECT COUNT(1) FROM _litestream_seq", [], |r| r.get(0));
+        if let Err(e) = r {
+            let _ = o.reader.execute_batch("ROLLBACK");
+            return Err(DbError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            });
+        }
+        o.in_read_tx = true;
+        Ok(())
+    }
+
+    fn release_read_lock(&mut self) -> Result<(), DbError> {
+        let err = self.sql();
+        let o = self.conns();
+        if o.in_read_tx {
+            o.in_read_tx = false;
+            o.reader.execute_batch("ROLLBACK").map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Forces a WAL write (spec §2.2 step 6): gives a missing WAL its header and makes SQLite
+    /// restart a checkpointed WAL right away.
+    fn bump_seq(&mut self) -> Result<(), DbError> {
+        let err = self.sql();
+        self.conns()
+            .writer
+            .execute(
+                "INSERT INTO _litestream_seq (id, seq) VALUES (1, 1)
+                 ON CONFLICT (id) DO UPDATE SET seq = seq + 1",
+                [],
+            )
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// One pass of the sync loop (spec §2.3). `min_replica` is the lowest position any replica
+    /// has reached in the current generation, or None if some replica has none: shadow files
+    /// are only removed once every replica has them.
+    pub fn sync(&mut self, min_replica: Option<&Pos>) -> Result<SyncReport, DbError> {
+        let mut report = SyncReport::default();
+        if !self.init()? {
+            return Ok(report);
+        }
+        if file_size(&self.wal_path).unwrap_or(0) < WAL_HEADER_SIZE as u64 {
+            self.bump_seq()?;
+        }
+        let v = self.verify()?;
+        if let Some(reason) = v.reason {
+            self.create_generation(reason)?;
+            report.new_generation = Some(reason.to_string());
+        } else {
+            report.wal_bytes += self.sync_wal(v.restart)?;
+        }
+
+        let page_size = self.conns().page_size;
+        let orig_wal_size = wal::align(file_size(&self.wal_path).unwrap_or(0), page_size);
+        let pos = self.pos()?.expect("a generation exists after sync");
+        let new_wal_size = pos.offset;
+        let mode = self.checkpoint_mode(orig_wal_size, new_wal_size, page_size);
+        if let Some(mode) = mode {
+            match self.checkpoint(mode) {
+                Ok(outcome) => {
+                    report.wal_bytes += outcome.copied;
+                    if let Some(reason) = outcome.new_generation {
+                        report.new_generation = Some(reason.to_string());
+                    }
+                    report.checkpoint = outcome.ran.then_some(mode);
+                }
+                // A busy checkpoint is not a sync failure: the next tick tries again.
+                Err(e) => warn!(db = %self.path.display(), mode = mode.as_str(), error = %e, "checkpoint failed"),
+            }
+        }
+        let pos = self.pos()?.expect("a generation exists after sync");
+        self.clean_shadow(&pos, min_replica)?;
+        report.shadow_bytes = dir_size(&self.meta.shadow_wal_dir(&pos.generation));
+        report.pos = Some(pos);
+        report.db_size = file_size(&self.path).unwrap_or(0);
+        report.wal_size = file_size(&self.wal_path).unwrap_or(0);
+        Ok(report)
+    }
+
+    fn checkpoint_mode(&self, orig_wal: u64, new_wal: u64, page_size: u32) -> Option<CheckpointMode> {
+        let o = &self.opts;
+        let size = |n: u32| wal::size_of_frames(n as u64, page_size);
+        if o.truncate_page_count > 0 && orig_wal >= size(o.truncate_page_count) {
+            return Some(CheckpointMode::Truncate);
+        }
+        if o.max_checkpoint_page_count > 0 && new_wal >= size(o.max_checkpoint_page_count) {
+            return Some(CheckpointMode::Restart);
+        }
+        if new_wal >= size(o.min_checkpoint_page_count.max(1)) {
+            return Some(CheckpointMode::Passive);
+        }
+        if !o.checkpoint_interval.is_zero() && new_wal > size(1) {
+            let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok()?;
+            let age = SystemTime::now().duration_since(mtime).unwrap_or_default();
+            if age > o.checkpoint_interval {
+                return Some(CheckpointMode::Passive);
+            }
+        }
+        None
+    }
+
+    /// The continuity check (spec §2.3 step 3).
+    fn verify(&mut self) -> Result<Verify, DbError> {
+        let lost = |reason| Ok(Verify { reason: Some(reason), restart: false });
+        let Some(generation) = self.generation()? else {
+            return lost("no generation exists");
+        };
+        let Some(index) = self.current_shadow_index(&generation)? else {
+            return lost("no shadow wal");
+        };
+        if index >= MAX_INDEX {
+            return lost("max index exceeded");
+        }
+        let page_size = self.conns().page_size;
+        let shadow_path = self.meta.shadow_wal_path(&generation, index);
+        let shadow_size = wal::align(file_size(&shadow_path).unwrap_or(0), page_size);
+        if shadow_size < WAL_HEADER_SIZE as u64 {
+            return lost("short shadow wal");
+        }
+        let wal_size = wal::align(file_size(&self.wal_path).unwrap_or(0), page_size);
+        if shadow_size > wal_size {
+            return lost("wal truncated by another process");
+        }
+        let restart = read_header_bytes(&self.wal_path) != read_header_bytes(&shadow_path);
+        if restart && shadow_size == WAL_HEADER_SIZE as u64 {
+            return lost("wal header only, mismatched");
+        }
+        if shadow_size > WAL_HEADER_SIZE as u64 {
+            let fs = wal::frame_size(page_size);
+            let at = shadow_size - fs;
+            let a = read_at(&shadow_path, at, fs as usize).map_err(self.io(&shadow_path, "read"))?;
+            let b = read_at(&self.wal_path, at, fs as usize).map_err(self.io(&self.wal_path, "read"))?;
+            if a != b {
+                return lost("wal overwritten by another process");
+            }
+        }
+        Ok(Verify {
+            reason: None,
+            restart,
+        })
+    }
+
+    /// Starts a new generation: shadow index 0 gets the real WAL's header and its valid
+    /// committed frames; then the `generation` file is switched atomically.
+    fn create_generation(&mut self, reason: &str) -> Result<(), DbError> {
+        let generation = layout::new_generation();
+        info!(db = %self.path.display(), generation, reason, "starting new generation");
+        let dir = self.meta.shadow_wal_dir(&generation);
+        fs::create_dir_all(&dir).map_err(self.io(&dir, "mkdir"))?;
+        self.init_shadow(&generation, 0)?;
+        let p = self.meta.generation_file();
+        write_atomic(&p, format!("{generation}\n").as_bytes()).map_err(self.io(&p, "write"))?;
+        self.remove_other_generations()
+    }
+
+    /// Creates shadow file `index` from the real WAL's current header and copies its frames.
+    fn init_shadow(&mut self, generation: &str, index: u32) -> Result<u64, DbError> {
+        let hdr = read_header_bytes(&self.wal_path).ok_or_else(|| DbError::Io {
+            path: self.wal_path.clone(),
+            op: "read header",
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "WAL has no header"),
+        })?;
+        WalHeader::parse(&hdr).map_err(|source| DbError::BadWalHeader {
+            path: self.wal_path.clone(),
+            source,
+        })?;
+        let path = self.meta.shadow_wal_path(generation, index);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(self.io(&path, "create"))?;
+        f.write_all(&hdr).map_err(self.io(&path, "write"))?;
+        f.sync_all().map_err(self.io(&path, "fsync"))?;
+        drop(f);
+        let copied = self.copy_frames(&path)?;
+        debug!(db = %self.path.display(), generation, index, copied, "shadow WAL started");
+        Ok(copied)
+    }
+
+    /// Appends new committed frames to the current shadow; on a WAL restart, also starts the
+    /// next index (spec §2.3 step 5).
+    fn sync_wal(&mut self, restart: bool) -> Result<u64, DbError> {
+        let pos = self.pos()?.expect("verified generation");
+        let shadow = self.meta.shadow_wal_path(&pos.generation, pos.index);
+        let mut copied = self.copy_frames(&shadow)?;
+        if restart {
+            info!(db = %self.path.display(), index = pos.index + 1, "WAL restarted; starting next shadow index");
+            copied += self.init_shadow(&pos.generation, pos.index + 1)?;
+        }
+        Ok(copied)
+    }
+
+    /// Copies the real WAL's frames after the shadow's end, up to the last commit frame whose
+    /// salt and checksum chain is intact (spec §2.4). Two passes: the first validates and finds
+    /// the last commit, the second appends exactly those bytes, so a concurrent replica reader
+    /// never sees frames that are later taken back. Returns the bytes appended.
+    fn copy_frames(&mut self, shadow_path: &Path) -> Result<u64, DbError> {
+        let page_size = self.conns().page_size;
+        let fsz = wal::frame_size(page_size);
+        let hdr_bytes = read_header_bytes(shadow_path).ok_or_else(|| DbError::Io {
+            path: shadow_path.to_path_buf(),
+            op: "read header",
+            source: io::Error::new(io::ErrorKind::UnexpectedEof, "shadow WAL has no header"),
+        })?;
+        let hdr = WalHeader::parse(&hdr_bytes).map_err(|source| DbError::BadWalHeader {
+            path: shadow_path.to_path_buf(),
+            source,
+        })?;
+        let start = wal::align(file_size(shadow_path).map_err(self.io(shadow_path, "stat"))?, page_size);
+        let mut chain = if start > WAL_HEADER_SIZE as u64 {
+            let last = read_at(shadow_path, start - fsz, 24).map_err(self.io(shadow_path, "read"))?;
+            let fh = wal::FrameHeader::parse(&last);
+            FrameChain::resume(&hdr, fh.checksum)
+        } else {
+            FrameChain::new(&hdr)
+        };
+
+        let mut wal = match File::open(&self.wal_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(self.io(&self.wal_path, "open")(e)),
+        };
+        let wal_len = wal.metadata().map_err(self.io(&self.wal_path, "stat"))?.len();
+        let mut frame = vec![0u8; fsz as usize];
+        let mut off = start;
+        let mut last_commit = start;
+        let mut rd = io::BufReader::with_capacity(1 << 20, &mut wal);
+        rd.seek(SeekFrom::Start(start)).map_err(self.io(&self.wal_path, "seek"))?;
+        while off + fsz <= wal_len {
+            if let Err(e) = rd.read_exact(&mut frame) {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    break;
+                }
+                return Err(self.io(&self.wal_path, "read")(e));
+            }
+            match chain.check(&frame) {
+                FrameCheck::Valid(fh) => {
+                    off += fsz;
+                    if fh.is_commit() {
+                        last_commit = off;
+                    }
+                }
+                FrameCheck::SaltMismatch | FrameCheck::ChecksumMismatch => break,
+            }
+        }
+        drop(rd);
+        let n = last_commit - start;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut out = OpenOptions::new()
+            .append(true)
+            .open(shadow_path)
+            .map_err(self.io(shadow_path, "open"))?;
+        wal.seek(SeekFrom::Start(start)).map_err(self.io(&self.wal_path, "seek"))?;
+        let copied = io::copy(&mut (&mut wal).take(n), &mut out).map_err(self.io(shadow_path, "append"))?;
+        if copied != n {
+            // The WAL shrank under us: cut the shadow back to where it was.
+            out.set_len(start).map_err(self.io(shadow_path, "truncate"))?;
+            return Err(DbError::Io {
+                path: self.wal_path.clone(),
+                op: "copy frames",
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "WAL shrank during copy"),
+            });
+        }
+        out.sync_data().map_err(self.io(shadow_path, "fsync"))?;
+        Ok(n)
+    }
+
+    /// After a crash the newest shadow may end in frames of a transaction that never got its
+    /// commit frame copied (or a partial frame); cut it back to its last commit.
+    fn repair_shadow_tail(&mut self, shadow: &Path) -> Result<(), DbError> {
+        let page_size = self.conns().page_size;
+        let Some(hdr) = read_header_bytes(shadow) else {
+            return Ok(());
+        };
+        let Ok(hdr) = WalHeader::parse(&hdr) else {
+            return Ok(());
+        };
+        if hdr.page_size != page_size {
+            return Ok(());
+        }
+        let fsz = wal::frame_size(page_size);
+        let len = file_size(shadow).map_err(self.io(shadow, "stat"))?;
+        let mut f = io::BufReader::with_capacity(1 << 20, File::open(shadow).map_err(self.io(shadow, "open"))?);
+        f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64)).map_err(self.io(shadow, "seek"))?;
+        let mut chain = FrameChain::new(&hdr);
+        let mut frame = vec![0u8; fsz as usize];
+        let mut off = WAL_HEADER_SIZE as u64;
+        let mut last_commit = off;
+        while off + fsz <= len {
+            f.read_exact(&mut frame).map_err(self.io(shadow, "read"))?;
+            match chain.check(&frame) {
+                FrameCheck::Valid(fh) => {
+                    off += fsz;
+                    if fh.is_commit() {
+                        last_commit = off;
+                    }
+                }
+                _ => break,
+            }
+        }
+        if last_commit != len {
+            warn!(shadow = %shadow.display(), from = len, to = last_commit, "cutting shadow WAL back to its last commit");
+            let f = OpenOptions::new().write(true).open(shadow).map_err(self.io(shadow, "open"))?;
+            f.set_len(last_commit).map_err(self.io(shadow, "truncate"))?;
+            f.sync_all().map_err(self.io(shadow, "fsync"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a checkpoint (spec §2.5) and follows the WAL restart it causes.
+    pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome, DbError> {
+        let mut outcome = CheckpointOutcome::default();
+        if !self.init()? || self.snapshotting.load(Ordering::SeqCst) > 0 {
+            return Ok(outcome);
+        }
+        if self.verify()?.reason.is_some() || self.generation()?.is_none() {
+            // Continuity is already lost; the next sync starts a generation first.
+            return Ok(outcome);
+        }
+        let before = read_header_bytes(&self.wal_path);
+        outcome.copied += self.sync_wal(false)?;
+        let pos = self.pos()?.expect("generation exists");
+
+        self.release_read_lock()?;
+        let err = self.sql();
+        let res: rusqlite::Result<(i64, i64, i64)> = self.conns().writer.query_row(
+            &format!("PRAGMA wal_checkpoint({})", mode.as_str()),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        );
+        let relock = self.acquire_read_lock();
+        let (busy, log_frames, _done) = res.map_err(err)?;
+        relock?;
+        outcome.ran = true;
+        metrics::counter!("litestreamd_checkpoints_total", "db" => self.path.display().to_string(), "mode" => mode.as_str()).increment(1);
+        debug!(db = %self.path.display(), mode = mode.as_str(), busy, log_frames, "checkpoint");
+
+        self.bump_seq()?;
+        if read_header_bytes(&self.wal_path) == before {
+            return Ok(outcome);
+        }
+
+        // The WAL restarted. Hold the write lock so no application write can land while the
+        // rest of the old life is copied and the next shadow index begins.
+        let err = self.sql();
+        let w = &self.conns().writer;
+        w.execute_batch("BEGIN; INSERT INTO _litestream_lock (id) VALUES (1);")
+            .map_err(err)?;
+        let result = (|| -> Result<(), DbError> {
+            let shadow = self.meta.shadow_wal_path(&pos.generation, pos.index);
+            outcome.copied += self.copy_frames(&shadow)?;
+            // Improvement over Litestream: the checkpoint reported how many frames the old
+            // life held. If the shadow has fewer, an application write restarted the WAL and
+            // overwrote frames between our copy and the checkpoint; those frames are in the
+            // database but not in the replica, so only a new generation is safe.
+            let page_size = self.conns().page_size;
+            let shadow_frames = (file_size(&shadow).unwrap_or(0) - WAL_HEADER_SIZE as u64)
+                / wal::frame_size(page_size);
+            if log_frames >= 0 && shadow_frames < log_frames as u64 {
+                warn!(db = %self.path.display(), shadow_frames, log_frames, "frames lost around a WAL restart");
+                self.create_generation("frames lost during checkpoint")?;
+                outcome.new_generation = Some("frames lost during checkpoint");
+                return Ok(());
+            }
+            outcome.copied += self.init_shadow(&pos.generation, pos.index + 1)?;
+            Ok(())
+        })();
+        let rollback = self.conns().writer.execute_batch("ROLLBACK");
+        result?;
+        rollback.map_err(self.sql())?;
+        Ok(outcome)
+    }
+
+    /// Removes shadow files every replica has uploaded: index below (min replica index − 1).
+    fn clean_shadow(&self, pos: &Pos, min_replica: Option<&Pos>) -> Result<(), DbError> {
+        let Some(min) = min_replica else { return Ok(()) };
+        if min.generation != pos.generation || min.index < 2 {
+            return Ok(());
+        }
+        let dir = self.meta.shadow_wal_dir(&pos.generation);
+        let Ok(rd) = fs::read_dir(&dir) else { return Ok(()) };
+        for e in rd.flatten() {
+            if let Some(i) = layout::parse_shadow_wal_name(&e.file_name().to_string_lossy())
+                && i < min.index - 1
+            {
+                fs::remove_file(e.path()).or_else(ignore_not_found).map_err(self.io(&e.path(), "remove"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_other_generations(&self) -> Result<(), DbError> {
+        let current = self.generation()?;
+        let dir = self.meta.generations_dir();
+        let Ok(rd) = fs::read_dir(&dir) else { return Ok(()) };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if Some(&name) != current.as_ref() {
+                fs::remove_dir_all(e.path()).or_else(ignore_not_found).map_err(self.io(&e.path(), "remove"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares a snapshot (spec §2.7): a PASSIVE checkpoint to keep the replay short, then a
+    /// position and an open descriptor of the database file. Until the guard is dropped our
+    /// checkpoints are skipped, so the read transaction stays and the copy is consistent with
+    /// "snapshot N + every segment of indexes N.. reproduces the database".
+    pub fn begin_snapshot(&mut self) -> Result<Option<SnapshotSource>, DbError> {
+        if !self.init()? {
+            return Ok(None);
+        }
+        let report = self.sync(None)?;
+        if report.checkpoint.is_none() {
+            if let Err(e) = self.checkpoint(CheckpointMode::Passive) {
+                warn!(db = %self.path.display(), error = %e, "checkpoint before snapshot failed");
+            }
+        }
+        // Continuity may have been lost during the checkpoint: settle it before taking the pos.
+        let report = self.sync(None)?;
+        let Some(pos) = report.pos else { return Ok(None) };
+        self.acquire_read_lock()?;
+        let file = File::open(&self.path).map_err(self.io(&self.path, "open"))?;
+        self.snapshotting.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(SnapshotSource {
+            pos,
+            file,
+            _guard: SnapshotGuard(self.snapshotting.clone()),
+        }))
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CheckpointOutcome {
+    pub ran: bool,
+    pub copied: u64,
+    pub new_generation: Option<&'static str>,
+}
+
+/// A database file opened for a snapshot at `pos`.
+pub struct SnapshotSource {
+    pub pos: Pos,
+    pub file: File,
+    _guard: SnapshotGuard,
+}
+
+struct SnapshotGuard(Arc<AtomicUsize>);
+impl Drop for SnapshotGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn set_persist_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let mut on: std::os::raw::c_int = 1;
+    // SAFETY: the handle is valid for the life of `conn`, "main" is NUL-terminated, and
+    // SQLITE_FCNTL_PERSIST_WAL takes a pointer to an int.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+            (&mut on as *mut std::os::raw::c_int).cast(),
+        )
+    };
+    if rc != rusqlite::ffi::SQLITE_OK {
+        return Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), Some("set PERSIST_WAL".into())));
+    }
+    Ok(())
+}
+
+pub(crate) fn file_size(p: &Path) -> io::Result<u64> {
+    match fs::metadata(p) {
+        Ok(m) => Ok(m.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_at(p: &Path, at: u64, len: usize) -> io::Result<Vec<u8>> {
+    let f = File::open(p)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, at)?;
+    Ok(buf)
+}
+
+fn read_header_bytes(p: &Path) -> Option<[u8; WAL_HEADER_SIZE]> {
+    let f = File::open(p).ok()?;
+    let mut b = [0u8; WAL_HEADER_SIZE];
+    f.read_exact_at(&mut b, 0).ok()?;
+    Some(b)
+}
+
+fn dir_size(p: &Path) -> u64 {
+    fs::read_dir(p)
+        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+fn ignore_not_found(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+}
+
+/// Writes a small file atomically: temporary, fsync, rename, fsync of the directory.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+fn remove_tmp_files(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_tmp_files(&p);
+        } else if p.extension().is_some_and(|x| x == "tmp") {
+            let _ = fs::remove_file(&p);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! litestreamd: continuous replication of SQLite databases in the Litestream v0.3 layout.
+//!
+//! Modules, one concept each (see `docs/ARCHITECTURE.md`):
+//! * [`wal`] — the SQLite WAL format and checksum;
+//! * [`layout`] — generation, position and object names of the v0.3 layout;
+//! * [`compress`] — LZ4 frames and streaming uploads;
+//! * [`replica`] — replica targets (object stores) and the layout on top of them;
+//! * [`db`] — the database side of the engine: read lock, shadow WAL, checkpoints;
+//! * [`replicator`] — the replica side: segment and snapshot uploads, retention, status;
+//! * [`worker`] — one database's tasks and their shutdown;
+//! * [`restore`] — restore and point-in-time restore;
+//! * [`config`] — configuration files.
+
+pub mod compress;
+pub mod config;
+pub mod db;
+pub mod layout;
+pub mod replica;
+pub mod replicator;
+pub mod restore;
+pub mod wal;
+pub mod worker;

@@ -1,0 +1,337 @@
+//! The `litestreamd` command line. This is the edge of the program: errors become `anyhow`
+//! here, with context, and are printed once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use litestreamd::config::{self, Config};
+use litestreamd::replica::{self, ReplicaClient};
+use litestreamd::replicator::ReplicaOptions;
+use litestreamd::restore::{self, NamedReplica, RestoreOptions, RestoreOutcome};
+use litestreamd::worker::{self, DbSpec};
+use litestreamd::db::DbOptions;
+
+#[derive(Parser)]
+#[command(name = "litestreamd", version, about = "Streams SQLite databases to object storage (Litestream v0.3 layout) and restores them")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, env = "LITESTREAMD_LOG")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: replicate every database of the configuration until SIGINT/SIGTERM.
+    Run {
+        #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Replicate one database in the foreground to one or more replica URLs.
+    Replicate {
+        /// The SQLite database file.
+        db: PathBuf,
+        /// Replica URLs (file:///dir).
+        #[arg(required = true)]
+        urls: Vec<String>,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        sync_interval: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        monitor_interval: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        snapshot_interval: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+        retention: Duration,
+    },
+    /// Restore a database from a replica, optionally to a point in time.
+    Restore(RestoreArgs),
+    /// List the generations of a database's replicas.
+    Generations(ListArgs),
+    /// List the snapshots of a database's replicas.
+    Snapshots(ListArgs),
+    /// List the WAL segments of a database's replicas.
+    Wal(ListArgs),
+}
+
+#[derive(Args)]
+struct Target {
+    /// A database name or path from the configuration, or a replica URL.
+    target: String,
+    /// Only this replica (by name).
+    #[arg(long)]
+    replica: Option<String>,
+    #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Only this generation (wal, snapshots).
+    #[arg(long)]
+    generation: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Output path (required with a URL; defaults to the database path).
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    generation: Option<String>,
+    /// Restore up to and including this WAL index (hex).
+    #[arg(long, value_parser = parse_hex_index, conflicts_with = "timestamp")]
+    index: Option<u32>,
+    /// Restore to this point in time (RFC 3339).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    timestamp: Option<SystemTime>,
+    /// Exit successfully without restoring if the output exists.
+    #[arg(long)]
+    if_db_not_exists: bool,
+    /// Exit successfully if there is no backup.
+    #[arg(long)]
+    if_replica_exists: bool,
+    /// Concurrent WAL index downloads.
+    #[arg(long, default_value_t = 8)]
+    parallelism: usize,
+    /// Skip `PRAGMA integrity_check` of the result.
+    #[arg(long)]
+    no_integrity_check: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_hex_index(s: &str) -> Result<u32, String> {
+    let v = u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("invalid hex index {s:?}: {e}"))?;
+    if v > litestreamd::layout::MAX_INDEX {
+        return Err(format!("index {s} is above the 31-bit maximum"));
+    }
+    Ok(v)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    if let Err(e) = rt.block_on(dispatch(cli.cmd)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")).unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn dispatch(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Run { config } => run(&config).await,
+        Command::Replicate { db, urls, sync_interval, monitor_interval, snapshot_interval, retention } => {
+            let mut replicas = Vec::new();
+            for url in &urls {
+                let client = ReplicaClient::new(replica::store_from_url(url)?);
+                let mut name = client.kind().to_string();
+                if replicas.iter().any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name) {
+                    name = format!("{name}{}", replicas.len() + 1);
+                }
+                let opts = ReplicaOptions { name, sync_interval, snapshot_interval, retention, ..Default::default() };
+                replicas.push((opts, client));
+            }
+            let path = std::path::absolute(&db)?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let opts = DbOptions { monitor_interval, ..Default::default() };
+            run_specs(vec![DbSpec { name, path, opts, replicas }]).await
+        }
+        Command::Restore(a) => restore_cmd(a).await,
+        Command::Generations(a) => list_cmd(ListKind::Generations, a).await,
+        Command::Snapshots(a) => list_cmd(ListKind::Snapshots, a).await,
+        Command::Wal(a) => list_cmd(ListKind::Wal, a).await,
+    }
+}
+
+async fn run(config_path: &Path) -> Result<()> {
+    let cfg = Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
+    for e in &cfg.errors {
+        error!(error = %e, "invalid database config; skipped");
+    }
+    let specs = cfg.specs()?;
+    if specs.is_empty() {
+        warn!(dir = %cfg.main.dbs_dir.display(), "no databases configured");
+    }
+    run_specs(specs).await
+}
+
+/// Runs workers until SIGINT/SIGTERM, then gives them a bounded final sync.
+async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let mut joins = Vec::new();
+    for spec in specs {
+        info!(db = %spec.name, path = %spec.path.display(), replicas = spec.replicas.len(), "starting worker");
+        let (_handle, join) = worker::spawn(spec, shutdown.child_token());
+        joins.push(join);
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received; final sync"),
+        _ = term.recv() => info!("SIGTERM received; final sync"),
+    }
+    shutdown.cancel();
+    let all = futures::future::join_all(joins);
+    if tokio::time::timeout(Duration::from_secs(30), all).await.is_err() {
+        bail!("final sync did not finish within 30s");
+    }
+    Ok(())
+}
+
+/// The replicas a command works on: from a URL, or from the configured database.
+fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
+    if replica::is_url(&t.target) {
+        let client = ReplicaClient::new(replica::store_from_url(&t.target)?);
+        return Ok((vec![(client.kind().to_string(), client)], None));
+    }
+    let cfg = Config::load(&t.config).with_context(|| format!("loading {}", t.config.display()))?;
+    let (name, db) = cfg
+        .find(&t.target)
+        .with_context(|| format!("database {:?} is not in the configuration {}", t.target, t.config.display()))?;
+    let spec = cfg.resolve(&name, db)?;
+    let replicas: Vec<NamedReplica> = spec
+        .replicas
+        .into_iter()
+        .filter(|(o, _)| t.replica.as_ref().is_none_or(|r| *r == o.name))
+        .map(|(o, c)| (o.name, c))
+        .collect();
+    if replicas.is_empty() {
+        bail!("database {name} has no replica named {:?}", t.replica.as_deref().unwrap_or(""));
+    }
+    Ok((replicas, Some(spec.path)))
+}
+
+async fn restore_cmd(a: RestoreArgs) -> Result<()> {
+    let (replicas, db_path) = resolve_target(&a.target)?;
+    let output = match (a.output, db_path) {
+        (Some(o), _) => o,
+        (None, Some(p)) => p,
+        (None, None) => bail!("-o/--output is required when restoring from a URL"),
+    };
+    let mut opts = RestoreOptions::new(output);
+    opts.generation = a.generation;
+    opts.index = a.index;
+    opts.timestamp = a.timestamp;
+    opts.parallelism = a.parallelism.max(1);
+    opts.integrity_check = !a.no_integrity_check;
+    opts.if_db_not_exists = a.if_db_not_exists;
+    opts.if_replica_exists = a.if_replica_exists;
+    let outcome = restore::restore(&replicas, &opts).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else if let RestoreOutcome::Restored(s) = &outcome {
+        println!(
+            "restored {} from {} generation {} (snapshot {:08x}, WAL up to {:08x}, {} segments, {} bytes{})",
+            opts.output.display(),
+            s.replica,
+            s.generation,
+            s.snapshot_index,
+            s.max_index,
+            s.segments,
+            s.bytes,
+            if s.integrity_checked { ", integrity ok" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+enum ListKind {
+    Generations,
+    Snapshots,
+    Wal,
+}
+
+fn ts(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn list_cmd(kind: ListKind, a: ListArgs) -> Result<()> {
+    let (replicas, _) = resolve_target(&a.target)?;
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for (name, client) in &replicas {
+        let gens = client.generations().await?;
+        for g in gens {
+            if a.generation.as_ref().is_some_and(|w| *w != g) {
+                continue;
+            }
+            let snaps = client.snapshots(&g).await?;
+            let segs = client.wal_segments(&g).await?;
+            match kind {
+                ListKind::Generations => {
+                    let times = snaps.iter().map(|s| s.created_at).chain(segs.iter().map(|s| s.created_at));
+                    let (Some(start), Some(end)) = (times.clone().min(), times.max()) else { continue };
+                    let lag = SystemTime::now().duration_since(end).unwrap_or_default();
+                    rows.push(serde_json::json!({
+                        "name": name, "generation": g,
+                        "lag": humantime::format_duration(Duration::from_secs(lag.as_secs())).to_string(),
+                        "start": ts(start), "end": ts(end),
+                    }));
+                }
+                ListKind::Snapshots => {
+                    for s in snaps {
+                        rows.push(serde_json::json!({
+                            "replica": name, "generation": g, "index": s.index,
+                            "size": s.size, "created": ts(s.created_at),
+                        }));
+                    }
+                }
+                ListKind::Wal => {
+                    for s in segs {
+                        rows.push(serde_json::json!({
+                            "replica": name, "generation": g, "index": s.index, "offset": s.offset,
+                            "size": s.size, "created": ts(s.created_at),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let cols: &[&str] = match kind {
+        ListKind::Generations => &["name", "generation", "lag", "start", "end"],
+        ListKind::Snapshots => &["replica", "generation", "index", "size", "created"],
+        ListKind::Wal => &["replica", "generation", "index", "offset", "size", "created"],
+    };
+    let cell = |r: &serde_json::Value, c: &str| match (&r[c], c) {
+        (serde_json::Value::Number(n), "index") => format!("{:08x}", n.as_u64().unwrap_or(0)),
+        (serde_json::Value::Number(n), "offset") => format!("{:08x}", n.as_u64().unwrap_or(0)),
+        (serde_json::Value::String(s), _) => s.clone(),
+        (v, _) => v.to_string(),
+    };
+    let widths: Vec<usize> = cols
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let line = |vals: Vec<String>| {
+        vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    println!("{}", line(cols.iter().map(|c| c.to_string()).collect()));
+    for r in &rows {
+        println!("{}", line(cols.iter().map(|c| cell(r, c)).collect()));
+    }
+    let _ = Arc::new(());
+    Ok(())
+}

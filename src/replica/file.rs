@@ -1,0 +1,143 @@
+//! The `file` target: the replica is a directory, objects are files, created-at is the mtime.
+//! Writes go to a temporary file that is fsynced, renamed into place, and the directory fsynced,
+//! so a crash leaves either the old object or the new one, never half of one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+
+use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    root: PathBuf,
+}
+
+impl FileStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FileStore { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key.trim_start_matches('/'))
+    }
+
+    fn io_err(&self, op: &'static str, key: &str, source: io::Error) -> StoreError {
+        if source.kind() == io::ErrorKind::NotFound && op == "get" {
+            return StoreError::NotFound {
+                store: self.url(),
+                key: key.to_string(),
+            };
+        }
+        StoreError::Io {
+            store: self.url(),
+            op,
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+async fn fsync_dir(dir: &Path) -> io::Result<()> {
+    tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+#[async_trait]
+impl ObjectStore for FileStore {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    async fn list(&self, dir: &str) -> Result<Listing, StoreError> {
+        let path = self.path(dir);
+        let mut listing = Listing::default();
+        let mut rd = match tokio::fs::read_dir(&path).await {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
+            Err(e) => return Err(self.io_err("list", dir, e)),
+        };
+        while let Some(entry) = rd.next_entry().await.map_err(|e| self.io_err("list", dir, e))? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let meta = match entry.metadata().await {
+                Ok(m) => m,
+                // Removed between readdir and stat (retention racing a listing).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.io_err("list", dir, e)),
+            };
+            if meta.is_dir() {
+                listing.dirs.push(name);
+            } else if !name.ends_with(".tmp") {
+                listing.objects.push(ObjectInfo {
+                    name,
+                    size: meta.len(),
+                    modified: meta.modified().map_err(|e| self.io_err("list", dir, e))?,
+                });
+            }
+        }
+        Ok(listing)
+    }
+
+    async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        let path = self.path(key);
+        let dir = path.parent().expect("key has a parent").to_path_buf();
+        let name = path.file_name().expect("key has a name").to_string_lossy().into_owned();
+        let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
+        let result: io::Result<ObjectInfo> = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            tokio::io::copy(&mut body, &mut f).await?;
+            f.flush().await?;
+            f.sync_all().await?;
+            drop(f);
+            tokio::fs::rename(&tmp, &path).await?;
+            fsync_dir(&dir).await?;
+            let meta = tokio::fs::metadata(&path).await?;
+            Ok(ObjectInfo {
+                name,
+                size: meta.len(),
+                modified: meta.modified()?,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result.map_err(|e| self.io_err("put", key, e))
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
+        let f = tokio::fs::File::open(self.path(key))
+            .await
+            .map_err(|e| self.io_err("get", key, e))?;
+        Ok(Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, f)))
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        for key in keys {
+            match tokio::fs::remove_file(self.path(key)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io_err("delete", key, e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_dir(&self, dir: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_dir_all(self.path(dir)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_err("delete", dir, e)),
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Replica targets. An [`ObjectStore`] is the small surface a backend implements (list, put, get,
+//! delete of keys under the replica root); [`ReplicaClient`] puts the Litestream v0.3 layout on
+//! top of it once, so the file, S3 and GCS targets cannot disagree about names or order.
+
+pub mod file;
+
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use thiserror::Error;
+use tokio::io::AsyncRead;
+
+use crate::layout::{self, Pos};
+
+/// A streaming object body. Big snapshots never sit in memory whole.
+pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
+
+/// What went wrong in a store operation, always naming the object (or prefix) involved.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{store}: {key}: object not found")]
+    NotFound { store: String, key: String },
+    #[error("{store}: {op} {key}: {source}")]
+    Io {
+        store: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{store}: {op} {key}: {message}")]
+    Backend {
+        store: String,
+        op: &'static str,
+        key: String,
+        message: String,
+        /// Whether retrying may help (timeouts, 5xx, connection errors).
+        retryable: bool,
+    },
+}
+
+impl StoreError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::NotFound { .. } => false,
+            StoreError::Io { source, .. } => !matches!(
+                source.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
+            ),
+            StoreError::Backend { retryable, .. } => *retryable,
+        }
+    }
+}
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Name relative to the listed directory.
+    pub name: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// Objects and sub-directories directly under a directory (a `/`-delimited listing).
+#[derive(Debug, Default, Clone)]
+pub struct Listing {
+    pub objects: Vec<ObjectInfo>,
+    pub dirs: Vec<String>,
+}
+
+/// The backend surface. Keys are relative to the replica root and use `/`.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// Backend type: `file`, `s3`, `gcs`.
+    fn kind(&self) -> &'static str;
+    /// The replica's URL, used in every message about it.
+    fn url(&self) -> String;
+    /// Lists one directory level. A missing directory is an empty listing.
+    async fn list(&self, dir: &str) -> Result<Listing, StoreError>;
+    /// Writes an object atomically from a stream: readers never see a partial object, and a
+    /// stream that ends in an error leaves nothing behind.
+    async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
+    async fn get(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// Deletes objects; missing ones are not an error.
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError>;
+    /// Deletes everything under a directory.
+    async fn delete_dir(&self, dir: &str) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    pub generation: String,
+    pub index: u32,
+    pub size: u64,
+    #[serde(with = "humantime_serde")]
+    pub created_at: SystemTime,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WalSegmentInfo {
+    pub generation: String,
+    pub index: u32,
+    pub offset: u64,
+    pub size: u64,
+    #[serde(with = "humantime_serde")]
+    pub created_at: SystemTime,
+}
+
+impl WalSegmentInfo {
+    pub fn pos(&self) -> Pos {
+        Pos::new(self.generation.clone(), self.index, self.offset)
+    }
+}
+
+/// The v0.3 layout over any [`ObjectStore`].
+#[derive(Debug, Clone)]
+pub struct ReplicaClient {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl ReplicaClient {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        ReplicaClient { store }
+    }
+    pub fn kind(&self) -> &'static str {
+        self.store.kind()
+    }
+    pub fn url(&self) -> String {
+        self.store.url()
+    }
+
+    /// Generation ids present on the replica; names that are not 16 lowercase hex are ignored.
+    pub async fn generations(&self) -> Result<Vec<String>, StoreError> {
+        let mut gens: Vec<String> = self
+            .store
+            .list(&layout::generations_dir(""))
+            .await?
+            .dirs
+            .into_iter()
+            .filter(|d| layout::is_generation(d))
+            .collect();
+        gens.sort();
+        Ok(gens)
+    }
+
+    /// Snapshots of a generation, sorted by index.
+    pub async fn snapshots(&self, generation: &str) -> Result<Vec<SnapshotInfo>, StoreError> {
+        let listing = self.store.list(&layout::snapshots_dir("", generation)).await?;
+        let mut out: Vec<SnapshotInfo> = listing
+            .objects
+            .into_iter()
+            .filter_map(|o| {
+                Some(SnapshotInfo {
+                    generation: generation.to_string(),
+                    index: layout::parse_snapshot_name(&o.name)?,
+                    size: o.size,
+                    created_at: o.modified,
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| s.index);
+        Ok(out)
+    }
+
+    /// WAL segments of a generation, sorted by (index, offset): restore depends on that order,
+    /// so it is imposed here rather than trusted from the backend.
+    pub async fn wal_segments(&self, generation: &str) -> Result<Vec<WalSegmentInfo>, StoreError> {
+        let listing = self.store.list(&layout::wal_dir("", generation)).await?;
+        let mut out: Vec<WalSegmentInfo> = listing
+            .objects
+            .into_iter()
+            .filter_map(|o| {
+                let (index, offset) = layout::parse_wal_segment_name(&o.name)?;
+                Some(WalSegmentInfo {
+                    generation: generation.to_string(),
+                    index,
+                    offset,
+                    size: o.size,
+                    created_at: o.modified,
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| (s.index, s.offset));
+        Ok(out)
+    }
+
+    pub async fn write_snapshot(
+        &self,
+        generation: &str,
+        index: u32,
+        body: ObjectReader,
+    ) -> Result<SnapshotInfo, StoreError> {
+        let info = self
+            .store
+            .put(&layout::snapshot_key("", generation, index), body)
+            .await?;
+        Ok(SnapshotInfo {
+            generation: generation.to_string(),
+            index,
+            size: info.size,
+            created_at: info.modified,
+        })
+    }
+
+    pub async fn write_wal_segment(
+        &self,
+        pos: &Pos,
+        body: ObjectReader,
+    ) -> Result<WalSegmentInfo, StoreError> {
+        let key = layout::wal_segment_key("", &pos.generation, pos.index, pos.offset);
+        let info = self.store.put(&key, body).await?;
+        Ok(WalSegmentInfo {
+            generation: pos.generation.clone(),
+            index: pos.index,
+            offset: pos.offset,
+            size: info.size,
+            created_at: info.modified,
+        })
+    }
+
+    pub async fn open_snapshot(&self, generation: &str, index: u32) -> Result<ObjectReader, StoreError> {
+        self.store
+            .get(&layout::snapshot_key("", generation, index))
+            .await
+    }
+
+    pub async fn open_wal_segment(&self, pos: &Pos) -> Result<ObjectReader, StoreError> {
+        self.store
+            .get(&layout::wal_segment_key("", &pos.generation, pos.index, pos.offset))
+            .await
+    }
+
+    pub async fn delete_snapshots(&self, generation: &str, indexes: &[u32]) -> Result<(), StoreError> {
+        let keys: Vec<String> = indexes
+            .iter()
+            .map(|i| layout::snapshot_key("", generation, *i))
+            .collect();
+        self.store.delete(&keys).await
+    }
+
+    pub async fn delete_wal_segments(&self, segments: &[WalSegmentInfo]) -> Result<(), StoreError> {
+        let keys: Vec<String> = segments
+            .iter()
+            .map(|s| layout::wal_segment_key("", &s.generation, s.index, s.offset))
+            .collect();
+        self.store.delete(&keys).await
+    }
+
+    pub async fn delete_generation(&self, generation: &str) -> Result<(), StoreError> {
+        self.store
+            .delete_dir(&layout::generation_dir("", generation))
+            .await
+    }
+
+    /// The key of a segment, as named in errors.
+    pub fn wal_segment_key(&self, pos: &Pos) -> String {
+        format!(
+            "{}/{}",
+            self.url().trim_end_matches('/'),
+            layout::wal_segment_key("", &pos.generation, pos.index, pos.offset)
+        )
+    }
+
+    pub fn snapshot_key(&self, generation: &str, index: u32) -> String {
+        format!(
+            "{}/{}",
+            self.url().trim_end_matches('/'),
+            layout::snapshot_key("", generation, index)
+        )
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum UrlError {
+    #[error("invalid replica URL {url:?}: {reason}")]
+    Invalid { url: String, reason: String },
+    #[error("replica URL scheme {scheme:?} is not supported (supported: file)")]
+    UnsupportedScheme { scheme: String },
+}
+
+/// Opens a store from a replica URL (`file:///dir`).
+pub fn store_from_url(url: &str) -> Result<Arc<dyn ObjectStore>, UrlError> {
+    let parsed = url::Url::parse(url).map_err(|e| UrlError::Invalid {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })?;
+    match parsed.scheme() {
+        "file" => {
+            let path = parsed.to_file_path().map_err(|_| UrlError::Invalid {
+                url: url.to_string(),
+                reason: "not an absolute local path".into(),
+            })?;
+            Ok(Arc::new(file::FileStore::new(path)))
+        }
+        other => Err(UrlError::UnsupportedScheme {
+            scheme: other.to_string(),
+        }),
+    }
+}
+
+/// Whether a string looks like a replica URL rather than a local path.
+pub fn is_url(s: &str) -> bool {
+    s.contains("://")
+}

@@ -1,0 +1,465 @@
+//! The replica side of the engine (spec §2.6–2.8): uploads shadow-WAL segments and snapshots to
+//! one target, recovers its position from the remote listing, enforces retention, and keeps a
+//! status (healthy / retrying / failed) that metrics and the dashboard show.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+use tokio::io::AsyncReadExt;
+use tracing::{debug, info, warn};
+
+use crate::compress;
+use crate::db::{Db, DbError};
+use crate::layout::{MetaDir, Pos};
+use crate::replica::{ReplicaClient, StoreError};
+use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
+
+/// Concurrent snapshot uploads across the whole process. Each holds an LZ4 block buffer and an
+/// upload buffer, so this bounds memory when many databases snapshot at once (Litestream #331).
+static SNAPSHOT_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+#[derive(Debug, Error)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{path}: {source}")]
+    Shadow {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Inconsistent(String),
+    #[error("{key}: {source}")]
+    Object {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RetryPolicy {
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// Attempts before a replica is reported `failed` (it keeps retrying at `max`).
+    pub failed_after: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            failed_after: 10,
+        }
+    }
+}
+
+impl RetryPolicy {
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+            .min(self.max);
+        // Jitter between half and the full delay so many replicas do not retry in lockstep.
+        let half = exp / 2;
+        half + exp.saturating_sub(half).mul_f64(rand::random::<f64>())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaOptions {
+    pub name: String,
+    pub sync_interval: Duration,
+    /// Zero: no interval snapshots (retention still takes one when none is kept).
+    pub snapshot_interval: Duration,
+    /// Zero disables retention.
+    pub retention: Duration,
+    pub retention_check_interval: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl Default for ReplicaOptions {
+    fn default() -> Self {
+        ReplicaOptions {
+            name: "file".into(),
+            sync_interval: Duration::from_secs(1),
+            snapshot_interval: Duration::ZERO,
+            retention: Duration::from_secs(24 * 3600),
+            retention_check_interval: Duration::from_secs(3600),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ReplicaState {
+    Starting,
+    Healthy,
+    Retrying { attempt: u32, error: String },
+    Failed { attempt: u32, error: String },
+}
+
+/// What a replica reports about itself.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub kind: String,
+    pub url: String,
+    #[serde(flatten)]
+    pub state: ReplicaState,
+    pub pos: Option<Pos>,
+    #[serde(with = "humantime_serde")]
+    pub last_sync: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub retries: u64,
+    pub uploaded_bytes: u64,
+}
+
+/// A database's shared engine state, handed to its replicas.
+pub struct DbShared {
+    pub db: Mutex<Db>,
+    pub meta: MetaDir,
+    pub name: String,
+}
+
+pub struct Replica {
+    pub opts: ReplicaOptions,
+    client: ReplicaClient,
+    /// In-memory remote position; None means "recompute from the remote listing".
+    pos: Option<Pos>,
+    status: Arc<Mutex<ReplicaStatus>>,
+    attempt: u32,
+}
+
+impl Replica {
+    pub fn new(opts: ReplicaOptions, client: ReplicaClient) -> Self {
+        let status = ReplicaStatus {
+            name: opts.name.clone(),
+            kind: client.kind().to_string(),
+            url: client.url(),
+            state: ReplicaState::Starting,
+            pos: None,
+            last_sync: None,
+            last_error: None,
+            retries: 0,
+            uploaded_bytes: 0,
+        };
+        Replica {
+            opts,
+            client,
+            pos: None,
+            status: Arc::new(Mutex::new(status)),
+            attempt: 0,
+        }
+    }
+
+    pub fn client(&self) -> &ReplicaClient {
+        &self.client
+    }
+    pub fn pos(&self) -> Option<&Pos> {
+        self.pos.as_ref()
+    }
+    pub fn status(&self) -> Arc<Mutex<ReplicaStatus>> {
+        self.status.clone()
+    }
+
+    /// Records the outcome of a sync attempt and returns the delay before the next retry.
+    pub fn record(&mut self, db: &str, result: &Result<(), ReplicaError>) -> Option<Duration> {
+        let mut st = self.status.lock().expect("status lock");
+        st.pos = self.pos.clone();
+        match result {
+            Ok(()) => {
+                if self.attempt > 0 {
+                    info!(db, replica = %self.opts.name, "replica recovered");
+                }
+                self.attempt = 0;
+                st.state = ReplicaState::Healthy;
+                st.last_sync = Some(SystemTime::now());
+                None
+            }
+            Err(e) => {
+                self.attempt += 1;
+                self.pos = None;
+                st.retries += 1;
+                st.last_error = Some(e.to_string());
+                let error = e.to_string();
+                st.state = if self.attempt >= self.opts.retry.failed_after {
+                    ReplicaState::Failed {
+                        attempt: self.attempt,
+                        error,
+                    }
+                } else {
+                    ReplicaState::Retrying {
+                        attempt: self.attempt,
+                        error,
+                    }
+                };
+                metrics::counter!("litestreamd_replica_errors_total", "db" => db.to_string(), "replica" => self.opts.name.clone()).increment(1);
+                let delay = self.opts.retry.delay(self.attempt);
+                warn!(db, replica = %self.opts.name, attempt = self.attempt, retry_in = ?delay, error = %e, "replica sync failed");
+                Some(delay)
+            }
+        }
+    }
+
+    /// Whether the replica has everything the database has.
+    pub fn caught_up(&self, dpos: &Pos) -> bool {
+        self.pos.as_ref() == Some(dpos)
+    }
+
+    /// Uploads everything between the remote position and the local shadow WAL (spec §2.6).
+    pub async fn sync(&mut self, shared: &Arc<DbShared>) -> Result<(), ReplicaError> {
+        let Some(dpos) = db_pos(shared).await? else {
+            return Ok(());
+        };
+        if self.pos.as_ref().map(|p| &p.generation) != Some(&dpos.generation) {
+            if self.client.snapshots(&dpos.generation).await?.is_empty() {
+                let taken = self.snapshot(shared).await?;
+                if taken.as_ref().map(|p| &p.generation) != Some(&dpos.generation) {
+                    // Continuity was lost while snapshotting; the next pass follows the new
+                    // generation.
+                    return Ok(());
+                }
+            }
+            self.pos = Some(self.calc_pos(&dpos.generation).await?);
+            debug!(db = %shared.name, replica = %self.opts.name, pos = %self.pos.as_ref().expect("set"), "replica position from remote");
+        }
+        let mut pos = self.pos.clone().expect("position set above");
+        if pos.generation != dpos.generation {
+            return Ok(());
+        }
+        loop {
+            let path = shared.meta.shadow_wal_path(&pos.generation, pos.index);
+            let size = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if pos.index < dpos.index {
+                        return Err(ReplicaError::Inconsistent(format!(
+                            "{}: shadow WAL for replica position {pos} is gone; a new snapshot is needed",
+                            path.display()
+                        )));
+                    }
+                    break;
+                }
+                Err(source) => return Err(ReplicaError::Shadow { path, source }),
+            };
+            let page_size = shadow_page_size(&path)?;
+            let end = wal::align(size, page_size);
+            if pos.offset == end {
+                if shared.meta.shadow_wal_path(&pos.generation, pos.index + 1).exists() {
+                    pos = Pos::new(pos.generation.clone(), pos.index + 1, 0);
+                    self.pos = Some(pos.clone());
+                    continue;
+                }
+                break;
+            }
+            if pos.offset > end {
+                // The remote holds more of this index than the local shadow (a crash cut the
+                // shadow back); the same frames will be copied again, so wait for them.
+                debug!(replica = %self.opts.name, %pos, end, "remote ahead of local shadow; waiting");
+                break;
+            }
+            let n = self.upload_segment(&shared.name, &path, &pos, end).await?;
+            pos.offset = end;
+            self.pos = Some(pos.clone());
+            let mut st = self.status.lock().expect("status lock");
+            st.uploaded_bytes += n;
+            st.pos = self.pos.clone();
+        }
+        Ok(())
+    }
+
+    async fn upload_segment(&self, db: &str, path: &std::path::Path, pos: &Pos, end: u64) -> Result<u64, ReplicaError> {
+        let (path2, start) = (path.to_path_buf(), pos.offset);
+        let (body, producer) = compress::lz4_stream(move |w| copy_shadow_range(&path2, start, end, w));
+        let put = self.client.write_wal_segment(pos, body).await;
+        let produced = producer.await.map_err(|e| ReplicaError::Shadow {
+            path: path.to_path_buf(),
+            source: io::Error::other(e),
+        })?;
+        let n = produced.map_err(|source| ReplicaError::Shadow {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        put?;
+        metrics::counter!("litestreamd_replica_wal_bytes_total", "db" => db.to_string(), "replica" => self.opts.name.clone()).increment(n);
+        debug!(db, replica = %self.opts.name, %pos, bytes = n, "uploaded WAL segment");
+        Ok(n)
+    }
+
+    /// The remote position: the highest snapshot index, or the end of the last segment, whose
+    /// uncompressed length is learnt by reading it.
+    async fn calc_pos(&self, generation: &str) -> Result<Pos, ReplicaError> {
+        let snap = self
+            .client
+            .snapshots(generation)
+            .await?
+            .into_iter()
+            .map(|s| s.index)
+            .max()
+            .ok_or_else(|| ReplicaError::Inconsistent(format!("{}: generation {generation} has no snapshot", self.client.url())))?;
+        let segs = self.client.wal_segments(generation).await?;
+        let Some(last) = segs.last().filter(|s| s.index >= snap) else {
+            return Ok(Pos::new(generation, snap, 0));
+        };
+        let key = self.client.wal_segment_key(&last.pos());
+        let mut body = self.client.open_wal_segment(&last.pos()).await?;
+        let mut raw = Vec::new();
+        body.read_to_end(&mut raw).await.map_err(|source| ReplicaError::Object { key: key.clone(), source })?;
+        let len = compress::decompress(&raw).map_err(|source| ReplicaError::Object { key, source })?.len();
+        Ok(Pos::new(generation, last.index, last.offset + len as u64))
+    }
+
+    /// Takes and uploads a snapshot of the database; returns its position.
+    pub async fn snapshot(&mut self, shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
+        let _permit = SNAPSHOT_PERMITS.acquire().await.expect("semaphore never closed");
+        let sh = shared.clone();
+        let src = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").begin_snapshot())
+            .await
+            .expect("snapshot task")?;
+        let Some(src) = src else { return Ok(None) };
+        let pos = src.pos.clone();
+        let started = std::time::Instant::now();
+        let (body, producer) = compress::lz4_stream(move |w| {
+            let mut file = &src.file;
+            io::copy(&mut file, w)
+        });
+        let put = self.client.write_snapshot(&pos.generation, pos.index, body).await;
+        let n = producer
+            .await
+            .map_err(|e| ReplicaError::Shadow { path: shared.db_path(), source: io::Error::other(e) })?
+            .map_err(|source| ReplicaError::Shadow { path: shared.db_path(), source })?;
+        let info = put?;
+        metrics::counter!("litestreamd_snapshots_total", "db" => shared.name.clone(), "replica" => self.opts.name.clone()).increment(1);
+        metrics::histogram!("litestreamd_snapshot_duration_seconds", "db" => shared.name.clone(), "replica" => self.opts.name.clone()).record(started.elapsed().as_secs_f64());
+        info!(db = %shared.name, replica = %self.opts.name, %pos, bytes = n, stored = info.size, "snapshot written");
+        if self.pos.as_ref().is_some_and(|p| p.generation == pos.generation) {
+            // Keep the position; the snapshot adds a restore point but changes no WAL offsets.
+        } else {
+            self.pos = None;
+        }
+        Ok(Some(pos))
+    }
+
+    /// Newest snapshot time in a generation, for the snapshot interval.
+    pub async fn newest_snapshot(&self, generation: &str) -> Result<Option<SystemTime>, ReplicaError> {
+        Ok(self.client.snapshots(generation).await?.into_iter().map(|s| s.created_at).max())
+    }
+
+    /// Retention (spec §2.8): drops generations, snapshots and segments older than the oldest
+    /// snapshot that must be kept. The current generation always keeps a recent snapshot (taken
+    /// here if needed) and is never deleted whole.
+    pub async fn enforce_retention(&mut self, shared: &Arc<DbShared>) -> Result<(), ReplicaError> {
+        if self.opts.retention.is_zero() {
+            return Ok(());
+        }
+        let Some(dpos) = db_pos(shared).await? else { return Ok(()) };
+        let cutoff = SystemTime::now().checked_sub(self.opts.retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        let generations = self.client.generations().await?;
+        let current_kept = self
+            .client
+            .snapshots(&dpos.generation)
+            .await?
+            .iter()
+            .any(|s| s.created_at >= cutoff);
+        if !current_kept {
+            self.snapshot(shared).await?;
+        }
+        for generation in generations {
+            let snaps = self.client.snapshots(&generation).await?;
+            let kept_min = snaps.iter().filter(|s| s.created_at >= cutoff).map(|s| s.index).min();
+            match kept_min {
+                None if generation != dpos.generation => {
+                    info!(db = %shared.name, replica = %self.opts.name, generation, "retention: deleting generation");
+                    self.client.delete_generation(&generation).await?;
+                }
+                None => {}
+                Some(k) => {
+                    let old_snaps: Vec<u32> = snaps.iter().filter(|s| s.index < k).map(|s| s.index).collect();
+                    let old_segs: Vec<_> = self
+                        .client
+                        .wal_segments(&generation)
+                        .await?
+                        .into_iter()
+                        .filter(|s| s.index < k)
+                        .collect();
+                    if !old_snaps.is_empty() || !old_segs.is_empty() {
+                        info!(db = %shared.name, replica = %self.opts.name, generation, snapshots = old_snaps.len(), segments = old_segs.len(), below = k, "retention: deleting old objects");
+                    }
+                    // Segments first: a snapshot without its older segments still restores.
+                    for chunk in old_segs.chunks(1000) {
+                        self.client.delete_wal_segments(chunk).await?;
+                    }
+                    self.client.delete_snapshots(&generation, &old_snaps).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DbShared {
+    pub fn db_path(&self) -> PathBuf {
+        self.db.lock().expect("db lock").path().to_path_buf()
+    }
+}
+
+async fn db_pos(shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
+    let sh = shared.clone();
+    Ok(tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").pos())
+        .await
+        .expect("pos task")?)
+}
+
+fn shadow_page_size(path: &std::path::Path) -> Result<u32, ReplicaError> {
+    let mut hdr = [0u8; WAL_HEADER_SIZE];
+    let mut f = File::open(path).map_err(|source| ReplicaError::Shadow { path: path.to_path_buf(), source })?;
+    f.read_exact(&mut hdr).map_err(|source| ReplicaError::Shadow { path: path.to_path_buf(), source })?;
+    WalHeader::parse(&hdr)
+        .map(|h| h.page_size)
+        .map_err(|e| ReplicaError::Shadow { path: path.to_path_buf(), source: io::Error::new(io::ErrorKind::InvalidData, e) })
+}
+
+/// Streams shadow bytes `[start, end)` into `w`, checking that every frame carries the header's
+/// salt ("replica salt mismatch" in Litestream), so a shadow from another WAL life never goes up
+/// under this index.
+fn copy_shadow_range(path: &std::path::Path, start: u64, end: u64, w: &mut dyn Write) -> io::Result<u64> {
+    let mut f = File::open(path)?;
+    let mut hdr = [0u8; WAL_HEADER_SIZE];
+    f.read_exact(&mut hdr)?;
+    let h = WalHeader::parse(&hdr).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let fsz = h.frame_size() as usize;
+    let mut off = start;
+    if start == 0 {
+        w.write_all(&hdr)?;
+        off = WAL_HEADER_SIZE as u64;
+    }
+    f.seek(SeekFrom::Start(off))?;
+    let mut rd = io::BufReader::with_capacity(1 << 20, f);
+    let mut frame = vec![0u8; fsz];
+    while off < end {
+        rd.read_exact(&mut frame)?;
+        let fh = FrameHeader::parse(&frame);
+        if (fh.salt1, fh.salt2) != (h.salt1, h.salt2) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: replica salt mismatch at offset {off}", path.display()),
+            ));
+        }
+        w.write_all(&frame)?;
+        off += fsz as u64;
+    }
+    Ok(end - start)
+}

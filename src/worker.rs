@@ -1,0 +1,286 @@
+//! One database's worker: the DB sync loop plus one task per replica, each with its own
+//! position, timers and backoff, so a failing replica never holds the others back. Shutdown is
+//! passed in (a `CancellationToken`); on it the worker does a final DB sync, lets every replica
+//! upload what is left, and releases the read lock.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::db::{Db, DbOptions, SyncReport};
+use crate::layout::{MetaDir, Pos};
+use crate::replica::ReplicaClient;
+use crate::replicator::{DbShared, Replica, ReplicaOptions, ReplicaStatus};
+
+/// Everything needed to replicate one database.
+#[derive(Debug, Clone)]
+pub struct DbSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub opts: DbOptions,
+    pub replicas: Vec<(ReplicaOptions, ReplicaClient)>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Default)]
+pub struct DbStatus {
+    pub name: String,
+    pub path: PathBuf,
+    /// `waiting` (no database file yet), `replicating`, `error`, `stopped`.
+    pub state: String,
+    pub pos: Option<Pos>,
+    pub last_error: Option<String>,
+    pub db_size: u64,
+    pub wal_size: u64,
+    pub shadow_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub last_sync: Option<SystemTime>,
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// Live view of a running worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    status: Arc<Mutex<DbStatus>>,
+    replicas: Arc<Vec<Arc<Mutex<ReplicaStatus>>>>,
+}
+
+impl WorkerHandle {
+    pub fn status(&self) -> DbStatus {
+        let mut s = self.status.lock().expect("status").clone();
+        s.replicas = self
+            .replicas
+            .iter()
+            .map(|r| r.lock().expect("status").clone())
+            .collect();
+        s
+    }
+}
+
+/// Starts the worker; it runs until `shutdown` is cancelled and its final sync is done.
+pub fn spawn(spec: DbSpec, shutdown: CancellationToken) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
+    let replicas: Vec<Replica> = spec
+        .replicas
+        .iter()
+        .map(|(o, c)| Replica::new(o.clone(), c.clone()))
+        .collect();
+    let handle = WorkerHandle {
+        status: Arc::new(Mutex::new(DbStatus {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            state: "starting".into(),
+            ..Default::default()
+        })),
+        replicas: Arc::new(replicas.iter().map(|r| r.status()).collect()),
+    };
+    let h = handle.clone();
+    let join = tokio::spawn(async move { run(spec, replicas, shutdown, h).await });
+    (handle, join)
+}
+
+async fn run(spec: DbSpec, replicas: Vec<Replica>, shutdown: CancellationToken, handle: WorkerHandle) {
+    let meta = match &spec.opts.meta_path {
+        Some(p) => MetaDir { root: p.clone() },
+        None => MetaDir::for_db(&spec.path),
+    };
+    let shared = Arc::new(DbShared {
+        db: Mutex::new(Db::new(&spec.path, spec.opts.clone())),
+        meta,
+        name: spec.name.clone(),
+    });
+    let (pos_tx, pos_rx) = watch::channel::<Option<Pos>>(None);
+    let positions: Arc<Mutex<Vec<Option<Pos>>>> = Arc::new(Mutex::new(vec![None; replicas.len()]));
+    let replica_stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    for (i, r) in replicas.into_iter().enumerate() {
+        tasks.spawn(replica_loop(r, shared.clone(), pos_rx.clone(), positions.clone(), i, replica_stop.clone()));
+    }
+
+    let interval = spec.opts.monitor_interval;
+    let mut waiting_logged = false;
+    loop {
+        let report = db_sync(&shared, &positions).await;
+        publish(&spec, &handle, &pos_tx, &report, &mut waiting_logged);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sleep(interval) => {}
+        }
+    }
+
+    // Final sync: copy the last committed frames, then let every replica upload them.
+    let report = db_sync(&shared, &positions).await;
+    publish(&spec, &handle, &pos_tx, &report, &mut waiting_logged);
+    replica_stop.cancel();
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            error!(db = %spec.name, error = %e, "replica task panicked");
+        }
+    }
+    let sh = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").close()).await;
+    handle.status.lock().expect("status").state = "stopped".into();
+    info!(db = %spec.name, "stopped");
+}
+
+async fn db_sync(shared: &Arc<DbShared>, positions: &Arc<Mutex<Vec<Option<Pos>>>>) -> Result<SyncReport, String> {
+    let min = min_position(&positions.lock().expect("positions"));
+    let sh = shared.clone();
+    match tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").sync(min.as_ref())).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("sync task panicked: {e}")),
+    }
+}
+
+fn publish(
+    spec: &DbSpec,
+    handle: &WorkerHandle,
+    pos_tx: &watch::Sender<Option<Pos>>,
+    report: &Result<SyncReport, String>,
+    waiting_logged: &mut bool,
+) {
+    let mut st = handle.status.lock().expect("status");
+    let labels = [("db", spec.name.clone())];
+    metrics::counter!("litestreamd_db_syncs_total", &labels).increment(1);
+    match report {
+        Ok(r) if r.pos.is_none() => {
+            if !*waiting_logged {
+                info!(db = %spec.name, path = %spec.path.display(), "database file does not exist yet; waiting");
+                *waiting_logged = true;
+            }
+            st.state = "waiting".into();
+        }
+        Ok(r) => {
+            *waiting_logged = false;
+            st.state = "replicating".into();
+            st.pos = r.pos.clone();
+            st.last_error = None;
+            st.db_size = r.db_size;
+            st.wal_size = r.wal_size;
+            st.shadow_bytes = r.shadow_bytes;
+            st.last_sync = Some(SystemTime::now());
+            metrics::gauge!("litestreamd_db_size_bytes", &labels).set(r.db_size as f64);
+            metrics::gauge!("litestreamd_wal_size_bytes", &labels).set(r.wal_size as f64);
+            metrics::gauge!("litestreamd_shadow_wal_bytes", &labels).set(r.shadow_bytes as f64);
+            metrics::counter!("litestreamd_shadow_wal_written_bytes_total", &labels).increment(r.wal_bytes);
+            pos_tx.send_if_modified(|cur| {
+                let changed = *cur != r.pos;
+                *cur = r.pos.clone();
+                changed
+            });
+        }
+        Err(e) => {
+            if st.last_error.as_deref() != Some(e) {
+                error!(db = %spec.name, error = %e, "database sync failed");
+            }
+            metrics::counter!("litestreamd_db_sync_errors_total", &labels).increment(1);
+            st.state = "error".into();
+            st.last_error = Some(e.clone());
+        }
+    }
+}
+
+/// The lowest replica position, or None if any replica has none yet (then nothing is removed).
+fn min_position(positions: &[Option<Pos>]) -> Option<Pos> {
+    let all: Vec<&Pos> = positions.iter().map(|p| p.as_ref()).collect::<Option<_>>()?;
+    let first = all.first()?;
+    if all.iter().any(|p| p.generation != first.generation) {
+        return None;
+    }
+    all.into_iter().min_by_key(|p| (p.index, p.offset)).cloned()
+}
+
+async fn replica_loop(
+    mut r: Replica,
+    shared: Arc<DbShared>,
+    mut pos_rx: watch::Receiver<Option<Pos>>,
+    positions: Arc<Mutex<Vec<Option<Pos>>>>,
+    slot: usize,
+    stop: CancellationToken,
+) {
+    let name = shared.name.clone();
+    let sync_interval = r.opts.sync_interval;
+    let mut last_attempt: Option<Instant> = None;
+    let mut retry_at: Option<Instant> = None;
+    let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut next_retention = if r.opts.retention.is_zero() {
+        far()
+    } else {
+        Instant::now() + r.opts.retention_check_interval.min(r.opts.retention)
+    };
+    let mut next_snapshot: Option<Instant> = None;
+
+    loop {
+        let dpos = pos_rx.borrow().clone();
+        let behind = dpos.as_ref().is_some_and(|d| !r.caught_up(d));
+        let wake = match (retry_at, behind) {
+            (Some(t), _) => t,
+            (None, true) => last_attempt.map_or_else(Instant::now, |t| t + sync_interval),
+            (None, false) => far(),
+        };
+        let snapshot_due = next_snapshot.unwrap_or_else(far);
+        tokio::select! {
+            _ = stop.cancelled() => {
+                if behind || retry_at.is_some() {
+                    let res = r.sync(&shared).await;
+                    r.record(&name, &res);
+                    if let Err(e) = res {
+                        warn!(db = %name, replica = %r.opts.name, error = %e, "final replica sync failed; data stays in the shadow WAL for the next start");
+                    }
+                }
+                break;
+            }
+            changed = pos_rx.changed() => {
+                if changed.is_err() { break; }
+                continue;
+            }
+            _ = sleep_until(wake) => {
+                last_attempt = Some(Instant::now());
+                let res = r.sync(&shared).await;
+                retry_at = r.record(&name, &res).map(|d| Instant::now() + d);
+                if res.is_ok() && next_snapshot.is_none() && !r.opts.snapshot_interval.is_zero() {
+                    next_snapshot = Some(first_snapshot_due(&r, dpos.as_ref()).await);
+                }
+            }
+            _ = sleep_until(next_retention) => {
+                next_retention = Instant::now() + r.opts.retention_check_interval.min(r.opts.retention);
+                let res = r.enforce_retention(&shared).await;
+                if let Err(e) = &res {
+                    warn!(db = %name, replica = %r.opts.name, error = %e, "retention check failed");
+                }
+            }
+            _ = sleep_until(snapshot_due) => {
+                next_snapshot = Some(Instant::now() + r.opts.snapshot_interval);
+                let res = r.snapshot(&shared).await.map(|_| ());
+                if let Err(e) = &res {
+                    warn!(db = %name, replica = %r.opts.name, error = %e, "interval snapshot failed");
+                    next_snapshot = Some(Instant::now() + r.opts.retry.delay(1));
+                }
+            }
+        }
+        positions.lock().expect("positions")[slot] = r.pos().cloned();
+        if let Some(p) = r.pos() {
+            let labels = [("db", name.clone()), ("replica", r.opts.name.clone())];
+            metrics::gauge!("litestreamd_replica_wal_index", &labels).set(p.index as f64);
+            metrics::gauge!("litestreamd_replica_wal_offset", &labels).set(p.offset as f64);
+        }
+    }
+    positions.lock().expect("positions")[slot] = r.pos().cloned();
+}
+
+/// When the first interval snapshot is due: the newest snapshot's age counts toward it.
+async fn first_snapshot_due(r: &Replica, dpos: Option<&Pos>) -> Instant {
+    let iv = r.opts.snapshot_interval;
+    let Some(d) = dpos else { return Instant::now() + iv };
+    match r.newest_snapshot(&d.generation).await {
+        Ok(Some(t)) => {
+            let age = SystemTime::now().duration_since(t).unwrap_or_default();
+            Instant::now() + iv.saturating_sub(age)
+        }
+        _ => Instant::now() + iv,
+    }
+}
