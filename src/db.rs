@@ -113,9 +113,12 @@ pub struct SyncReport {
 struct Open {
     reader: Connection,
     writer: Connection,
-    /// Keeps a plain descriptor open so POSIX locks are not dropped when some other descriptor
-    /// of this file is closed by this process.
-    _fd: File,
+    /// The one plain descriptor of the database file we keep, shared with snapshots. POSIX
+    /// drops *all* of a process's locks on a file when *any* descriptor of it is closed, so
+    /// opening and closing another descriptor would release SQLite's shared lock and let an
+    /// application connection believe it is the last one and delete the WAL. Snapshots
+    /// therefore read through this descriptor with `pread` and never open the file again.
+    fd: Arc<File>,
     page_size: u32,
     in_read_tx: bool,
 }
@@ -272,7 +275,7 @@ impl Db {
         self.open = Some(Open {
             reader,
             writer,
-            _fd: fd,
+            fd: Arc::new(fd),
             page_size,
             in_read_tx: false,
         });
@@ -757,7 +760,7 @@ impl Db {
         let report = self.sync(None)?;
         let Some(pos) = report.pos else { return Ok(None) };
         self.acquire_read_lock()?;
-        let file = File::open(&self.path).map_err(self.io(&self.path, "open"))?;
+        let file = self.conns().fd.clone();
         self.snapshotting.fetch_add(1, Ordering::SeqCst);
         Ok(Some(SnapshotSource {
             pos,
@@ -783,8 +786,24 @@ pub struct CheckpointOutcome {
 /// A database file opened for a snapshot at `pos`.
 pub struct SnapshotSource {
     pub pos: Pos,
-    pub file: File,
+    file: Arc<File>,
     _guard: SnapshotGuard,
+}
+
+impl SnapshotSource {
+    /// Streams the database file from offset 0 to its end into `w` with positional reads.
+    pub fn copy_to(&self, w: &mut dyn Write) -> io::Result<u64> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        loop {
+            let n = self.file.read_at(&mut buf, off)?;
+            if n == 0 {
+                return Ok(off);
+            }
+            w.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+    }
 }
 
 struct SnapshotGuard(Arc<AtomicUsize>);

@@ -332,10 +332,7 @@ impl Replica {
         let Some(src) = src else { return Ok(None) };
         let pos = src.pos.clone();
         let started = std::time::Instant::now();
-        let (body, producer) = compress::lz4_stream(move |w| {
-            let mut file = &src.file;
-            io::copy(&mut file, w)
-        });
+        let (body, producer) = compress::lz4_stream(move |w| src.copy_to(w));
         let put = self.client.write_snapshot(&pos.generation, pos.index, body).await;
         let n = producer
             .await

