@@ -60,7 +60,10 @@ impl ChannelWriter {
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(CHUNK);
-        let tx = self.tx.as_ref().ok_or_else(|| io::Error::other("writer finished"))?;
+        let tx = self
+            .tx
+            .as_ref()
+            .ok_or_else(|| io::Error::other("writer finished"))?;
         tx.blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload aborted"))?;
         Ok(n)
@@ -73,7 +76,9 @@ impl Write for ChannelWriter {
 impl Drop for ChannelWriter {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.try_send(Err(io::Error::other("object producer failed before the end")));
+            let _ = tx.try_send(Err(io::Error::other(
+                "object producer failed before the end",
+            )));
         }
     }
 }
@@ -114,7 +119,9 @@ mod tests {
 
     #[test]
     fn flipped_byte_is_an_error() {
-        let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let good = compress(&data).unwrap();
         for at in [7, good.len() / 2, good.len() - 2] {
             let mut bad = good.clone();

@@ -38,7 +38,10 @@ pub enum ConfigError {
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { path: path.to_path_buf(), message: message.into() }
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
 }
 
 /// Settings that apply to every database unless its own file overrides them.
@@ -86,31 +89,12 @@ impl Default for Defaults {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter.
-    pub level: String,
-    /// `text` or `json`.
-    pub format: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig { level: "info".into(), format: "text".into() }
-    }
-}
-
 /// The main configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MainConfig {
     /// Directory of per-database `*.toml` files; relative to the main file's directory.
     pub dbs_dir: PathBuf,
-    pub control_socket: PathBuf,
-    /// Prometheus listen address; loopback by default.
-    pub metrics_addr: Option<String>,
-    pub log: LogConfig,
     pub defaults: Defaults,
 }
 
@@ -118,9 +102,6 @@ impl Default for MainConfig {
     fn default() -> Self {
         MainConfig {
             dbs_dir: PathBuf::from("dbs.d"),
-            control_socket: PathBuf::from("/run/litestreamd/control.sock"),
-            metrics_addr: Some("127.0.0.1:9093".into()),
-            log: LogConfig::default(),
             defaults: Defaults::default(),
         }
     }
@@ -190,18 +171,27 @@ impl Config {
             .merge(Toml::file_exact(path))
             .merge(Env::prefixed("LITESTREAMD_").split("__"))
             .extract()
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })?;
+            .map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut main = main;
         if main.dbs_dir.is_relative() {
             main.dbs_dir = base.join(&main.dbs_dir);
         }
-        let mut cfg = Config { path: path.to_path_buf(), main, dbs: BTreeMap::new(), errors: Vec::new() };
+        let mut cfg = Config {
+            path: path.to_path_buf(),
+            main,
+            dbs: BTreeMap::new(),
+            errors: Vec::new(),
+        };
         for file in db_files(&cfg.main.dbs_dir)? {
-            let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            match load_db_file(&file).and_then(|db| {
-                cfg.resolve(&name, &db).map(|_| db)
-            }) {
+            let name = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match load_db_file(&file).and_then(|db| cfg.resolve(&name, &db).map(|_| db)) {
                 Ok(db) => {
                     cfg.dbs.insert(name, db);
                 }
@@ -227,7 +217,10 @@ impl Config {
             return Some((name_or_path.to_string(), db));
         }
         let want = absolute(Path::new(name_or_path));
-        self.dbs.iter().find(|(_, d)| absolute(&d.path) == want).map(|(n, d)| (n.clone(), d))
+        self.dbs
+            .iter()
+            .find(|(_, d)| absolute(&d.path) == want)
+            .map(|(n, d)| (n.clone(), d))
     }
 }
 
@@ -240,13 +233,21 @@ pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ConfigError::Io { path: dir.to_path_buf(), source }),
+        Err(source) => {
+            return Err(ConfigError::Io {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
     };
     let mut files: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n.ends_with(".toml") && !n.starts_with('.') && p.is_file()
         })
         .collect();
@@ -257,7 +258,10 @@ pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 pub fn load_db_file(path: &Path) -> Result<DbConfig, ConfigError> {
     let db: DbConfig = Figment::from(Toml::file_exact(path))
         .extract()
-        .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), source: Box::new(e) })?;
+        .map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
     Ok(db)
 }
 
@@ -308,7 +312,12 @@ pub fn expand_env(s: &str, file: &Path) -> Result<String, ConfigError> {
         };
         match std::env::var(&name) {
             Ok(v) => out.push_str(&v),
-            Err(_) => return Err(invalid(file, format!("environment variable {name} is not set"))),
+            Err(_) => {
+                return Err(invalid(
+                    file,
+                    format!("environment variable {name} is not set"),
+                ));
+            }
         }
     }
     Ok(out)
@@ -319,17 +328,26 @@ fn resolve_db(name: &str, db: &DbConfig, d: &Defaults, file: &Path) -> Result<Db
     if path.as_os_str().is_empty() {
         return Err(invalid(file, "path: the database path is required"));
     }
+    // Relative paths are taken from the working directory, as Litestream does.
+    let path = absolute(&path);
     let opts = DbOptions {
         meta_path: db.meta_path.clone(),
         monitor_interval: db.monitor_interval.unwrap_or(d.monitor_interval),
         checkpoint_interval: db.checkpoint_interval.unwrap_or(d.checkpoint_interval),
-        min_checkpoint_page_count: db.min_checkpoint_page_count.unwrap_or(d.min_checkpoint_page_count),
-        max_checkpoint_page_count: db.max_checkpoint_page_count.unwrap_or(d.max_checkpoint_page_count),
+        min_checkpoint_page_count: db
+            .min_checkpoint_page_count
+            .unwrap_or(d.min_checkpoint_page_count),
+        max_checkpoint_page_count: db
+            .max_checkpoint_page_count
+            .unwrap_or(d.max_checkpoint_page_count),
         truncate_page_count: db.truncate_page_count.unwrap_or(d.truncate_page_count),
         busy_timeout: db.busy_timeout.unwrap_or(d.busy_timeout),
     };
     if opts.min_checkpoint_page_count == 0 {
-        return Err(invalid(file, "min_checkpoint_page_count must be greater than 0"));
+        return Err(invalid(
+            file,
+            "min_checkpoint_page_count must be greater than 0",
+        ));
     }
     if opts.monitor_interval.is_zero() {
         return Err(invalid(file, "monitor_interval must be greater than 0"));
@@ -339,25 +357,42 @@ fn resolve_db(name: &str, db: &DbConfig, d: &Defaults, file: &Path) -> Result<Db
     }
     let mut replicas = Vec::new();
     for (i, r) in db.replicas.iter().enumerate() {
-        let client = replica_client(r, file).map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
+        let client =
+            replica_client(r, file).map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
         let name = r.name.clone().unwrap_or_else(|| client.kind().to_string());
-        if replicas.iter().any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name) {
-            return Err(invalid(file, format!("replicas[{i}]: duplicate replica name {name:?}")));
+        if replicas
+            .iter()
+            .any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name)
+        {
+            return Err(invalid(
+                file,
+                format!("replicas[{i}]: duplicate replica name {name:?}"),
+            ));
         }
         let ro = ReplicaOptions {
             name,
             sync_interval: r.sync_interval.unwrap_or(d.sync_interval),
             snapshot_interval: r.snapshot_interval.unwrap_or(d.snapshot_interval),
             retention: r.retention.unwrap_or(d.retention),
-            retention_check_interval: r.retention_check_interval.unwrap_or(d.retention_check_interval),
+            retention_check_interval: r
+                .retention_check_interval
+                .unwrap_or(d.retention_check_interval),
             retry: r.retry.clone().unwrap_or_else(|| d.retry.clone()),
         };
         if ro.sync_interval.is_zero() {
-            return Err(invalid(file, format!("replicas[{i}]: sync_interval must be greater than 0")));
+            return Err(invalid(
+                file,
+                format!("replicas[{i}]: sync_interval must be greater than 0"),
+            ));
         }
         replicas.push((ro, client));
     }
-    Ok(DbSpec { name: name.to_string(), path, opts, replicas })
+    Ok(DbSpec {
+        name: name.to_string(),
+        path,
+        opts,
+        replicas,
+    })
 }
 
 /// Builds a replica client from its config entry.
@@ -367,19 +402,26 @@ pub fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaClient, S
             return Err("url and path cannot both be set".into());
         }
         let url = expand_env(url, file).map_err(|e| e.to_string())?;
-        return replica::store_from_url(&url).map(ReplicaClient::new).map_err(|e| e.to_string());
+        return replica::store_from_url(&url)
+            .map(ReplicaClient::new)
+            .map_err(|e| e.to_string());
     }
     match r.kind.as_deref().unwrap_or("file") {
         "file" => {
             let p = r.path.as_ref().ok_or("path: required for a file replica")?;
-            let p = PathBuf::from(expand_env(&p.to_string_lossy(), file).map_err(|e| e.to_string())?);
+            let p =
+                PathBuf::from(expand_env(&p.to_string_lossy(), file).map_err(|e| e.to_string())?);
             if replica::is_url(&p.to_string_lossy()) {
                 return Err("path looks like a URL; use url = \"...\"".into());
             }
             let p = absolute(&p);
-            Ok(ReplicaClient::new(std::sync::Arc::new(replica::file::FileStore::new(p))))
+            Ok(ReplicaClient::new(std::sync::Arc::new(
+                replica::file::FileStore::new(p),
+            )))
         }
-        other => Err(format!("unsupported replica type {other:?} (supported: file)")),
+        other => Err(format!(
+            "unsupported replica type {other:?} (supported: file)"
+        )),
     }
 }
 
@@ -391,7 +433,15 @@ mod tests {
     fn expands_env() {
         unsafe { std::env::set_var("LSD_TEST_SECRET", "s3cr3t") };
         let f = Path::new("x.toml");
-        assert_eq!(expand_env("a-${LSD_TEST_SECRET}-$LSD_TEST_SECRET-$$", f).unwrap(), "a-s3cr3t-s3cr3t-$");
-        assert!(expand_env("${LSD_TEST_UNSET_VAR}", f).unwrap_err().to_string().contains("LSD_TEST_UNSET_VAR"));
+        assert_eq!(
+            expand_env("a-${LSD_TEST_SECRET}-$LSD_TEST_SECRET-$$", f).unwrap(),
+            "a-s3cr3t-s3cr3t-$"
+        );
+        assert!(
+            expand_env("${LSD_TEST_UNSET_VAR}", f)
+                .unwrap_err()
+                .to_string()
+                .contains("LSD_TEST_UNSET_VAR")
+        );
     }
 }

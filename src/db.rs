@@ -233,7 +233,8 @@ impl Db {
     fn open_conn(&self) -> Result<Connection, DbError> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&self.path, flags).map_err(self.sql())?;
-        conn.busy_timeout(self.opts.busy_timeout).map_err(self.sql())?;
+        conn.busy_timeout(self.opts.busy_timeout)
+            .map_err(self.sql())?;
         set_persist_wal(&conn).map_err(self.sql())?;
         Ok(conn)
     }
@@ -300,7 +301,9 @@ impl Db {
             if !keep {
                 info!(db = %self.path.display(), "WAL header differs from the shadow WAL at start; a new generation will start");
                 let p = self.meta.generation_file();
-                fs::remove_file(&p).or_else(ignore_not_found).map_err(self.io(&p, "remove"))?;
+                fs::remove_file(&p)
+                    .or_else(ignore_not_found)
+                    .map_err(self.io(&p, "remove"))?;
             }
         }
         self.remove_other_generations()?;
@@ -401,7 +404,9 @@ impl Db {
                     report.checkpoint = outcome.ran.then_some(mode);
                 }
                 // A busy checkpoint is not a sync failure: the next tick tries again.
-                Err(e) => warn!(db = %self.path.display(), mode = mode.as_str(), error = %e, "checkpoint failed"),
+                Err(e) => {
+                    warn!(db = %self.path.display(), mode = mode.as_str(), error = %e, "checkpoint failed")
+                }
             }
         }
         let pos = self.pos()?.expect("a generation exists after sync");
@@ -413,7 +418,12 @@ impl Db {
         Ok(report)
     }
 
-    fn checkpoint_mode(&self, orig_wal: u64, new_wal: u64, page_size: u32) -> Option<CheckpointMode> {
+    fn checkpoint_mode(
+        &self,
+        orig_wal: u64,
+        new_wal: u64,
+        page_size: u32,
+    ) -> Option<CheckpointMode> {
         let o = &self.opts;
         let size = |n: u32| wal::size_of_frames(n as u64, page_size);
         if o.truncate_page_count > 0 && orig_wal >= size(o.truncate_page_count) {
@@ -437,7 +447,12 @@ impl Db {
 
     /// The continuity check (spec §2.3 step 3).
     fn verify(&mut self) -> Result<Verify, DbError> {
-        let lost = |reason| Ok(Verify { reason: Some(reason), restart: false });
+        let lost = |reason| {
+            Ok(Verify {
+                reason: Some(reason),
+                restart: false,
+            })
+        };
         let Some(generation) = self.generation()? else {
             return lost("no generation exists");
         };
@@ -464,8 +479,10 @@ impl Db {
         if shadow_size > WAL_HEADER_SIZE as u64 {
             let fs = wal::frame_size(page_size);
             let at = shadow_size - fs;
-            let a = read_at(&shadow_path, at, fs as usize).map_err(self.io(&shadow_path, "read"))?;
-            let b = read_at(&self.wal_path, at, fs as usize).map_err(self.io(&self.wal_path, "read"))?;
+            let a =
+                read_at(&shadow_path, at, fs as usize).map_err(self.io(&shadow_path, "read"))?;
+            let b = read_at(&self.wal_path, at, fs as usize)
+                .map_err(self.io(&self.wal_path, "read"))?;
             if a != b {
                 return lost("wal overwritten by another process");
             }
@@ -544,9 +561,13 @@ impl Db {
             path: shadow_path.to_path_buf(),
             source,
         })?;
-        let start = wal::align(file_size(shadow_path).map_err(self.io(shadow_path, "stat"))?, page_size);
+        let start = wal::align(
+            file_size(shadow_path).map_err(self.io(shadow_path, "stat"))?,
+            page_size,
+        );
         let mut chain = if start > WAL_HEADER_SIZE as u64 {
-            let last = read_at(shadow_path, start - fsz, 24).map_err(self.io(shadow_path, "read"))?;
+            let last =
+                read_at(shadow_path, start - fsz, 24).map_err(self.io(shadow_path, "read"))?;
             let fh = wal::FrameHeader::parse(&last);
             FrameChain::resume(&hdr, fh.checksum)
         } else {
@@ -558,12 +579,16 @@ impl Db {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(self.io(&self.wal_path, "open")(e)),
         };
-        let wal_len = wal.metadata().map_err(self.io(&self.wal_path, "stat"))?.len();
+        let wal_len = wal
+            .metadata()
+            .map_err(self.io(&self.wal_path, "stat"))?
+            .len();
         let mut frame = vec![0u8; fsz as usize];
         let mut off = start;
         let mut last_commit = start;
         let mut rd = io::BufReader::with_capacity(1 << 20, &mut wal);
-        rd.seek(SeekFrom::Start(start)).map_err(self.io(&self.wal_path, "seek"))?;
+        rd.seek(SeekFrom::Start(start))
+            .map_err(self.io(&self.wal_path, "seek"))?;
         while off + fsz <= wal_len {
             if let Err(e) = rd.read_exact(&mut frame) {
                 if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -590,11 +615,14 @@ impl Db {
             .append(true)
             .open(shadow_path)
             .map_err(self.io(shadow_path, "open"))?;
-        wal.seek(SeekFrom::Start(start)).map_err(self.io(&self.wal_path, "seek"))?;
-        let copied = io::copy(&mut (&mut wal).take(n), &mut out).map_err(self.io(shadow_path, "append"))?;
+        wal.seek(SeekFrom::Start(start))
+            .map_err(self.io(&self.wal_path, "seek"))?;
+        let copied =
+            io::copy(&mut (&mut wal).take(n), &mut out).map_err(self.io(shadow_path, "append"))?;
         if copied != n {
             // The WAL shrank under us: cut the shadow back to where it was.
-            out.set_len(start).map_err(self.io(shadow_path, "truncate"))?;
+            out.set_len(start)
+                .map_err(self.io(shadow_path, "truncate"))?;
             return Err(DbError::Io {
                 path: self.wal_path.clone(),
                 op: "copy frames",
@@ -620,8 +648,12 @@ impl Db {
         }
         let fsz = wal::frame_size(page_size);
         let len = file_size(shadow).map_err(self.io(shadow, "stat"))?;
-        let mut f = io::BufReader::with_capacity(1 << 20, File::open(shadow).map_err(self.io(shadow, "open"))?);
-        f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64)).map_err(self.io(shadow, "seek"))?;
+        let mut f = io::BufReader::with_capacity(
+            1 << 20,
+            File::open(shadow).map_err(self.io(shadow, "open"))?,
+        );
+        f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64))
+            .map_err(self.io(shadow, "seek"))?;
         let mut chain = FrameChain::new(&hdr);
         let mut frame = vec![0u8; fsz as usize];
         let mut off = WAL_HEADER_SIZE as u64;
@@ -640,8 +672,12 @@ impl Db {
         }
         if last_commit != len {
             warn!(shadow = %shadow.display(), from = len, to = last_commit, "cutting shadow WAL back to its last commit");
-            let f = OpenOptions::new().write(true).open(shadow).map_err(self.io(shadow, "open"))?;
-            f.set_len(last_commit).map_err(self.io(shadow, "truncate"))?;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(shadow)
+                .map_err(self.io(shadow, "open"))?;
+            f.set_len(last_commit)
+                .map_err(self.io(shadow, "truncate"))?;
             f.sync_all().map_err(self.io(shadow, "fsync"))?;
         }
         Ok(())
@@ -713,17 +749,23 @@ impl Db {
 
     /// Removes shadow files every replica has uploaded: index below (min replica index − 1).
     fn clean_shadow(&self, pos: &Pos, min_replica: Option<&Pos>) -> Result<(), DbError> {
-        let Some(min) = min_replica else { return Ok(()) };
+        let Some(min) = min_replica else {
+            return Ok(());
+        };
         if min.generation != pos.generation || min.index < 2 {
             return Ok(());
         }
         let dir = self.meta.shadow_wal_dir(&pos.generation);
-        let Ok(rd) = fs::read_dir(&dir) else { return Ok(()) };
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
         for e in rd.flatten() {
             if let Some(i) = layout::parse_shadow_wal_name(&e.file_name().to_string_lossy())
                 && i < min.index - 1
             {
-                fs::remove_file(e.path()).or_else(ignore_not_found).map_err(self.io(&e.path(), "remove"))?;
+                fs::remove_file(e.path())
+                    .or_else(ignore_not_found)
+                    .map_err(self.io(&e.path(), "remove"))?;
             }
         }
         Ok(())
@@ -732,11 +774,15 @@ impl Db {
     fn remove_other_generations(&self) -> Result<(), DbError> {
         let current = self.generation()?;
         let dir = self.meta.generations_dir();
-        let Ok(rd) = fs::read_dir(&dir) else { return Ok(()) };
+        let Ok(rd) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if Some(&name) != current.as_ref() {
-                fs::remove_dir_all(e.path()).or_else(ignore_not_found).map_err(self.io(&e.path(), "remove"))?;
+                fs::remove_dir_all(e.path())
+                    .or_else(ignore_not_found)
+                    .map_err(self.io(&e.path(), "remove"))?;
             }
         }
         Ok(())
@@ -751,14 +797,16 @@ impl Db {
             return Ok(None);
         }
         let report = self.sync(None)?;
-        if report.checkpoint.is_none() {
-            if let Err(e) = self.checkpoint(CheckpointMode::Passive) {
-                warn!(db = %self.path.display(), error = %e, "checkpoint before snapshot failed");
-            }
+        if report.checkpoint.is_none()
+            && let Err(e) = self.checkpoint(CheckpointMode::Passive)
+        {
+            warn!(db = %self.path.display(), error = %e, "checkpoint before snapshot failed");
         }
         // Continuity may have been lost during the checkpoint: settle it before taking the pos.
         let report = self.sync(None)?;
-        let Some(pos) = report.pos else { return Ok(None) };
+        let Some(pos) = report.pos else {
+            return Ok(None);
+        };
         self.acquire_read_lock()?;
         let file = self.conns().fd.clone();
         self.snapshotting.fetch_add(1, Ordering::SeqCst);
@@ -826,7 +874,10 @@ fn set_persist_wal(conn: &Connection) -> rusqlite::Result<()> {
         )
     };
     if rc != rusqlite::ffi::SQLITE_OK {
-        return Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), Some("set PERSIST_WAL".into())));
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rc),
+            Some("set PERSIST_WAL".into()),
+        ));
     }
     Ok(())
 }
@@ -855,12 +906,21 @@ fn read_header_bytes(p: &Path) -> Option<[u8; WAL_HEADER_SIZE]> {
 
 fn dir_size(p: &Path) -> u64 {
     fs::read_dir(p)
-        .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
 fn ignore_not_found(e: io::Error) -> io::Result<()> {
-    if e.kind() == io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 /// Writes a small file atomically: temporary, fsync, rename, fsync of the directory.

@@ -165,13 +165,22 @@ mod tests {
             "generations/62fce60304a1d17f/snapshots/00000003.snapshot.lz4"
         );
         assert_eq!(join("/db/", "generations"), "/db/generations");
-        assert_eq!(parse_wal_segment_name("00000003_00001038.wal.lz4"), Some((3, 0x1038)));
-        assert_eq!(parse_wal_segment_name("0000000000000003_00001038.wal.lz4"), None);
+        assert_eq!(
+            parse_wal_segment_name("00000003_00001038.wal.lz4"),
+            Some((3, 0x1038))
+        );
+        assert_eq!(
+            parse_wal_segment_name("0000000000000003_00001038.wal.lz4"),
+            None
+        );
         assert_eq!(parse_wal_segment_name("00000003_0000103G.wal.lz4"), None);
         assert_eq!(parse_snapshot_name("0000000a.snapshot.lz4"), Some(10));
         assert_eq!(parse_snapshot_name("0000000A.snapshot.lz4"), None);
         assert!(is_generation(&new_generation()));
         assert!(!is_generation("62FCE60304A1D17F"));
-        assert_eq!(Pos::new("62fce60304a1d17f", 1, 4152).to_string(), "62fce60304a1d17f/00000001:4152");
+        assert_eq!(
+            Pos::new("62fce60304a1d17f", 1, 4152).to_string(),
+            "62fce60304a1d17f/00000001:4152"
+        );
     }
 }

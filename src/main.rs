@@ -11,14 +11,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use litestreamd::config::{self, Config};
+use litestreamd::db::DbOptions;
 use litestreamd::replica::{self, ReplicaClient};
 use litestreamd::replicator::ReplicaOptions;
 use litestreamd::restore::{self, NamedReplica, RestoreOptions, RestoreOutcome};
 use litestreamd::worker::{self, DbSpec};
-use litestreamd::db::DbOptions;
 
 #[derive(Parser)]
-#[command(name = "litestreamd", version, about = "Streams SQLite databases to object storage (Litestream v0.3 layout) and restores them")]
+#[command(
+    name = "litestreamd",
+    version,
+    about = "Streams SQLite databases to object storage (Litestream v0.3 layout) and restores them"
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, env = "LITESTREAMD_LOG")]
@@ -116,7 +120,8 @@ struct RestoreArgs {
 }
 
 fn parse_hex_index(s: &str) -> Result<u32, String> {
-    let v = u32::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("invalid hex index {s:?}: {e}"))?;
+    let v = u32::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|e| format!("invalid hex index {s:?}: {e}"))?;
     if v > litestreamd::layout::MAX_INDEX {
         return Err(format!("index {s} is above the 31-bit maximum"));
     }
@@ -126,7 +131,10 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     if let Err(e) = rt.block_on(dispatch(cli.cmd)) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -134,28 +142,60 @@ fn main() {
 }
 
 fn init_logging(level: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")).unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info"))
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
-        Command::Replicate { db, urls, sync_interval, monitor_interval, snapshot_interval, retention } => {
+        Command::Replicate {
+            db,
+            urls,
+            sync_interval,
+            monitor_interval,
+            snapshot_interval,
+            retention,
+        } => {
             let mut replicas = Vec::new();
             for url in &urls {
                 let client = ReplicaClient::new(replica::store_from_url(url)?);
                 let mut name = client.kind().to_string();
-                if replicas.iter().any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name) {
+                if replicas
+                    .iter()
+                    .any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name)
+                {
                     name = format!("{name}{}", replicas.len() + 1);
                 }
-                let opts = ReplicaOptions { name, sync_interval, snapshot_interval, retention, ..Default::default() };
+                let opts = ReplicaOptions {
+                    name,
+                    sync_interval,
+                    snapshot_interval,
+                    retention,
+                    ..Default::default()
+                };
                 replicas.push((opts, client));
             }
             let path = std::path::absolute(&db)?;
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let opts = DbOptions { monitor_interval, ..Default::default() };
-            run_specs(vec![DbSpec { name, path, opts, replicas }]).await
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let opts = DbOptions {
+                monitor_interval,
+                ..Default::default()
+            };
+            run_specs(vec![DbSpec {
+                name,
+                path,
+                opts,
+                replicas,
+            }])
+            .await
         }
         Command::Restore(a) => restore_cmd(a).await,
         Command::Generations(a) => list_cmd(ListKind::Generations, a).await,
@@ -165,7 +205,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
 }
 
 async fn run(config_path: &Path) -> Result<()> {
-    let cfg = Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
+    let cfg =
+        Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
     for e in &cfg.errors {
         error!(error = %e, "invalid database config; skipped");
     }
@@ -192,7 +233,10 @@ async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
     }
     shutdown.cancel();
     let all = futures::future::join_all(joins);
-    if tokio::time::timeout(Duration::from_secs(30), all).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), all)
+        .await
+        .is_err()
+    {
         bail!("final sync did not finish within 30s");
     }
     Ok(())
@@ -205,9 +249,13 @@ fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
         return Ok((vec![(client.kind().to_string(), client)], None));
     }
     let cfg = Config::load(&t.config).with_context(|| format!("loading {}", t.config.display()))?;
-    let (name, db) = cfg
-        .find(&t.target)
-        .with_context(|| format!("database {:?} is not in the configuration {}", t.target, t.config.display()))?;
+    let (name, db) = cfg.find(&t.target).with_context(|| {
+        format!(
+            "database {:?} is not in the configuration {}",
+            t.target,
+            t.config.display()
+        )
+    })?;
     let spec = cfg.resolve(&name, db)?;
     let replicas: Vec<NamedReplica> = spec
         .replicas
@@ -216,7 +264,10 @@ fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
         .map(|(o, c)| (o.name, c))
         .collect();
     if replicas.is_empty() {
-        bail!("database {name} has no replica named {:?}", t.replica.as_deref().unwrap_or(""));
+        bail!(
+            "database {name} has no replica named {:?}",
+            t.replica.as_deref().unwrap_or("")
+        );
     }
     Ok((replicas, Some(spec.path)))
 }
@@ -249,7 +300,11 @@ async fn restore_cmd(a: RestoreArgs) -> Result<()> {
             s.max_index,
             s.segments,
             s.bytes,
-            if s.integrity_checked { ", integrity ok" } else { "" }
+            if s.integrity_checked {
+                ", integrity ok"
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -278,8 +333,13 @@ async fn list_cmd(kind: ListKind, a: ListArgs) -> Result<()> {
             let segs = client.wal_segments(&g).await?;
             match kind {
                 ListKind::Generations => {
-                    let times = snaps.iter().map(|s| s.created_at).chain(segs.iter().map(|s| s.created_at));
-                    let (Some(start), Some(end)) = (times.clone().min(), times.max()) else { continue };
+                    let times = snaps
+                        .iter()
+                        .map(|s| s.created_at)
+                        .chain(segs.iter().map(|s| s.created_at));
+                    let (Some(start), Some(end)) = (times.clone().min(), times.max()) else {
+                        continue;
+                    };
                     let lag = SystemTime::now().duration_since(end).unwrap_or_default();
                     rows.push(serde_json::json!({
                         "name": name, "generation": g,
@@ -313,7 +373,14 @@ async fn list_cmd(kind: ListKind, a: ListArgs) -> Result<()> {
     let cols: &[&str] = match kind {
         ListKind::Generations => &["name", "generation", "lag", "start", "end"],
         ListKind::Snapshots => &["replica", "generation", "index", "size", "created"],
-        ListKind::Wal => &["replica", "generation", "index", "offset", "size", "created"],
+        ListKind::Wal => &[
+            "replica",
+            "generation",
+            "index",
+            "offset",
+            "size",
+            "created",
+        ],
     };
     let cell = |r: &serde_json::Value, c: &str| match (&r[c], c) {
         (serde_json::Value::Number(n), "index") => format!("{:08x}", n.as_u64().unwrap_or(0)),
@@ -323,10 +390,22 @@ async fn list_cmd(kind: ListKind, a: ListArgs) -> Result<()> {
     };
     let widths: Vec<usize> = cols
         .iter()
-        .map(|c| rows.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
         .collect();
     let line = |vals: Vec<String>| {
-        vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+        vals.iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
     };
     println!("{}", line(cols.iter().map(|c| c.to_string()).collect()));
     for r in &rows {

@@ -258,7 +258,11 @@ impl Replica {
             let page_size = shadow_page_size(&path)?;
             let end = wal::align(size, page_size);
             if pos.offset == end {
-                if shared.meta.shadow_wal_path(&pos.generation, pos.index + 1).exists() {
+                if shared
+                    .meta
+                    .shadow_wal_path(&pos.generation, pos.index + 1)
+                    .exists()
+                {
                     pos = Pos::new(pos.generation.clone(), pos.index + 1, 0);
                     self.pos = Some(pos.clone());
                     continue;
@@ -281,9 +285,16 @@ impl Replica {
         Ok(())
     }
 
-    async fn upload_segment(&self, db: &str, path: &std::path::Path, pos: &Pos, end: u64) -> Result<u64, ReplicaError> {
+    async fn upload_segment(
+        &self,
+        db: &str,
+        path: &std::path::Path,
+        pos: &Pos,
+        end: u64,
+    ) -> Result<u64, ReplicaError> {
         let (path2, start) = (path.to_path_buf(), pos.offset);
-        let (body, producer) = compress::lz4_stream(move |w| copy_shadow_range(&path2, start, end, w));
+        let (body, producer) =
+            compress::lz4_stream(move |w| copy_shadow_range(&path2, start, end, w));
         let put = self.client.write_wal_segment(pos, body).await;
         let produced = producer.await.map_err(|e| ReplicaError::Shadow {
             path: path.to_path_buf(),
@@ -309,7 +320,12 @@ impl Replica {
             .into_iter()
             .map(|s| s.index)
             .max()
-            .ok_or_else(|| ReplicaError::Inconsistent(format!("{}: generation {generation} has no snapshot", self.client.url())))?;
+            .ok_or_else(|| {
+                ReplicaError::Inconsistent(format!(
+                    "{}: generation {generation} has no snapshot",
+                    self.client.url()
+                ))
+            })?;
         let segs = self.client.wal_segments(generation).await?;
         let Some(last) = segs.last().filter(|s| s.index >= snap) else {
             return Ok(Pos::new(generation, snap, 0));
@@ -317,32 +333,56 @@ impl Replica {
         let key = self.client.wal_segment_key(&last.pos());
         let mut body = self.client.open_wal_segment(&last.pos()).await?;
         let mut raw = Vec::new();
-        body.read_to_end(&mut raw).await.map_err(|source| ReplicaError::Object { key: key.clone(), source })?;
-        let len = compress::decompress(&raw).map_err(|source| ReplicaError::Object { key, source })?.len();
+        body.read_to_end(&mut raw)
+            .await
+            .map_err(|source| ReplicaError::Object {
+                key: key.clone(),
+                source,
+            })?;
+        let len = compress::decompress(&raw)
+            .map_err(|source| ReplicaError::Object { key, source })?
+            .len();
         Ok(Pos::new(generation, last.index, last.offset + len as u64))
     }
 
     /// Takes and uploads a snapshot of the database; returns its position.
     pub async fn snapshot(&mut self, shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
-        let _permit = SNAPSHOT_PERMITS.acquire().await.expect("semaphore never closed");
-        let sh = shared.clone();
-        let src = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").begin_snapshot())
+        let _permit = SNAPSHOT_PERMITS
+            .acquire()
             .await
-            .expect("snapshot task")?;
+            .expect("semaphore never closed");
+        let sh = shared.clone();
+        let src =
+            tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").begin_snapshot())
+                .await
+                .expect("snapshot task")?;
         let Some(src) = src else { return Ok(None) };
         let pos = src.pos.clone();
         let started = std::time::Instant::now();
         let (body, producer) = compress::lz4_stream(move |w| src.copy_to(w));
-        let put = self.client.write_snapshot(&pos.generation, pos.index, body).await;
+        let put = self
+            .client
+            .write_snapshot(&pos.generation, pos.index, body)
+            .await;
         let n = producer
             .await
-            .map_err(|e| ReplicaError::Shadow { path: shared.db_path(), source: io::Error::other(e) })?
-            .map_err(|source| ReplicaError::Shadow { path: shared.db_path(), source })?;
+            .map_err(|e| ReplicaError::Shadow {
+                path: shared.db_path(),
+                source: io::Error::other(e),
+            })?
+            .map_err(|source| ReplicaError::Shadow {
+                path: shared.db_path(),
+                source,
+            })?;
         let info = put?;
         metrics::counter!("litestreamd_snapshots_total", "db" => shared.name.clone(), "replica" => self.opts.name.clone()).increment(1);
         metrics::histogram!("litestreamd_snapshot_duration_seconds", "db" => shared.name.clone(), "replica" => self.opts.name.clone()).record(started.elapsed().as_secs_f64());
         info!(db = %shared.name, replica = %self.opts.name, %pos, bytes = n, stored = info.size, "snapshot written");
-        if self.pos.as_ref().is_some_and(|p| p.generation == pos.generation) {
+        if self
+            .pos
+            .as_ref()
+            .is_some_and(|p| p.generation == pos.generation)
+        {
             // Keep the position; the snapshot adds a restore point but changes no WAL offsets.
         } else {
             self.pos = None;
@@ -351,8 +391,17 @@ impl Replica {
     }
 
     /// Newest snapshot time in a generation, for the snapshot interval.
-    pub async fn newest_snapshot(&self, generation: &str) -> Result<Option<SystemTime>, ReplicaError> {
-        Ok(self.client.snapshots(generation).await?.into_iter().map(|s| s.created_at).max())
+    pub async fn newest_snapshot(
+        &self,
+        generation: &str,
+    ) -> Result<Option<SystemTime>, ReplicaError> {
+        Ok(self
+            .client
+            .snapshots(generation)
+            .await?
+            .into_iter()
+            .map(|s| s.created_at)
+            .max())
     }
 
     /// Retention (spec §2.8): drops generations, snapshots and segments older than the oldest
@@ -362,8 +411,12 @@ impl Replica {
         if self.opts.retention.is_zero() {
             return Ok(());
         }
-        let Some(dpos) = db_pos(shared).await? else { return Ok(()) };
-        let cutoff = SystemTime::now().checked_sub(self.opts.retention).unwrap_or(SystemTime::UNIX_EPOCH);
+        let Some(dpos) = db_pos(shared).await? else {
+            return Ok(());
+        };
+        let cutoff = SystemTime::now()
+            .checked_sub(self.opts.retention)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let generations = self.client.generations().await?;
         let current_kept = self
             .client
@@ -376,7 +429,11 @@ impl Replica {
         }
         for generation in generations {
             let snaps = self.client.snapshots(&generation).await?;
-            let kept_min = snaps.iter().filter(|s| s.created_at >= cutoff).map(|s| s.index).min();
+            let kept_min = snaps
+                .iter()
+                .filter(|s| s.created_at >= cutoff)
+                .map(|s| s.index)
+                .min();
             match kept_min {
                 None if generation != dpos.generation => {
                     info!(db = %shared.name, replica = %self.opts.name, generation, "retention: deleting generation");
@@ -384,7 +441,11 @@ impl Replica {
                 }
                 None => {}
                 Some(k) => {
-                    let old_snaps: Vec<u32> = snaps.iter().filter(|s| s.index < k).map(|s| s.index).collect();
+                    let old_snaps: Vec<u32> = snaps
+                        .iter()
+                        .filter(|s| s.index < k)
+                        .map(|s| s.index)
+                        .collect();
                     let old_segs: Vec<_> = self
                         .client
                         .wal_segments(&generation)
@@ -399,7 +460,9 @@ impl Replica {
                     for chunk in old_segs.chunks(1000) {
                         self.client.delete_wal_segments(chunk).await?;
                     }
-                    self.client.delete_snapshots(&generation, &old_snaps).await?;
+                    self.client
+                        .delete_snapshots(&generation, &old_snaps)
+                        .await?;
                 }
             }
         }
@@ -415,24 +478,41 @@ impl DbShared {
 
 async fn db_pos(shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
     let sh = shared.clone();
-    Ok(tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").pos())
-        .await
-        .expect("pos task")?)
+    Ok(
+        tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").pos())
+            .await
+            .expect("pos task")?,
+    )
 }
 
 fn shadow_page_size(path: &std::path::Path) -> Result<u32, ReplicaError> {
     let mut hdr = [0u8; WAL_HEADER_SIZE];
-    let mut f = File::open(path).map_err(|source| ReplicaError::Shadow { path: path.to_path_buf(), source })?;
-    f.read_exact(&mut hdr).map_err(|source| ReplicaError::Shadow { path: path.to_path_buf(), source })?;
+    let mut f = File::open(path).map_err(|source| ReplicaError::Shadow {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    f.read_exact(&mut hdr)
+        .map_err(|source| ReplicaError::Shadow {
+            path: path.to_path_buf(),
+            source,
+        })?;
     WalHeader::parse(&hdr)
         .map(|h| h.page_size)
-        .map_err(|e| ReplicaError::Shadow { path: path.to_path_buf(), source: io::Error::new(io::ErrorKind::InvalidData, e) })
+        .map_err(|e| ReplicaError::Shadow {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })
 }
 
 /// Streams shadow bytes `[start, end)` into `w`, checking that every frame carries the header's
 /// salt ("replica salt mismatch" in Litestream), so a shadow from another WAL life never goes up
 /// under this index.
-fn copy_shadow_range(path: &std::path::Path, start: u64, end: u64, w: &mut dyn Write) -> io::Result<u64> {
+fn copy_shadow_range(
+    path: &std::path::Path,
+    start: u64,
+    end: u64,
+    w: &mut dyn Write,
+) -> io::Result<u64> {
     let mut f = File::open(path)?;
     let mut hdr = [0u8; WAL_HEADER_SIZE];
     f.read_exact(&mut hdr)?;

@@ -43,9 +43,17 @@ pub enum RestoreError {
     #[error("{key}: missing initial WAL segment (index {index:08x} has no segment at offset 0)")]
     MissingInitialSegment { key: String, index: u32 },
     #[error("{replica}: generation {generation}: missing WAL index {index:08x}")]
-    MissingIndex { replica: String, generation: String, index: u32 },
+    MissingIndex {
+        replica: String,
+        generation: String,
+        index: u32,
+    },
     #[error("{key}: segment starts at offset {found} but the previous segments end at {expected}")]
-    SegmentGap { key: String, expected: u64, found: u64 },
+    SegmentGap {
+        key: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("{key}: corrupt object: {reason}")]
     Corrupt { key: String, reason: String },
     #[error(transparent)]
@@ -141,10 +149,22 @@ pub struct RestorePlan {
     pub segments: Vec<WalSegmentInfo>,
 }
 
+type Candidate = (
+    SystemTime,
+    usize,
+    String,
+    Vec<SnapshotInfo>,
+    Vec<WalSegmentInfo>,
+);
+
 /// Chooses replica and generation (spec §4 step 1): the generation whose newest object is the
 /// newest, among those with a snapshot that the filters allow.
-pub async fn plan(replicas: &[NamedReplica], opts: &RestoreOptions) -> Result<Option<RestorePlan>, RestoreError> {
-    let mut best: Option<(SystemTime, usize, String, Vec<SnapshotInfo>, Vec<WalSegmentInfo>)> = None;
+pub async fn plan(
+    replicas: &[NamedReplica],
+    opts: &RestoreOptions,
+) -> Result<Option<RestorePlan>, RestoreError> {
+    // (updated-at, replica, generation, snapshots, segments) of the best candidate so far.
+    let mut best: Option<Candidate> = None;
     let mut last_err = None;
     let mut any_ok = false;
     for (ri, (name, client)) in replicas.iter().enumerate() {
@@ -166,7 +186,10 @@ pub async fn plan(replicas: &[NamedReplica], opts: &RestoreOptions) -> Result<Op
             if snaps.is_empty() {
                 continue;
             }
-            let times = snaps.iter().map(|s| s.created_at).chain(segs.iter().map(|s| s.created_at));
+            let times = snaps
+                .iter()
+                .map(|s| s.created_at)
+                .chain(segs.iter().map(|s| s.created_at));
             let created = times.clone().min().expect("non-empty");
             let updated = times.max().expect("non-empty");
             if opts.timestamp.is_some_and(|ts| ts < created) {
@@ -189,22 +212,35 @@ pub async fn plan(replicas: &[NamedReplica], opts: &RestoreOptions) -> Result<Op
         .filter(|s| opts.index.is_none_or(|i| s.index <= i))
         .filter(|s| opts.timestamp.is_none_or(|ts| s.created_at <= ts))
         .max_by_key(|s| s.index)
-        .ok_or_else(|| RestoreError::NoSnapshot { replica: replica_name.clone(), generation: generation.clone() })?;
+        .ok_or_else(|| RestoreError::NoSnapshot {
+            replica: replica_name.clone(),
+            generation: generation.clone(),
+        })?;
     let mut segments = Vec::new();
     for s in segs {
         if s.index < snapshot.index {
             continue;
         }
-        if opts.index.is_some_and(|i| s.index > i) || opts.timestamp.is_some_and(|ts| s.created_at > ts) {
+        if opts.index.is_some_and(|i| s.index > i)
+            || opts.timestamp.is_some_and(|ts| s.created_at > ts)
+        {
             break;
         }
         segments.push(s);
     }
-    Ok(Some(RestorePlan { replica: ri, generation, snapshot, segments }))
+    Ok(Some(RestorePlan {
+        replica: ri,
+        generation,
+        snapshot,
+        segments,
+    }))
 }
 
 /// Runs a restore.
-pub async fn restore(replicas: &[NamedReplica], opts: &RestoreOptions) -> Result<RestoreOutcome, RestoreError> {
+pub async fn restore(
+    replicas: &[NamedReplica],
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome, RestoreError> {
     if opts.output.exists() {
         if opts.if_db_not_exists {
             info!(path = %opts.output.display(), "database already exists, skipping restore");
@@ -254,11 +290,18 @@ async fn run_plan(
         match by_index.get(n) {
             Some((i, segs)) if *i == want => {
                 if segs[0].offset != 0 {
-                    return Err(RestoreError::MissingInitialSegment { key: client.wal_segment_key(&segs[0].pos()), index: want });
+                    return Err(RestoreError::MissingInitialSegment {
+                        key: client.wal_segment_key(&segs[0].pos()),
+                        index: want,
+                    });
                 }
             }
             _ => {
-                return Err(RestoreError::MissingIndex { replica: name.to_string(), generation: plan.generation.clone(), index: want });
+                return Err(RestoreError::MissingIndex {
+                    replica: name.to_string(),
+                    generation: plan.generation.clone(),
+                    index: want,
+                });
             }
         }
     }
@@ -271,10 +314,17 @@ async fn run_plan(
     let total = by_index.len() as u64;
     let fetches = by_index.into_iter().map(|(index, segs)| {
         let path = cleanup.index_path(index);
-        async move { fetch_index(client, index, segs, &path, opts).await.map(|f| (f, path)) }
+        async move {
+            fetch_index(client, index, segs, &path, opts)
+                .await
+                .map(|f| (f, path))
+        }
     });
     let mut stream = futures::stream::iter(fetches).buffered(opts.parallelism.max(1));
-    let mut db = OpenOptions::new().write(true).open(&tmp).map_err(io_at(&tmp))?;
+    let mut db = OpenOptions::new()
+        .write(true)
+        .open(&tmp)
+        .map_err(io_at(&tmp))?;
     let mut final_pages: Option<u32> = None;
     let mut done = 0;
     let mut segments = 0;
@@ -283,7 +333,10 @@ async fn run_plan(
         if idx.page_size != page_size {
             return Err(RestoreError::Corrupt {
                 key: idx.first_key,
-                reason: format!("WAL page size {} differs from the snapshot's {page_size}", idx.page_size),
+                reason: format!(
+                    "WAL page size {} differs from the snapshot's {page_size}",
+                    idx.page_size
+                ),
             });
         }
         segments += idx.segments;
@@ -301,7 +354,8 @@ async fn run_plan(
     }
     drop(stream);
     if let Some(pages) = final_pages {
-        db.set_len(pages as u64 * page_size as u64).map_err(io_at(&tmp))?;
+        db.set_len(pages as u64 * page_size as u64)
+            .map_err(io_at(&tmp))?;
     }
     db.sync_all().map_err(io_at(&tmp))?;
     drop(db);
@@ -309,7 +363,9 @@ async fn run_plan(
     if opts.integrity_check {
         progress("integrity_check", 0, 1);
         let t = tmp.clone();
-        tokio::task::spawn_blocking(move || integrity_check(&t)).await.expect("integrity task")?;
+        tokio::task::spawn_blocking(move || integrity_check(&t))
+            .await
+            .expect("integrity task")?;
         cleanup.remove_sidecars();
         progress("integrity_check", 1, 1);
     }
@@ -318,12 +374,17 @@ async fn run_plan(
         if e.kind() == io::ErrorKind::AlreadyExists {
             RestoreError::OutputExists(opts.output.clone())
         } else {
-            RestoreError::Io { path: opts.output.clone(), source: e }
+            RestoreError::Io {
+                path: opts.output.clone(),
+                source: e,
+            }
         }
     })?;
     fs::remove_file(&tmp).map_err(io_at(&tmp))?;
     if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_at(dir))?;
     }
     let bytes = fs::metadata(&opts.output).map(|m| m.len()).unwrap_or(0);
     info!(path = %opts.output.display(), bytes, max_index = format!("{max_index:08x}"), "restore complete");
@@ -339,7 +400,10 @@ async fn run_plan(
 }
 
 fn io_at(p: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
-    move |source| RestoreError::Io { path: p.to_path_buf(), source }
+    move |source| RestoreError::Io {
+        path: p.to_path_buf(),
+        source,
+    }
 }
 
 /// Downloads and decompresses the snapshot into `tmp`; returns the database page size.
@@ -354,18 +418,32 @@ async fn fetch_snapshot(
     loop {
         attempt += 1;
         let res = async {
-            let body = client.open_snapshot(&plan.generation, plan.snapshot.index).await?;
+            let body = client
+                .open_snapshot(&plan.generation, plan.snapshot.index)
+                .await?;
             let (tmp, key) = (tmp.to_path_buf(), key.to_string());
             tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
-                let mut out = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(io_at(&tmp))?;
+                let mut out = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&tmp)
+                    .map_err(io_at(&tmp))?;
                 let mut dec = compress::decoder(SyncIoBridge::new(body));
                 io::copy(&mut dec, &mut out).map_err(|e| read_error(&key, e))?;
                 out.sync_data().map_err(io_at(&tmp))?;
                 let mut hdr = [0u8; 100];
                 out.read_exact_at(&mut hdr, 0)
-                    .map_err(|_| RestoreError::Corrupt { key: key.clone(), reason: "snapshot shorter than a database header".into() })?;
+                    .map_err(|_| RestoreError::Corrupt {
+                        key: key.clone(),
+                        reason: "snapshot shorter than a database header".into(),
+                    })?;
                 if &hdr[..16] != b"SQLite format 3\0" {
-                    return Err(RestoreError::Corrupt { key, reason: "not a SQLite database".into() });
+                    return Err(RestoreError::Corrupt {
+                        key,
+                        reason: "not a SQLite database".into(),
+                    });
                 }
                 let ps = u16::from_be_bytes([hdr[16], hdr[17]]) as u32;
                 Ok(if ps == 1 { 65536 } else { ps })
@@ -409,7 +487,11 @@ async fn fetch_index(
     for seg in &segs {
         let key = client.wal_segment_key(&seg.pos());
         if seg.offset != written {
-            return Err(RestoreError::SegmentGap { key, expected: written, found: seg.offset });
+            return Err(RestoreError::SegmentGap {
+                key,
+                expected: written,
+                found: seg.offset,
+            });
         }
         let mut attempt = 0;
         loop {
@@ -419,7 +501,9 @@ async fn fetch_index(
                 let body = client.open_wal_segment(&seg.pos()).await?;
                 let (key, mut f) = (key.clone(), out.try_clone().map_err(io_at(path))?);
                 tokio::task::spawn_blocking(move || {
-                    f.set_len(written).and_then(|_| f.seek(SeekFrom::Start(written))).map_err(|e| read_error(&key, e))?;
+                    f.set_len(written)
+                        .and_then(|_| f.seek(SeekFrom::Start(written)))
+                        .map_err(|e| read_error(&key, e))?;
                     let mut dec = compress::decoder(SyncIoBridge::new(body));
                     let st = verify_segment(&mut dec, &mut f, before, &key)?;
                     let end = f.stream_position().map_err(|e| read_error(&key, e))?;
@@ -445,9 +529,17 @@ async fn fetch_index(
         }
     }
     out.sync_data().map_err(io_at(path))?;
-    let st = state.ok_or_else(|| RestoreError::Corrupt { key: first_key.clone(), reason: "empty WAL index".into() })?;
+    let st = state.ok_or_else(|| RestoreError::Corrupt {
+        key: first_key.clone(),
+        reason: "empty WAL index".into(),
+    })?;
     let _ = index;
-    Ok(IndexFile { page_size: st.page_size, last_commit: st.last_commit, segments: segs.len(), first_key })
+    Ok(IndexFile {
+        page_size: st.page_size,
+        last_commit: st.last_commit,
+        segments: segs.len(),
+        first_key,
+    })
 }
 
 /// Validation state carried from one segment of an index to the next.
@@ -460,8 +552,16 @@ struct ChainState {
 }
 
 /// Reads one decompressed segment, checks it frame by frame and appends it to `out`.
-fn verify_segment(r: &mut dyn Read, out: &mut File, prev: Option<ChainState>, key: &str) -> Result<ChainState, RestoreError> {
-    let corrupt = |reason: String| RestoreError::Corrupt { key: key.to_string(), reason };
+fn verify_segment(
+    r: &mut dyn Read,
+    out: &mut File,
+    prev: Option<ChainState>,
+    key: &str,
+) -> Result<ChainState, RestoreError> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        key: key.to_string(),
+        reason,
+    };
     let mut st = match prev {
         Some(s) => s,
         None => {
@@ -469,7 +569,12 @@ fn verify_segment(r: &mut dyn Read, out: &mut File, prev: Option<ChainState>, ke
             r.read_exact(&mut hdr).map_err(|e| read_error(key, e))?;
             let h = WalHeader::parse(&hdr).map_err(|e| corrupt(format!("WAL header: {e}")))?;
             out.write_all(&hdr).map_err(|e| read_error(key, e))?;
-            ChainState { chain: FrameChain::new(&h), page_size: h.page_size, offset: WAL_HEADER_SIZE as u64, last_commit: WAL_HEADER_SIZE as u64 }
+            ChainState {
+                chain: FrameChain::new(&h),
+                page_size: h.page_size,
+                offset: WAL_HEADER_SIZE as u64,
+                last_commit: WAL_HEADER_SIZE as u64,
+            }
         }
     };
     let fsz = wal::frame_size(st.page_size) as usize;
@@ -481,7 +586,10 @@ fn verify_segment(r: &mut dyn Read, out: &mut File, prev: Option<ChainState>, ke
             break;
         }
         if n < fsz {
-            return Err(corrupt(format!("partial frame of {n} bytes at WAL offset {}", st.offset)));
+            return Err(corrupt(format!(
+                "partial frame of {n} bytes at WAL offset {}",
+                st.offset
+            )));
         }
         match st.chain.check(&frame) {
             FrameCheck::Valid(fh) => {
@@ -490,8 +598,18 @@ fn verify_segment(r: &mut dyn Read, out: &mut File, prev: Option<ChainState>, ke
                     st.last_commit = st.offset;
                 }
             }
-            FrameCheck::SaltMismatch => return Err(corrupt(format!("frame salt mismatch at WAL offset {}", st.offset))),
-            FrameCheck::ChecksumMismatch => return Err(corrupt(format!("frame checksum mismatch at WAL offset {}", st.offset))),
+            FrameCheck::SaltMismatch => {
+                return Err(corrupt(format!(
+                    "frame salt mismatch at WAL offset {}",
+                    st.offset
+                )));
+            }
+            FrameCheck::ChecksumMismatch => {
+                return Err(corrupt(format!(
+                    "frame checksum mismatch at WAL offset {}",
+                    st.offset
+                )));
+            }
         }
         w.write_all(&frame).map_err(|e| read_error(key, e))?;
     }
@@ -514,9 +632,14 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Writes the committed frames of one verified index into the database file. Returns the file
 /// and the database size in pages after the last commit, if the index has one.
-fn apply_index(db: File, path: &Path, idx: &IndexFile) -> Result<(File, Option<u32>), RestoreError> {
+fn apply_index(
+    db: File,
+    path: &Path,
+    idx: &IndexFile,
+) -> Result<(File, Option<u32>), RestoreError> {
     let mut f = io::BufReader::with_capacity(1 << 20, File::open(path).map_err(io_at(path))?);
-    f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64)).map_err(io_at(path))?;
+    f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64))
+        .map_err(io_at(path))?;
     let ps = idx.page_size as u64;
     let mut frame = vec![0u8; wal::frame_size(idx.page_size) as usize];
     let mut off = WAL_HEADER_SIZE as u64;
@@ -535,23 +658,39 @@ fn apply_index(db: File, path: &Path, idx: &IndexFile) -> Result<(File, Option<u
 }
 
 fn integrity_check(path: &Path) -> Result<(), RestoreError> {
-    let sql = |e: rusqlite::Error| RestoreError::Integrity { path: path.to_path_buf(), message: e.to_string() };
+    let sql = |e: rusqlite::Error| RestoreError::Integrity {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let conn = rusqlite::Connection::open(path).map_err(sql)?;
     let mut stmt = conn.prepare("PRAGMA integrity_check").map_err(sql)?;
-    let rows: Vec<String> = stmt.query_map([], |r| r.get(0)).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(sql)?
+        .collect::<Result<_, _>>()
+        .map_err(sql)?;
     drop(stmt);
     conn.close().map_err(|(_, e)| sql(e))?;
     if rows != ["ok"] {
-        return Err(RestoreError::Integrity { path: path.to_path_buf(), message: rows.join("; ") });
+        return Err(RestoreError::Integrity {
+            path: path.to_path_buf(),
+            message: rows.join("; "),
+        });
     }
     Ok(())
 }
 
 fn read_error(key: &str, e: io::Error) -> RestoreError {
     if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof {
-        RestoreError::Corrupt { key: key.to_string(), reason: e.to_string() }
+        RestoreError::Corrupt {
+            key: key.to_string(),
+            reason: e.to_string(),
+        }
     } else {
-        RestoreError::Io { path: PathBuf::from(key), source: e }
+        RestoreError::Io {
+            path: PathBuf::from(key),
+            source: e,
+        }
     }
 }
 
@@ -574,7 +713,11 @@ impl Cleanup {
     fn new(output: &Path) -> Self {
         let mut tmp = output.as_os_str().to_owned();
         tmp.push(".tmp");
-        Cleanup { tmp: tmp.into(), output: output.to_path_buf(), armed: true }
+        Cleanup {
+            tmp: tmp.into(),
+            output: output.to_path_buf(),
+            armed: true,
+        }
     }
     fn index_path(&self, index: u32) -> PathBuf {
         let mut p = self.output.as_os_str().to_owned();
@@ -603,8 +746,18 @@ impl Drop for Cleanup {
         }
         let _ = fs::remove_file(&self.tmp);
         self.remove_sidecars();
-        let dir = self.output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let prefix = format!("{}.tmp-", self.output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let dir = self
+            .output
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let prefix = format!(
+            "{}.tmp-",
+            self.output
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
         if let Ok(rd) = fs::read_dir(dir) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();

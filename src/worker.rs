@@ -62,9 +62,15 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command) -> Result<T, String> {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| "worker stopped".to_string())?;
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| "worker stopped".to_string())?;
         rx.await.map_err(|_| "worker stopped".to_string())?
     }
     /// Copies committed frames into the shadow WAL now.
@@ -95,7 +101,10 @@ impl WorkerHandle {
 }
 
 /// Starts the worker; it runs until `shutdown` is cancelled and its final sync is done.
-pub fn spawn(spec: DbSpec, shutdown: CancellationToken) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
+pub fn spawn(
+    spec: DbSpec,
+    shutdown: CancellationToken,
+) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
     let replicas: Vec<Replica> = spec
         .replicas
         .iter()
@@ -141,7 +150,15 @@ async fn run(
     for (i, r) in replicas.into_iter().enumerate() {
         let (stx, srx) = mpsc::channel(4);
         snapshot_txs.push(stx);
-        tasks.spawn(replica_loop(r, shared.clone(), pos_rx.clone(), positions.clone(), i, replica_stop.clone(), srx));
+        tasks.spawn(replica_loop(
+            r,
+            shared.clone(),
+            pos_rx.clone(),
+            positions.clone(),
+            i,
+            replica_stop.clone(),
+            srx,
+        ));
     }
 
     let interval = spec.opts.monitor_interval;
@@ -204,10 +221,15 @@ async fn run(
     info!(db = %spec.name, "stopped");
 }
 
-async fn db_sync(shared: &Arc<DbShared>, positions: &Arc<Mutex<Vec<Option<Pos>>>>) -> Result<SyncReport, String> {
+async fn db_sync(
+    shared: &Arc<DbShared>,
+    positions: &Arc<Mutex<Vec<Option<Pos>>>>,
+) -> Result<SyncReport, String> {
     let min = min_position(&positions.lock().expect("positions"));
     let sh = shared.clone();
-    match tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").sync(min.as_ref())).await {
+    match tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").sync(min.as_ref()))
+        .await
+    {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(format!("sync task panicked: {e}")),
     }
@@ -243,7 +265,8 @@ fn publish(
             metrics::gauge!("litestreamd_db_size_bytes", &labels).set(r.db_size as f64);
             metrics::gauge!("litestreamd_wal_size_bytes", &labels).set(r.wal_size as f64);
             metrics::gauge!("litestreamd_shadow_wal_bytes", &labels).set(r.shadow_bytes as f64);
-            metrics::counter!("litestreamd_shadow_wal_written_bytes_total", &labels).increment(r.wal_bytes);
+            metrics::counter!("litestreamd_shadow_wal_written_bytes_total", &labels)
+                .increment(r.wal_bytes);
             pos_tx.send_if_modified(|cur| {
                 let changed = *cur != r.pos;
                 *cur = r.pos.clone();
@@ -263,7 +286,10 @@ fn publish(
 
 /// The lowest replica position, or None if any replica has none yet (then nothing is removed).
 fn min_position(positions: &[Option<Pos>]) -> Option<Pos> {
-    let all: Vec<&Pos> = positions.iter().map(|p| p.as_ref()).collect::<Option<_>>()?;
+    let all: Vec<&Pos> = positions
+        .iter()
+        .map(|p| p.as_ref())
+        .collect::<Option<_>>()?;
     let first = all.first()?;
     if all.iter().any(|p| p.generation != first.generation) {
         return None;
@@ -357,7 +383,9 @@ async fn replica_loop(
 /// When the first interval snapshot is due: the newest snapshot's age counts toward it.
 async fn first_snapshot_due(r: &Replica, dpos: Option<&Pos>) -> Instant {
     let iv = r.opts.snapshot_interval;
-    let Some(d) = dpos else { return Instant::now() + iv };
+    let Some(d) = dpos else {
+        return Instant::now() + iv;
+    };
     match r.newest_snapshot(&d.generation).await {
         Ok(Some(t)) => {
             let age = SystemTime::now().duration_since(t).unwrap_or_default();

@@ -26,7 +26,10 @@ async fn round_trip_with_checkpoints_and_point_in_time() {
     // Closing the index: the next write goes to a new WAL life.
     w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
     w.settle().await;
-    assert!(w.handle.status().pos.unwrap().index > at_index.index, "checkpoint restarted the WAL");
+    assert!(
+        w.handle.status().pos.unwrap().index > at_index.index,
+        "checkpoint restarted the WAL"
+    );
 
     // Phase 2, then a pause at a known time.
     write_mixed(&app, &mut rng, 800);
@@ -40,13 +43,18 @@ async fn round_trip_with_checkpoints_and_point_in_time() {
     for _ in 0..4 {
         write_mixed(&app, &mut rng, 400);
         let _: (i64, i64, i64) = app
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .unwrap();
     }
     w.settle().await;
     let expect_final = dump_conn(&app);
     let final_pos = w.handle.status().pos.unwrap();
-    assert!(final_pos.index >= at_index.index + 3, "expected many WAL indexes, got {final_pos}");
+    assert!(
+        final_pos.index >= at_index.index + 3,
+        "expected many WAL indexes, got {final_pos}"
+    );
     w.stop().await;
 
     let out = dir.path().join("latest.db");
@@ -57,20 +65,39 @@ async fn round_trip_with_checkpoints_and_point_in_time() {
     assert_eq!(dump(&out), expect_final, "latest restore equals the source");
 
     let out = dir.path().join("by-index.db");
-    restore_to(&replica, &out, |o| o.index = Some(at_index.index)).await.unwrap();
+    restore_to(&replica, &out, |o| o.index = Some(at_index.index))
+        .await
+        .unwrap();
     only_output_left(dir.path(), "by-index.db");
-    assert_eq!(dump(&out), expect_index, "restore by index equals the source at that index");
+    assert_eq!(
+        dump(&out),
+        expect_index,
+        "restore by index equals the source at that index"
+    );
 
     let out = dir.path().join("by-time.db");
-    restore_to(&replica, &out, |o| o.timestamp = Some(mid)).await.unwrap();
+    restore_to(&replica, &out, |o| o.timestamp = Some(mid))
+        .await
+        .unwrap();
     only_output_left(dir.path(), "by-time.db");
-    assert_eq!(dump(&out), expect_time, "restore by timestamp equals the source at that time");
+    assert_eq!(
+        dump(&out),
+        expect_time,
+        "restore by timestamp equals the source at that time"
+    );
 }
 
 /// Right after a restore, only the output itself exists: no temporary, -wal or -shm file.
 fn only_output_left(dir: &std::path::Path, name: &str) {
-    let found: Vec<String> = names(dir).into_iter().filter(|n| n.starts_with(name)).collect();
-    assert_eq!(found, vec![name.to_string()], "files left beside the restore");
+    let found: Vec<String> = names(dir)
+        .into_iter()
+        .filter(|n| n.starts_with(name))
+        .collect();
+    assert_eq!(
+        found,
+        vec![name.to_string()],
+        "files left beside the restore"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,18 +115,29 @@ async fn application_truncate_checkpoint_loses_nothing() {
 
     // While litestreamd runs: its read lock keeps the checkpoint from resetting the WAL.
     let (busy, _, _): (i64, i64, i64) = app
-        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .unwrap();
-    assert_eq!(busy, 1, "the read lock holds the WAL against a TRUNCATE checkpoint");
+    assert_eq!(
+        busy, 1,
+        "the read lock holds the WAL against a TRUNCATE checkpoint"
+    );
     write_mixed(&app, &mut rng, 300);
     w.settle().await;
-    assert_eq!(w.handle.status().pos.unwrap().generation, gen1, "no new generation needed");
+    assert_eq!(
+        w.handle.status().pos.unwrap().generation,
+        gen1,
+        "no new generation needed"
+    );
     w.stop().await;
 
     // While litestreamd is stopped: the WAL is truncated and rewritten behind its back.
     write_mixed(&app, &mut rng, 50);
     let (busy, _, _): (i64, i64, i64) = app
-        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .unwrap();
     assert_eq!(busy, 0);
     write_mixed(&app, &mut rng, 200);
@@ -119,7 +157,9 @@ async fn application_truncate_checkpoint_loses_nothing() {
     assert_eq!(dump(&out), expect);
     // The old generation still restores to its own last state.
     let out1 = dir.path().join("gen1.db");
-    restore_to(&replica, &out1, |o| o.generation = Some(gen1.clone())).await.unwrap();
+    restore_to(&replica, &out1, |o| o.generation = Some(gen1.clone()))
+        .await
+        .unwrap();
     assert_eq!(integrity(&out1), "ok");
 }
 
@@ -155,12 +195,17 @@ async fn corrupted_objects_fail_restore_and_name_the_object() {
         std::fs::write(&victim, &bad).unwrap();
 
         let out = dir.path().join("out.db");
-        let err = restore_to(&replica, &out, |o| o.read_attempts = 2).await.unwrap_err();
+        let err = restore_to(&replica, &out, |o| o.read_attempts = 2)
+            .await
+            .unwrap_err();
         let msg = err.to_string();
         let name = victim.file_name().unwrap().to_string_lossy().into_owned();
         assert!(msg.contains(&name), "error {msg:?} names {name}");
         assert!(!out.exists(), "no output file after a failed restore");
-        let left: Vec<String> = names(dir.path()).into_iter().filter(|n| n.starts_with("out.db")).collect();
+        let left: Vec<String> = names(dir.path())
+            .into_iter()
+            .filter(|n| n.starts_with("out.db"))
+            .collect();
         assert!(left.is_empty(), "leftovers after failure: {left:?}");
         std::fs::write(&victim, &good).unwrap();
     }
@@ -175,7 +220,10 @@ async fn corrupt_frame_inside_valid_lz4_is_detected() {
     // A segment whose LZ4 frame is intact but whose WAL bytes are damaged (e.g. written so by a
     // buggy tool) must fail on the WAL checksum chain, naming the segment.
     let (dir, replica, _) = small_replica().await;
-    let victim = objects(&replica, ".wal.lz4").into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let victim = objects(&replica, ".wal.lz4")
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
     let mut raw = litestreamd::compress::decompress(&std::fs::read(&victim).unwrap()).unwrap();
     let at = raw.len() - 100;
     raw[at] ^= 1;
@@ -183,7 +231,11 @@ async fn corrupt_frame_inside_valid_lz4_is_detected() {
     let out = dir.path().join("out.db");
     let err = restore_to(&replica, &out, |_| {}).await.unwrap_err();
     assert!(matches!(err, RestoreError::Corrupt { .. }), "{err}");
-    assert!(err.to_string().contains(&*victim.file_name().unwrap().to_string_lossy()), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&*victim.file_name().unwrap().to_string_lossy()),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
@@ -202,7 +254,15 @@ async fn stray_partial_index_below_snapshot_is_ignored() {
     // Delete the offset-0 segment of the lowest index: Litestream 0.3 fails with
     // "missing initial wal segment" although that index is below the snapshot.
     let segs = objects(&replica, ".wal.lz4");
-    let first = segs.iter().find(|p| p.file_name().unwrap().to_string_lossy().ends_with("_00000000.wal.lz4")).unwrap();
+    let first = segs
+        .iter()
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .ends_with("_00000000.wal.lz4")
+        })
+        .unwrap();
     std::fs::remove_file(first).unwrap();
     let out = dir.path().join("out.db");
     restore_to(&replica, &out, |_| {}).await.unwrap();
@@ -217,13 +277,23 @@ async fn restore_flags_and_never_overwrites() {
     let err = restore_to(&replica, &existing, |_| {}).await.unwrap_err();
     assert!(matches!(err, RestoreError::OutputExists(_)));
     assert_eq!(std::fs::read(&existing).unwrap(), before);
-    let res = restore_to(&replica, &existing, |o| o.if_db_not_exists = true).await.unwrap();
+    let res = restore_to(&replica, &existing, |o| o.if_db_not_exists = true)
+        .await
+        .unwrap();
     assert!(matches!(res, RestoreOutcome::SkippedExists));
 
     let empty = dir.path().join("empty-replica");
     let out = dir.path().join("x.db");
-    assert!(matches!(restore_to(&empty, &out, |_| {}).await.unwrap_err(), RestoreError::NoMatchingBackups));
-    assert!(matches!(restore_to(&empty, &out, |o| o.if_replica_exists = true).await.unwrap(), RestoreOutcome::NoBackups));
+    assert!(matches!(
+        restore_to(&empty, &out, |_| {}).await.unwrap_err(),
+        RestoreError::NoMatchingBackups
+    ));
+    assert!(matches!(
+        restore_to(&empty, &out, |o| o.if_replica_exists = true)
+            .await
+            .unwrap(),
+        RestoreOutcome::NoBackups
+    ));
     assert!(!out.exists());
 }
 
@@ -242,10 +312,18 @@ async fn shadow_wal_is_trimmed_once_replicas_have_it() {
     }
     w.settle().await;
     let pos = w.handle.status().pos.unwrap();
-    let shadow = dir.path().join(".app.db-litestream/generations").join(&pos.generation).join("wal");
+    let shadow = dir
+        .path()
+        .join(".app.db-litestream/generations")
+        .join(&pos.generation)
+        .join("wal");
     let n = names(&shadow).len();
     assert!(pos.index >= 10, "{pos}");
-    assert!(n <= 3, "shadow WAL files kept after upload: {:?}", names(&shadow));
+    assert!(
+        n <= 3,
+        "shadow WAL files kept after upload: {:?}",
+        names(&shadow)
+    );
     w.stop().await;
 }
 
@@ -262,7 +340,8 @@ async fn retention_removes_old_generations_snapshots_and_segments() {
     w.settle().await;
     let old_gen = w.handle.status().pos.unwrap().generation;
     w.stop().await;
-    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).unwrap();
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
 
     let (dbo, mut ro) = fast_opts();
     ro.retention = Duration::from_millis(1500);
@@ -286,11 +365,24 @@ async fn retention_removes_old_generations_snapshots_and_segments() {
 
     let gens = names(&replica.join("generations"));
     assert_eq!(gens, vec![generation.clone()], "old generation deleted");
-    let snaps = names(&replica.join("generations").join(&generation).join("snapshots"));
-    let min_snap = snaps.iter().map(|s| u32::from_str_radix(&s[..8], 16).unwrap()).min().unwrap();
+    let snaps = names(
+        &replica
+            .join("generations")
+            .join(&generation)
+            .join("snapshots"),
+    );
+    let min_snap = snaps
+        .iter()
+        .map(|s| u32::from_str_radix(&s[..8], 16).unwrap())
+        .min()
+        .unwrap();
     let segs = names(&replica.join("generations").join(&generation).join("wal"));
     assert!(min_snap > 0, "old snapshots deleted: {snaps:?}");
-    assert!(segs.iter().all(|s| u32::from_str_radix(&s[..8], 16).unwrap() >= min_snap), "old segments deleted: {segs:?}");
+    assert!(
+        segs.iter()
+            .all(|s| u32::from_str_radix(&s[..8], 16).unwrap() >= min_snap),
+        "old segments deleted: {segs:?}"
+    );
     let out = dir.path().join("out.db");
     restore_to(&replica, &out, |_| {}).await.unwrap();
     assert_eq!(dump(&out), expect);

@@ -66,7 +66,11 @@ impl ObjectStore for FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(listing),
             Err(e) => return Err(self.io_err("list", dir, e)),
         };
-        while let Some(entry) = rd.next_entry().await.map_err(|e| self.io_err("list", dir, e))? {
+        while let Some(entry) = rd
+            .next_entry()
+            .await
+            .map_err(|e| self.io_err("list", dir, e))?
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             let meta = match entry.metadata().await {
                 Ok(m) => m,
@@ -90,7 +94,11 @@ impl ObjectStore for FileStore {
     async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
         let path = self.path(key);
         let dir = path.parent().expect("key has a parent").to_path_buf();
-        let name = path.file_name().expect("key has a name").to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .expect("key has a name")
+            .to_string_lossy()
+            .into_owned();
         let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
         let result: io::Result<ObjectInfo> = async {
             tokio::fs::create_dir_all(&dir).await?;

@@ -152,7 +152,10 @@ impl ReplicaClient {
 
     /// Snapshots of a generation, sorted by index.
     pub async fn snapshots(&self, generation: &str) -> Result<Vec<SnapshotInfo>, StoreError> {
-        let listing = self.store.list(&layout::snapshots_dir("", generation)).await?;
+        let listing = self
+            .store
+            .list(&layout::snapshots_dir("", generation))
+            .await?;
         let mut out: Vec<SnapshotInfo> = listing
             .objects
             .into_iter()
@@ -225,7 +228,11 @@ impl ReplicaClient {
         })
     }
 
-    pub async fn open_snapshot(&self, generation: &str, index: u32) -> Result<ObjectReader, StoreError> {
+    pub async fn open_snapshot(
+        &self,
+        generation: &str,
+        index: u32,
+    ) -> Result<ObjectReader, StoreError> {
         self.store
             .get(&layout::snapshot_key("", generation, index))
             .await
@@ -233,11 +240,20 @@ impl ReplicaClient {
 
     pub async fn open_wal_segment(&self, pos: &Pos) -> Result<ObjectReader, StoreError> {
         self.store
-            .get(&layout::wal_segment_key("", &pos.generation, pos.index, pos.offset))
+            .get(&layout::wal_segment_key(
+                "",
+                &pos.generation,
+                pos.index,
+                pos.offset,
+            ))
             .await
     }
 
-    pub async fn delete_snapshots(&self, generation: &str, indexes: &[u32]) -> Result<(), StoreError> {
+    pub async fn delete_snapshots(
+        &self,
+        generation: &str,
+        indexes: &[u32],
+    ) -> Result<(), StoreError> {
         let keys: Vec<String> = indexes
             .iter()
             .map(|i| layout::snapshot_key("", generation, *i))

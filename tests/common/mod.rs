@@ -17,9 +17,12 @@ use tokio_util::sync::CancellationToken;
 pub fn app_conn(path: &Path) -> Connection {
     let c = Connection::open(path).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
-    let mode: String = c.query_row("PRAGMA journal_mode = wal", [], |r| r.get(0)).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
-    c.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)").unwrap();
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+        .unwrap();
     c
 }
 
@@ -27,7 +30,10 @@ pub fn app_conn(path: &Path) -> Connection {
 pub struct Lcg(pub u64);
 impl Lcg {
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     pub fn below(&mut self, n: i64) -> i64 {
@@ -43,24 +49,37 @@ pub fn write_mixed(c: &Connection, rng: &mut Lcg, n: usize) {
         let tx = c.unchecked_transaction().unwrap();
         match kind {
             0..=5 => {
-                let len = 10 + rng.below(300) ;
-                tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [len]).unwrap();
+                let len = 10 + rng.below(300);
+                tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [len])
+                    .unwrap();
             }
             6 => {
-                let len = 4000 + rng.below(20000) ;
-                tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [len]).unwrap();
+                let len = 4000 + rng.below(20000);
+                tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [len])
+                    .unwrap();
             }
             7 => {
                 for _ in 0..(5 + rng.below(50)) {
-                    tx.execute("INSERT INTO t (v) VALUES (randomblob(?1))", [50 + rng.below(500)]).unwrap();
+                    tx.execute(
+                        "INSERT INTO t (v) VALUES (randomblob(?1))",
+                        [50 + rng.below(500)],
+                    )
+                    .unwrap();
                 }
             }
             8 => {
-                tx.execute("UPDATE t SET v = randomblob(?1) WHERE id % 7 = ?2", [100 + rng.below(200), rng.below(7)])
-                    .unwrap();
+                tx.execute(
+                    "UPDATE t SET v = randomblob(?1) WHERE id % 7 = ?2",
+                    [100 + rng.below(200), rng.below(7)],
+                )
+                .unwrap();
             }
             _ => {
-                tx.execute("DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)", []).unwrap();
+                tx.execute(
+                    "DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY random() LIMIT 3)",
+                    [],
+                )
+                .unwrap();
             }
         }
         tx.commit().unwrap();
@@ -71,17 +90,24 @@ pub fn write_mixed(c: &Connection, rng: &mut Lcg, n: usize) {
 pub fn dump(path: &Path) -> Vec<(i64, Vec<u8>)> {
     let c = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let mut st = c.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 pub fn dump_conn(c: &Connection) -> Vec<(i64, Vec<u8>)> {
     let mut st = c.prepare("SELECT id, v FROM t ORDER BY id").unwrap();
-    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
 }
 
 pub fn integrity(path: &Path) -> String {
     let c = Connection::open(path).unwrap();
-    c.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap()
+    c.query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap()
 }
 
 pub fn file_client(dir: &Path) -> ReplicaClient {
@@ -100,7 +126,11 @@ pub fn fast_opts() -> (DbOptions, ReplicaOptions) {
     let r = ReplicaOptions {
         name: "file".into(),
         sync_interval: Duration::from_millis(50),
-        retry: RetryPolicy { initial: Duration::from_millis(50), max: Duration::from_millis(500), failed_after: 20 },
+        retry: RetryPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            failed_after: 20,
+        },
         ..Default::default()
     };
     (db, r)
@@ -115,7 +145,10 @@ pub struct Running {
 impl Running {
     pub async fn stop(self) {
         self.cancel.cancel();
-        tokio::time::timeout(Duration::from_secs(30), self.join).await.expect("worker stops").unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.join)
+            .await
+            .expect("worker stops")
+            .unwrap();
     }
     /// Waits until the shadow WAL has every committed frame and the replicas have it all.
     pub async fn settle(&self) {
@@ -125,7 +158,11 @@ impl Running {
             if self.handle.caught_up() {
                 return;
             }
-            assert!(Instant::now() < deadline, "replica did not catch up: {:?}", self.handle.status());
+            assert!(
+                Instant::now() < deadline,
+                "replica did not catch up: {:?}",
+                self.handle.status()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -141,13 +178,26 @@ pub fn start(db: &Path, replica_dirs: &[&Path], opts: (DbOptions, ReplicaOptions
             (o, file_client(d))
         })
         .collect();
-    let spec = DbSpec { name: "test".into(), path: db.to_path_buf(), opts: opts.0, replicas };
+    let spec = DbSpec {
+        name: "test".into(),
+        path: db.to_path_buf(),
+        opts: opts.0,
+        replicas,
+    };
     let cancel = CancellationToken::new();
     let (handle, join) = worker::spawn(spec, cancel.clone());
-    Running { handle, join, cancel }
+    Running {
+        handle,
+        join,
+        cancel,
+    }
 }
 
-pub async fn restore_to(replica: &Path, out: &Path, f: impl FnOnce(&mut RestoreOptions)) -> Result<RestoreOutcome, restore::RestoreError> {
+pub async fn restore_to(
+    replica: &Path,
+    out: &Path,
+    f: impl FnOnce(&mut RestoreOptions),
+) -> Result<RestoreOutcome, restore::RestoreError> {
     let mut o = RestoreOptions::new(out);
     f(&mut o);
     restore::restore(&[("file".to_string(), file_client(replica))], &o).await
@@ -155,7 +205,10 @@ pub async fn restore_to(replica: &Path, out: &Path, f: impl FnOnce(&mut RestoreO
 
 /// Names in a directory, to check that nothing is left behind.
 pub fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     v.sort();
     v
 }
@@ -181,9 +234,12 @@ pub fn objects(dir: &Path, suffix: &str) -> Vec<PathBuf> {
 /// Path of the Litestream 0.3.13 binary that the test command installs. Missing is a failure,
 /// never a skip.
 pub fn litestream_bin() -> PathBuf {
-    let p = std::env::var_os("LITESTREAM_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/litestreamd-deps/ls03/bin/litestream")
-    });
+    let p = std::env::var_os("LITESTREAM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap())
+                .join(".cache/litestreamd-deps/ls03/bin/litestream")
+        });
     assert!(
         p.exists(),
         "Litestream 0.3.13 not found at {} — run the README's test command (tests/run.sh), which installs it",

@@ -1,0 +1,390 @@
+//! The `litestreamd` binary end to end: crash and resume, the listing and restore commands, and
+//! compatibility in both directions with the real Litestream 0.3.13 binary.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use litestreamd::db::CheckpointMode;
+
+const BIN: &str = env!("CARGO_BIN_EXE_litestreamd");
+
+fn replicate(db: &Path, replica: &Path) -> Child {
+    Command::new(BIN)
+        .args([
+            "replicate",
+            "--monitor-interval",
+            "50ms",
+            "--sync-interval",
+            "50ms",
+        ])
+        .arg(db)
+        .arg(format!("file://{}", replica.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn ids(path: &Path) -> Vec<i64> {
+    dump(path).into_iter().map(|(id, _)| id).collect()
+}
+
+#[test]
+fn kill_9_during_writes_then_resume_loses_nothing_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    // The application keeps running (this connection stays open across the crash, so closing
+    // the writer below is not the last close, which would checkpoint and delete the WAL), and
+    // does not checkpoint on its own: the WAL stays intact and replication can resume in the
+    // same generation.
+    app.execute_batch("PRAGMA wal_autocheckpoint = 0").unwrap();
+
+    let mut child = replicate(&db, &replica);
+    let committed = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, committed, stop) = (db.clone(), committed.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = app_conn(&db);
+            c.execute_batch("PRAGMA wal_autocheckpoint = 0").unwrap();
+            let mut id = 0i64;
+            while !stop.load(Ordering::SeqCst) {
+                id += 1;
+                c.execute(
+                    "INSERT INTO t (id, v) VALUES (?1, randomblob(?2))",
+                    [id, 20 + (id * 37) % 3000],
+                )
+                .unwrap();
+                committed.store(id, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            id
+        })
+    };
+    std::thread::sleep(Duration::from_millis(2500));
+    let safely_synced = committed.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1000));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let total = writer.join().unwrap();
+    let generation =
+        std::fs::read_to_string(dir.path().join(".app.db-litestream/generation")).unwrap();
+
+    // The replica as the crash left it: consistent, and a gap-free prefix of the writes that
+    // holds at least everything committed a second before the kill.
+    let out = dir.path().join("after-kill.db");
+    run_ok(
+        Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(format!("file://{}", replica.display())),
+    );
+    assert_eq!(integrity(&out), "ok");
+    let got = ids(&out);
+    let k = got.len() as i64;
+    assert_eq!(
+        got,
+        (1..=k).collect::<Vec<_>>(),
+        "restored rows are a prefix of the commits"
+    );
+    assert!(
+        k >= safely_synced,
+        "restore has {k} rows, but {safely_synced} were committed 1s before the kill"
+    );
+
+    // Restart: same generation (the WAL is intact), catches up, and a clean stop syncs all.
+    let mut child = replicate(&db, &replica);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(sigterm(&mut child).success());
+    let generation2 =
+        std::fs::read_to_string(dir.path().join(".app.db-litestream/generation")).unwrap();
+    assert_eq!(
+        generation, generation2,
+        "replication resumed in the same generation"
+    );
+    let out = dir.path().join("final.db");
+    run_ok(
+        Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(format!("file://{}", replica.display())),
+    );
+    assert_eq!(ids(&out), (1..=total).collect::<Vec<_>>());
+    assert_eq!(dump(&out), dump_conn(&app));
+}
+
+/// Builds a replica with litestreamd: two generations, WAL restarts, many indexes.
+async fn litestreamd_history(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let db = dir.join("app.db");
+    let replica = dir.join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(21);
+    let w = start(&db, &[&replica], fast_opts());
+    for _ in 0..6 {
+        write_mixed(&app, &mut rng, 150);
+        w.settle().await;
+        w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+    }
+    w.settle().await;
+    w.stop().await;
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    write_mixed(&app, &mut rng, 100);
+    let w = start(&db, &[&replica], fast_opts());
+    for _ in 0..6 {
+        write_mixed(&app, &mut rng, 150);
+        w.settle().await;
+        w.handle.checkpoint(CheckpointMode::Passive).await.unwrap();
+    }
+    w.settle().await;
+    w.stop().await;
+    (db, replica)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn litestream_0_3_13_restores_what_litestreamd_wrote() {
+    let ls = litestream_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica) = litestreamd_history(dir.path()).await;
+    let gens = names(&replica.join("generations"));
+    assert_eq!(gens.len(), 2, "two generations");
+    let wal_indexes: std::collections::BTreeSet<String> = objects(&replica, ".wal.lz4")
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy()[..8].to_string())
+        .collect();
+    assert!(wal_indexes.len() >= 6, "many WAL indexes: {wal_indexes:?}");
+
+    let out = dir.path().join("by-litestream.db");
+    let o = Command::new(&ls)
+        .args(["restore", "-o"])
+        .arg(&out)
+        .arg(format!("file://{}", replica.display()))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "litestream restore failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(
+        dump(&out),
+        dump(&db),
+        "Litestream's restore equals the source"
+    );
+
+    // Litestream and litestreamd agree byte for byte on every generation.
+    for g in &gens {
+        let a = dir.path().join(format!("ls-{g}.db"));
+        let b = dir.path().join(format!("lsd-{g}.db"));
+        let o = Command::new(&ls)
+            .args(["restore", "-generation", g, "-o"])
+            .arg(&a)
+            .arg(format!("file://{}", replica.display()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        run_ok(
+            Command::new(BIN)
+                .args(["restore", "--generation", g, "-o"])
+                .arg(&b)
+                .arg(format!("file://{}", replica.display())),
+        );
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "generation {g}"
+        );
+    }
+}
+
+#[test]
+fn litestreamd_restores_what_litestream_0_3_13_wrote() {
+    let ls = litestream_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let cfg = dir.path().join("litestream.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    monitor-interval: 100ms\n    min-checkpoint-page-count: 30\n    replicas:\n      - type: file\n        path: {}\n        sync-interval: 100ms\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let app = app_conn(&db);
+    let mut rng = Lcg(33);
+    let start_ls = || {
+        Command::new(&ls)
+            .args(["replicate", "-config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    let mut child = start_ls();
+    for _ in 0..8 {
+        write_mixed(&app, &mut rng, 100);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(sigterm(&mut child).success());
+    // The application checkpoints while Litestream is down: a second generation follows.
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    write_mixed(&app, &mut rng, 100);
+    let mut child = start_ls();
+    for _ in 0..8 {
+        write_mixed(&app, &mut rng, 100);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(sigterm(&mut child).success());
+
+    let gens = names(&replica.join("generations"));
+    assert!(gens.len() >= 2, "several generations: {gens:?}");
+    let wal_indexes: std::collections::BTreeSet<String> = objects(&replica, ".wal.lz4")
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy()[..8].to_string())
+        .collect();
+    assert!(wal_indexes.len() >= 4, "many WAL indexes: {wal_indexes:?}");
+
+    let out = dir.path().join("restored.db");
+    let stdout = run_ok(
+        Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(format!("file://{}", replica.display())),
+    );
+    assert!(stdout.contains("integrity ok"), "{stdout}");
+    assert_eq!(
+        dump(&out),
+        dump_conn(&app),
+        "litestreamd's restore equals the source"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_and_config_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, replica) = litestreamd_history(dir.path()).await;
+    // A main config and one per-database file, as the daemon uses them.
+    let dbs = dir.path().join("dbs.d");
+    std::fs::create_dir_all(&dbs).unwrap();
+    let main = dir.path().join("litestreamd.toml");
+    std::fs::write(&main, "dbs_dir = \"dbs.d\"\n").unwrap();
+    std::fs::write(
+        dbs.join("app.toml"),
+        format!(
+            "path = \"{}\"\n\n[[replicas]]\nname = \"local\"\ntype = \"file\"\npath = \"{}\"\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dbs.join("app.toml~"), "garbage that must be ignored").unwrap();
+
+    let url = format!("file://{}", replica.display());
+    let gens: serde_json::Value = serde_json::from_str(&run_ok(Command::new(BIN).args([
+        "generations",
+        "--json",
+        &url,
+    ])))
+    .unwrap();
+    assert_eq!(gens.as_array().unwrap().len(), 2);
+    let table = run_ok(
+        Command::new(BIN)
+            .args(["generations", "--config"])
+            .arg(&main)
+            .arg("app"),
+    );
+    assert!(table.starts_with("name"), "{table}");
+    assert!(table.contains("local"), "{table}");
+    let snaps: serde_json::Value = serde_json::from_str(&run_ok(
+        Command::new(BIN)
+            .args(["snapshots", "--json", "--config"])
+            .arg(&main)
+            .arg(&db),
+    ))
+    .unwrap();
+    assert!(!snaps.as_array().unwrap().is_empty());
+    let wal: serde_json::Value =
+        serde_json::from_str(&run_ok(Command::new(BIN).args(["wal", "--json", &url]))).unwrap();
+    let n = wal.as_array().unwrap().len();
+    assert!(n >= 6, "{n} segments");
+    assert!(wal[0]["offset"].is_u64() && wal[0]["created"].is_string());
+
+    // Config mode: restoring over the live database is refused; -o elsewhere works.
+    let out = Command::new(BIN)
+        .args(["restore", "--config"])
+        .arg(&main)
+        .arg("app")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let ok = Command::new(BIN)
+        .args(["restore", "--if-db-not-exists", "--config"])
+        .arg(&main)
+        .arg("app")
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    let o = dir.path().join("r.db");
+    run_ok(
+        Command::new(BIN)
+            .args(["restore", "--replica", "local", "--config"])
+            .arg(&main)
+            .args(["-o"])
+            .arg(&o)
+            .arg("app"),
+    );
+    assert_eq!(dump(&o), dump(&db));
+    // A URL restore without -o is an error, not a guess.
+    let out = Command::new(BIN).args(["restore", &url]).output().unwrap();
+    assert!(!out.status.success());
+}
