@@ -118,8 +118,22 @@ pub struct ReplicaConfig {
     pub kind: Option<String>,
     /// A replica URL (`file:///dir`), instead of `type` + `path`.
     pub url: Option<String>,
-    /// For `file`: the directory.
+    /// For `file`: the directory; for `s3` and `gcs`: the key prefix in the bucket.
     pub path: Option<PathBuf>,
+    /// `s3`, `gcs`: the bucket.
+    pub bucket: Option<String>,
+    /// `s3`: an S3-compatible endpoint such as `http://127.0.0.1:9000`; `gcs`: an emulator.
+    pub endpoint: Option<String>,
+    /// `s3`: the region (default us-east-1 with a custom endpoint, else the SDK's chain).
+    pub region: Option<String>,
+    /// `s3`: path-style addressing (default: on with a custom endpoint).
+    pub force_path_style: Option<bool>,
+    /// `s3`: keys; default the SDK's chain (environment, profile, web identity, instance role).
+    /// Use `${VAR}` to keep them out of the file.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// `s3`: multipart part size in bytes; `gcs`: resumable chunk size (default 16 MiB).
+    pub part_size: Option<usize>,
     #[serde(default, with = "humantime_serde::option")]
     pub sync_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
@@ -163,7 +177,7 @@ pub struct Config {
 impl Config {
     /// Loads the main file and the per-database directory. A bad database file is recorded in
     /// `errors` and skipped; a bad main file is an error.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    pub async fn load(path: &Path) -> Result<Config, ConfigError> {
         if !path.exists() {
             return Err(invalid(path, "config file not found"));
         }
@@ -191,7 +205,11 @@ impl Config {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            match load_db_file(&file).and_then(|db| cfg.resolve(&name, &db).map(|_| db)) {
+            let loaded = match load_db_file(&file) {
+                Ok(db) => cfg.resolve(&name, &db).await.map(|_| db),
+                Err(e) => Err(e),
+            };
+            match loaded {
                 Ok(db) => {
                     cfg.dbs.insert(name, db);
                 }
@@ -202,13 +220,17 @@ impl Config {
     }
 
     /// Turns one database's config into a runnable spec (opens replica clients).
-    pub fn resolve(&self, name: &str, db: &DbConfig) -> Result<DbSpec, ConfigError> {
+    pub async fn resolve(&self, name: &str, db: &DbConfig) -> Result<DbSpec, ConfigError> {
         let file = self.main.dbs_dir.join(format!("{name}.toml"));
-        resolve_db(name, db, &self.main.defaults, &file)
+        resolve_db(name, db, &self.main.defaults, &file).await
     }
 
-    pub fn specs(&self) -> Result<Vec<DbSpec>, ConfigError> {
-        self.dbs.iter().map(|(n, d)| self.resolve(n, d)).collect()
+    pub async fn specs(&self) -> Result<Vec<DbSpec>, ConfigError> {
+        let mut out = Vec::new();
+        for (n, d) in &self.dbs {
+            out.push(self.resolve(n, d).await?);
+        }
+        Ok(out)
     }
 
     /// Finds a database by name or by path.
@@ -323,7 +345,12 @@ pub fn expand_env(s: &str, file: &Path) -> Result<String, ConfigError> {
     Ok(out)
 }
 
-fn resolve_db(name: &str, db: &DbConfig, d: &Defaults, file: &Path) -> Result<DbSpec, ConfigError> {
+async fn resolve_db(
+    name: &str,
+    db: &DbConfig,
+    d: &Defaults,
+    file: &Path,
+) -> Result<DbSpec, ConfigError> {
     let path = PathBuf::from(expand_env(&db.path.to_string_lossy(), file)?);
     if path.as_os_str().is_empty() {
         return Err(invalid(file, "path: the database path is required"));
@@ -357,8 +384,9 @@ fn resolve_db(name: &str, db: &DbConfig, d: &Defaults, file: &Path) -> Result<Db
     }
     let mut replicas = Vec::new();
     for (i, r) in db.replicas.iter().enumerate() {
-        let client =
-            replica_client(r, file).map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
+        let client = replica_client(r, file)
+            .await
+            .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
         let name = r.name.clone().unwrap_or_else(|| client.kind().to_string());
         if replicas
             .iter()
@@ -396,33 +424,61 @@ fn resolve_db(name: &str, db: &DbConfig, d: &Defaults, file: &Path) -> Result<Db
 }
 
 /// Builds a replica client from its config entry.
-pub fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaClient, String> {
+pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaClient, String> {
+    let env = |v: &Option<String>| -> Result<Option<String>, String> {
+        v.as_deref()
+            .map(|s| expand_env(s, file).map_err(|e| e.to_string()))
+            .transpose()
+    };
+    let path = env(&r.path.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
     if let Some(url) = &r.url {
-        if r.path.is_some() {
-            return Err("url and path cannot both be set".into());
+        if path.is_some() || r.bucket.is_some() {
+            return Err("url cannot be combined with path or bucket".into());
         }
         let url = expand_env(url, file).map_err(|e| e.to_string())?;
         return replica::store_from_url(&url)
+            .await
             .map(ReplicaClient::new)
             .map_err(|e| e.to_string());
     }
-    match r.kind.as_deref().unwrap_or("file") {
-        "file" => {
-            let p = r.path.as_ref().ok_or("path: required for a file replica")?;
-            let p =
-                PathBuf::from(expand_env(&p.to_string_lossy(), file).map_err(|e| e.to_string())?);
-            if replica::is_url(&p.to_string_lossy()) {
-                return Err("path looks like a URL; use url = \"...\"".into());
-            }
-            let p = absolute(&p);
-            Ok(ReplicaClient::new(std::sync::Arc::new(
-                replica::file::FileStore::new(p),
-            )))
-        }
-        other => Err(format!(
-            "unsupported replica type {other:?} (supported: file)"
-        )),
+    if path.as_deref().is_some_and(replica::is_url) {
+        return Err("path looks like a URL; use url = \"...\"".into());
     }
+    let store: std::sync::Arc<dyn replica::ObjectStore> = match r.kind.as_deref().unwrap_or("file")
+    {
+        "file" => {
+            let p = path.ok_or("path: required for a file replica")?;
+            std::sync::Arc::new(replica::file::FileStore::new(absolute(Path::new(&p))))
+        }
+        "s3" => {
+            let cfg = replica::s3::S3Config {
+                bucket: env(&r.bucket)?.ok_or("bucket: required for an s3 replica")?,
+                path: path.unwrap_or_default(),
+                endpoint: env(&r.endpoint)?,
+                region: env(&r.region)?,
+                force_path_style: r.force_path_style,
+                access_key_id: env(&r.access_key_id)?,
+                secret_access_key: env(&r.secret_access_key)?,
+                part_size: r.part_size,
+            };
+            std::sync::Arc::new(replica::s3::S3Store::new(cfg).await?)
+        }
+        "gcs" | "gs" => {
+            let cfg = replica::gcs::GcsConfig {
+                bucket: env(&r.bucket)?.ok_or("bucket: required for a gcs replica")?,
+                path: path.unwrap_or_default(),
+                endpoint: env(&r.endpoint)?,
+                chunk_size: r.part_size,
+            };
+            std::sync::Arc::new(replica::gcs::GcsStore::new(cfg).await?)
+        }
+        other => {
+            return Err(format!(
+                "unsupported replica type {other:?} (supported: file, s3, gcs)"
+            ));
+        }
+    };
+    Ok(ReplicaClient::new(store))
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ enum Command {
     Replicate {
         /// The SQLite database file.
         db: PathBuf,
-        /// Replica URLs (file:///dir).
+        /// Replica URLs: file:///dir, s3://bucket/path?endpoint=..&region=..&force-path-style=true, gs://bucket/path.
         #[arg(required = true)]
         urls: Vec<String>,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
@@ -163,7 +163,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         } => {
             let mut replicas = Vec::new();
             for url in &urls {
-                let client = ReplicaClient::new(replica::store_from_url(url)?);
+                let client = ReplicaClient::new(replica::store_from_url(url).await?);
                 let mut name = client.kind().to_string();
                 if replicas
                     .iter()
@@ -205,12 +205,13 @@ async fn dispatch(cmd: Command) -> Result<()> {
 }
 
 async fn run(config_path: &Path) -> Result<()> {
-    let cfg =
-        Config::load(config_path).with_context(|| format!("loading {}", config_path.display()))?;
+    let cfg = Config::load(config_path)
+        .await
+        .with_context(|| format!("loading {}", config_path.display()))?;
     for e in &cfg.errors {
         error!(error = %e, "invalid database config; skipped");
     }
-    let specs = cfg.specs()?;
+    let specs = cfg.specs().await?;
     if specs.is_empty() {
         warn!(dir = %cfg.main.dbs_dir.display(), "no databases configured");
     }
@@ -243,12 +244,14 @@ async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
 }
 
 /// The replicas a command works on: from a URL, or from the configured database.
-fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
+async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
     if replica::is_url(&t.target) {
-        let client = ReplicaClient::new(replica::store_from_url(&t.target)?);
+        let client = ReplicaClient::new(replica::store_from_url(&t.target).await?);
         return Ok((vec![(client.kind().to_string(), client)], None));
     }
-    let cfg = Config::load(&t.config).with_context(|| format!("loading {}", t.config.display()))?;
+    let cfg = Config::load(&t.config)
+        .await
+        .with_context(|| format!("loading {}", t.config.display()))?;
     let (name, db) = cfg.find(&t.target).with_context(|| {
         format!(
             "database {:?} is not in the configuration {}",
@@ -256,7 +259,7 @@ fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
             t.config.display()
         )
     })?;
-    let spec = cfg.resolve(&name, db)?;
+    let spec = cfg.resolve(&name, db).await?;
     let replicas: Vec<NamedReplica> = spec
         .replicas
         .into_iter()
@@ -273,7 +276,7 @@ fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
 }
 
 async fn restore_cmd(a: RestoreArgs) -> Result<()> {
-    let (replicas, db_path) = resolve_target(&a.target)?;
+    let (replicas, db_path) = resolve_target(&a.target).await?;
     let output = match (a.output, db_path) {
         (Some(o), _) => o,
         (None, Some(p)) => p,
@@ -321,7 +324,7 @@ fn ts(t: SystemTime) -> String {
 }
 
 async fn list_cmd(kind: ListKind, a: ListArgs) -> Result<()> {
-    let (replicas, _) = resolve_target(&a.target)?;
+    let (replicas, _) = resolve_target(&a.target).await?;
     let mut rows: Vec<serde_json::Value> = Vec::new();
     for (name, client) in &replicas {
         let gens = client.generations().await?;

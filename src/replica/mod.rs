@@ -3,6 +3,8 @@
 //! top of it once, so the file, S3 and GCS targets cannot disagree about names or order.
 
 pub mod file;
+pub mod gcs;
+pub mod s3;
 
 use std::fmt;
 use std::io;
@@ -297,23 +299,33 @@ impl ReplicaClient {
 pub enum UrlError {
     #[error("invalid replica URL {url:?}: {reason}")]
     Invalid { url: String, reason: String },
-    #[error("replica URL scheme {scheme:?} is not supported (supported: file)")]
+    #[error("replica URL scheme {scheme:?} is not supported (supported: file, s3, gs, gcs)")]
     UnsupportedScheme { scheme: String },
 }
 
-/// Opens a store from a replica URL (`file:///dir`).
-pub fn store_from_url(url: &str) -> Result<Arc<dyn ObjectStore>, UrlError> {
-    let parsed = url::Url::parse(url).map_err(|e| UrlError::Invalid {
+/// Opens a store from a replica URL: `file:///dir`, `s3://bucket/path?endpoint=..&region=..&
+/// force-path-style=true` (keys from the SDK's default chain, e.g. `AWS_ACCESS_KEY_ID`), or
+/// `gs://bucket/path` (also `gcs://`).
+pub async fn store_from_url(url: &str) -> Result<Arc<dyn ObjectStore>, UrlError> {
+    let invalid = |reason: String| UrlError::Invalid {
         url: url.to_string(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
     match parsed.scheme() {
         "file" => {
-            let path = parsed.to_file_path().map_err(|_| UrlError::Invalid {
-                url: url.to_string(),
-                reason: "not an absolute local path".into(),
-            })?;
+            let path = parsed
+                .to_file_path()
+                .map_err(|_| invalid("not an absolute local path".into()))?;
             Ok(Arc::new(file::FileStore::new(path)))
+        }
+        "s3" => {
+            let cfg = s3::S3Config::from_url(&parsed).map_err(invalid)?;
+            Ok(Arc::new(s3::S3Store::new(cfg).await.map_err(invalid)?))
+        }
+        "gs" | "gcs" => {
+            let cfg = gcs::GcsConfig::from_url(&parsed).map_err(invalid)?;
+            Ok(Arc::new(gcs::GcsStore::new(cfg).await.map_err(invalid)?))
         }
         other => Err(UrlError::UnsupportedScheme {
             scheme: other.to_string(),

@@ -1,0 +1,439 @@
+//! The `s3` target on aws-sdk-s3: AWS S3 and S3-compatible stores (MinIO, R2, B2, ...).
+//!
+//! Uploads read the body one part at a time: an object that fits in one part is a single
+//! PutObject, a larger one a multipart upload with `part_size` parts (aborted on any error), so
+//! memory per upload is one part whatever the database size.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use tokio::io::AsyncReadExt;
+
+use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
+use crate::layout;
+
+/// 16 MiB parts: a 100 GiB snapshot needs 6,400 parts, inside S3's 10,000-part limit
+/// (Litestream's fixed 5 MiB parts stop at ~48 GiB, #276/#447).
+pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
+/// S3's minimum part size (except the last part).
+pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix of the replica (no leading slash from a URL).
+    pub path: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: Option<bool>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub part_size: Option<usize>,
+}
+
+impl S3Config {
+    /// Parses `s3://bucket/path?endpoint=...&region=...&force-path-style=true`.
+    pub fn from_url(u: &url::Url) -> Result<Self, String> {
+        let bucket = u
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or("missing bucket")?
+            .to_string();
+        let mut c = S3Config {
+            bucket,
+            path: u.path().trim_start_matches('/').to_string(),
+            ..Default::default()
+        };
+        for (k, v) in u.query_pairs() {
+            match k.as_ref() {
+                "endpoint" => c.endpoint = Some(v.into_owned()),
+                "region" => c.region = Some(v.into_owned()),
+                "force-path-style" | "force_path_style" => {
+                    c.force_path_style = Some(
+                        v.parse()
+                            .map_err(|_| format!("force-path-style={v}: expected true or false"))?,
+                    )
+                }
+                other => return Err(format!("unknown URL parameter {other:?}")),
+            }
+        }
+        Ok(c)
+    }
+}
+
+pub struct S3Store {
+    client: Client,
+    cfg: S3Config,
+    part_size: usize,
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store").field("url", &self.url()).finish()
+    }
+}
+
+impl S3Store {
+    pub async fn new(cfg: S3Config) -> Result<Self, String> {
+        if cfg.bucket.is_empty() {
+            return Err("bucket is required".into());
+        }
+        let part_size = cfg.part_size.unwrap_or(DEFAULT_PART_SIZE);
+        if part_size < MIN_PART_SIZE {
+            return Err(format!("part_size must be at least {MIN_PART_SIZE} bytes"));
+        }
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        match (&cfg.region, &cfg.endpoint) {
+            (Some(r), _) => loader = loader.region(Region::new(r.clone())),
+            // A custom endpoint without a region: us-east-1, as Litestream does.
+            (None, Some(_)) => loader = loader.region(Region::new("us-east-1")),
+            (None, None) => {}
+        }
+        match (&cfg.access_key_id, &cfg.secret_access_key) {
+            (Some(k), Some(s)) => {
+                loader = loader.credentials_provider(Credentials::new(
+                    k,
+                    s,
+                    None,
+                    None,
+                    "litestreamd-config",
+                ));
+            }
+            (None, None) => {} // the SDK's default chain: env, profile, web identity, IMDS
+            _ => return Err("access_key_id and secret_access_key must be set together".into()),
+        }
+        let sdk = loader.load().await;
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            // Our own replica-level backoff retries forever; keep the SDK's short.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(2))
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .read_timeout(Duration::from_secs(60))
+                    .build(),
+            );
+        if let Some(ep) = &cfg.endpoint {
+            b = b.endpoint_url(ep);
+        }
+        b = b.force_path_style(cfg.force_path_style.unwrap_or(cfg.endpoint.is_some()));
+        Ok(S3Store {
+            client: Client::from_conf(b.build()),
+            cfg,
+            part_size,
+        })
+    }
+
+    fn key(&self, k: &str) -> String {
+        layout::join(&self.cfg.path, k)
+            .trim_start_matches('/')
+            .to_string()
+    }
+
+    fn err<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let code = e.code().unwrap_or("").to_string();
+        if matches!(code.as_str(), "NoSuchKey" | "NotFound") {
+            return StoreError::NotFound {
+                store: self.url(),
+                key: key.to_string(),
+            };
+        }
+        let retryable = match &e {
+            SdkError::ServiceError(se) => {
+                let status = se.raw().status().as_u16();
+                status >= 500 || status == 429 || code == "SlowDown" || code == "RequestTimeout"
+            }
+            _ => true, // dispatch failures, timeouts, broken responses
+        };
+        StoreError::Backend {
+            store: self.url(),
+            op,
+            key: key.to_string(),
+            message: DisplayErrorContext(&e).to_string(),
+            retryable,
+        }
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        first: Vec<u8>,
+        body: &mut ObjectReader,
+    ) -> Result<u64, StoreError> {
+        let full = self.key(key);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.err("put", key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let result = async {
+            let mut parts = Vec::new();
+            let mut total = 0u64;
+            let mut buf = first;
+            loop {
+                let n = buf.len();
+                total += n as u64;
+                let num = parts.len() as i32 + 1;
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(&self.cfg.bucket)
+                    .key(&full)
+                    .upload_id(&upload_id)
+                    .part_number(num)
+                    .body(ByteStream::from(buf))
+                    .send()
+                    .await
+                    .map_err(|e| self.err("put", key, e))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(num)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build(),
+                );
+                buf = read_part(body, self.part_size)
+                    .await
+                    .map_err(|e| self.io_err(key, e))?;
+                if buf.is_empty() {
+                    break;
+                }
+            }
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.cfg.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| self.err("put", key, e))?;
+            Ok(total)
+        }
+        .await;
+        if result.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.cfg.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+
+    fn io_err(&self, key: &str, source: std::io::Error) -> StoreError {
+        StoreError::Io {
+            store: self.url(),
+            op: "put",
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    async fn list_prefix(
+        &self,
+        prefix: &str,
+        delimiter: bool,
+        op_key: &str,
+    ) -> Result<(Vec<aws_sdk_s3::types::Object>, Vec<String>), StoreError> {
+        let mut objects = Vec::new();
+        let mut dirs = Vec::new();
+        let mut token = None;
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.cfg.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token);
+            if delimiter {
+                req = req.delimiter("/");
+            }
+            let out = req.send().await.map_err(|e| self.err("list", op_key, e))?;
+            metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "LIST").increment(1);
+            objects.extend(out.contents().iter().cloned());
+            dirs.extend(
+                out.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix().map(str::to_string)),
+            );
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok((objects, dirs))
+    }
+}
+
+/// Reads up to `size` bytes (less only at the end of the stream).
+async fn read_part(body: &mut ObjectReader, size: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(size.min(1 << 20));
+    (&mut *body).take(size as u64).read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
+fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "s3://{}/{}",
+            self.cfg.bucket,
+            self.cfg.path.trim_matches('/')
+        )
+    }
+
+    async fn list(&self, dir: &str) -> Result<Listing, StoreError> {
+        let prefix = format!("{}/", self.key(dir));
+        let (objects, dirs) = self.list_prefix(&prefix, true, dir).await?;
+        Ok(Listing {
+            objects: objects
+                .into_iter()
+                .filter_map(|o| {
+                    let name = o.key()?.strip_prefix(&prefix)?.to_string();
+                    Some(ObjectInfo {
+                        name,
+                        size: o.size().unwrap_or(0) as u64,
+                        modified: to_system_time(o.last_modified()),
+                    })
+                })
+                .collect(),
+            dirs: dirs
+                .into_iter()
+                .filter_map(|d| Some(d.strip_prefix(&prefix)?.trim_end_matches('/').to_string()))
+                .collect(),
+        })
+    }
+
+    async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        let first = read_part(&mut body, self.part_size)
+            .await
+            .map_err(|e| self.io_err(key, e))?;
+        let size = if first.len() < self.part_size {
+            let n = first.len() as u64;
+            self.client
+                .put_object()
+                .bucket(&self.cfg.bucket)
+                .key(self.key(key))
+                .body(ByteStream::from(first))
+                .send()
+                .await
+                .map_err(|e| self.err("put", key, e))?;
+            n
+        } else {
+            self.put_multipart(key, first, &mut body).await?
+        };
+        metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "PUT").increment(1);
+        metrics::counter!("litestreamd_replica_operation_bytes_total", "replica_type" => "s3", "operation" => "PUT").increment(size);
+        let name = key.rsplit('/').next().unwrap_or(key).to_string();
+        // S3 sets LastModified at the end of the upload; "now" is within a round trip of it and
+        // saves a HEAD per segment. Listings (which restore and retention use) carry the real one.
+        Ok(ObjectInfo {
+            name,
+            size,
+            modified: SystemTime::now(),
+        })
+    }
+
+    async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "GET").increment(1);
+        Ok(Box::pin(out.body.into_async_read()))
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        for chunk in keys.chunks(1000) {
+            let ids: Vec<ObjectIdentifier> = chunk
+                .iter()
+                .map(|k| {
+                    ObjectIdentifier::builder()
+                        .key(self.key(k))
+                        .build()
+                        .expect("key is set")
+                })
+                .collect();
+            let first = chunk.first().map(String::as_str).unwrap_or("");
+            let del = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .expect("objects set");
+            let out = self
+                .client
+                .delete_objects()
+                .bucket(&self.cfg.bucket)
+                .delete(del)
+                .send()
+                .await
+                .map_err(|e| self.err("delete", first, e))?;
+            metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "DELETE").increment(1);
+            if let Some(e) = out.errors().first() {
+                return Err(StoreError::Backend {
+                    store: self.url(),
+                    op: "delete",
+                    key: e.key().unwrap_or(first).to_string(),
+                    message: format!("{}: {}", e.code().unwrap_or(""), e.message().unwrap_or("")),
+                    retryable: true,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_dir(&self, dir: &str) -> Result<(), StoreError> {
+        let prefix = format!("{}/", self.key(dir));
+        let (objects, _) = self.list_prefix(&prefix, false, dir).await?;
+        // Keys relative to the replica root, as delete() expects.
+        let root = self.key("");
+        let keys: Vec<String> = objects
+            .iter()
+            .filter_map(|o| o.key())
+            .map(|k| {
+                k.strip_prefix(&root)
+                    .unwrap_or(k)
+                    .trim_start_matches('/')
+                    .to_string()
+            })
+            .collect();
+        self.delete(&keys).await
+    }
+}
