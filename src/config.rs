@@ -95,6 +95,15 @@ impl Default for Defaults {
 pub struct MainConfig {
     /// Directory of per-database `*.toml` files; relative to the main file's directory.
     pub dbs_dir: PathBuf,
+    /// Prometheus `/metrics` listen address (loopback by default); empty disables it.
+    pub metrics_addr: String,
+    /// Series of a removed database disappear after this long without updates.
+    #[serde(with = "humantime_serde")]
+    pub metrics_idle_timeout: Duration,
+    /// Upper bound for the final sync of every database at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub log: LogConfig,
     pub defaults: Defaults,
 }
 
@@ -102,9 +111,42 @@ impl Default for MainConfig {
     fn default() -> Self {
         MainConfig {
             dbs_dir: PathBuf::from("dbs.d"),
+            metrics_addr: "127.0.0.1:9093".into(),
+            metrics_idle_timeout: Duration::from_secs(120),
+            shutdown_timeout: Duration::from_secs(60),
+            log: LogConfig::default(),
             defaults: Defaults::default(),
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// What to do at start when the database file is missing.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreOnStart {
+    /// Wait for the application to create it.
+    #[default]
+    Never,
+    /// Restore it from the replicas first (a fresh host or container comes up with its data).
+    IfMissing,
 }
 
 /// One replica of a database, as written in its file.
@@ -161,6 +203,8 @@ pub struct DbConfig {
     #[serde(default, with = "humantime_serde::option")]
     pub busy_timeout: Option<Duration>,
     #[serde(default)]
+    pub restore_on_start: RestoreOnStart,
+    #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
 }
 
@@ -170,35 +214,20 @@ pub struct Config {
     pub path: PathBuf,
     pub main: MainConfig,
     pub dbs: BTreeMap<String, DbConfig>,
-    /// Files that failed to load, with their errors.
-    pub errors: Vec<ConfigError>,
+    /// Database files that failed to load or validate, by database name.
+    pub errors: BTreeMap<String, ConfigError>,
 }
 
 impl Config {
     /// Loads the main file and the per-database directory. A bad database file is recorded in
     /// `errors` and skipped; a bad main file is an error.
     pub async fn load(path: &Path) -> Result<Config, ConfigError> {
-        if !path.exists() {
-            return Err(invalid(path, "config file not found"));
-        }
-        let main: MainConfig = Figment::from(Serialized::defaults(MainConfig::default()))
-            .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("LITESTREAMD_").split("__"))
-            .extract()
-            .map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                source: Box::new(e),
-            })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut main = main;
-        if main.dbs_dir.is_relative() {
-            main.dbs_dir = base.join(&main.dbs_dir);
-        }
+        let main = load_main(path)?;
         let mut cfg = Config {
             path: path.to_path_buf(),
             main,
             dbs: BTreeMap::new(),
-            errors: Vec::new(),
+            errors: BTreeMap::new(),
         };
         for file in db_files(&cfg.main.dbs_dir)? {
             let name = file
@@ -206,6 +235,10 @@ impl Config {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let loaded = match load_db_file(&file) {
+                Ok(_) if !valid_name(&name) => Err(invalid(
+                    &file,
+                    "the file name must be the database name: letters, digits, '-', '_' or '.'",
+                )),
                 Ok(db) => cfg.resolve(&name, &db).await.map(|_| db),
                 Err(e) => Err(e),
             };
@@ -213,7 +246,9 @@ impl Config {
                 Ok(db) => {
                     cfg.dbs.insert(name, db);
                 }
-                Err(e) => cfg.errors.push(e),
+                Err(e) => {
+                    cfg.errors.insert(name, e);
+                }
             }
         }
         Ok(cfg)
@@ -250,6 +285,26 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// Loads only the main file (daemon settings), e.g. to set up logging before anything else.
+pub fn load_main(path: &Path) -> Result<MainConfig, ConfigError> {
+    if !path.exists() {
+        return Err(invalid(path, "config file not found"));
+    }
+    let mut main: MainConfig = Figment::from(Serialized::defaults(MainConfig::default()))
+        .merge(Toml::file_exact(path))
+        .merge(
+            Env::prefixed("LITESTREAMD_")
+                .filter(is_main_key)
+                .split("__"),
+        )
+        .extract()
+        .map_err(|e| parse_error(path, e))?;
+    if main.dbs_dir.is_relative() {
+        main.dbs_dir = path.parent().unwrap_or(Path::new(".")).join(&main.dbs_dir);
+    }
+    Ok(main)
+}
+
 /// `*.toml` files of the directory, sorted; editor backups and dpkg leftovers are ignored.
 pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let rd = match std::fs::read_dir(dir) {
@@ -278,13 +333,50 @@ pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
 }
 
 pub fn load_db_file(path: &Path) -> Result<DbConfig, ConfigError> {
-    let db: DbConfig = Figment::from(Toml::file_exact(path))
+    Figment::from(Toml::file_exact(path))
         .extract()
-        .map_err(|e| ConfigError::Parse {
+        .map_err(|e| parse_error(path, e))
+}
+
+/// `LITESTREAMD_*` variables that override main-file keys (`LITESTREAMD_DEFAULTS__RETENTION`);
+/// others (`LITESTREAMD_CONFIG`, `LITESTREAMD_LOG` for the CLI) are not config keys.
+fn is_main_key(key: &figment::value::UncasedStr) -> bool {
+    let first = key
+        .as_str()
+        .split("__")
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    matches!(
+        first.as_str(),
+        "dbs_dir" | "metrics_addr" | "metrics_idle_timeout" | "shutdown_timeout" | "defaults"
+    ) || (first == "log" && key.as_str().contains("__"))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A figment error with the line of the offending key, when it can be found in the file.
+fn parse_error(path: &Path, e: figment::Error) -> ConfigError {
+    let line = e.path.last().and_then(|key| {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.lines().position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key.as_str())
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+    });
+    match line {
+        Some(n) => invalid(path, format!("line {}: {e}", n + 1)),
+        None => ConfigError::Parse {
             path: path.to_path_buf(),
             source: Box::new(e),
-        })?;
-    Ok(db)
+        },
+    }
 }
 
 /// Expands `${VAR}` (and `$VAR`) from the environment; `$$` is a literal `$`. An unset variable
@@ -345,7 +437,7 @@ pub fn expand_env(s: &str, file: &Path) -> Result<String, ConfigError> {
     Ok(out)
 }
 
-async fn resolve_db(
+pub async fn resolve_db(
     name: &str,
     db: &DbConfig,
     d: &Defaults,

@@ -132,6 +132,8 @@ pub struct Db {
     /// Snapshots in progress; while non-zero our checkpoints are skipped so the read
     /// transaction that makes the copy consistent is never released.
     snapshotting: Arc<AtomicUsize>,
+    /// The database's configured name, the `db` label of its metrics.
+    label: String,
 }
 
 /// Result of the continuity check.
@@ -158,7 +160,14 @@ impl Db {
             opts,
             open: None,
             snapshotting: Arc::new(AtomicUsize::new(0)),
+            label: String::new(),
         }
+    }
+
+    /// Sets the name used as the `db` label of metrics (defaults to the path).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -708,7 +717,7 @@ impl Db {
         let (busy, log_frames, _done) = res.map_err(err)?;
         relock?;
         outcome.ran = true;
-        metrics::counter!("litestreamd_checkpoints_total", "db" => self.path.display().to_string(), "mode" => mode.as_str()).increment(1);
+        metrics::counter!(crate::telemetry::CHECKPOINTS, "db" => self.label.clone(), "mode" => mode.as_str()).increment(1);
         debug!(db = %self.path.display(), mode = mode.as_str(), busy, log_frames, "checkpoint");
 
         self.bump_seq()?;

@@ -9,14 +9,20 @@
 //! * [`replicator`] — the replica side: segment and snapshot uploads, retention, status;
 //! * [`worker`] — one database's tasks and their shutdown;
 //! * [`restore`] — restore and point-in-time restore;
-//! * [`config`] — configuration files.
+//! * [`config`] — configuration files;
+//! * [`supervisor`] — the daemon's workers, reloads and shutdown;
+//! * [`telemetry`] — Prometheus metrics;
+//! * [`notify`] — systemd notifications.
 
 pub mod compress;
 pub mod config;
 pub mod db;
 pub mod layout;
+pub mod notify;
 pub mod replica;
 pub mod replicator;
 pub mod restore;
+pub mod supervisor;
+pub mod telemetry;
 pub mod wal;
 pub mod worker;

@@ -8,14 +8,18 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::info;
 
 use litestreamd::config::{self, Config};
 use litestreamd::db::DbOptions;
+use litestreamd::notify;
 use litestreamd::replica::{self, ReplicaClient};
 use litestreamd::replicator::ReplicaOptions;
 use litestreamd::restore::{self, NamedReplica, RestoreOptions, RestoreOutcome};
+use litestreamd::supervisor::Supervisor;
+use litestreamd::telemetry;
 use litestreamd::worker::{self, DbSpec};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(
@@ -33,11 +37,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: replicate every database of the configuration until SIGINT/SIGTERM.
+    /// Run the daemon: replicate every configured database; SIGHUP reloads, SIGTERM stops.
     Run {
         #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Replicate one database in the foreground to one or more replica URLs.
     Replicate {
         /// The SQLite database file.
@@ -62,6 +69,15 @@ enum Command {
     Snapshots(ListArgs),
     /// List the WAL segments of a database's replicas.
     Wal(ListArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the main file and every database file; exits non-zero listing every error.
+    Check {
+        #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -130,7 +146,24 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_level.as_deref());
+    // The daemon's log settings come from its config file; the CLI flag wins.
+    let (level, json) = match &cli.cmd {
+        Command::Run { config } => match config::load_main(config) {
+            Ok(m) => (
+                cli.log_level.clone().unwrap_or(m.log.level),
+                m.log.format == "json",
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        },
+        _ => (
+            cli.log_level.clone().unwrap_or_else(|| "info".into()),
+            false,
+        ),
+    };
+    init_logging(&level, json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,18 +174,24 @@ fn main() {
     }
 }
 
-fn init_logging(level: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info"))
-        .unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
+        Command::Config(ConfigCmd::Check { config }) => config_check(&config).await,
         Command::Replicate {
             db,
             urls,
@@ -204,18 +243,92 @@ async fn dispatch(cmd: Command) -> Result<()> {
     }
 }
 
+/// The daemon: supervisor, signals, systemd notifications, metrics.
 async fn run(config_path: &Path) -> Result<()> {
-    let cfg = Config::load(config_path)
+    let main = config::load_main(config_path)?;
+    if !main.metrics_addr.is_empty() {
+        let addr = telemetry::install(&main.metrics_addr, main.metrics_idle_timeout)?;
+        info!(%addr, "serving Prometheus metrics");
+    }
+    // Handlers before READY=1: SIGHUP's default action would kill the process.
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+
+    let shutdown = CancellationToken::new();
+    let (mut sup, report) = Supervisor::start(config_path, shutdown.clone()).await?;
+    info!(
+        databases = report.added.len(),
+        errors = report.errors.len(),
+        "configuration loaded"
+    );
+    let mut status = sup.summary();
+    notify::ready(&status);
+
+    let watchdog = notify::watchdog_interval().map(|d| d / 2);
+    let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading configuration");
+                notify::reloading();
+                let r = sup.reload().await;
+                info!(added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, unchanged = r.unchanged.len(), errors = r.errors.len(), "reload done");
+                status = sup.summary();
+                if !r.ok() {
+                    status = format!("{status}; last reload had {} error(s)", r.errors.len());
+                }
+                notify::ready(&status);
+            }
+            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping"); break; }
+            _ = tick.tick() => {
+                sup.check_workers().await;
+                let s = sup.summary();
+                if s != status && !status.contains("last reload had") {
+                    notify::status(&s);
+                    status = s;
+                }
+            }
+            // The ping comes from this loop, so a stuck supervisor stops pinging.
+            _ = ping.tick(), if watchdog.is_some() => notify::watchdog(),
+        }
+    }
+    notify::stopping();
+    if !sup
+        .shutdown(|| notify::extend_timeout(Duration::from_secs(5)))
         .await
-        .with_context(|| format!("loading {}", config_path.display()))?;
-    for e in &cfg.errors {
-        error!(error = %e, "invalid database config; skipped");
+    {
+        bail!("the final sync did not finish within shutdown_timeout");
     }
-    let specs = cfg.specs().await?;
-    if specs.is_empty() {
-        warn!(dir = %cfg.main.dbs_dir.display(), "no databases configured");
+    info!("stopped; every database had its final sync");
+    Ok(())
+}
+
+async fn config_check(path: &Path) -> Result<()> {
+    let cfg = Config::load(path)
+        .await
+        .with_context(|| format!("loading {}", path.display()))?;
+    for (name, db) in &cfg.dbs {
+        println!(
+            "ok     {name}: {} ({} replica(s))",
+            db.path.display(),
+            db.replicas.len()
+        );
     }
-    run_specs(specs).await
+    for e in cfg.errors.values() {
+        println!("error  {e}");
+    }
+    if !cfg.errors.is_empty() {
+        bail!(
+            "{} invalid database file(s) in {}",
+            cfg.errors.len(),
+            cfg.main.dbs_dir.display()
+        );
+    }
+    println!("configuration ok: {} database(s)", cfg.dbs.len());
+    Ok(())
 }
 
 /// Runs workers until SIGINT/SIGTERM, then gives them a bounded final sync.

@@ -16,6 +16,7 @@ use crate::compress;
 use crate::db::{Db, DbError};
 use crate::layout::{MetaDir, Pos};
 use crate::replica::{ReplicaClient, StoreError};
+use crate::telemetry;
 use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
 
 /// Concurrent snapshot uploads across the whole process. Each holds an LZ4 block buffer and an
@@ -125,6 +126,24 @@ pub struct ReplicaStatus {
     pub last_error: Option<String>,
     pub retries: u64,
     pub uploaded_bytes: u64,
+    /// Seconds since the replica last had everything the database has (0 when caught up).
+    pub lag_seconds: f64,
+    /// Shadow WAL bytes not uploaded yet.
+    pub lag_bytes: u64,
+    /// When the replica last had everything the database has.
+    #[serde(with = "humantime_serde")]
+    pub caught_up_at: Option<SystemTime>,
+}
+
+impl ReplicaStatus {
+    pub fn state_name(&self) -> &'static str {
+        match self.state {
+            ReplicaState::Starting => "starting",
+            ReplicaState::Healthy => "healthy",
+            ReplicaState::Retrying { .. } => "retrying",
+            ReplicaState::Failed { .. } => "failed",
+        }
+    }
 }
 
 /// A database's shared engine state, handed to its replicas.
@@ -155,6 +174,9 @@ impl Replica {
             last_error: None,
             retries: 0,
             uploaded_bytes: 0,
+            lag_seconds: 0.0,
+            lag_bytes: 0,
+            caught_up_at: Some(SystemTime::now()),
         };
         Replica {
             opts,
@@ -206,7 +228,9 @@ impl Replica {
                         error,
                     }
                 };
-                metrics::counter!("litestreamd_replica_errors_total", "db" => db.to_string(), "replica" => self.opts.name.clone()).increment(1);
+                let labels = [("db", db.to_string()), ("replica", self.opts.name.clone())];
+                metrics::counter!(telemetry::REPLICA_ERRORS, &labels).increment(1);
+                metrics::counter!(telemetry::REPLICA_RETRIES, &labels).increment(1);
                 let delay = self.opts.retry.delay(self.attempt);
                 warn!(db, replica = %self.opts.name, attempt = self.attempt, retry_in = ?delay, error = %e, "replica sync failed");
                 Some(delay)
@@ -305,7 +329,9 @@ impl Replica {
             source,
         })?;
         put?;
-        metrics::counter!("litestreamd_replica_wal_bytes_total", "db" => db.to_string(), "replica" => self.opts.name.clone()).increment(n);
+        let labels = [("db", db.to_string()), ("replica", self.opts.name.clone())];
+        metrics::counter!(telemetry::REPLICA_WAL_BYTES, &labels).increment(n);
+        metrics::counter!(telemetry::REPLICA_UPLOADS, &labels).increment(1);
         debug!(db, replica = %self.opts.name, %pos, bytes = n, "uploaded WAL segment");
         Ok(n)
     }
@@ -375,8 +401,8 @@ impl Replica {
                 source,
             })?;
         let info = put?;
-        metrics::counter!("litestreamd_snapshots_total", "db" => shared.name.clone(), "replica" => self.opts.name.clone()).increment(1);
-        metrics::histogram!("litestreamd_snapshot_duration_seconds", "db" => shared.name.clone(), "replica" => self.opts.name.clone()).record(started.elapsed().as_secs_f64());
+        metrics::counter!(telemetry::SNAPSHOTS, "db" => shared.name.clone(), "replica" => self.opts.name.clone()).increment(1);
+        metrics::histogram!(telemetry::SNAPSHOT_DURATION, "db" => shared.name.clone(), "replica" => self.opts.name.clone()).record(started.elapsed().as_secs_f64());
         info!(db = %shared.name, replica = %self.opts.name, %pos, bytes = n, stored = info.size, "snapshot written");
         if self
             .pos

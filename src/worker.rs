@@ -17,6 +17,7 @@ use crate::db::{CheckpointMode, Db, DbOptions, SyncReport};
 use crate::layout::{MetaDir, Pos};
 use crate::replica::ReplicaClient;
 use crate::replicator::{DbShared, Replica, ReplicaOptions, ReplicaStatus};
+use crate::telemetry;
 
 /// Everything needed to replicate one database.
 #[derive(Debug, Clone)]
@@ -138,7 +139,7 @@ async fn run(
         None => MetaDir::for_db(&spec.path),
     };
     let shared = Arc::new(DbShared {
-        db: Mutex::new(Db::new(&spec.path, spec.opts.clone())),
+        db: Mutex::new(Db::new(&spec.path, spec.opts.clone()).with_label(&spec.name)),
         meta,
         name: spec.name.clone(),
     });
@@ -165,7 +166,14 @@ async fn run(
     let mut waiting_logged = false;
     loop {
         let report = db_sync(&shared, &positions).await;
-        publish(&spec, &handle, &pos_tx, &report, &mut waiting_logged);
+        publish(
+            &spec,
+            &handle,
+            &shared.meta,
+            &pos_tx,
+            &report,
+            &mut waiting_logged,
+        );
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sleep(interval) => {}
@@ -173,7 +181,7 @@ async fn run(
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;
                     let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
-                    publish(&spec, &handle, &pos_tx, &report, &mut waiting_logged);
+                    publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut waiting_logged);
                     continue;
                 }
                 Command::Checkpoint(mode, reply) => {
@@ -208,7 +216,14 @@ async fn run(
 
     // Final sync: copy the last committed frames, then let every replica upload them.
     let report = db_sync(&shared, &positions).await;
-    publish(&spec, &handle, &pos_tx, &report, &mut waiting_logged);
+    publish(
+        &spec,
+        &handle,
+        &shared.meta,
+        &pos_tx,
+        &report,
+        &mut waiting_logged,
+    );
     replica_stop.cancel();
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
@@ -238,13 +253,14 @@ async fn db_sync(
 fn publish(
     spec: &DbSpec,
     handle: &WorkerHandle,
+    meta: &MetaDir,
     pos_tx: &watch::Sender<Option<Pos>>,
     report: &Result<SyncReport, String>,
     waiting_logged: &mut bool,
 ) {
     let mut st = handle.status.lock().expect("status");
     let labels = [("db", spec.name.clone())];
-    metrics::counter!("litestreamd_db_syncs_total", &labels).increment(1);
+    metrics::counter!(telemetry::DB_SYNCS, &labels).increment(1);
     match report {
         Ok(r) if r.pos.is_none() => {
             if !*waiting_logged {
@@ -262,11 +278,7 @@ fn publish(
             st.wal_size = r.wal_size;
             st.shadow_bytes = r.shadow_bytes;
             st.last_sync = Some(SystemTime::now());
-            metrics::gauge!("litestreamd_db_size_bytes", &labels).set(r.db_size as f64);
-            metrics::gauge!("litestreamd_wal_size_bytes", &labels).set(r.wal_size as f64);
-            metrics::gauge!("litestreamd_shadow_wal_bytes", &labels).set(r.shadow_bytes as f64);
-            metrics::counter!("litestreamd_shadow_wal_written_bytes_total", &labels)
-                .increment(r.wal_bytes);
+            metrics::counter!(telemetry::SHADOW_WAL_WRITTEN, &labels).increment(r.wal_bytes);
             pos_tx.send_if_modified(|cur| {
                 let changed = *cur != r.pos;
                 *cur = r.pos.clone();
@@ -277,11 +289,88 @@ fn publish(
             if st.last_error.as_deref() != Some(e) {
                 error!(db = %spec.name, error = %e, "database sync failed");
             }
-            metrics::counter!("litestreamd_db_sync_errors_total", &labels).increment(1);
+            metrics::counter!(telemetry::DB_SYNC_ERRORS, &labels).increment(1);
             st.state = "error".into();
             st.last_error = Some(e.clone());
         }
     }
+
+    // Every series of this database is written on every tick, so the exporter's idle timeout
+    // only ever removes the series of databases that are gone (see `telemetry`).
+    metrics::gauge!(telemetry::DB_SIZE, &labels).set(st.db_size as f64);
+    metrics::gauge!(telemetry::WAL_SIZE, &labels).set(st.wal_size as f64);
+    metrics::gauge!(telemetry::SHADOW_WAL_BYTES, &labels).set(st.shadow_bytes as f64);
+    metrics::gauge!(telemetry::SHADOW_WAL_INDEX, &labels)
+        .set(st.pos.as_ref().map_or(0.0, |p| p.index as f64));
+    for c in telemetry::DB_COUNTERS {
+        metrics::counter!(*c, &labels).increment(0);
+    }
+    for mode in [
+        CheckpointMode::Passive,
+        CheckpointMode::Restart,
+        CheckpointMode::Truncate,
+    ] {
+        metrics::counter!(telemetry::CHECKPOINTS, "db" => spec.name.clone(), "mode" => mode.as_str()).increment(0);
+    }
+    let now = SystemTime::now();
+    for r in handle.replicas.iter() {
+        let mut rs = r.lock().expect("status");
+        let caught_up = st.pos.is_some() && rs.pos == st.pos;
+        if caught_up || st.pos.is_none() {
+            rs.caught_up_at = Some(now);
+        }
+        rs.lag_seconds = rs
+            .caught_up_at
+            .and_then(|t| now.duration_since(t).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        rs.lag_bytes = match &st.pos {
+            Some(d) => lag_bytes(meta, d, rs.pos.as_ref(), st.shadow_bytes),
+            None => 0,
+        };
+        let rl = [("db", spec.name.clone()), ("replica", rs.name.clone())];
+        metrics::gauge!(telemetry::REPLICA_LAG_SECONDS, &rl).set(rs.lag_seconds);
+        metrics::gauge!(telemetry::REPLICA_LAG_BYTES, &rl).set(rs.lag_bytes as f64);
+        metrics::gauge!(telemetry::REPLICA_WAL_INDEX, &rl)
+            .set(rs.pos.as_ref().map_or(0.0, |p| p.index as f64));
+        metrics::gauge!(telemetry::REPLICA_WAL_OFFSET, &rl)
+            .set(rs.pos.as_ref().map_or(0.0, |p| p.offset as f64));
+        if let Some(p) = &rs.pos {
+            metrics::gauge!(telemetry::REPLICA_GENERATION, "db" => spec.name.clone(), "replica" => rs.name.clone(), "generation" => p.generation.clone()).set(1.0);
+        }
+        let last = rs
+            .last_sync
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(telemetry::REPLICA_LAST_SYNC, &rl).set(last);
+        let current = rs.state_name();
+        for state in telemetry::REPLICA_STATES {
+            let v = if *state == current { 1.0 } else { 0.0 };
+            metrics::gauge!(telemetry::REPLICA_STATE, "db" => spec.name.clone(), "replica" => rs.name.clone(), "state" => *state).set(v);
+        }
+        for c in telemetry::REPLICA_COUNTERS {
+            metrics::counter!(*c, &rl).increment(0);
+        }
+    }
+}
+
+/// Bytes of shadow WAL between a replica's position and the database's.
+fn lag_bytes(meta: &MetaDir, db: &Pos, replica: Option<&Pos>, shadow_total: u64) -> u64 {
+    let Some(r) = replica.filter(|r| r.generation == db.generation) else {
+        return shadow_total;
+    };
+    if (r.index, r.offset) >= (db.index, db.offset) {
+        return 0;
+    }
+    if r.index == db.index {
+        return db.offset - r.offset;
+    }
+    let size =
+        |i| std::fs::metadata(meta.shadow_wal_path(&db.generation, i)).map_or(0, |m| m.len());
+    let mut total = size(r.index).saturating_sub(r.offset);
+    for i in r.index + 1..db.index {
+        total += size(i);
+    }
+    total + db.offset
 }
 
 /// The lowest replica position, or None if any replica has none yet (then nothing is removed).
@@ -329,7 +418,9 @@ async fn replica_loop(
         let snapshot_due = next_snapshot.unwrap_or_else(far);
         tokio::select! {
             _ = stop.cancelled() => {
-                if behind || retry_at.is_some() {
+                // Re-read the position: the worker's final DB sync ran after `dpos` was taken.
+                let latest = pos_rx.borrow().clone();
+                if latest.is_some_and(|d| !r.caught_up(&d)) || retry_at.is_some() {
                     let res = r.sync(&shared).await;
                     r.record(&name, &res);
                     if let Err(e) = res {
@@ -371,11 +462,6 @@ async fn replica_loop(
             }
         }
         positions.lock().expect("positions")[slot] = r.pos().cloned();
-        if let Some(p) = r.pos() {
-            let labels = [("db", name.clone()), ("replica", r.opts.name.clone())];
-            metrics::gauge!("litestreamd_replica_wal_index", &labels).set(p.index as f64);
-            metrics::gauge!("litestreamd_replica_wal_offset", &labels).set(p.offset as f64);
-        }
     }
     positions.lock().expect("positions")[slot] = r.pos().cloned();
 }

@@ -175,7 +175,7 @@ impl GcsStore {
                 .list_objects(&req)
                 .await
                 .map_err(|e| self.err("list", op_key, e))?;
-            metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "gcs", "operation" => "LIST").increment(1);
+            metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "LIST").increment(1);
             items.extend(out.items.unwrap_or_default());
             prefixes.extend(out.prefixes.unwrap_or_default());
             match out.next_page_token {
@@ -286,8 +286,8 @@ impl ObjectStore for GcsStore {
             }
             offset
         };
-        metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "gcs", "operation" => "PUT").increment(1);
-        metrics::counter!("litestreamd_replica_operation_bytes_total", "replica_type" => "gcs", "operation" => "PUT").increment(size);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "PUT").increment(1);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATION_BYTES, "replica_type" => "gcs", "operation" => "PUT").increment(size);
         Ok(ObjectInfo {
             name: key.rsplit('/').next().unwrap_or(key).to_string(),
             size,
@@ -306,7 +306,7 @@ impl ObjectStore for GcsStore {
             .download_streamed_object(&req, &Range::default())
             .await
             .map_err(|e| self.err("get", key, e))?;
-        metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "gcs", "operation" => "GET").increment(1);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "GET").increment(1);
         let stream = stream.map_err(std::io::Error::other);
         Ok(Box::pin(StreamReader::new(stream)))
     }
@@ -325,7 +325,7 @@ impl ObjectStore for GcsStore {
                 Err(GcsError::Response(r)) if r.code == 404 => {}
                 Err(e) => return Err(self.err("delete", key, e)),
             }
-            metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "gcs", "operation" => "DELETE").increment(1);
+            metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "DELETE").increment(1);
         }
         Ok(())
     }

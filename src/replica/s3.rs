@@ -273,7 +273,7 @@ impl S3Store {
                 req = req.delimiter("/");
             }
             let out = req.send().await.map_err(|e| self.err("list", op_key, e))?;
-            metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "LIST").increment(1);
+            metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "LIST").increment(1);
             objects.extend(out.contents().iter().cloned());
             dirs.extend(
                 out.common_prefixes()
@@ -355,8 +355,8 @@ impl ObjectStore for S3Store {
         } else {
             self.put_multipart(key, first, &mut body).await?
         };
-        metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "PUT").increment(1);
-        metrics::counter!("litestreamd_replica_operation_bytes_total", "replica_type" => "s3", "operation" => "PUT").increment(size);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "PUT").increment(1);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATION_BYTES, "replica_type" => "s3", "operation" => "PUT").increment(size);
         let name = key.rsplit('/').next().unwrap_or(key).to_string();
         // S3 sets LastModified at the end of the upload; "now" is within a round trip of it and
         // saves a HEAD per segment. Listings (which restore and retention use) carry the real one.
@@ -376,7 +376,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| self.err("get", key, e))?;
-        metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "GET").increment(1);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
         Ok(Box::pin(out.body.into_async_read()))
     }
 
@@ -405,7 +405,7 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| self.err("delete", first, e))?;
-            metrics::counter!("litestreamd_replica_operations_total", "replica_type" => "s3", "operation" => "DELETE").increment(1);
+            metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "DELETE").increment(1);
             if let Some(e) = out.errors().first() {
                 return Err(StoreError::Backend {
                     store: self.url(),

@@ -1,0 +1,180 @@
+//! Prometheus metrics through the `metrics` facade and metrics-exporter-prometheus. Names follow
+//! Prometheus conventions (base units, `_total`, `_seconds`, `_bytes`); `docs/metrics.md`
+//! describes each. The facade cannot unregister a series, so the exporter drops series idle for
+//! `idle_timeout`, and every worker re-publishes all of its series on each sync tick: the series
+//! of a removed database disappear, those of a live one never do.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_util::MetricKindMask;
+use thiserror::Error;
+
+pub const DB_SIZE: &str = "litestreamd_db_size_bytes";
+pub const WAL_SIZE: &str = "litestreamd_wal_size_bytes";
+pub const SHADOW_WAL_BYTES: &str = "litestreamd_shadow_wal_bytes";
+pub const SHADOW_WAL_INDEX: &str = "litestreamd_shadow_wal_index";
+pub const SHADOW_WAL_WRITTEN: &str = "litestreamd_shadow_wal_written_bytes_total";
+pub const DB_SYNCS: &str = "litestreamd_db_syncs_total";
+pub const DB_SYNC_ERRORS: &str = "litestreamd_db_sync_errors_total";
+pub const CHECKPOINTS: &str = "litestreamd_checkpoints_total";
+pub const SNAPSHOTS: &str = "litestreamd_snapshots_total";
+pub const SNAPSHOT_DURATION: &str = "litestreamd_snapshot_duration_seconds";
+pub const REPLICA_WAL_INDEX: &str = "litestreamd_replica_wal_index";
+pub const REPLICA_WAL_OFFSET: &str = "litestreamd_replica_wal_offset_bytes";
+pub const REPLICA_GENERATION: &str = "litestreamd_replica_generation_info";
+pub const REPLICA_LAG_SECONDS: &str = "litestreamd_replica_lag_seconds";
+pub const REPLICA_LAG_BYTES: &str = "litestreamd_replica_lag_bytes";
+pub const REPLICA_LAST_SYNC: &str = "litestreamd_replica_last_sync_timestamp_seconds";
+pub const REPLICA_STATE: &str = "litestreamd_replica_state";
+pub const REPLICA_UPLOADS: &str = "litestreamd_replica_uploads_total";
+pub const REPLICA_WAL_BYTES: &str = "litestreamd_replica_wal_bytes_total";
+pub const REPLICA_RETRIES: &str = "litestreamd_replica_retries_total";
+pub const REPLICA_ERRORS: &str = "litestreamd_replica_errors_total";
+pub const REPLICA_OPERATIONS: &str = "litestreamd_replica_operations_total";
+pub const REPLICA_OPERATION_BYTES: &str = "litestreamd_replica_operation_bytes_total";
+pub const DATABASES: &str = "litestreamd_databases";
+pub const RELOADS: &str = "litestreamd_reloads_total";
+pub const RELOAD_OK: &str = "litestreamd_config_last_reload_successful";
+pub const BUILD_INFO: &str = "litestreamd_build_info";
+
+/// Counters every database re-publishes each tick (see the module comment).
+pub const DB_COUNTERS: &[&str] = &[DB_SYNCS, DB_SYNC_ERRORS, SHADOW_WAL_WRITTEN];
+/// Counters every replica re-publishes each tick.
+pub const REPLICA_COUNTERS: &[&str] = &[
+    REPLICA_UPLOADS,
+    REPLICA_WAL_BYTES,
+    REPLICA_RETRIES,
+    REPLICA_ERRORS,
+    SNAPSHOTS,
+];
+pub const REPLICA_STATES: &[&str] = &["starting", "healthy", "retrying", "failed"];
+pub const DB_STATES: &[&str] = &["starting", "waiting", "replicating", "error", "stopped"];
+
+#[derive(Debug, Error)]
+pub enum TelemetryError {
+    #[error("metrics address {addr:?}: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the metrics exporter: {0}")]
+    Install(String),
+}
+
+/// Starts the `/metrics` listener (every path serves the metrics; `/health` answers OK).
+pub fn install(addr: &str, idle_timeout: Duration) -> Result<SocketAddr, TelemetryError> {
+    let sa: SocketAddr =
+        addr.parse()
+            .map_err(|e: std::net::AddrParseError| TelemetryError::Address {
+                addr: addr.into(),
+                reason: e.to_string(),
+            })?;
+    // Bind once ourselves so a port in use is a clear start-up error, not a log line later.
+    let probe = std::net::TcpListener::bind(sa)
+        .map_err(|source| TelemetryError::Bind { addr: sa, source })?;
+    let bound = probe
+        .local_addr()
+        .map_err(|source| TelemetryError::Bind { addr: sa, source })?;
+    drop(probe);
+    PrometheusBuilder::new()
+        .with_http_listener(bound)
+        .idle_timeout(MetricKindMask::ALL, Some(idle_timeout))
+        .install()
+        .map_err(|e| TelemetryError::Install(e.to_string()))?;
+    describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(bound)
+}
+
+fn describe() {
+    describe_gauge!(DB_SIZE, Unit::Bytes, "Size of the database file.");
+    describe_gauge!(WAL_SIZE, Unit::Bytes, "Size of the database's -wal file.");
+    describe_gauge!(
+        SHADOW_WAL_BYTES,
+        Unit::Bytes,
+        "Shadow WAL bytes on local disk for the current generation; grows while a replica cannot upload."
+    );
+    describe_gauge!(
+        SHADOW_WAL_INDEX,
+        "Current shadow WAL index of the database."
+    );
+    describe_counter!(
+        SHADOW_WAL_WRITTEN,
+        Unit::Bytes,
+        "WAL bytes copied into the shadow WAL."
+    );
+    describe_counter!(DB_SYNCS, "Database sync passes.");
+    describe_counter!(DB_SYNC_ERRORS, "Failed database sync passes.");
+    describe_counter!(CHECKPOINTS, "Checkpoints run by litestreamd, by mode.");
+    describe_counter!(SNAPSHOTS, "Snapshots written to a replica.");
+    describe_histogram!(
+        SNAPSHOT_DURATION,
+        Unit::Seconds,
+        "Time to write a snapshot to a replica."
+    );
+    describe_gauge!(
+        REPLICA_WAL_INDEX,
+        "WAL index the replica has uploaded up to."
+    );
+    describe_gauge!(
+        REPLICA_WAL_OFFSET,
+        Unit::Bytes,
+        "Byte offset within that index the replica has uploaded up to."
+    );
+    describe_gauge!(
+        REPLICA_GENERATION,
+        "1 for the generation the replica is writing (label generation)."
+    );
+    describe_gauge!(
+        REPLICA_LAG_SECONDS,
+        Unit::Seconds,
+        "Seconds since the replica last had everything the database has; 0 when caught up."
+    );
+    describe_gauge!(
+        REPLICA_LAG_BYTES,
+        Unit::Bytes,
+        "Shadow WAL bytes the replica has not uploaded yet."
+    );
+    describe_gauge!(
+        REPLICA_LAST_SYNC,
+        Unit::Seconds,
+        "Unix time of the replica's last successful sync."
+    );
+    describe_gauge!(
+        REPLICA_STATE,
+        "1 for the replica's current state (label state: starting, healthy, retrying, failed)."
+    );
+    describe_counter!(REPLICA_UPLOADS, "WAL segments uploaded.");
+    describe_counter!(
+        REPLICA_WAL_BYTES,
+        Unit::Bytes,
+        "Uncompressed WAL bytes uploaded."
+    );
+    describe_counter!(
+        REPLICA_RETRIES,
+        "Retries scheduled after a failed replica sync."
+    );
+    describe_counter!(REPLICA_ERRORS, "Failed replica syncs.");
+    describe_counter!(
+        REPLICA_OPERATIONS,
+        "Object store requests by backend type and operation (GET, PUT, LIST, DELETE)."
+    );
+    describe_counter!(
+        REPLICA_OPERATION_BYTES,
+        Unit::Bytes,
+        "Object store bytes by backend type and operation."
+    );
+    describe_gauge!(DATABASES, "Configured databases by worker state.");
+    describe_counter!(RELOADS, "Configuration reloads by result (ok, failed).");
+    describe_gauge!(
+        RELOAD_OK,
+        "1 if the last configuration reload applied without errors."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label carries the build.");
+}

@@ -1,0 +1,524 @@
+//! The daemon (`litestreamd run`) end to end: a config directory, SIGHUP reloads, systemd
+//! notifications on a datagram socket bound by the test, Prometheus metrics over HTTP,
+//! `restore_on_start`, and `config check`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_litestreamd");
+
+fn signal(child: &Child, sig: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    unsafe { kill(child.id() as i32, sig) };
+}
+const SIGHUP: i32 = 1;
+const SIGTERM: i32 = 15;
+
+struct Daemon {
+    child: Child,
+    notify: UnixDatagram,
+    log: PathBuf,
+    metrics_port: u16,
+}
+
+impl Daemon {
+    fn start(dir: &Path, main: &Path, watchdog_usec: Option<u64>) -> Daemon {
+        let sock = dir.join(format!("notify-{}.sock", rand_suffix()));
+        let notify = UnixDatagram::bind(&sock).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let log = dir.join(format!("daemon-{}.log", rand_suffix()));
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(main)
+            .env("NOTIFY_SOCKET", &sock)
+            .env_remove("WATCHDOG_PID");
+        if let Some(us) = watchdog_usec {
+            cmd.env("WATCHDOG_USEC", us.to_string());
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let metrics_port = std::fs::read_to_string(main)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics_addr = \"127.0.0.1:"))
+            .map(|p| p.trim_end_matches('"').parse().unwrap())
+            .unwrap_or(0);
+        Daemon {
+            child,
+            notify,
+            log,
+            metrics_port,
+        }
+    }
+
+    /// Next notification datagram (all its lines).
+    fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self
+            .notify
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification: {e}\nlog:\n{}", self.log()));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Waits for a datagram containing `line`, returning everything seen before it too.
+    fn expect(&self, line: &str) -> (String, Vec<String>) {
+        let mut seen = Vec::new();
+        loop {
+            let m = self.next();
+            if m.lines().any(|l| l == line) {
+                return (m, seen);
+            }
+            seen.push(m);
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn stop(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        signal(&self.child, SIGTERM);
+        let mut msgs = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.notify
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st, msgs, self.log());
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop");
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn db_file(dir: &Path, name: &str, replica: &Path) -> String {
+    format!(
+        "path = \"{}\"\n\n[[replicas]]\nname = \"local\"\ntype = \"file\"\npath = \"{}\"\n",
+        dir.join(format!("{name}.db")).display(),
+        replica.display()
+    )
+}
+
+fn write_main(dir: &Path, extra: &str) -> PathBuf {
+    let main = dir.join("litestreamd.toml");
+    std::fs::write(
+        &main,
+        format!(
+            "dbs_dir = \"dbs.d\"\nmetrics_addr = \"127.0.0.1:{}\"\nmetrics_idle_timeout = \"2s\"\n{extra}\n[defaults]\nmonitor_interval = \"100ms\"\nsync_interval = \"100ms\"\n\n[defaults.retry]\ninitial = \"100ms\"\nmax = \"500ms\"\nfailed_after = 50\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.join("dbs.d")).unwrap();
+    main
+}
+
+/// Polls until a restore of the replica has `rows` rows in t.
+fn wait_replica_rows(replica: &Path, scratch: &Path, rows: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let out = scratch.join(format!("probe-{}-{n}.db", rand_suffix()));
+        let ok = Command::new(BIN)
+            .args(["restore", "--no-integrity-check", "-o"])
+            .arg(&out)
+            .arg(format!("file://{}", replica.display()))
+            .output()
+            .unwrap();
+        if ok.status.success() && dump(&out).len() == rows {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {} never reached {rows} rows",
+            replica.display()
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
+fn insert(c: &rusqlite::Connection, n: usize) {
+    for _ in 0..n {
+        c.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
+            .unwrap();
+    }
+}
+
+fn generation(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!(".{name}.db-litestream/generation")))
+        .unwrap_or_default()
+}
+
+#[test]
+fn reload_notify_metrics_and_final_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let scratch = d.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let main = write_main(d, "");
+    let rep = |n: &str| d.join(format!("replica-{n}"));
+    let apps: Vec<(String, rusqlite::Connection)> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| {
+            let c = app_conn(&d.join(format!("{n}.db")));
+            insert(&c, 5);
+            (n.to_string(), c)
+        })
+        .collect();
+    let app = |n: &str| &apps.iter().find(|(m, _)| m == n).unwrap().1;
+    for n in ["a", "b", "c"] {
+        std::fs::write(d.join(format!("dbs.d/{n}.toml")), db_file(d, n, &rep(n))).unwrap();
+    }
+    // Ignored: an editor backup and a dpkg leftover.
+    std::fs::write(d.join("dbs.d/a.toml~"), "not toml").unwrap();
+    std::fs::write(d.join("dbs.d/x.toml.dpkg-dist"), "not toml").unwrap();
+
+    let daemon = Daemon::start(d, &main, Some(400_000));
+    let (ready, _) = daemon.expect("READY=1");
+    assert!(ready.contains("STATUS=replicating 3 databases"), "{ready}");
+    for n in ["a", "b", "c"] {
+        wait_replica_rows(&rep(n), &scratch, 5);
+    }
+    // Watchdog pings at half of WATCHDOG_USEC.
+    let (_, _) = daemon.expect("WATCHDOG=1");
+    let gen_a = generation(d, "a");
+
+    // Metrics: per-database and per-replica series, values that move with writes.
+    let m1 = daemon.metrics();
+    for series in [
+        "litestreamd_db_size_bytes{db=\"a\"}",
+        "litestreamd_wal_size_bytes{db=\"a\"}",
+        "litestreamd_shadow_wal_bytes{db=\"a\"}",
+        "litestreamd_replica_lag_seconds{db=\"a\",replica=\"local\"}",
+        "litestreamd_replica_lag_bytes{db=\"a\",replica=\"local\"}",
+        "litestreamd_replica_last_sync_timestamp_seconds{db=\"a\",replica=\"local\"}",
+        "litestreamd_replica_state{db=\"a\",replica=\"local\",state=\"healthy\"}",
+        "litestreamd_replica_wal_index{db=\"a\",replica=\"local\"}",
+        "litestreamd_checkpoints_total{db=\"a\",mode=\"PASSIVE\"}",
+        "litestreamd_db_syncs_total{db=\"a\"}",
+        "litestreamd_replica_uploads_total{db=\"a\",replica=\"local\"}",
+        "litestreamd_databases{state=\"replicating\"}",
+    ] {
+        assert!(metric(&m1, series).is_some(), "missing {series} in\n{m1}");
+    }
+    assert!(m1.contains("litestreamd_build_info{version="), "{m1}");
+    assert_eq!(
+        metric(
+            &m1,
+            "litestreamd_replica_state{db=\"a\",replica=\"local\",state=\"healthy\"}"
+        ),
+        Some(1.0)
+    );
+    let written1 = metric(&m1, "litestreamd_shadow_wal_written_bytes_total{db=\"a\"}").unwrap();
+    let uploads1 = metric(
+        &m1,
+        "litestreamd_replica_uploads_total{db=\"a\",replica=\"local\"}",
+    )
+    .unwrap();
+    insert(app("a"), 20);
+    wait_replica_rows(&rep("a"), &scratch, 25);
+    let m2 = daemon.metrics();
+    assert!(
+        metric(&m2, "litestreamd_shadow_wal_written_bytes_total{db=\"a\"}").unwrap() > written1
+    );
+    assert!(
+        metric(
+            &m2,
+            "litestreamd_replica_uploads_total{db=\"a\",replica=\"local\"}"
+        )
+        .unwrap()
+            > uploads1
+    );
+
+    // Add d.
+    std::fs::write(d.join("dbs.d/d.toml"), db_file(d, "d", &rep("d"))).unwrap();
+    signal(&daemon.child, SIGHUP);
+    let (reloading, _) = daemon.expect("RELOADING=1");
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "RELOADING=1 and MONOTONIC_USEC in one datagram: {reloading}"
+    );
+    let (ready, _) = daemon.expect("READY=1");
+    assert!(ready.contains("replicating 4 databases"), "{ready}");
+    wait_replica_rows(&rep("d"), &scratch, 5);
+
+    // Remove c: its last writes are synced before it stops.
+    insert(app("c"), 7);
+    std::fs::remove_file(d.join("dbs.d/c.toml")).unwrap();
+    signal(&daemon.child, SIGHUP);
+    daemon.expect("RELOADING=1");
+    daemon.expect("READY=1");
+    wait_replica_rows(&rep("c"), &scratch, 12);
+    insert(app("c"), 3);
+    std::thread::sleep(Duration::from_millis(800));
+    wait_replica_rows(&rep("c"), &scratch, 12); // no longer replicated
+
+    // Change b's target: only b restarts; a keeps its worker, generation and position.
+    let a_pos = metric(
+        &daemon.metrics(),
+        "litestreamd_replica_wal_offset_bytes{db=\"a\",replica=\"local\"}",
+    );
+    std::fs::write(d.join("dbs.d/b.toml"), db_file(d, "b", &rep("b2"))).unwrap();
+    signal(&daemon.child, SIGHUP);
+    daemon.expect("RELOADING=1");
+    daemon.expect("READY=1");
+    wait_replica_rows(&rep("b2"), &scratch, 5);
+    let log = daemon.log();
+    let reload_line = log
+        .lines()
+        .rfind(|l| l.contains("reload done"))
+        .unwrap()
+        .to_string();
+    assert!(
+        reload_line.contains("restarted=[\"b\"]")
+            && reload_line.contains("added=[]")
+            && reload_line.contains("removed=[]"),
+        "{reload_line}"
+    );
+    assert_eq!(generation(d, "a"), gen_a);
+    assert_eq!(
+        metric(
+            &daemon.metrics(),
+            "litestreamd_replica_wal_offset_bytes{db=\"a\",replica=\"local\"}"
+        ),
+        a_pos
+    );
+
+    // A broken file: reported with path and line; a keeps running on its last good config.
+    std::fs::write(
+        d.join("dbs.d/a.toml"),
+        format!(
+            "{}\nmin_checkpoint_page_count = \"lots\"\n",
+            db_file(d, "a", &rep("a"))
+        ),
+    )
+    .unwrap();
+    signal(&daemon.child, SIGHUP);
+    daemon.expect("RELOADING=1");
+    let (ready, _) = daemon.expect("READY=1");
+    assert!(
+        ready.contains("error"),
+        "STATUS tells about the failed reload: {ready}"
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("a.toml")
+            && log.contains("line 8")
+            && log.contains("min_checkpoint_page_count"),
+        "error names file, line and key:\n{log}"
+    );
+    let m = daemon.metrics();
+    assert_eq!(
+        metric(&m, "litestreamd_config_last_reload_successful"),
+        Some(0.0)
+    );
+    insert(app("a"), 5);
+    wait_replica_rows(&rep("a"), &scratch, 30);
+    assert_eq!(generation(d, "a"), gen_a);
+
+    // A replica target going down shows in the metrics.
+    std::fs::rename(rep("d"), d.join("replica-d-away")).unwrap();
+    std::fs::write(rep("d"), b"a file where the replica directory was").unwrap();
+    insert(app("d"), 5);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = daemon.metrics();
+        let retrying = metric(
+            &m,
+            "litestreamd_replica_state{db=\"d\",replica=\"local\",state=\"retrying\"}",
+        );
+        let errors = metric(
+            &m,
+            "litestreamd_replica_errors_total{db=\"d\",replica=\"local\"}",
+        )
+        .unwrap_or(0.0);
+        let lag = metric(
+            &m,
+            "litestreamd_replica_lag_bytes{db=\"d\",replica=\"local\"}",
+        )
+        .unwrap_or(0.0);
+        if retrying == Some(1.0) && errors > 0.0 && lag > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "down target not visible in metrics:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, seen) = daemon.expect("WATCHDOG=1");
+    let _ = seen;
+    std::fs::remove_file(rep("d")).unwrap();
+    std::fs::rename(d.join("replica-d-away"), rep("d")).unwrap();
+    wait_replica_rows(&rep("d"), &scratch, 10);
+
+    // The series of the removed database disappear (idle timeout 2s, exporter upkeep 5s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.metrics().contains("db=\"c\"") {
+        assert!(
+            Instant::now() < deadline,
+            "series of removed database c are still exported"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // Stop: STOPPING=1, exit 0, every committed write in the replicas.
+    insert(app("a"), 3);
+    insert(app("b"), 3);
+    insert(app("d"), 3);
+    let (status, msgs, log) = daemon.stop();
+    assert!(status.success(), "exit status {status:?}\n{log}");
+    assert!(
+        msgs.iter().any(|m| m.lines().any(|l| l == "STOPPING=1")),
+        "{msgs:?}"
+    );
+    for (n, replica) in [("a", rep("a")), ("b", rep("b2")), ("d", rep("d"))] {
+        let out = scratch.join(format!("final-{n}.db"));
+        let o = Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(format!("file://{}", replica.display()))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            dump(&out),
+            dump_conn(app(n)),
+            "database {n} fully replicated at stop"
+        );
+    }
+}
+
+#[test]
+fn restore_on_start_brings_a_deleted_database_back_before_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let main = write_main(d, "");
+    let replica = d.join("replica-e");
+    std::fs::write(
+        d.join("dbs.d/e.toml"),
+        format!(
+            "restore_on_start = \"if-missing\"\n{}",
+            db_file(d, "e", &replica)
+        ),
+    )
+    .unwrap();
+    let db = d.join("e.db");
+    let expect = {
+        let app = app_conn(&db);
+        insert(&app, 40);
+        let daemon = Daemon::start(d, &main, None);
+        daemon.expect("READY=1");
+        let rows = dump_conn(&app);
+        let (st, _, log) = daemon.stop();
+        assert!(st.success(), "{log}");
+        rows
+    };
+    for f in ["e.db", "e.db-wal", "e.db-shm"] {
+        let _ = std::fs::remove_file(d.join(f));
+    }
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    // Checked right at READY=1: the database is already back.
+    assert!(db.exists(), "restored before READY=1");
+    assert_eq!(dump(&db), expect);
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("restored on start"), "{log}");
+}
+
+#[test]
+fn config_check_lists_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let main = write_main(d, "");
+    std::fs::write(d.join("dbs.d/good.toml"), db_file(d, "good", &d.join("r"))).unwrap();
+    let ok = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&main)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(
+        d.join("dbs.d/bad1.toml"),
+        "path = \"/x.db\"\nretention = \"forever\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dbs.d/bad2.toml"),
+        "path = \"/y.db\"\n[[replicas]]\ntype = \"ftp\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("dbs.d/bad3.toml"), "path = [\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&main)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for f in ["bad1.toml", "bad2.toml", "bad3.toml"] {
+        assert!(text.contains(f), "{f} listed:\n{text}");
+    }
+    assert!(text.contains("ftp"), "{text}");
+    assert!(text.contains("ok     good"), "{text}");
+}
