@@ -95,6 +95,12 @@ impl Default for Defaults {
 pub struct MainConfig {
     /// Directory of per-database `*.toml` files; relative to the main file's directory.
     pub dbs_dir: PathBuf,
+    /// The control socket for `litestreamd status`, the dashboard and scripts; empty disables.
+    pub control_socket: PathBuf,
+    /// Group allowed on the control socket besides root and the daemon's user.
+    pub control_group: Option<String>,
+    /// Octal mode of the control socket.
+    pub control_mode: String,
     /// Prometheus `/metrics` listen address (loopback by default); empty disables it.
     pub metrics_addr: String,
     /// Series of a removed database disappear after this long without updates.
@@ -111,6 +117,9 @@ impl Default for MainConfig {
     fn default() -> Self {
         MainConfig {
             dbs_dir: PathBuf::from("dbs.d"),
+            control_socket: PathBuf::from("/run/litestreamd/control.sock"),
+            control_group: None,
+            control_mode: "0660".into(),
             metrics_addr: "127.0.0.1:9093".into(),
             metrics_idle_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(60),
@@ -349,7 +358,14 @@ fn is_main_key(key: &figment::value::UncasedStr) -> bool {
         .to_ascii_lowercase();
     matches!(
         first.as_str(),
-        "dbs_dir" | "metrics_addr" | "metrics_idle_timeout" | "shutdown_timeout" | "defaults"
+        "dbs_dir"
+            | "control_socket"
+            | "control_group"
+            | "control_mode"
+            | "metrics_addr"
+            | "metrics_idle_timeout"
+            | "shutdown_timeout"
+            | "defaults"
     ) || (first == "log" && key.as_str().contains("__"))
 }
 

@@ -16,6 +16,7 @@
 
 pub mod compress;
 pub mod config;
+pub mod control;
 pub mod db;
 pub mod layout;
 pub mod notify;

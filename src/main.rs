@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use litestreamd::config::{self, Config};
+use litestreamd::control;
 use litestreamd::db::DbOptions;
 use litestreamd::notify;
 use litestreamd::replica::{self, ReplicaClient};
@@ -45,6 +46,22 @@ enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Status of every database from the running daemon; exits non-zero when a replica is
+    /// failing or retrying, or lags more than --max-lag.
+    Status {
+        /// The daemon's control socket.
+        #[arg(
+            long,
+            env = "LITESTREAMD_SOCKET",
+            default_value = "/run/litestreamd/control.sock"
+        )]
+        socket: PathBuf,
+        /// Fail when any replica lags more than this many seconds.
+        #[arg(long)]
+        max_lag: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Replicate one database in the foreground to one or more replica URLs.
     Replicate {
         /// The SQLite database file.
@@ -192,6 +209,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
         Command::Config(ConfigCmd::Check { config }) => config_check(&config).await,
+        Command::Status {
+            socket,
+            max_lag,
+            json,
+        } => status_cmd(&socket, max_lag, json).await,
         Command::Replicate {
             db,
             urls,
@@ -257,6 +279,24 @@ async fn run(config_path: &Path) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     let (mut sup, report) = Supervisor::start(config_path, shutdown.clone()).await?;
+    let (reload_tx, mut reload_rx) =
+        tokio::sync::mpsc::channel::<control::server::ReloadRequest>(4);
+    let control_task = if main.control_socket.as_os_str().is_empty() {
+        None
+    } else {
+        let mode = u32::from_str_radix(main.control_mode.trim_start_matches("0o"), 8)
+            .with_context(|| {
+                format!("control_mode {:?} is not an octal mode", main.control_mode)
+            })?;
+        Some(control::server::serve(
+            &main.control_socket,
+            mode,
+            main.control_group.as_deref(),
+            sup.registry(),
+            reload_tx,
+            shutdown.clone(),
+        )?)
+    };
     info!(
         databases = report.added.len(),
         errors = report.errors.len(),
@@ -270,6 +310,14 @@ async fn run(config_path: &Path) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
+            Some(reply) = reload_rx.recv() => {
+                info!("reload requested over the control socket");
+                notify::reloading();
+                let r = sup.reload().await;
+                status = sup.summary();
+                notify::ready(&status);
+                let _ = reply.send(r);
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
                 notify::reloading();
@@ -296,13 +344,77 @@ async fn run(config_path: &Path) -> Result<()> {
         }
     }
     notify::stopping();
-    if !sup
+    let stopped = sup
         .shutdown(|| notify::extend_timeout(Duration::from_secs(5)))
-        .await
-    {
+        .await;
+    if let Some(t) = control_task {
+        let _ = t.await;
+    }
+    if !stopped {
         bail!("the final sync did not finish within shutdown_timeout");
     }
     info!("stopped; every database had its final sync");
+    Ok(())
+}
+
+async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<()> {
+    let mut client = control::client::Client::connect(socket).await?;
+    let dbs = client.status().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&dbs)?);
+    } else {
+        println!(
+            "{:<20} {:<12} {:<28} {:<10} {:<10} {:>9} {:>12}  error",
+            "database", "state", "position", "replica", "state", "lag (s)", "lag (bytes)"
+        );
+        for d in &dbs {
+            let pos = d
+                .pos
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into());
+            for (i, r) in d.replicas.iter().enumerate() {
+                let (name, state, pos) = if i == 0 {
+                    (d.name.as_str(), d.state.as_str(), pos.as_str())
+                } else {
+                    ("", "", "")
+                };
+                let err = r
+                    .last_error
+                    .as_deref()
+                    .filter(|_| r.state_name() != "healthy")
+                    .unwrap_or("");
+                println!(
+                    "{name:<20} {state:<12} {pos:<28} {:<10} {:<10} {:>9.1} {:>12}  {err}",
+                    r.name,
+                    r.state_name(),
+                    r.lag_seconds,
+                    r.lag_bytes
+                );
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for d in &dbs {
+        if d.state == "error" {
+            problems.push(format!(
+                "{}: {}",
+                d.name,
+                d.last_error.as_deref().unwrap_or("error")
+            ));
+        }
+        for r in &d.replicas {
+            if matches!(r.state_name(), "failed" | "retrying") {
+                problems.push(format!("{}/{}: {}", d.name, r.name, r.state_name()));
+            }
+            if max_lag.is_some_and(|m| r.lag_seconds > m) {
+                problems.push(format!("{}/{}: lag {:.1}s", d.name, r.name, r.lag_seconds));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("; "));
+    }
     Ok(())
 }
 

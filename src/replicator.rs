@@ -103,7 +103,7 @@ impl Default for ReplicaOptions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ReplicaState {
     Starting,
@@ -113,7 +113,7 @@ pub enum ReplicaState {
 }
 
 /// What a replica reports about itself.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ReplicaStatus {
     pub name: String,
     pub kind: String,

@@ -125,7 +125,7 @@ pub enum RestoreOutcome {
     NoBackups,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RestoreSummary {
     pub replica: String,
     pub generation: String,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, DbConfig, Defaults, RestoreOnStart};
+use crate::control::server::{DbEntry, Registry};
 use crate::restore::{self, RestoreOptions, RestoreOutcome};
 use crate::telemetry;
 use crate::worker::{self, DbSpec, DbStatus, WorkerHandle};
@@ -52,6 +53,8 @@ pub struct Supervisor {
     /// pause.
     crashed: BTreeMap<String, (Instant, (DbConfig, Defaults))>,
     shutdown: CancellationToken,
+    /// What the control socket sees.
+    registry: Registry,
 }
 
 impl Supervisor {
@@ -68,6 +71,7 @@ impl Supervisor {
             running: BTreeMap::new(),
             crashed: BTreeMap::new(),
             shutdown,
+            registry: Registry::default(),
         };
         let report = sup.apply(cfg).await;
         Ok((sup, report))
@@ -75,6 +79,11 @@ impl Supervisor {
 
     pub fn main_config(&self) -> &crate::config::MainConfig {
         &self.main
+    }
+
+    /// The running databases, for the control socket.
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
     }
 
     /// Re-reads the configuration directory and applies the difference.
@@ -155,7 +164,14 @@ impl Supervisor {
 
     fn spawn(&mut self, name: String, cfg: (DbConfig, Defaults), spec: DbSpec) {
         let cancel = self.shutdown.child_token();
-        let (handle, join) = worker::spawn(spec, cancel.clone());
+        let (handle, join) = worker::spawn(spec.clone(), cancel.clone());
+        self.registry.write().expect("registry").insert(
+            name.clone(),
+            DbEntry {
+                handle: handle.clone(),
+                spec,
+            },
+        );
         self.crashed.remove(&name);
         self.running.insert(
             name,
@@ -170,6 +186,7 @@ impl Supervisor {
 
     /// Stops one worker: final sync, bounded by the shutdown timeout.
     async fn stop(&mut self, name: &str) {
+        self.registry.write().expect("registry").remove(name);
         if let Some(r) = self.running.remove(name) {
             r.cancel.cancel();
             let mut join = r.join;
@@ -193,6 +210,7 @@ impl Supervisor {
             .collect();
         for name in dead {
             let r = self.running.remove(&name).expect("listed");
+            self.registry.write().expect("registry").remove(&name);
             match r.join.await {
                 Err(e) if e.is_panic() => {
                     error!(db = %name, "worker panicked; restarting it in 5s")

@@ -28,7 +28,7 @@ pub struct DbSpec {
     pub replicas: Vec<(ReplicaOptions, ReplicaClient)>,
 }
 
-#[derive(Debug, Clone, serde::Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
 pub struct DbStatus {
     pub name: String,
     pub path: PathBuf,

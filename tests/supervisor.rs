@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -521,4 +522,237 @@ fn config_check_lists_every_error() {
     }
     assert!(text.contains("ftp"), "{text}");
     assert!(text.contains("ok     good"), "{text}");
+}
+
+/// Sends raw lines to the control socket and returns what comes back until `n` final replies
+/// (ok or error; pushed progress/status/event lines are returned too but not counted).
+fn raw(sock: &Path, input: &[u8], n: usize) -> Vec<serde_json::Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(input).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    let mut finals = 0;
+    while finals < n {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut r, &mut line).unwrap() == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["type"] == "ok" || v["type"] == "error" {
+            finals += 1;
+        }
+        out.push(v);
+    }
+    out
+}
+
+#[test]
+fn control_socket_protocol() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The socket's directory must be reachable by another user for the refusal check below.
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = d.join("control.sock");
+    let main = write_main(
+        d,
+        &format!(
+            "control_socket = \"{}\"\ncontrol_mode = \"0666\"\ncontrol_group = \"daemon\"\n",
+            sock.display()
+        ),
+    );
+    let replica = d.join("replica");
+    std::fs::write(d.join("dbs.d/app.toml"), db_file(d, "app", &replica)).unwrap();
+    let app = app_conn(&d.join("app.db"));
+    insert(&app, 50);
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    wait_replica_rows(&replica, d, 50);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666);
+
+    // status and detail
+    let r = raw(&sock, b"{\"v\":1,\"id\":1,\"cmd\":\"status\"}\n", 1);
+    assert_eq!(r[0]["type"], "ok", "{r:?}");
+    assert_eq!(r[0]["id"], 1);
+    assert_eq!(r[0]["result"][0]["name"], "app");
+    assert_eq!(r[0]["result"][0]["state"], "replicating");
+    let r = raw(
+        &sock,
+        b"{\"v\":1,\"id\":2,\"cmd\":\"detail\",\"db\":\"app\"}\n",
+        1,
+    );
+    let g = &r[0]["result"]["replicas"][0]["generations"][0];
+    assert!(
+        g["generation"].as_str().unwrap().len() == 16
+            && !g["snapshots"].as_array().unwrap().is_empty(),
+        "{r:?}"
+    );
+
+    // snapshot now
+    let before = objects(&replica, ".snapshot.lz4").len();
+    let r = raw(
+        &sock,
+        b"{\"v\":1,\"id\":3,\"cmd\":\"snapshot\",\"db\":\"app\"}\n",
+        1,
+    );
+    assert_eq!(r[0]["type"], "ok", "{r:?}");
+    let after = objects(&replica, ".snapshot.lz4");
+    assert!(
+        after.len() > before || !after.is_empty(),
+        "a snapshot exists"
+    );
+
+    // subscribe: an immediate status, then a push after a write
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"{\"v\":1,\"id\":9,\"cmd\":\"subscribe\"}\n")
+        .unwrap();
+    let mut rd = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut next = || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut rd, &mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()
+    };
+    let first = next();
+    assert_eq!(
+        (first["type"].as_str(), first["id"].as_u64()),
+        (Some("status"), Some(9)),
+        "{first}"
+    );
+    insert(&app, 1);
+    let pushed = next();
+    assert_eq!(pushed["type"], "status");
+    drop(s);
+
+    // restore over the socket: progress pushes, then the result; never over the live database
+    let out = d.join("restored.db");
+    let req = format!(
+        "{{\"v\":1,\"id\":4,\"cmd\":\"restore\",\"db\":\"app\",\"output\":\"{}\"}}\n",
+        out.display()
+    );
+    let r = raw(&sock, req.as_bytes(), 1);
+    let last = r.last().unwrap();
+    assert_eq!(last["type"], "ok", "{r:?}");
+    assert_eq!(last["result"]["integrity_checked"], true);
+    assert!(r.iter().any(|m| m["type"] == "progress"), "{r:?}");
+    assert_eq!(dump(&out).len(), 51);
+    let live = format!(
+        "{{\"v\":1,\"id\":5,\"cmd\":\"restore\",\"db\":\"app\",\"output\":\"{}\"}}\n",
+        d.join("app.db").display()
+    );
+    let r = raw(&sock, live.as_bytes(), 1);
+    assert_eq!(r[0]["type"], "error", "{r:?}");
+
+    // bad input: garbage, unknown command, wrong version, missing database — the connection
+    // stays usable; an oversized line gets an error and the connection is closed.
+    let r = raw(
+        &sock,
+        b"this is not json\n{\"v\":1,\"id\":6,\"cmd\":\"explode\"}\n{\"v\":2,\"id\":7,\"cmd\":\"status\"}\n{\"v\":1,\"id\":8,\"cmd\":\"sync\",\"db\":\"nope\"}\n{\"v\":1,\"id\":10,\"cmd\":\"sync\",\"db\":\"app\"}\n",
+        5,
+    );
+    // Requests run concurrently, so replies are matched by id (the garbage line has id 0).
+    let by_id: std::collections::BTreeMap<u64, String> = r
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap(),
+                m["code"].as_str().unwrap_or("ok").to_string(),
+            )
+        })
+        .collect();
+    let want: std::collections::BTreeMap<u64, String> = [
+        (0, "bad_request"),
+        (6, "unknown_command"),
+        (7, "unsupported_version"),
+        (8, "not_found"),
+        (10, "ok"),
+    ]
+    .into_iter()
+    .map(|(i, c)| (i, c.to_string()))
+    .collect();
+    assert_eq!(by_id, want, "{r:?}");
+    let mut big = vec![b'x'; 70 * 1024];
+    big.push(b'\n');
+    let r = raw(&sock, &big, 2);
+    assert_eq!(r.len(), 1, "closed after the error: {r:?}");
+    assert_eq!(r[0]["code"], "too_large");
+    // Half-closed input: the reply still arrives.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"{\"v\":1,\"id\":11,\"cmd\":\"status\"}\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(
+        text.contains("\"id\":11") && text.contains("\"ok\""),
+        "{text}"
+    );
+
+    // `litestreamd status` for scripts: 0 when healthy, non-zero past --max-lag.
+    let st = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(String::from_utf8_lossy(&st.stdout).contains("app"));
+    std::fs::rename(&replica, d.join("replica-away")).unwrap();
+    std::fs::write(&replica, b"not a directory").unwrap();
+    insert(&app, 5);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = Command::new(BIN)
+            .args(["status", "--max-lag", "0.5", "--socket"])
+            .arg(&sock)
+            .output()
+            .unwrap();
+        if !st.status.success() {
+            assert!(
+                String::from_utf8_lossy(&st.stderr).contains("app/local"),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never reported the failing replica"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::rename(d.join("replica-away"), &replica).unwrap();
+
+    // A peer that is neither root, the daemon's user, nor in control_group is refused.
+    let out = Command::new("/usr/bin/perl")
+        .args([
+            "-MIO::Socket::UNIX",
+            "-e",
+            "$SIG{PIPE} = q(IGNORE); my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die qq(connect: $!\\n); print $s qq({\"v\":1,\"id\":1,\"cmd\":\"status\"}\\n); print scalar <$s>;",
+        ])
+        .arg(&sock)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("access_denied"),
+        "refused peer got: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        daemon.log().contains("control connection refused"),
+        "refusal logged"
+    );
+
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+    assert!(!sock.exists(), "socket removed at exit");
 }

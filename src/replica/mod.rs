@@ -96,7 +96,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn delete_dir(&self, dir: &str) -> Result<(), StoreError>;
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnapshotInfo {
     pub generation: String,
     pub index: u32,
@@ -105,7 +105,7 @@ pub struct SnapshotInfo {
     pub created_at: SystemTime,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WalSegmentInfo {
     pub generation: String,
     pub index: u32,

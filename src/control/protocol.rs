@@ -1,0 +1,218 @@
+//! The control protocol spoken over the daemon's Unix socket (documented in
+//! `docs/control-protocol.md`): newline-delimited JSON, one object per line, at most
+//! [`MAX_LINE`] bytes, every message carrying the protocol version `v`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::replica::SnapshotInfo;
+use crate::worker::DbStatus;
+
+pub const VERSION: u32 = 1;
+/// Longest accepted line (request or response), newline included.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A client request. `id` is echoed in every response to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Request {
+    pub v: u32,
+    #[serde(default)]
+    pub id: u64,
+    #[serde(flatten)]
+    pub cmd: Command,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// Every database's status.
+    Status,
+    /// One database: status plus each replica's generations, snapshots and WAL ranges.
+    Detail { db: String },
+    /// Push `status` messages whenever something changes, and `event` messages.
+    Subscribe,
+    /// Restore a database (or a point in time) to a new file; progress is pushed.
+    Restore(RestoreRequest),
+    /// Every replica of the database takes a snapshot now.
+    Snapshot { db: String },
+    /// Copy new WAL frames and upload them now.
+    Sync { db: String },
+    /// Re-read the configuration, as SIGHUP does.
+    Reload,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub db: String,
+    /// Only this replica (by name); default: the best one.
+    #[serde(default)]
+    pub replica: Option<String>,
+    #[serde(default)]
+    pub generation: Option<String>,
+    /// Up to and including this WAL index.
+    #[serde(default)]
+    pub index: Option<u32>,
+    /// RFC 3339 point in time.
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    /// Where to write; must not exist and must not be the live database.
+    pub output: PathBuf,
+    #[serde(default = "yes")]
+    pub integrity_check: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A server message: a reply to request `id`, or a pushed message for a subscription or a
+/// running restore (same `id` as the request that started it).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub v: u32,
+    pub id: u64,
+    #[serde(flatten)]
+    pub body: Body,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Body {
+    /// The request succeeded; `result` depends on the command.
+    Ok {
+        result: serde_json::Value,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// Pushed to subscribers when any status changes (and once at subscription).
+    Status {
+        databases: Vec<DbStatus>,
+    },
+    /// Pushed to subscribers: something happened (state changes, errors, new generations).
+    Event {
+        level: String,
+        db: Option<String>,
+        message: String,
+    },
+    /// Pushed during a restore.
+    Progress {
+        stage: String,
+        done: u64,
+        total: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, or not a valid request.
+    BadRequest,
+    /// A line longer than `MAX_LINE`; the connection is closed after this reply.
+    TooLarge,
+    /// A `v` this server does not speak.
+    UnsupportedVersion,
+    /// An unknown `cmd`.
+    UnknownCommand,
+    /// No such database (or replica).
+    NotFound,
+    /// The peer is not root, the daemon's user, or in the control group.
+    AccessDenied,
+    /// The command ran and failed.
+    Failed,
+}
+
+/// `detail` result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DbDetail {
+    pub status: DbStatus,
+    pub replicas: Vec<ReplicaDetail>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReplicaDetail {
+    pub name: String,
+    pub url: String,
+    /// Listing error, if the replica could not be read.
+    pub error: Option<String>,
+    pub generations: Vec<GenerationDetail>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GenerationDetail {
+    pub generation: String,
+    pub snapshots: Vec<SnapshotInfo>,
+    pub segments: usize,
+    /// Lowest and highest (index, offset) of its WAL segments.
+    pub wal_first: Option<(u32, u64)>,
+    pub wal_last: Option<(u32, u64)>,
+    #[serde(with = "humantime_serde")]
+    pub created: Option<std::time::SystemTime>,
+    #[serde(with = "humantime_serde")]
+    pub updated: Option<std::time::SystemTime>,
+}
+
+impl Response {
+    pub fn ok(id: u64, result: impl Serialize) -> Self {
+        Response {
+            v: VERSION,
+            id,
+            body: Body::Ok {
+                result: serde_json::to_value(result).unwrap_or(serde_json::Value::Null),
+            },
+        }
+    }
+    pub fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
+        Response {
+            v: VERSION,
+            id,
+            body: Body::Error {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+    pub fn push(id: u64, body: Body) -> Self {
+        Response {
+            v: VERSION,
+            id,
+            body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let r: Request =
+            serde_json::from_str(r#"{"v":1,"id":7,"cmd":"detail","db":"app"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request {
+                v: 1,
+                id: 7,
+                cmd: Command::Detail { db: "app".into() }
+            }
+        );
+        let r: Request = serde_json::from_str(
+            r#"{"v":1,"cmd":"restore","db":"app","output":"/tmp/x.db","index":3}"#,
+        )
+        .unwrap();
+        match r.cmd {
+            Command::Restore(rr) => assert!(rr.integrity_check && rr.index == Some(3)),
+            other => panic!("{other:?}"),
+        }
+        let s = serde_json::to_string(&Response::error(3, ErrorCode::UnknownCommand, "x")).unwrap();
+        assert_eq!(
+            s,
+            r#"{"v":1,"id":3,"type":"error","code":"unknown_command","message":"x"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"nope"}"#).is_err());
+    }
+}
