@@ -46,6 +46,9 @@ enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Write the man page (litestreamd.1) and shell completions (bash, zsh, fish) into DIR.
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Status of every database from the running daemon; exits non-zero when a replica is
     /// failing or retrying, or lags more than --max-lag.
     Status {
@@ -209,6 +212,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Run { config } => run(&config).await,
         Command::Config(ConfigCmd::Check { config }) => config_check(&config).await,
+        Command::GenerateDocs { dir } => generate_docs(&dir),
         Command::Status {
             socket,
             max_lag,
@@ -414,6 +418,26 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
     }
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
+    }
+    Ok(())
+}
+
+/// Man page and completions straight from the clap definitions, so they always match.
+fn generate_docs(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::write(dir.join("litestreamd.1"), page)?;
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "litestreamd.bash"),
+        (clap_complete::Shell::Zsh, "_litestreamd"),
+        (clap_complete::Shell::Fish, "litestreamd.fish"),
+    ] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut cmd.clone(), "litestreamd", &mut out);
+        std::fs::write(dir.join(file), out)?;
     }
     Ok(())
 }
