@@ -10,6 +10,7 @@
 //! * [`worker`] — one database's tasks and their shutdown;
 //! * [`restore`] — restore and point-in-time restore;
 //! * [`config`] — configuration files;
+//! * [`import`] — converting a Litestream 0.3 `litestream.yml` into per-database files;
 //! * [`supervisor`] — the daemon's workers, reloads and shutdown;
 //! * [`telemetry`] — Prometheus metrics;
 //! * [`notify`] — systemd notifications.
@@ -18,6 +19,7 @@ pub mod compress;
 pub mod config;
 pub mod control;
 pub mod db;
+pub mod import;
 pub mod layout;
 pub mod notify;
 pub mod replica;

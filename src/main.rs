@@ -46,6 +46,22 @@ enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Convert a Litestream 0.3 litestream.yml into one litestreamd file per database.
+    ImportLitestreamConfig {
+        /// The Litestream configuration file.
+        file: PathBuf,
+        /// Where to write NAME.toml files (default: dbs_dir of --config).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// Replace existing files.
+        #[arg(long)]
+        overwrite: bool,
+        /// Keep $VAR references; litestreamd expands them when it loads the files.
+        #[arg(long)]
+        no_expand_env: bool,
+        #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Write the man page (litestreamd.1) and shell completions (bash, zsh, fish) into DIR.
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
@@ -213,6 +229,28 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Run { config } => run(&config).await,
         Command::Config(ConfigCmd::Check { config }) => config_check(&config).await,
         Command::GenerateDocs { dir } => generate_docs(&dir),
+        Command::ImportLitestreamConfig {
+            file,
+            out_dir,
+            overwrite,
+            no_expand_env,
+            config,
+        } => {
+            let yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let items = litestreamd::import::convert(&yaml, &file, !no_expand_env)?;
+            let out = match out_dir {
+                Some(d) => d,
+                None => config::load_main(&config)?.dbs_dir,
+            };
+            for p in litestreamd::import::write_all(&items, &out, overwrite)? {
+                println!("wrote {}", p.display());
+            }
+            println!(
+                "next: `litestreamd config check`, make the databases' directories writable for the daemon (ReadWritePaths=), chgrp litestreamd files holding keys, then reload"
+            );
+            Ok(())
+        }
         Command::Status {
             socket,
             max_lag,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use litestreamd::db::CheckpointMode;
@@ -29,26 +29,6 @@ fn replicate(db: &Path, replica: &Path) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
-}
-
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    unsafe { libc_kill(child.id() as i32, 15) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -387,4 +367,48 @@ async fn listings_and_config_mode() {
     // A URL restore without -o is an error, not a guess.
     let out = Command::new(BIN).args(["restore", &url]).output().unwrap();
     assert!(!out.status.success());
+}
+
+#[test]
+fn import_litestream_config_writes_valid_database_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let yml = dir.path().join("litestream.yml");
+    std::fs::write(
+        &yml,
+        format!(
+            "dbs:\n  - path: {d}/app.db\n    monitor-interval: 1s\n    replicas:\n      - type: file\n        path: {d}/backup\n        retention: 72h\n  - path: {d}/other.db\n    replicas:\n      - url: s3://bucket/other.db\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let main = dir.path().join("litestreamd.toml");
+    std::fs::write(&main, "dbs_dir = \"dbs.d\"\nmetrics_addr = \"\"\n").unwrap();
+    let out = run_ok(
+        Command::new(BIN)
+            .args(["import-litestream-config", "--config"])
+            .arg(&main)
+            .arg(&yml),
+    );
+    assert!(
+        out.contains("app.toml") && out.contains("other.toml"),
+        "{out}"
+    );
+    let check = run_ok(
+        Command::new(BIN)
+            .args(["config", "check", "--config"])
+            .arg(&main)
+            .env("AWS_REGION", "us-east-1"),
+    );
+    assert!(
+        check.contains("ok     app") && check.contains("ok     other"),
+        "{check}"
+    );
+    // Never overwrites without --overwrite.
+    let again = Command::new(BIN)
+        .args(["import-litestream-config", "--config"])
+        .arg(&main)
+        .arg(&yml)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
 }

@@ -181,24 +181,6 @@ fn replicate(db: &Path, url: &str) -> Child {
         .unwrap()
 }
 
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    unsafe { kill(child.id() as i32, 15) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn fruits_db(path: &Path) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(path).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();

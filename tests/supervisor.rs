@@ -15,12 +15,6 @@ use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_litestreamd");
 
-fn signal(child: &Child, sig: i32) {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    unsafe { kill(child.id() as i32, sig) };
-}
 const SIGHUP: i32 = 1;
 const SIGTERM: i32 = 15;
 
@@ -102,7 +96,7 @@ impl Daemon {
     }
 
     fn stop(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
-        signal(&self.child, SIGTERM);
+        send_signal(&self.child, SIGTERM);
         let mut msgs = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -288,7 +282,7 @@ fn reload_notify_metrics_and_final_sync() {
 
     // Add d.
     std::fs::write(d.join("dbs.d/d.toml"), db_file(d, "d", &rep("d"))).unwrap();
-    signal(&daemon.child, SIGHUP);
+    send_signal(&daemon.child, SIGHUP);
     let (reloading, _) = daemon.expect("RELOADING=1");
     assert!(
         reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
@@ -301,7 +295,7 @@ fn reload_notify_metrics_and_final_sync() {
     // Remove c: its last writes are synced before it stops.
     insert(app("c"), 7);
     std::fs::remove_file(d.join("dbs.d/c.toml")).unwrap();
-    signal(&daemon.child, SIGHUP);
+    send_signal(&daemon.child, SIGHUP);
     daemon.expect("RELOADING=1");
     daemon.expect("READY=1");
     wait_replica_rows(&rep("c"), &scratch, 12);
@@ -315,7 +309,7 @@ fn reload_notify_metrics_and_final_sync() {
         "litestreamd_replica_wal_offset_bytes{db=\"a\",replica=\"local\"}",
     );
     std::fs::write(d.join("dbs.d/b.toml"), db_file(d, "b", &rep("b2"))).unwrap();
-    signal(&daemon.child, SIGHUP);
+    send_signal(&daemon.child, SIGHUP);
     daemon.expect("RELOADING=1");
     daemon.expect("READY=1");
     wait_replica_rows(&rep("b2"), &scratch, 5);
@@ -349,7 +343,7 @@ fn reload_notify_metrics_and_final_sync() {
         ),
     )
     .unwrap();
-    signal(&daemon.child, SIGHUP);
+    send_signal(&daemon.child, SIGHUP);
     daemon.expect("RELOADING=1");
     let (ready, _) = daemon.expect("READY=1");
     assert!(

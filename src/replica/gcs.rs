@@ -18,7 +18,6 @@ use gcloud_storage::http::objects::get::GetObjectRequest;
 use gcloud_storage::http::objects::list::ListObjectsRequest;
 use gcloud_storage::http::objects::upload::{Media, UploadObjectRequest, UploadType};
 use gcloud_storage::http::resumable_upload_client::{ChunkSize, UploadStatus};
-use tokio::io::AsyncReadExt;
 use tokio_util::io::StreamReader;
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
@@ -187,12 +186,6 @@ impl GcsStore {
     }
 }
 
-async fn read_chunk(body: &mut ObjectReader, size: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(size.min(1 << 20));
-    (&mut *body).take(size as u64).read_to_end(&mut buf).await?;
-    Ok(buf)
-}
-
 #[async_trait]
 impl ObjectStore for GcsStore {
     fn kind(&self) -> &'static str {
@@ -240,7 +233,7 @@ impl ObjectStore for GcsStore {
             ..Default::default()
         };
         let upload_type = UploadType::Simple(Media::new(name.clone()));
-        let first = read_chunk(&mut body, self.chunk_size)
+        let first = super::read_up_to(&mut body, self.chunk_size)
             .await
             .map_err(|e| self.io_err(key, e))?;
         let size = if first.len() < self.chunk_size {
@@ -259,7 +252,7 @@ impl ObjectStore for GcsStore {
             let mut offset = 0u64;
             let mut chunk = first;
             loop {
-                let next = read_chunk(&mut body, self.chunk_size)
+                let next = super::read_up_to(&mut body, self.chunk_size)
                     .await
                     .map_err(|e| self.io_err(key, e))?;
                 let n = chunk.len() as u64;

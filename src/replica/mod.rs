@@ -121,6 +121,15 @@ impl WalSegmentInfo {
     }
 }
 
+/// Reads up to `size` bytes of a body (fewer only at its end): one upload part or chunk, the
+/// unit in which the S3 and GCS targets bound their memory.
+pub(crate) async fn read_up_to(body: &mut ObjectReader, size: usize) -> io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(size.min(1 << 20));
+    (&mut *body).take(size as u64).read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
 /// The v0.3 layout over any [`ObjectStore`].
 #[derive(Debug, Clone)]
 pub struct ReplicaClient {

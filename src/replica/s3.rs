@@ -13,7 +13,6 @@ use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
-use tokio::io::AsyncReadExt;
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
 use crate::layout;
@@ -208,7 +207,7 @@ impl S3Store {
                         .set_e_tag(out.e_tag().map(str::to_string))
                         .build(),
                 );
-                buf = read_part(body, self.part_size)
+                buf = super::read_up_to(body, self.part_size)
                     .await
                     .map_err(|e| self.io_err(key, e))?;
                 if buf.is_empty() {
@@ -289,13 +288,6 @@ impl S3Store {
     }
 }
 
-/// Reads up to `size` bytes (less only at the end of the stream).
-async fn read_part(body: &mut ObjectReader, size: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(size.min(1 << 20));
-    (&mut *body).take(size as u64).read_to_end(&mut buf).await?;
-    Ok(buf)
-}
-
 fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
     t.and_then(|t| SystemTime::try_from(*t).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH)
@@ -338,7 +330,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
-        let first = read_part(&mut body, self.part_size)
+        let first = super::read_up_to(&mut body, self.part_size)
             .await
             .map_err(|e| self.io_err(key, e))?;
         let size = if first.len() < self.part_size {

@@ -247,3 +247,28 @@ pub fn litestream_bin() -> PathBuf {
     );
     p
 }
+
+/// Sends a signal to a child process.
+pub fn send_signal(child: &std::process::Child, sig: i32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: kill(2) with a pid we spawned.
+    unsafe { kill(child.id() as i32, sig) };
+}
+
+/// SIGTERM, then waits (30 s at most) for the exit status.
+pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    send_signal(child, 15);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
