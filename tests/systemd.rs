@@ -165,8 +165,8 @@ fn units_differ_only_in_reload_handling() {
     for want in [
         "Type=notify",
         "ExecStart=/usr/bin/litestreamd run --config /etc/litestreamd/litestreamd.toml",
-        "ExecStartPre=/usr/bin/litestreamd config check --config /etc/litestreamd/litestreamd.toml",
-        "ExecReload=/usr/bin/litestreamd config check --config /etc/litestreamd/litestreamd.toml",
+        "ExecStartPre=-/usr/bin/litestreamd config check --config /etc/litestreamd/litestreamd.toml",
+        "ExecReload=-/usr/bin/litestreamd config check --config /etc/litestreamd/litestreamd.toml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "WatchdogSec=30s",
         "Restart=on-failure",
