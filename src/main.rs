@@ -323,6 +323,8 @@ async fn run(config_path: &Path) -> Result<()> {
     let (mut sup, report) = Supervisor::start(config_path, shutdown.clone()).await?;
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<control::server::ReloadRequest>(4);
+    // The control socket serves status and the dashboard; replication does not depend on it, so
+    // a socket that cannot be created is reported and the daemon goes on without it.
     let control_task = if main.control_socket.as_os_str().is_empty() {
         None
     } else {
@@ -330,14 +332,27 @@ async fn run(config_path: &Path) -> Result<()> {
             .with_context(|| {
                 format!("control_mode {:?} is not an octal mode", main.control_mode)
             })?;
-        Some(control::server::serve(
+        if let Some(dir) = main
+            .control_socket
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+        {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match control::server::serve(
             &main.control_socket,
             mode,
             main.control_group.as_deref(),
             sup.registry(),
             reload_tx,
             shutdown.clone(),
-        )?)
+        ) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "control socket unavailable; `litestreamd status` and `litestreamd tui` will not work");
+                None
+            }
+        }
     };
     info!(
         databases = report.added.len(),

@@ -163,17 +163,14 @@ async fn run(
     }
 
     let interval = spec.opts.monitor_interval;
-    let mut waiting_logged = false;
+    let mut ps = PublishState {
+        waiting_logged: false,
+        refreshed: None,
+        last: None,
+    };
     loop {
         let report = db_sync(&shared, &positions).await;
-        publish(
-            &spec,
-            &handle,
-            &shared.meta,
-            &pos_tx,
-            &report,
-            &mut waiting_logged,
-        );
+        publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = sleep(interval) => {}
@@ -181,7 +178,7 @@ async fn run(
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;
                     let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
-                    publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut waiting_logged);
+                    publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
                     continue;
                 }
                 Command::Checkpoint(mode, reply) => {
@@ -216,14 +213,7 @@ async fn run(
 
     // Final sync: copy the last committed frames, then let every replica upload them.
     let report = db_sync(&shared, &positions).await;
-    publish(
-        &spec,
-        &handle,
-        &shared.meta,
-        &pos_tx,
-        &report,
-        &mut waiting_logged,
-    );
+    publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
     replica_stop.cancel();
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
@@ -250,14 +240,27 @@ async fn db_sync(
     }
 }
 
+/// What `publish` remembers between ticks.
+struct PublishState {
+    waiting_logged: bool,
+    /// When every series was last written (see `REFRESH`).
+    refreshed: Option<std::time::Instant>,
+    last: Option<(String, Option<Pos>)>,
+}
+
+/// How often the series of an unchanged, caught-up database are rewritten: well inside the
+/// exporter's idle timeout, and rare enough that a thousand idle databases cost nothing.
+const REFRESH: Duration = Duration::from_secs(15);
+
 fn publish(
     spec: &DbSpec,
     handle: &WorkerHandle,
     meta: &MetaDir,
     pos_tx: &watch::Sender<Option<Pos>>,
     report: &Result<SyncReport, String>,
-    waiting_logged: &mut bool,
+    ps: &mut PublishState,
 ) {
+    let waiting_logged = &mut ps.waiting_logged;
     let mut st = handle.status.lock().expect("status");
     let labels = [("db", spec.name.clone())];
     metrics::counter!(telemetry::DB_SYNCS, &labels).increment(1);
@@ -295,8 +298,38 @@ fn publish(
         }
     }
 
-    // Every series of this database is written on every tick, so the exporter's idle timeout
-    // only ever removes the series of databases that are gone (see `telemetry`).
+    // Lag bookkeeping runs on every tick (the status shown by `status` and the dashboard).
+    let now = SystemTime::now();
+    let mut lagging = false;
+    for r in handle.replicas.iter() {
+        let mut rs = r.lock().expect("status");
+        let caught_up = st.pos.is_some() && rs.pos == st.pos;
+        lagging |= !caught_up && st.pos.is_some();
+        if caught_up || st.pos.is_none() {
+            rs.caught_up_at = Some(now);
+        }
+        rs.lag_seconds = rs
+            .caught_up_at
+            .and_then(|t| now.duration_since(t).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        rs.lag_bytes = match &st.pos {
+            Some(d) if !caught_up => lag_bytes(meta, d, rs.pos.as_ref(), st.shadow_bytes),
+            _ => 0,
+        };
+    }
+    let now_key = (st.state.clone(), st.pos.clone());
+    let due = ps.refreshed.is_none_or(|t| t.elapsed() >= REFRESH);
+    if !(due
+        || lagging
+        || ps.last.as_ref() != Some(&now_key)
+        || report.as_ref().is_ok_and(|r| r.wal_bytes > 0))
+    {
+        return;
+    }
+    ps.refreshed = Some(std::time::Instant::now());
+    ps.last = Some(now_key);
+    // Every series of this database is rewritten at least every REFRESH, so the exporter's
+    // idle timeout only ever removes the series of databases that are gone (see `telemetry`).
     metrics::gauge!(telemetry::DB_SIZE, &labels).set(st.db_size as f64);
     metrics::gauge!(telemetry::WAL_SIZE, &labels).set(st.wal_size as f64);
     metrics::gauge!(telemetry::SHADOW_WAL_BYTES, &labels).set(st.shadow_bytes as f64);
@@ -312,21 +345,8 @@ fn publish(
     ] {
         metrics::counter!(telemetry::CHECKPOINTS, "db" => spec.name.clone(), "mode" => mode.as_str()).increment(0);
     }
-    let now = SystemTime::now();
     for r in handle.replicas.iter() {
-        let mut rs = r.lock().expect("status");
-        let caught_up = st.pos.is_some() && rs.pos == st.pos;
-        if caught_up || st.pos.is_none() {
-            rs.caught_up_at = Some(now);
-        }
-        rs.lag_seconds = rs
-            .caught_up_at
-            .and_then(|t| now.duration_since(t).ok())
-            .map_or(0.0, |d| d.as_secs_f64());
-        rs.lag_bytes = match &st.pos {
-            Some(d) => lag_bytes(meta, d, rs.pos.as_ref(), st.shadow_bytes),
-            None => 0,
-        };
+        let rs = r.lock().expect("status");
         let rl = [("db", spec.name.clone()), ("replica", rs.name.clone())];
         metrics::gauge!(telemetry::REPLICA_LAG_SECONDS, &rl).set(rs.lag_seconds);
         metrics::gauge!(telemetry::REPLICA_LAG_BYTES, &rl).set(rs.lag_bytes as f64);

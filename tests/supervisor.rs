@@ -153,8 +153,14 @@ fn write_main(dir: &Path, extra: &str) -> PathBuf {
     std::fs::write(
         &main,
         format!(
-            "dbs_dir = \"dbs.d\"\nmetrics_addr = \"127.0.0.1:{}\"\nmetrics_idle_timeout = \"2s\"\n{extra}\n[defaults]\nmonitor_interval = \"100ms\"\nsync_interval = \"100ms\"\n\n[defaults.retry]\ninitial = \"100ms\"\nmax = \"500ms\"\nfailed_after = 50\n",
-            free_port()
+            "dbs_dir = \"dbs.d\"\nmetrics_addr = \"127.0.0.1:{}\"\nmetrics_idle_timeout = \"2s\"\n{extra}{socket}\n[defaults]\nmonitor_interval = \"100ms\"\nsync_interval = \"100ms\"\n\n[defaults.retry]\ninitial = \"100ms\"\nmax = \"500ms\"\nfailed_after = 50\n",
+            free_port(),
+            // Each daemon gets its own control socket (tests run in parallel).
+            socket = if extra.contains("control_socket") {
+                String::new()
+            } else {
+                format!("control_socket = \"{}\"\n", dir.join("control.sock").display())
+            },
         ),
     )
     .unwrap();

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Scale benchmark for the supervisor: one litestreamd daemon with N idle databases and M busy
+# ones (local-directory replicas). Prints RSS, open file descriptors, CPU over an idle window,
+# and the time a SIGHUP takes when one file among N changes.
+#   bench/scale.sh [IDLE=1000] [BUSY=100] [SECONDS=30]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDLE=${1:-1000}; BUSY=${2:-100}; WINDOW=${3:-30}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/litestreamd-target}"
+cargo build --release --quiet
+BIN="$CARGO_TARGET_DIR/release/litestreamd"
+W=$(mktemp -d /tmp/litestreamd-scale.XXXXXX)
+trap 'kill $PID 2>/dev/null || true; kill $WRITER 2>/dev/null || true; rm -rf "$W"' EXIT
+mkdir -p "$W/dbs.d" "$W/data" "$W/replicas"
+python3 - "$W" "$IDLE" "$BUSY" <<'PY'
+import sqlite3, sys, os
+w, idle, busy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(idle + busy):
+    name = f"db{i:05d}"
+    p = f"{w}/data/{name}.db"
+    c = sqlite3.connect(p); c.execute("pragma journal_mode=wal"); c.execute("create table t(v)"); c.execute("insert into t values (randomblob(100))"); c.commit(); c.close()
+    open(f"{w}/dbs.d/{name}.toml", "w").write(f'path = "{p}"\n[[replicas]]\nname = "local"\ntype = "file"\npath = "{w}/replicas/{name}"\n')
+open(f"{w}/litestreamd.toml", "w").write(f'dbs_dir = "dbs.d"\nmetrics_addr = ""\ncontrol_socket = "{w}/control.sock"\n')
+PY
+start=$(date +%s.%N)
+"$BIN" run --config "$W/litestreamd.toml" 2> "$W/daemon.log" &
+PID=$!
+# Wait until every database has its first snapshot.
+until [ "$(find "$W/replicas" -name '*.snapshot.lz4' | wc -l)" -ge $((IDLE + BUSY)) ]; do sleep 1; done
+ready=$(date +%s.%N)
+# Busy databases: one small transaction per database per 100 ms.
+python3 - "$W" "$IDLE" "$BUSY" <<'PY' &
+import sqlite3, sys, time
+w, idle, busy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+conns = [sqlite3.connect(f"{w}/data/db{i:05d}.db", timeout=5) for i in range(idle, idle + busy)]
+while True:
+    for c in conns:
+        c.execute("insert into t values (randomblob(100))"); c.commit()
+    time.sleep(0.1)
+PY
+WRITER=$!
+sleep 5
+ticks() { awk '{print $14 + $15}' /proc/$PID/stat; }
+t0=$(ticks); sleep "$WINDOW"; t1=$(ticks)
+hz=$(getconf CLK_TCK)
+rss_kb=$(awk '/VmRSS/ {print $2}' /proc/$PID/status)
+hwm_kb=$(awk '/VmHWM/ {print $2}' /proc/$PID/status)
+fds=$(ls /proc/$PID/fd | wc -l)
+kill $WRITER; wait $WRITER 2>/dev/null || true
+sleep 3
+# Idle CPU with the busy writers stopped.
+i0=$(ticks); sleep "$WINDOW"; i1=$(ticks)
+# Reload: change one file among all of them.
+echo 'retention = "48h"' >> "$W/dbs.d/db00000.toml"; sed -i 's/^retention = "48h"$//' "$W/dbs.d/db00000.toml"
+sed -i 's|^name = "local"|name = "local2"|' "$W/dbs.d/db00000.toml"
+r0=$(date +%s.%N); kill -HUP $PID
+until grep -q 'reload done' "$W/daemon.log"; do sleep 0.01; done
+r1=$(date +%s.%N)
+kill -TERM $PID; wait $PID || true
+python3 - <<PY
+idle, busy = $IDLE, $BUSY
+n = idle + busy
+cpu_busy = ($t1 - $t0) / $hz / $WINDOW * 100
+cpu_idle = ($i1 - $i0) / $hz / $WINDOW * 100
+print(f"databases           {n} ({idle} idle, {busy} busy at 10 tx/s each)")
+print(f"start to all snapshotted  {$ready - $start:.1f} s")
+print(f"RSS                 {$rss_kb/1024:.1f} MiB (peak {$hwm_kb/1024:.1f} MiB) = {$rss_kb/n:.0f} KiB per database")
+print(f"open fds            {$fds} = {$fds/n:.2f} per database")
+print(f"CPU, busy window    {cpu_busy:.1f}% of one core")
+print(f"CPU, all idle       {cpu_idle:.2f}% of one core")
+print(f"SIGHUP, 1 of {n} changed: {($r1 - $r0)*1000:.0f} ms until 'reload done'")
+PY
