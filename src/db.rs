@@ -139,13 +139,13 @@ pub struct Db {
     idle: Option<(FilesSig, SyncReport, Option<Pos>)>,
 }
 
-/// Identity and change stamp of the WAL, the database and the shadow WAL. Any write to them
-/// (a commit, a checkpoint, a WAL restart, a truncation, a replaced file) changes it.
+/// Identity and change stamp of the WAL and the database. Any write to them (a commit, a
+/// checkpoint, a WAL restart, a truncation, a replaced file) changes it. The shadow WAL is
+/// litestreamd's own and only changes in a full pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FilesSig {
     wal: Option<(u64, u64, i64, i64)>,
     db: Option<(u64, u64, i64, i64)>,
-    shadow: Option<(u64, u64, i64, i64)>,
 }
 
 fn stamp(p: &Path) -> Option<(u64, u64, i64, i64)> {
@@ -406,24 +406,10 @@ impl Db {
         if !self.init()? {
             return Ok(report);
         }
-        // Fast path: nothing on disk changed since the last pass, no checkpoint is due and the
-        // replicas have not moved (which could free shadow files): the last report still holds.
-        let sig = self.files_sig();
-        let page_size = self.open.as_ref().map_or(4096, |o| o.page_size);
-        if let Some((last_sig, last, last_min)) = &self.idle
-            && *last_sig == sig
-            && last_min.as_ref() == min_replica
-            && let Some(pos) = &last.pos
-            && self
-                .checkpoint_mode(wal::align(last.wal_size, page_size), pos.offset, page_size)
-                .is_none()
-        {
-            let mut r = last.clone();
-            r.wal_bytes = 0;
-            r.new_generation = None;
-            r.checkpoint = None;
+        if let Some(r) = self.unchanged(min_replica) {
             return Ok(r);
         }
+        let sig = self.files_sig();
         self.idle = None;
         let result = self.full_sync(min_replica, &mut report);
         // The stamp taken *before* the pass: a commit that lands during the pass changes the
@@ -438,16 +424,32 @@ impl Db {
         result.map(|()| report)
     }
 
+    /// The last report, if nothing on disk changed since the last full pass, no checkpoint is
+    /// due and the replicas have not moved (which could free shadow files). Two `stat` calls:
+    /// cheap enough for the worker to call inline, without a blocking-thread hand-off.
+    pub fn unchanged(&self, min_replica: Option<&Pos>) -> Option<SyncReport> {
+        let (last_sig, last, last_min) = self.idle.as_ref()?;
+        let pos = last.pos.as_ref()?;
+        let page_size = self.open.as_ref()?.page_size;
+        if *last_sig != self.files_sig()
+            || last_min.as_ref() != min_replica
+            || self
+                .checkpoint_mode(wal::align(last.wal_size, page_size), pos.offset, page_size)
+                .is_some()
+        {
+            return None;
+        }
+        let mut r = last.clone();
+        r.wal_bytes = 0;
+        r.new_generation = None;
+        r.checkpoint = None;
+        Some(r)
+    }
+
     fn files_sig(&self) -> FilesSig {
-        let shadow = self
-            .pos()
-            .ok()
-            .flatten()
-            .and_then(|p| stamp(&self.meta.shadow_wal_path(&p.generation, p.index)));
         FilesSig {
             wal: stamp(&self.wal_path),
             db: stamp(&self.path),
-            shadow,
         }
     }
 

@@ -165,6 +165,7 @@ async fn run(
     let interval = spec.opts.monitor_interval;
     let mut ps = PublishState {
         waiting_logged: false,
+        syncs: 0,
         refreshed: None,
         last: None,
     };
@@ -231,6 +232,12 @@ async fn db_sync(
     positions: &Arc<Mutex<Vec<Option<Pos>>>>,
 ) -> Result<SyncReport, String> {
     let min = min_position(&positions.lock().expect("positions"));
+    // Idle databases are answered inline; only real work goes to a blocking thread.
+    if let Ok(db) = shared.db.try_lock()
+        && let Some(r) = db.unchanged(min.as_ref())
+    {
+        return Ok(r);
+    }
     let sh = shared.clone();
     match tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").sync(min.as_ref()))
         .await
@@ -243,6 +250,8 @@ async fn db_sync(
 /// What `publish` remembers between ticks.
 struct PublishState {
     waiting_logged: bool,
+    /// Sync passes not yet added to the counter (added at each refresh).
+    syncs: u64,
     /// When every series was last written (see `REFRESH`).
     refreshed: Option<std::time::Instant>,
     last: Option<(String, Option<Pos>)>,
@@ -262,8 +271,7 @@ fn publish(
 ) {
     let waiting_logged = &mut ps.waiting_logged;
     let mut st = handle.status.lock().expect("status");
-    let labels = [("db", spec.name.clone())];
-    metrics::counter!(telemetry::DB_SYNCS, &labels).increment(1);
+    ps.syncs += 1;
     match report {
         Ok(r) if r.pos.is_none() => {
             if !*waiting_logged {
@@ -281,7 +289,10 @@ fn publish(
             st.wal_size = r.wal_size;
             st.shadow_bytes = r.shadow_bytes;
             st.last_sync = Some(SystemTime::now());
-            metrics::counter!(telemetry::SHADOW_WAL_WRITTEN, &labels).increment(r.wal_bytes);
+            if r.wal_bytes > 0 {
+                metrics::counter!(telemetry::SHADOW_WAL_WRITTEN, "db" => spec.name.clone())
+                    .increment(r.wal_bytes);
+            }
             pos_tx.send_if_modified(|cur| {
                 let changed = *cur != r.pos;
                 *cur = r.pos.clone();
@@ -292,7 +303,7 @@ fn publish(
             if st.last_error.as_deref() != Some(e) {
                 error!(db = %spec.name, error = %e, "database sync failed");
             }
-            metrics::counter!(telemetry::DB_SYNC_ERRORS, &labels).increment(1);
+            metrics::counter!(telemetry::DB_SYNC_ERRORS, "db" => spec.name.clone()).increment(1);
             st.state = "error".into();
             st.last_error = Some(e.clone());
         }
@@ -328,6 +339,8 @@ fn publish(
     }
     ps.refreshed = Some(std::time::Instant::now());
     ps.last = Some(now_key);
+    let labels = [("db", spec.name.clone())];
+    metrics::counter!(telemetry::DB_SYNCS, &labels).increment(std::mem::take(&mut ps.syncs));
     // Every series of this database is rewritten at least every REFRESH, so the exporter's
     // idle timeout only ever removes the series of databases that are gone (see `telemetry`).
     metrics::gauge!(telemetry::DB_SIZE, &labels).set(st.db_size as f64);
