@@ -129,11 +129,26 @@ mod tests {
 
     #[test]
     fn letters_are_commands_only_in_normal_mode() {
-        assert_eq!(map_key(press(KeyCode::Char('q')), Mode::Normal), Some(Action::Quit));
-        assert_eq!(map_key(press(KeyCode::Char('q')), Mode::Filter), Some(Action::Char('q')));
-        assert_eq!(map_key(press(KeyCode::Char('q')), Mode::Restore), Some(Action::Char('q')));
-        assert_eq!(map_key(press(KeyCode::Char('S')), Mode::Normal), Some(Action::Snapshot));
-        assert_eq!(map_key(press(KeyCode::Char('j')), Mode::Normal), Some(Action::Down));
+        assert_eq!(
+            map_key(press(KeyCode::Char('q')), Mode::Normal),
+            Some(Action::Quit)
+        );
+        assert_eq!(
+            map_key(press(KeyCode::Char('q')), Mode::Filter),
+            Some(Action::Char('q'))
+        );
+        assert_eq!(
+            map_key(press(KeyCode::Char('q')), Mode::Restore),
+            Some(Action::Char('q'))
+        );
+        assert_eq!(
+            map_key(press(KeyCode::Char('S')), Mode::Normal),
+            Some(Action::Snapshot)
+        );
+        assert_eq!(
+            map_key(press(KeyCode::Char('j')), Mode::Normal),
+            Some(Action::Down)
+        );
         let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
         for mode in [Mode::Normal, Mode::Filter, Mode::Restore, Mode::Help] {
             assert_eq!(map_key(ctrl_c, mode), Some(Action::Quit));

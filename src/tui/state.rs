@@ -247,10 +247,16 @@ impl Target {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Phase {
-    Editing { error: Option<String> },
-    Running { stage: String, done: u64, total: u64 },
+    Editing {
+        error: Option<String>,
+    },
+    Running {
+        stage: String,
+        done: u64,
+        total: u64,
+    },
     Done(Result<RestoreSummary, String>),
 }
 
@@ -354,10 +360,7 @@ impl RestoreDialog {
             .generation
             .and_then(|i| self.generations.get(i))
             .cloned();
-        let want = self
-            .replica
-            .and_then(|i| self.replicas.get(i))
-            .cloned();
+        let want = self.replica.and_then(|i| self.replicas.get(i)).cloned();
         let mut gens: Vec<(Option<SystemTime>, String)> = Vec::new();
         for r in &detail.replicas {
             if want.as_ref().is_some_and(|w| *w != r.name) {
@@ -383,10 +386,13 @@ impl RestoreDialog {
             Target::Time => {
                 let t = self.time_text.trim();
                 if t.is_empty() {
-                    return Err("enter a point in time (RFC 3339, e.g. 2026-01-02T15:04:05Z)".into());
+                    return Err(
+                        "enter a point in time (RFC 3339, e.g. 2026-01-02T15:04:05Z)".into(),
+                    );
                 }
-                humantime::parse_rfc3339_weak(t)
-                    .map_err(|e| format!("point in time {t:?}: {e} (RFC 3339, e.g. 2026-01-02T15:04:05Z)"))?;
+                humantime::parse_rfc3339_weak(t).map_err(|e| {
+                    format!("point in time {t:?}: {e} (RFC 3339, e.g. 2026-01-02T15:04:05Z)")
+                })?;
                 timestamp = Some(t.to_string());
             }
             Target::Index => {
@@ -404,7 +410,10 @@ impl RestoreDialog {
         Ok(RestoreRequest {
             db: self.db.clone(),
             replica: self.replica.and_then(|i| self.replicas.get(i)).cloned(),
-            generation: self.generation.and_then(|i| self.generations.get(i)).cloned(),
+            generation: self
+                .generation
+                .and_then(|i| self.generations.get(i))
+                .cloned(),
             index,
             timestamp,
             output,
@@ -693,12 +702,19 @@ impl State {
                 let (was_connected, attempts, same) = match &self.conn {
                     Conn::Connected => (true, 0, false),
                     Conn::Connecting => (false, 0, false),
-                    Conn::Failed { failure: f, attempts } => (false, *attempts, *f == failure),
+                    Conn::Failed {
+                        failure: f,
+                        attempts,
+                    } => (false, *attempts, *f == failure),
                 };
                 if !same {
                     let what = self.conn_message(&failure);
                     if was_connected {
-                        self.log(Level::Warn, None, format!("connection lost: {what}; retrying every second"));
+                        self.log(
+                            Level::Warn,
+                            None,
+                            format!("connection lost: {what}; retrying every second"),
+                        );
                     } else {
                         self.log(Level::Error, None, what);
                     }
@@ -764,17 +780,25 @@ impl State {
                 match result {
                     Ok(v) => {
                         let what = match (action, &v) {
-                            (ActionKind::Sync, serde_json::Value::Null) => "done (nothing to sync)".to_string(),
-                            (ActionKind::Sync, v) => match serde_json::from_value::<crate::layout::Pos>(v.clone()) {
-                                Ok(p) => format!("done, position {p}"),
-                                Err(_) => format!("done: {v}"),
-                            },
+                            (ActionKind::Sync, serde_json::Value::Null) => {
+                                "done (nothing to sync)".to_string()
+                            }
+                            (ActionKind::Sync, v) => {
+                                match serde_json::from_value::<crate::layout::Pos>(v.clone()) {
+                                    Ok(p) => format!("done, position {p}"),
+                                    Err(_) => format!("done: {v}"),
+                                }
+                            }
                             (_, serde_json::Value::String(s)) => s.clone(),
                             (_, v) => format!("done: {v}"),
                         };
                         self.log(Level::Info, Some(&db), format!("{}: {what}", action.name()));
                     }
-                    Err(e) => self.log(Level::Error, Some(&db), format!("{} failed: {e}", action.name())),
+                    Err(e) => self.log(
+                        Level::Error,
+                        Some(&db),
+                        format!("{} failed: {e}", action.name()),
+                    ),
                 }
                 Vec::new()
             }
@@ -788,13 +812,16 @@ impl State {
             }
             Msg::RestoreDone(result) => {
                 let result: Result<RestoreSummary, String> = result.and_then(|v| {
-                    serde_json::from_value(v.clone()).map_err(|e| format!("unexpected restore result {v}: {e}"))
+                    serde_json::from_value(v.clone())
+                        .map_err(|e| format!("unexpected restore result {v}: {e}"))
                 });
                 let (db, output) = match &self.dialog {
                     Some(d) => (Some(d.db.clone()), d.started_output.clone()),
                     None => (None, None),
                 };
-                let out = output.map(|p| p.display().to_string()).unwrap_or_else(|| "?".into());
+                let out = output
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "?".into());
                 match &result {
                     Ok(s) => self.log(
                         Level::Info,
@@ -843,8 +870,7 @@ impl State {
         let stale = match &self.detail {
             Some(d) if Some(&d.db) == self.selected.as_ref() => {
                 !d.loading
-                    && d
-                        .fetched_at
+                    && d.fetched_at
                         .is_none_or(|t| now.duration_since(t).unwrap_or_default() >= DETAIL_REFRESH)
             }
             _ => true,
@@ -944,11 +970,19 @@ impl State {
                     ActionKind::Sync
                 };
                 let Some(db) = self.selected_db().map(|d| d.name.clone()) else {
-                    self.log(Level::Warn, None, format!("{}: no database selected", kind.name()));
+                    self.log(
+                        Level::Warn,
+                        None,
+                        format!("{}: no database selected", kind.name()),
+                    );
                     return Vec::new();
                 };
                 if !self.connected() {
-                    self.log(Level::Error, Some(&db), format!("{}: not connected to the daemon", kind.name()));
+                    self.log(
+                        Level::Error,
+                        Some(&db),
+                        format!("{}: not connected to the daemon", kind.name()),
+                    );
                     return Vec::new();
                 }
                 self.log(Level::Info, Some(&db), format!("{} requested", kind.name()));
@@ -984,7 +1018,11 @@ impl State {
             phase: Phase::Editing { error: None },
             started_output: None,
         };
-        if let Some(Detail { db: d, data: Some(detail), .. }) = &self.detail
+        if let Some(Detail {
+            db: d,
+            data: Some(detail),
+            ..
+        }) = &self.detail
             && *d == db.name
         {
             dialog.set_generations(detail);
@@ -1009,7 +1047,11 @@ impl State {
                 if action == Action::Escape {
                     let db = d.db.clone();
                     self.dialog = None;
-                    self.log(Level::Info, Some(&db), "restore dialog closed; the restore goes on in the daemon");
+                    self.log(
+                        Level::Info,
+                        Some(&db),
+                        "restore dialog closed; the restore goes on in the daemon",
+                    );
                 }
                 return Vec::new();
             }
@@ -1079,7 +1121,11 @@ impl State {
         }
         // Replica changes narrow the generations to that replica's.
         if d.focus == Field::Replica
-            && let Some(Detail { db, data: Some(detail), .. }) = &detail
+            && let Some(Detail {
+                db,
+                data: Some(detail),
+                ..
+            }) = &detail
             && *db == d.db
         {
             d.set_generations(detail);

@@ -209,7 +209,10 @@ fn conn_span(state: &State) -> Span<'static> {
         Conn::Failed {
             failure: ConnFailure::AccessDenied,
             ..
-        } => Span::styled("✖ access denied", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+        } => Span::styled(
+            "✖ access denied",
+            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        ),
         Conn::Failed { .. } if state.ever_connected => Span::styled(
             "disconnected — retrying",
             Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
@@ -217,7 +220,10 @@ fn conn_span(state: &State) -> Span<'static> {
         Conn::Failed {
             failure: ConnFailure::SocketMissing,
             ..
-        } => Span::styled("✖ no control socket", Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)),
+        } => Span::styled(
+            "✖ no control socket",
+            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        ),
         Conn::Failed { .. } => Span::styled(
             "disconnected — retrying",
             Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
@@ -245,7 +251,11 @@ fn banner_text(state: &State) -> Option<(String, Style)> {
 
 fn draw_header(f: &mut Frame, area: Rect, state: &State) {
     let vis = state.visible().len();
-    let mut right = format!("{vis}/{} dbs · sort: {}", state.dbs.len(), state.sort.name());
+    let mut right = format!(
+        "{vis}/{} dbs · sort: {}",
+        state.dbs.len(),
+        state.sort.name()
+    );
     if !state.filter.is_empty() || state.filter_editing {
         right.push_str(&format!(" · /{}", state.filter));
     }
@@ -253,12 +263,22 @@ fn draw_header(f: &mut Frame, area: Rect, state: &State) {
     let right_w = (right.chars().count() as u16).min(area.width / 2);
     let [left_area, right_area] =
         Layout::horizontal([Constraint::Fill(1), Constraint::Length(right_w)]).areas(area);
-    let left = Line::from(vec![
-        Span::styled(" litestreamd ", Style::new().fg(Color::Black).bg(Color::Cyan).add_modifier(Modifier::BOLD)),
+    let mut left = Line::from(vec![
+        Span::styled(
+            " litestreamd ",
+            Style::new()
+                .fg(Color::Black)
+                .bg(Color::Cyan)
+                .add_modifier(Modifier::BOLD),
+        ),
         Span::raw(" "),
         conn_span(state),
-        Span::styled(format!("  {}", state.socket.display()), DIM),
     ]);
+    // The socket path only when it fits (the banner and the help show it anyway).
+    let path = format!("  {}", state.socket.display());
+    if left.width() + path.chars().count() < left_area.width as usize {
+        left.push_span(Span::styled(path, DIM));
+    }
     f.render_widget(Paragraph::new(left), left_area);
     f.render_widget(
         Paragraph::new(Span::styled(right, DIM)).alignment(Alignment::Right),
@@ -279,7 +299,12 @@ fn draw_footer(f: &mut Frame, area: Rect, state: &State) {
             ("?", "help"),
             ("q", "quit"),
         ],
-        Mode::Filter => &[("type", "filter"), ("⏎", "keep"), ("Esc", "clear"), ("↑↓", "select")],
+        Mode::Filter => &[
+            ("type", "filter"),
+            ("⏎", "keep"),
+            ("Esc", "clear"),
+            ("↑↓", "select"),
+        ],
         Mode::Help => &[("any key", "close help")],
         Mode::Restore => match state.dialog.as_ref().map(|d| &d.phase) {
             Some(Phase::Running { .. }) => &[("Esc", "close (the restore continues)")],
@@ -295,7 +320,10 @@ fn draw_footer(f: &mut Frame, area: Rect, state: &State) {
     };
     let mut spans = Vec::new();
     for (k, what) in hints {
-        spans.push(Span::styled(format!(" {k}"), Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD)));
+        spans.push(Span::styled(
+            format!(" {k}"),
+            Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD),
+        ));
         spans.push(Span::raw(format!(":{what}")));
     }
     f.render_widget(Paragraph::new(Line::from(spans)), area);
@@ -419,7 +447,10 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
             return Cell::from(Span::styled("-", DIM));
         }
         Cell::from(Text::from(
-            db.replicas.iter().map(|r| Line::from(f(r))).collect::<Vec<_>>(),
+            db.replicas
+                .iter()
+                .map(|r| Line::from(f(r)))
+                .collect::<Vec<_>>(),
         ))
     };
     match col {
@@ -436,7 +467,10 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
         ),
         Col::Pos => Cell::from(truncate(&pos_text(db, width >= WIDE_POS), w)),
         Col::Replica => per_replica(&|r| {
-            Span::styled(truncate(&r.name, w), health_style(replica_health(r.state_name())))
+            Span::styled(
+                truncate(&r.name, w),
+                health_style(replica_health(r.state_name())),
+            )
         }),
         Col::Health => per_replica(&|r| {
             Span::styled(r.state_name(), health_style(replica_health(r.state_name())))
@@ -452,7 +486,11 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
         Col::LagBytes => per_replica(&|r| Span::raw(fmt_bytes(r.lag_bytes))),
         Col::Synced => per_replica(&|r| Span::raw(fmt_age(state.now, r.last_sync))),
         Col::Retries => per_replica(&|r| {
-            let style = if r.retries > 0 { Style::new().fg(Color::Yellow) } else { DIM };
+            let style = if r.retries > 0 {
+                Style::new().fg(Color::Yellow)
+            } else {
+                DIM
+            };
             Span::styled(r.retries.to_string(), style)
         }),
         Col::Error => {
@@ -460,24 +498,38 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
             for r in &db.replicas {
                 let h = replica_health(r.state_name());
                 let text = replica_error(r).unwrap_or("");
-                let style = if h >= Health::Warn { health_style(h) } else { DIM };
+                let style = if h >= Health::Warn {
+                    health_style(h)
+                } else {
+                    DIM
+                };
                 lines.push(Line::from(Span::styled(truncate(text, w), style)));
             }
-            // A database-level error replaces the first line (that is where the eye goes).
-            if let Some(e) = db.last_error.as_deref().filter(|_| db.state == "error") {
-                let line = Line::from(Span::styled(
+            // A database-level error gets a line of its own, below its replicas'.
+            if let Some(e) = db_error(db) {
+                lines.push(Line::from(Span::styled(
                     truncate(&format!("db: {e}"), w),
                     Style::new().fg(Color::Red),
-                ));
-                if lines.is_empty() {
-                    lines.push(line);
-                } else {
-                    lines[0] = line;
-                }
+                )));
             }
             Cell::from(Text::from(lines))
         }
     }
+}
+
+/// The database's own error, shown while it is in the error state.
+fn db_error(db: &DbStatus) -> Option<&str> {
+    db.last_error.as_deref().filter(|_| db.state == "error")
+}
+
+/// One line per replica, plus one for a database error.
+fn row_height(db: &DbStatus) -> u16 {
+    let extra = if db_error(db).is_some() && !db.replicas.is_empty() {
+        1
+    } else {
+        0
+    };
+    (db.replicas.len().max(1) + extra) as u16
 }
 
 fn draw_table(f: &mut Frame, area: Rect, state: &State) {
@@ -512,11 +564,21 @@ fn draw_table(f: &mut Frame, area: Rect, state: &State) {
                 ),
             }
         } else {
-            (format!("no database matches the filter {:?} (Esc clears it)", state.filter), DIM)
+            (
+                format!(
+                    "no database matches the filter {:?} (Esc clears it)",
+                    state.filter
+                ),
+                DIM,
+            )
         };
         f.render_widget(block, area);
         let h = inner.height.min(3);
-        let msg_area = Rect { y: inner.y + inner.height.saturating_sub(h) / 2, height: h, ..inner };
+        let msg_area = Rect {
+            y: inner.y + inner.height.saturating_sub(h) / 2,
+            height: h,
+            ..inner
+        };
         f.render_widget(
             Paragraph::new(msg)
                 .style(style)
@@ -528,7 +590,10 @@ fn draw_table(f: &mut Frame, area: Rect, state: &State) {
     }
 
     const SYMBOL: &str = "▶ ";
-    let cols = columns(inner.width.saturating_sub(SYMBOL.chars().count() as u16), state);
+    let cols = columns(
+        inner.width.saturating_sub(SYMBOL.chars().count() as u16),
+        state,
+    );
     let header = Row::new(
         cols.iter()
             .map(|(c, _)| Cell::from(c.title()))
@@ -538,7 +603,7 @@ fn draw_table(f: &mut Frame, area: Rect, state: &State) {
     let rows: Vec<Row> = vis
         .iter()
         .map(|db| {
-            let height = db.replicas.len().max(1) as u16;
+            let height = row_height(db);
             let row = Row::new(
                 cols.iter()
                     .map(|(c, w)| cell_for(*c, *w, db, state))
@@ -555,7 +620,11 @@ fn draw_table(f: &mut Frame, area: Rect, state: &State) {
         .column_spacing(1)
         .highlight_symbol(SYMBOL)
         .highlight_spacing(HighlightSpacing::Always)
-        .row_highlight_style(Style::new().bg(Color::DarkGray).add_modifier(Modifier::BOLD));
+        .row_highlight_style(
+            Style::new()
+                .bg(Color::DarkGray)
+                .add_modifier(Modifier::BOLD),
+        );
     let mut ts = TableState::new().with_selected(state.selected_index());
     f.render_stateful_widget(table, area, &mut ts);
 }
@@ -572,17 +641,26 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
     let mut l1 = kv("path", db.path.display().to_string());
     l1.push(Span::raw("  "));
     l1.push(Span::styled("state ", DIM));
-    l1.push(Span::styled(db.state.clone(), health_style(db_state_health(&db.state))));
+    l1.push(Span::styled(
+        db.state.clone(),
+        health_style(db_state_health(&db.state)),
+    ));
     out.push(Line::from(l1));
     let mut l2 = kv(
         "position",
-        db.pos.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        db.pos
+            .as_ref()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into()),
     );
     l2.push(Span::raw("  "));
-    l2.extend(kv("last sync", match db.last_sync {
-        Some(t) => format!("{} ago", fmt_age(state.now, Some(t))),
-        None => "never".into(),
-    }));
+    l2.extend(kv(
+        "last sync",
+        match db.last_sync {
+            Some(t) => format!("{} ago", fmt_age(state.now, Some(t))),
+            None => "never".into(),
+        },
+    ));
     out.push(Line::from(l2));
     let mut l3 = kv("db", fmt_bytes(db.db_size));
     l3.push(Span::raw("  "));
@@ -591,20 +669,29 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
     l3.extend(kv("shadow wal", fmt_bytes(db.shadow_bytes)));
     out.push(Line::from(l3));
     if let Some(e) = &db.last_error {
-        out.push(Line::from(Span::styled(format!("last error: {e}"), Style::new().fg(Color::Red))));
+        out.push(Line::from(Span::styled(
+            format!("last error: {e}"),
+            Style::new().fg(Color::Red),
+        )));
     }
 
     let detail = state.detail.as_ref().filter(|d| d.db == db.name);
     let listed = detail.and_then(|d| d.data.as_ref());
     match detail {
-        None if !state.connected() => out.push(Line::from(Span::styled("not connected: no replica listing", DIM))),
+        None if !state.connected() => out.push(Line::from(Span::styled(
+            "not connected: no replica listing",
+            DIM,
+        ))),
         None => out.push(Line::from(Span::styled("listing replicas…", DIM))),
         Some(d) => {
             if d.loading && d.data.is_none() {
                 out.push(Line::from(Span::styled("listing replicas…", DIM)));
             }
             if let Some(e) = &d.error {
-                out.push(Line::from(Span::styled(format!("listing failed: {e}"), Style::new().fg(Color::Red))));
+                out.push(Line::from(Span::styled(
+                    format!("listing failed: {e}"),
+                    Style::new().fg(Color::Red),
+                )));
             }
         }
     }
@@ -617,45 +704,77 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
             Span::raw(" "),
             Span::styled(r.state_name(), health_style(h)),
         ];
-        if let ReplicaState::Retrying { attempt, .. } | ReplicaState::Failed { attempt, .. } = &r.state {
-            head.push(Span::styled(format!(" (attempt {attempt})"), health_style(h)));
+        if let ReplicaState::Retrying { attempt, .. } | ReplicaState::Failed { attempt, .. } =
+            &r.state
+        {
+            head.push(Span::styled(
+                format!(" (attempt {attempt})"),
+                health_style(h),
+            ));
         }
         head.push(Span::raw("  "));
         head.push(Span::styled(r.url.clone(), DIM));
         out.push(Line::from(head));
-        let mut l = kv("  pos", r.pos.as_ref().map(|p| p.to_string()).unwrap_or_else(|| "-".into()));
+        let mut l = kv(
+            "  pos",
+            r.pos
+                .as_ref()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+        );
         l.push(Span::raw("  "));
-        l.extend(kv("lag", format!("{} / {}", fmt_lag(r.lag_seconds), fmt_bytes(r.lag_bytes))));
+        l.extend(kv(
+            "lag",
+            format!("{} / {}", fmt_lag(r.lag_seconds), fmt_bytes(r.lag_bytes)),
+        ));
         l.push(Span::raw("  "));
-        l.extend(kv("synced", match r.last_sync {
-            Some(t) => format!("{} ago", fmt_age(state.now, Some(t))),
-            None => "never".into(),
-        }));
+        l.extend(kv(
+            "synced",
+            match r.last_sync {
+                Some(t) => format!("{} ago", fmt_age(state.now, Some(t))),
+                None => "never".into(),
+            },
+        ));
         l.push(Span::raw("  "));
         l.extend(kv("uploaded", fmt_bytes(r.uploaded_bytes)));
         l.push(Span::raw("  "));
         l.extend(kv("retries", r.retries.to_string()));
         out.push(Line::from(l));
         if let Some(e) = replica_error(r) {
-            let style = if h >= Health::Warn { health_style(h) } else { DIM };
+            let style = if h >= Health::Warn {
+                health_style(h)
+            } else {
+                DIM
+            };
             out.push(Line::from(Span::styled(format!("  error: {e}"), style)));
         }
-        let Some(listing) = listed.and_then(|d| d.replicas.iter().find(|x| x.name == r.name)) else {
+        let Some(listing) = listed.and_then(|d| d.replicas.iter().find(|x| x.name == r.name))
+        else {
             continue;
         };
         if let Some(e) = &listing.error {
-            out.push(Line::from(Span::styled(format!("  listing error: {e}"), Style::new().fg(Color::Red))));
+            out.push(Line::from(Span::styled(
+                format!("  listing error: {e}"),
+                Style::new().fg(Color::Red),
+            )));
         }
         if listing.generations.is_empty() && listing.error.is_none() {
             out.push(Line::from(Span::styled("  no generations yet", DIM)));
         }
         for g in &listing.generations {
-            let current = db.pos.as_ref().is_some_and(|p| p.generation == g.generation);
+            let current = db
+                .pos
+                .as_ref()
+                .is_some_and(|p| p.generation == g.generation);
             let mut gl = vec![
                 Span::raw("  "),
                 Span::styled(
                     format!("{} {}", if current { "●" } else { "○" }, g.generation),
-                    if current { Style::new().fg(Color::Green).add_modifier(Modifier::BOLD) } else { Style::new() },
+                    if current {
+                        Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)
+                    } else {
+                        Style::new()
+                    },
                 ),
             ];
             if let Some(t) = g.created {
@@ -664,19 +783,30 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
             }
             if let Some(t) = g.updated {
                 gl.push(Span::raw("  "));
-                gl.extend(kv("updated", format!("{} ago", fmt_age(state.now, Some(t)))));
+                gl.extend(kv(
+                    "updated",
+                    format!("{} ago", fmt_age(state.now, Some(t))),
+                ));
             }
             out.push(Line::from(gl));
             for s in &g.snapshots {
                 out.push(Line::from(vec![
                     Span::styled("      snapshot ", DIM),
-                    Span::raw(format!("{:08x}  {:>6}  {}", s.index, fmt_bytes(s.size), fmt_time(s.created_at))),
+                    Span::raw(format!(
+                        "{:08x}  {:>6}  {}",
+                        s.index,
+                        fmt_bytes(s.size),
+                        fmt_time(s.created_at)
+                    )),
                 ]));
             }
             match (g.wal_first, g.wal_last) {
                 (Some((fi, fo)), Some((li, lo))) => out.push(Line::from(vec![
                     Span::styled("      wal      ", DIM),
-                    Span::raw(format!("{fi:08x}:{fo} → {li:08x}:{lo}  ({} segments)", g.segments)),
+                    Span::raw(format!(
+                        "{fi:08x}:{fo} → {li:08x}:{lo}  ({} segments)",
+                        g.segments
+                    )),
                 ])),
                 _ => out.push(Line::from(Span::styled("      wal      none", DIM))),
             }
@@ -687,15 +817,24 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
 
 fn draw_detail(f: &mut Frame, area: Rect, state: &State) {
     let Some(db) = state.selected_db() else {
-        let block = Block::bordered().border_type(BorderType::Rounded).title(" detail ");
-        f.render_widget(Paragraph::new(Span::styled("no database selected", DIM)).block(block), area);
+        let block = Block::bordered()
+            .border_type(BorderType::Rounded)
+            .title(" detail ");
+        f.render_widget(
+            Paragraph::new(Span::styled("no database selected", DIM)).block(block),
+            area,
+        );
         return;
     };
     let loading = state
         .detail
         .as_ref()
         .is_some_and(|d| d.db == db.name && d.loading && d.data.is_some());
-    let title = format!(" {} — detail{} ", db.name, if loading { " (refreshing)" } else { "" });
+    let title = format!(
+        " {} — detail{} ",
+        db.name,
+        if loading { " (refreshing)" } else { "" }
+    );
     let block = Block::bordered()
         .border_type(BorderType::Rounded)
         .title(Span::styled(title, BOLD));
@@ -740,7 +879,11 @@ fn draw_log(f: &mut Frame, area: Rect, state: &State) {
 // Restore dialog
 
 fn choice(label: &str, focused: bool) -> Vec<Span<'static>> {
-    let arrow = if focused { Style::new().fg(Color::Cyan) } else { DIM };
+    let arrow = if focused {
+        Style::new().fg(Color::Cyan)
+    } else {
+        DIM
+    };
     vec![
         Span::styled("◂ ", arrow),
         Span::styled(label.to_string(), if focused { BOLD } else { Style::new() }),
@@ -766,15 +909,28 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
     let value_w = inner_w.saturating_sub(LABEL);
     let mut lines: Vec<Line> = Vec::new();
     let label = |name: &str, field: Option<Field>| -> Span<'static> {
-        let focused = field.is_some() && field == Some(d.focus) && matches!(d.phase, Phase::Editing { .. });
+        let focused =
+            field.is_some() && field == Some(d.focus) && matches!(d.phase, Phase::Editing { .. });
         if focused {
-            Span::styled(format!("› {name:<w$}", w = LABEL - 2), Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD))
+            Span::styled(
+                format!("› {name:<w$}", w = LABEL - 2),
+                Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD),
+            )
         } else {
             Span::styled(format!("  {name:<w$}", w = LABEL - 2), DIM)
         }
     };
     let mut db_line = vec![label("database", None), Span::styled(d.db.clone(), BOLD)];
-    db_line.push(Span::styled(format!("  live: {}", tail(&d.live_path.display().to_string(), value_w.saturating_sub(d.db.len() + 8))), DIM));
+    db_line.push(Span::styled(
+        format!(
+            "  live: {}",
+            tail(
+                &d.live_path.display().to_string(),
+                value_w.saturating_sub(d.db.len() + 8)
+            )
+        ),
+        DIM,
+    ));
     lines.push(Line::from(db_line));
 
     match &d.phase {
@@ -784,11 +940,17 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
             l.extend(choice(d.replica_label(), focus(Field::Replica)));
             lines.push(Line::from(l));
             let mut l = vec![label("generation", Some(Field::Generation))];
-            l.extend(choice(&truncate(d.generation_label(), value_w.saturating_sub(4)), focus(Field::Generation)));
+            l.extend(choice(
+                &truncate(d.generation_label(), value_w.saturating_sub(4)),
+                focus(Field::Generation),
+            ));
             if d.generations.is_empty() {
                 l.push(Span::styled("  (none listed yet)", DIM));
             } else {
-                l.push(Span::styled(format!("  ({} known)", d.generations.len()), DIM));
+                l.push(Span::styled(
+                    format!("  ({} known)", d.generations.len()),
+                    DIM,
+                ));
             }
             lines.push(Line::from(l));
             let mut l = vec![label("restore to", Some(Field::Target))];
@@ -798,13 +960,21 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
                 Target::Latest => {}
                 Target::Time => {
                     let mut l = vec![label("time", Some(Field::Value))];
-                    l.extend(text_field(&d.time_text, focus(Field::Value), value_w.saturating_sub(12)));
+                    l.extend(text_field(
+                        &d.time_text,
+                        focus(Field::Value),
+                        value_w.saturating_sub(12),
+                    ));
                     l.push(Span::styled("  RFC 3339", DIM));
                     lines.push(Line::from(l));
                 }
                 Target::Index => {
                     let mut l = vec![label("wal index", Some(Field::Value))];
-                    l.extend(text_field(&d.index_text, focus(Field::Value), value_w.saturating_sub(16)));
+                    l.extend(text_field(
+                        &d.index_text,
+                        focus(Field::Value),
+                        value_w.saturating_sub(16),
+                    ));
                     l.push(Span::styled("  hex, inclusive", DIM));
                     lines.push(Line::from(l));
                 }
@@ -814,7 +984,11 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
             lines.push(Line::from(l));
             let mut l = vec![label("integrity", Some(Field::Integrity))];
             l.extend(choice(
-                if d.integrity_check { "run PRAGMA integrity_check" } else { "skip the check" },
+                if d.integrity_check {
+                    "run PRAGMA integrity_check"
+                } else {
+                    "skip the check"
+                },
                 focus(Field::Integrity),
             ));
             lines.push(Line::from(l));
@@ -824,27 +998,26 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
                 DIM,
             )));
             if let Some(e) = error {
-                lines.push(Line::from(Span::styled(format!("✖ {e}"), Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))));
+                lines.push(Line::from(Span::styled(
+                    format!("✖ {e}"),
+                    Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+                )));
             }
-            let hint: Vec<Span> = DIALOG_BINDINGS
-                .iter()
-                .flat_map(|(k, w)| {
-                    [
-                        Span::styled(format!("{k}"), Style::new().fg(Color::Cyan)),
-                        Span::styled(format!(" {w}  "), DIM),
-                    ]
-                })
-                .collect();
-            lines.push(Line::raw(""));
-            lines.push(Line::from(hint));
         }
         Phase::Running { stage, done, total } => {
-            let out = d.started_output.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let out = d
+                .started_output
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             let mut l = vec![label("output", None)];
             l.push(Span::raw(tail(&out, value_w)));
             lines.push(Line::from(l));
             let mut l = vec![label("stage", None)];
-            l.push(Span::styled(stage.clone(), Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD)));
+            l.push(Span::styled(
+                stage.clone(),
+                Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+            ));
             if *total > 0 {
                 l.push(Span::raw(format!("  {done}/{total}")));
             }
@@ -857,7 +1030,11 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
             )));
         }
         Phase::Done(Ok(s)) => {
-            let out = d.started_output.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+            let out = d
+                .started_output
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             lines.push(Line::from(Span::styled(
                 "✔ restore finished",
                 Style::new().fg(Color::Green).add_modifier(Modifier::BOLD),
@@ -865,8 +1042,12 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
             let mut l = vec![label("output", None)];
             l.push(Span::raw(tail(&out, value_w)));
             lines.push(Line::from(l));
-            lines.push(Line::from([label("replica", None), Span::raw(s.replica.clone())].to_vec()));
-            lines.push(Line::from([label("generation", None), Span::raw(s.generation.clone())].to_vec()));
+            lines.push(Line::from(
+                [label("replica", None), Span::raw(s.replica.clone())].to_vec(),
+            ));
+            lines.push(Line::from(
+                [label("generation", None), Span::raw(s.generation.clone())].to_vec(),
+            ));
             lines.push(Line::from(
                 [
                     label("applied", None),
@@ -881,22 +1062,34 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
                 .to_vec(),
             ));
             let integrity = if s.integrity_checked {
-                Span::styled("ok (PRAGMA integrity_check ran)", Style::new().fg(Color::Green))
+                Span::styled(
+                    "ok (PRAGMA integrity_check ran)",
+                    Style::new().fg(Color::Green),
+                )
             } else {
                 Span::styled("not run", Style::new().fg(Color::Yellow))
             };
             lines.push(Line::from([label("integrity", None), integrity].to_vec()));
             lines.push(Line::raw(""));
-            lines.push(Line::from(Span::styled("Enter or Esc closes this dialog.", DIM)));
+            lines.push(Line::from(Span::styled(
+                "Enter or Esc closes this dialog.",
+                DIM,
+            )));
         }
         Phase::Done(Err(e)) => {
             lines.push(Line::from(Span::styled(
                 "✖ restore failed",
                 Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
             )));
-            lines.push(Line::from(Span::styled(e.clone(), Style::new().fg(Color::Red))));
+            lines.push(Line::from(Span::styled(
+                e.clone(),
+                Style::new().fg(Color::Red),
+            )));
             lines.push(Line::raw(""));
-            lines.push(Line::from(Span::styled("Enter or Esc closes this dialog.", DIM)));
+            lines.push(Line::from(Span::styled(
+                "Enter or Esc closes this dialog.",
+                DIM,
+            )));
         }
     }
 
@@ -919,12 +1112,22 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
         .padding(ratatui::widgets::Padding::horizontal(1));
     let inner = block.inner(rect);
     f.render_widget(
-        Paragraph::new(lines).block(block).wrap(Wrap { trim: false }),
+        Paragraph::new(lines)
+            .block(block)
+            .wrap(Wrap { trim: false }),
         rect,
     );
     if let Phase::Running { done, total, .. } = &d.phase {
-        let ratio = if *total > 0 { (*done as f64 / *total as f64).clamp(0.0, 1.0) } else { 0.0 };
-        let gauge_area = Rect { y: inner.y + 3, height: 1, ..inner };
+        let ratio = if *total > 0 {
+            (*done as f64 / *total as f64).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let gauge_area = Rect {
+            y: inner.y + 3,
+            height: 1,
+            ..inner
+        };
         f.render_widget(
             Gauge::default()
                 .gauge_style(Style::new().fg(Color::Cyan).bg(Color::Black))
@@ -941,7 +1144,12 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
 
 fn draw_help(f: &mut Frame, area: Rect, state: &State) {
     let mut lines: Vec<Line> = Vec::new();
-    let key = |k: &str| Span::styled(format!("  {k:<14}"), Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD));
+    let key = |k: &str| {
+        Span::styled(
+            format!("  {k:<14}"),
+            Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD),
+        )
+    };
     for (k, what) in BINDINGS {
         lines.push(Line::from(vec![key(k), Span::raw(*what)]));
     }
