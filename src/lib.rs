@@ -27,5 +27,6 @@ pub mod replicator;
 pub mod restore;
 pub mod supervisor;
 pub mod telemetry;
+pub mod tui;
 pub mod wal;
 pub mod worker;

@@ -46,6 +46,16 @@ enum Command {
     /// Configuration commands.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Live dashboard of the running daemon: databases, lag, errors, snapshot/sync now, restores.
+    Tui {
+        /// The daemon's control socket.
+        #[arg(
+            long,
+            env = "LITESTREAMD_SOCKET",
+            default_value = "/run/litestreamd/control.sock"
+        )]
+        socket: PathBuf,
+    },
     /// Convert a Litestream 0.3 litestream.yml into one litestreamd file per database.
     ImportLitestreamConfig {
         /// The Litestream configuration file.
@@ -194,6 +204,8 @@ fn main() {
                 std::process::exit(1);
             }
         },
+        // Anything written to stderr would corrupt the dashboard's screen.
+        Command::Tui { .. } => (cli.log_level.clone().unwrap_or_else(|| "off".into()), false),
         _ => (
             cli.log_level.clone().unwrap_or_else(|| "info".into()),
             false,
@@ -229,6 +241,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Run { config } => run(&config).await,
         Command::Config(ConfigCmd::Check { config }) => config_check(&config).await,
         Command::GenerateDocs { dir } => generate_docs(&dir),
+        Command::Tui { socket } => Ok(litestreamd::tui::run(socket).await?),
         Command::ImportLitestreamConfig {
             file,
             out_dir,
