@@ -1,0 +1,1044 @@
+#!/usr/bin/env python3
+"""Benchmark driver: litestreamd against Litestream 0.3.13, same machine, same run.
+
+Figures
+  1. Restore time of a database from a local-directory replica, both tools restoring the SAME
+     replica directory: (a) a long WAL history (hundreds of WAL indexes after the snapshot),
+     (b) a freshly snapshotted database (no WAL history).
+  2. CPU cost (utime+stime of the replicator process, as % of one core) and peak RSS (VmHWM)
+     of replicating a steady stream of small transactions, monitor/sync interval 1 s for both.
+
+Every figure is the median of --reps runs, with min and max, and the litestreamd/Litestream
+ratio next to it. Standard library only (plus sqlite3). Normally started by bench/run.sh, which
+builds litestreamd and installs Litestream first.
+
+The script also runs itself as the load generator of figure 2 (`bench.py --writer ...`), so the
+writer's CPU is never counted against a replicator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PAGE_SIZE = 4096
+BLOB = 1000  # bytes of random data per row of the restore database
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+MiB = 1 << 20
+
+# Processes this script started and has not yet reaped; stopped (by pid) on any exit path.
+CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# processes
+
+def spawn(argv, log_path: Path, **kw) -> subprocess.Popen:
+    out = open(log_path, "ab")
+    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+    out.close()
+    CHILDREN[p.pid] = p
+    return p
+
+
+def stop(p: subprocess.Popen, timeout: float = 60.0) -> int:
+    """SIGTERM, wait (both tools do a final sync on SIGTERM), SIGKILL as a last resort."""
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log(f"pid {p.pid} did not stop within {timeout}s; killing it")
+            p.kill()
+            p.wait()
+    CHILDREN.pop(p.pid, None)
+    return p.returncode
+
+
+def stop_all_children() -> None:
+    for pid, p in list(CHILDREN.items()):
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            except ProcessLookupError:
+                pass
+        CHILDREN.pop(pid, None)
+
+
+def tail(path: Path, n: int = 25) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def timed_run(argv, log_path: Path) -> dict:
+    """Runs a command to completion; wall time, and the child's own CPU and peak RSS (wait4)."""
+    out = open(log_path, "ab")
+    out.write(("\n$ " + " ".join(map(str, argv)) + "\n").encode())
+    out.flush()
+    b0, t0 = system_busy_seconds(), time.perf_counter()
+    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    CHILDREN[p.pid] = p
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    busy = system_busy_seconds() - b0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    CHILDREN.pop(p.pid, None)
+    out.close()
+    if p.returncode != 0:
+        raise BenchError(f"{argv[0]} exited with {p.returncode}:\n{tail(log_path)}")
+    cpu = ru.ru_utime + ru.ru_stime
+    # Busy cores not accounted to the command: other processes, and kernel threads (writeback).
+    return {"wall": wall, "cpu": cpu, "user": ru.ru_utime, "sys": ru.ru_stime,
+            "maxrss_kib": ru.ru_maxrss,
+            "other_cores": max(0.0, busy - cpu) / wall}
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime+stime of every thread of the process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"{key} not in /proc/{pid}/status")
+
+
+def system_busy_seconds() -> float:
+    """CPU-seconds all cores spent not idle (user+nice+system+irq+softirq+steal), /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / CLK_TCK
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Waits (up to max_wait s) until the machine is nearly idle: under `threshold` cores busy
+    over one second. Returns the busy cores of the last sample."""
+    deadline = time.monotonic() + max_wait
+    logged = False
+    while True:
+        b0, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        busy = (system_busy_seconds() - b0) / (time.monotonic() - t0)
+        if busy < threshold or time.monotonic() >= deadline:
+            if logged:
+                log(f"  ... {'quiet' if busy < threshold else 'still busy, going on'} "
+                    f"({busy:.2f} cores busy)")
+            return busy
+        if not logged:
+            log(f"  machine busy ({busy:.2f} cores, not ours); waiting up to {max_wait:.0f}s")
+            logged = True
+
+
+# --------------------------------------------------------------------------------------------
+# page cache
+
+def drop_caches() -> bool:
+    """Writes back dirty pages and drops the page cache; False if not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# replica layout (Litestream v0.3: generations/<gen>/snapshots/<idx>.snapshot.lz4,
+#                                  generations/<gen>/wal/<idx>_<off>.wal.lz4)
+
+SEG_RE = re.compile(r"^([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$")
+SNAP_RE = re.compile(r"^([0-9a-f]{8})\.snapshot\.lz4$")
+
+
+def generations(replica: Path) -> list[str]:
+    d = replica / "generations"
+    return sorted(os.listdir(d)) if d.is_dir() else []
+
+
+def snapshot_files(replica: Path) -> list[Path]:
+    out = []
+    for g in generations(replica):
+        d = replica / "generations" / g / "snapshots"
+        if d.is_dir():
+            out += [d / n for n in sorted(os.listdir(d)) if SNAP_RE.match(n)]
+    return out
+
+
+def wal_indexes(replica: Path) -> set[int]:
+    out = set()
+    for g in generations(replica):
+        d = replica / "generations" / g / "wal"
+        if d.is_dir():
+            for n in os.listdir(d):
+                m = SEG_RE.match(n)
+                if m:
+                    out.add(int(m.group(1), 16))
+    return out
+
+
+def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None,
+             log_path: Path | None = None, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"replicator exited ({proc.returncode}) while waiting for {what}:\n"
+                             f"{tail(log_path) if log_path else ''}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout}s waiting for {what}"
+                             + (f":\n{tail(log_path)}" if log_path else ""))
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------------------------
+# databases
+
+def make_restore_db(path: Path, mib: int) -> int:
+    """A database of about `mib` MiB of random blobs, written in large transactions, then put in
+    WAL mode. The bulk load runs without a journal (the result is the same file, written once
+    instead of twice)."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB NOT NULL)")
+    target = mib * MiB
+    rows_per_tx = (64 * MiB) // (BLOB + 30)
+    while True:
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        if pages * PAGE_SIZE >= target:
+            break
+        left = (target - pages * PAGE_SIZE) // (PAGE_SIZE // 4) + 1  # ~4 rows a page
+        n = max(1, min(rows_per_tx, left))
+        con.execute("BEGIN")
+        con.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x<?) "
+            "INSERT INTO t(b) SELECT randomblob(?) FROM c", (n, BLOB))
+        con.execute("COMMIT")
+    con.execute("PRAGMA journal_mode=WAL")
+    rows = con.execute("SELECT count(*) FROM t").fetchone()[0]
+    con.close()
+    return rows
+
+
+def history_batch(con: sqlite3.Connection, rng: random.Random, max_id: int, updates: int) -> int:
+    """One small write transaction: rewrite `updates` random rows (scattered pages) and append
+    two rows. Returns the new max id."""
+    con.execute("BEGIN IMMEDIATE")
+    for _ in range(updates):
+        con.execute("UPDATE t SET b=randomblob(?) WHERE id=?", (BLOB, rng.randint(1, max_id)))
+    con.execute("INSERT INTO t(b) VALUES (randomblob(?)), (randomblob(?))", (BLOB, BLOB))
+    con.execute("COMMIT")
+    return max_id + 2
+
+
+def table_digest(path: Path, table: str = "t") -> tuple[int, str]:
+    """Row count and SHA-256 of every row of `table` in id order (opened read-only)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    h = hashlib.sha256()
+    n = 0
+    for row in con.execute(f"SELECT * FROM {table} ORDER BY id"):
+        n += 1
+        h.update(repr(row).encode())
+    con.close()
+    return n, h.hexdigest()
+
+
+def integrity_check(path: Path) -> str:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    r = con.execute("PRAGMA integrity_check").fetchall()
+    con.close()
+    return "; ".join(str(x[0]) for x in r[:5])
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(8 * MiB)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def rm_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            p.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# statistics and formatting
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": values}
+
+
+def fmt_s(v: float) -> str:
+    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep] + [line(r) for r in rows])
+
+
+# --------------------------------------------------------------------------------------------
+# figure 1: restore
+
+def litestreamd_toml(work: Path, db: Path, replica: Path, min_pages: int,
+                     listeners_off: bool) -> Path:
+    cfg = work / "lsd-config"
+    (cfg / "dbs.d").mkdir(parents=True, exist_ok=True)
+    main = 'dbs_dir = "dbs.d"\n'
+    if listeners_off:
+        # No metrics listener (default 127.0.0.1:9093 could collide) and no control socket in
+        # /run; builds that predate these keys reject them, see start_litestreamd_run.
+        main += 'metrics_addr = ""\ncontrol_socket = ""\n'
+    (cfg / "litestreamd.toml").write_text(main)
+    (cfg / "dbs.d" / "app.toml").write_text(
+        f'path = "{db}"\n'
+        'monitor_interval = "50ms"\n'
+        f"min_checkpoint_page_count = {min_pages}\n"
+        "max_checkpoint_page_count = 10000\n"
+        'checkpoint_interval = "1m"\n'
+        "[[replicas]]\n"
+        'name = "local"\n'
+        'type = "file"\n'
+        f'path = "{replica}"\n'
+        'sync_interval = "50ms"\n')
+    return cfg / "litestreamd.toml"
+
+
+def start_litestreamd_run(a, work: Path, db: Path, replica: Path, lg: Path):
+    """`litestreamd run` with listeners disabled; an older build that does not know the keys
+    (unknown field) is started again without them."""
+    for listeners_off in (True, False):
+        cfg = litestreamd_toml(work, db, replica, min_pages=16, listeners_off=listeners_off)
+        p = spawn([a.litestreamd, "--log-level", "warn", "run", "--config", str(cfg)], lg)
+        try:
+            p.wait(1.5)
+        except subprocess.TimeoutExpired:
+            return p
+        CHILDREN.pop(p.pid, None)
+        if not (listeners_off and "unknown field" in tail(lg)):
+            raise BenchError(f"litestreamd run exited with {p.returncode}:\n{tail(lg)}")
+        log("this litestreamd build has no metrics_addr/control_socket keys; starting it "
+            "without them")
+    raise AssertionError
+
+
+def build_history_replica(a, work: Path) -> dict:
+    db = work / "app.db"
+    replica = work / "replica-history"
+    t0 = time.monotonic()
+    rows = make_restore_db(db, a.db_mib)
+    size = db.stat().st_size
+    log(f"created {db.name}: {size / MiB:.0f} MiB, {rows} rows in {time.monotonic() - t0:.1f}s")
+
+    # Each batch writes ~updates+3 pages; a PASSIVE checkpoint (=> next WAL index) happens once
+    # the WAL holds min_pages, so every batch ends its own index.
+    updates = 24
+    lg = work / "litestreamd-run.log"
+    p = start_litestreamd_run(a, work, db, replica, lg)
+    t0 = time.monotonic()
+    wait_for(lambda: snapshot_files(replica), 600, "the initial snapshot", p, lg)
+    snap = snapshot_files(replica)[0]
+    snap_index = int(SNAP_RE.match(snap.name).group(1), 16)
+    log(f"initial snapshot {snap.name} ({snap.stat().st_size / MiB:.0f} MiB) "
+        f"after {time.monotonic() - t0:.1f}s; writing {a.indexes} batches")
+
+    con = sqlite3.connect(db, isolation_level=None, timeout=30)
+    con.execute("PRAGMA busy_timeout=30000")
+    con.execute("PRAGMA synchronous=NORMAL")
+    con.execute("PRAGMA wal_autocheckpoint=0")  # the replicator checkpoints
+    rng = random.Random(1)
+    max_id = con.execute("SELECT max(id) FROM t").fetchone()[0]
+    t0 = time.monotonic()
+    batches = 0
+    slow = 0
+    while len([i for i in wal_indexes(replica) if i > snap_index]) < a.indexes:
+        before = max(wal_indexes(replica), default=-1)
+        max_id = history_batch(con, rng, max_id, updates)
+        batches += 1
+        try:
+            wait_for(lambda: max(wal_indexes(replica), default=-1) > before, 10,
+                     "the next WAL index", p, lg, interval=0.01)
+        except BenchError:
+            if p.poll() is not None:
+                raise
+            slow += 1
+        if batches > 3 * a.indexes + 50:
+            raise BenchError(f"{batches} batches produced only "
+                             f"{len(wal_indexes(replica))} WAL indexes")
+    con.close()
+    elapsed = time.monotonic() - t0
+    rc = stop(p)
+    if rc != 0:
+        raise BenchError(f"litestreamd run exited with {rc}:\n{tail(lg)}")
+    log(f"{batches} batches in {elapsed:.1f}s ({slow} waited >10s for an index); "
+        f"litestreamd stopped")
+
+    gens = generations(replica)
+    if len(gens) != 1:
+        raise BenchError(f"expected one generation in the history replica, found {gens}")
+    # Count with the tool itself, as a cross-check of the directory listing.
+    segs = json.loads(subprocess.run(
+        [a.litestreamd, "--log-level", "error", "wal", "--json", f"file://{replica}"],
+        check=True, capture_output=True, text=True).stdout)
+    snaps = json.loads(subprocess.run(
+        [a.litestreamd, "--log-level", "error", "snapshots", "--json", f"file://{replica}"],
+        check=True, capture_output=True, text=True).stdout)
+    snap_index = max(s["index"] for s in snaps)
+    idx = sorted({s["index"] for s in segs if s["index"] >= snap_index})
+    if idx != list(range(snap_index, snap_index + len(idx))):
+        raise BenchError(f"WAL indexes after the snapshot are not contiguous: {idx[:10]}...")
+    wal_bytes = sum(s["size"] for s in segs if s["index"] >= snap_index)
+    n_after = len([i for i in idx if i > snap_index])
+    log(f"replica: snapshot index {snap_index:08x}, {len(idx)} WAL indexes from it "
+        f"({n_after} after it), {len(segs)} segments, {wal_bytes / MiB:.1f} MiB of LZ4 WAL")
+    return {
+        "db": db, "replica": replica, "db_bytes": size, "snapshot_index": snap_index,
+        "snapshot_bytes": snapshot_files(replica)[-1].stat().st_size,
+        "indexes": len(idx), "indexes_after_snapshot": n_after, "segments": len(segs),
+        "wal_lz4_bytes": wal_bytes, "batches": batches,
+    }
+
+
+def build_fresh_replica(a, work: Path, source: Path) -> dict:
+    """A freshly snapshotted copy: `source` (a restored database, no -wal) replicated by
+    `litestreamd replicate` until its first snapshot is uploaded."""
+    db = work / "fresh.db"
+    replica = work / "replica-fresh"
+    os.replace(source, db)
+    lg = work / "litestreamd-replicate-fresh.log"
+    p = spawn([a.litestreamd, "--log-level", "warn", "replicate", str(db), f"file://{replica}",
+               "--monitor-interval", "1s", "--sync-interval", "1s"], lg)
+    wait_for(lambda: snapshot_files(replica), 600, "the snapshot", p, lg)
+    time.sleep(2.5)  # let the first WAL segment (litestreamd's own header write) land
+    rc = stop(p)
+    if rc != 0:
+        raise BenchError(f"litestreamd replicate exited with {rc}:\n{tail(lg)}")
+    snaps = snapshot_files(replica)
+    snap_index = int(SNAP_RE.match(snaps[-1].name).group(1), 16)
+    idx = sorted(i for i in wal_indexes(replica) if i >= snap_index)
+    segs = sum(1 for g in generations(replica)
+               for n in os.listdir(replica / "generations" / g / "wal") if SEG_RE.match(n))
+    log(f"fresh replica: snapshot {snaps[-1].name} "
+        f"({snaps[-1].stat().st_size / MiB:.0f} MiB), WAL indexes {idx}")
+    return {"db": db, "replica": replica, "db_bytes": db.stat().st_size,
+            "snapshot_index": snap_index, "snapshot_bytes": snaps[-1].stat().st_size,
+            "indexes": len(idx), "indexes_after_snapshot": len([i for i in idx if i > snap_index]),
+            "segments": segs}
+
+
+RESTORE_TOOLS = [
+    # key, label, compared with Litestream?
+    ("ls", "Litestream 0.3.13"),
+    ("lsd", "litestreamd --no-integrity-check"),
+    ("lsd_ic", "litestreamd (default: + integrity_check)"),
+]
+
+
+def restore_argv(a, tool: str, out: Path, replica: Path) -> list[str]:
+    url = f"file://{replica}"
+    if tool == "ls":
+        return [a.litestream, "restore", "-o", str(out), url]
+    argv = [a.litestreamd, "--log-level", "warn", "restore", "-o", str(out)]
+    if tool == "lsd":
+        argv.append("--no-integrity-check")
+    return argv + [url]
+
+
+def bench_restore(a, work: Path, case: str, rep: dict, cold: bool, keep_one: bool) -> dict:
+    """Times every tool restoring rep['replica'], interleaved, a.reps times; verifies the first
+    output of every tool. If keep_one, the litestreamd output of the first run is returned
+    (renamed) for reuse."""
+    replica = rep["replica"]
+    times: dict[str, list[dict]] = {k: [] for k, _ in RESTORE_TOOLS}
+    lg = work / f"restore-{case}.log"
+    first_outputs: dict[str, Path] = {}
+    cache_state = set()
+    for r in range(a.reps):
+        order = RESTORE_TOOLS[r % len(RESTORE_TOOLS):] + RESTORE_TOOLS[:r % len(RESTORE_TOOLS)]
+        for tool, label in order:
+            out = work / f"restored-{case}-{tool}-{r}.db"
+            rm_db(out)
+            if a.quiet_wait:
+                wait_quiet(a.quiet_wait)
+            if cold:
+                cache_state.add("cold" if drop_caches() else "warm")
+            else:
+                os.sync()
+                cache_state.add("warm")
+            m = timed_run(restore_argv(a, tool, out, replica), lg)
+            if not out.exists():
+                raise BenchError(f"{label} exited 0 but {out} does not exist")
+            # Anything else named after the output is a leftover (Litestream 0.3.13 leaves
+            # OUT.tmp-wal and OUT.tmp-shm behind); note it and remove it.
+            m["leftovers"] = sorted(n[len(out.name):] for n in os.listdir(work)
+                                    if n.startswith(out.name) and n != out.name)
+            for sfx in m["leftovers"]:
+                if sfx not in ("-wal", "-shm"):
+                    Path(str(out) + sfx).unlink()
+            m["bytes"] = out.stat().st_size
+            times[tool].append(m)
+            log(f"  {case} run {r + 1}/{a.reps} {label}: {m['wall']:.2f}s "
+                f"(cpu {m['cpu']:.2f}s = {m['user']:.2f} user + {m['sys']:.2f} sys, maxrss {m['maxrss_kib'] / 1024:.0f} MiB, "
+                f"other busy cores {m['other_cores']:.2f})")
+            if r == 0:
+                first_outputs[tool] = out
+            else:
+                rm_db(out)
+        if r == 0:
+            verify_restores(rep, first_outputs)
+            for tool, out in first_outputs.items():
+                if keep_one and tool == "lsd":
+                    continue
+                rm_db(out)
+    res = {"case": case, "cache": "/".join(sorted(cache_state)), "tools": {}}
+    for tool, label in RESTORE_TOOLS:
+        runs = times[tool]
+        walls = [m["wall"] for m in runs]
+        res["tools"][tool] = {
+            "label": label, "wall": summary(walls),
+            "mb_s": summary([m["bytes"] / MB / m["wall"] for m in runs]),
+            "cpu": summary([m["cpu"] for m in runs]),
+            "maxrss_mib": max(m["maxrss_kib"] for m in runs) / 1024,
+            "leftovers": sorted({x for m in runs for x in m["leftovers"]}),
+            "other_cores_max": max(m["other_cores"] for m in runs),
+        }
+    res["verification"] = rep.get("verification")
+    if keep_one:
+        res["kept"] = first_outputs["lsd"]
+    return res
+
+
+def verify_restores(rep: dict, outputs: dict[str, Path]) -> None:
+    """Both tools must produce the same database, and it must hold the source's rows."""
+    t0 = time.monotonic()
+    shas = {tool: file_sha256(p) for tool, p in outputs.items()}
+    distinct = {}
+    for tool, sha in shas.items():
+        distinct.setdefault(sha, []).append(tool)
+    checks = {}
+    for sha, tools in distinct.items():
+        p = outputs[tools[0]]
+        ic = integrity_check(p)
+        n, digest = table_digest(p)
+        checks[sha] = {"tools": tools, "integrity_check": ic, "rows": n, "digest": digest}
+        if ic != "ok":
+            raise BenchError(f"restored database of {tools} fails integrity_check: {ic}")
+    if rep.get("source_digest"):
+        for c in checks.values():
+            if (c["rows"], c["digest"]) != rep["source_digest"]:
+                raise BenchError(f"restored data of {c['tools']} differs from the source: "
+                                 f"{c['rows']} rows vs {rep['source_digest'][0]}")
+    digests = {(c["rows"], c["digest"]) for c in checks.values()}
+    if len(digests) != 1:
+        raise BenchError(f"the tools restored different data: {checks}")
+    identical = len(distinct) == 1
+    rep["verification"] = {
+        "byte_identical": identical,
+        "integrity_check": "ok",
+        "rows": next(iter(digests))[0],
+        "matches_source": bool(rep.get("source_digest")),
+    }
+    log(f"  verified: {'byte-identical' if identical else 'NOT byte-identical but same rows'}, "
+        f"integrity_check ok, {rep['verification']['rows']} rows"
+        f"{', equal to the source' if rep.get('source_digest') else ''} "
+        f"({time.monotonic() - t0:.1f}s)")
+
+
+def bound_measurements(a, work: Path, snap: Path, size: int, cold: bool) -> dict:
+    """What the disk and LZ4 allow: cold sequential read of the snapshot object, a write+fsync
+    of a file of the database's size, and `lz4 -d` of the snapshot into a file + fsync."""
+    out = {}
+    if cold:
+        drop_caches()
+    t0 = time.perf_counter()
+    with open(snap, "rb", buffering=0) as f:
+        while f.read(8 * MiB):
+            pass
+    out["read_snapshot_mb_s"] = snap.stat().st_size / MB / (time.perf_counter() - t0)
+
+    tmp = work / "bound.tmp"
+    buf = os.urandom(8 * MiB)
+    os.sync()
+    t0 = time.perf_counter()
+    with open(tmp, "wb", buffering=0) as f:
+        left = size
+        while left > 0:
+            left -= f.write(buf[:min(left, len(buf))])
+        os.fsync(f.fileno())
+    out["write_fsync_mb_s"] = size / MB / (time.perf_counter() - t0)
+    tmp.unlink()
+
+    # Latency of one small durable write (Litestream pays several per WAL index on restore).
+    lat = []
+    with open(tmp, "wb", buffering=0) as f:
+        for i in range(50):
+            f.write(buf[:PAGE_SIZE])
+            t0 = time.perf_counter()
+            os.fsync(f.fileno())
+            lat.append(time.perf_counter() - t0)
+    tmp.unlink()
+    out["fsync_ms"] = statistics.median(lat) * 1000
+
+    lz4 = shutil.which("lz4")
+    if lz4:
+        if cold:
+            drop_caches()
+        t0 = time.perf_counter()
+        with open(tmp, "wb") as f:
+            subprocess.run([lz4, "-dc", str(snap)], stdout=f, check=True)
+            os.fsync(f.fileno())
+        out["lz4_cli_restore_s"] = time.perf_counter() - t0
+        out["lz4_cli_restore_mb_s"] = tmp.stat().st_size / MB / out["lz4_cli_restore_s"]
+        # decompression alone, from the page cache, to /dev/null
+        t0 = time.perf_counter()
+        subprocess.run([lz4, "-dc", str(snap)], stdout=subprocess.DEVNULL, check=True)
+        out["lz4_decompress_mb_s"] = tmp.stat().st_size / MB / (time.perf_counter() - t0)
+        tmp.unlink()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# figure 2: CPU cost of steady replication
+
+def writer_main(db: str, rate: float, seconds: float) -> None:
+    """Load generator: `rate` single-row (~100 byte) insert transactions per second, paced on
+    an absolute schedule. Prints 'ready', then one JSON line of statistics."""
+    con = sqlite3.connect(db, isolation_level=None, timeout=30)
+    con.execute("PRAGMA busy_timeout=30000")
+    con.execute("PRAGMA synchronous=NORMAL")
+    rng = random.Random(2)
+    payloads = [rng.randbytes(50).hex() for _ in range(4096)]  # 100 characters each
+    print("ready", flush=True)
+    n = int(rate * seconds)
+    t0 = time.monotonic()
+    worst = 0.0
+    late = 0
+    for i in range(n):
+        due = t0 + i / rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        elif now - due > 0.1:
+            late += 1
+        s = time.monotonic()
+        con.execute("INSERT INTO t(v) VALUES (?)", (payloads[i & 4095],))
+        worst = max(worst, time.monotonic() - s)
+    elapsed = time.monotonic() - t0
+    con.close()
+    print(json.dumps({"tx": n, "elapsed": elapsed, "rate": n / elapsed,
+                      "worst_commit_ms": worst * 1000, "late_by_100ms": late}), flush=True)
+
+
+def cpu_run(a, work: Path, tool: str, r: int) -> dict:
+    d = work / f"cpu-{tool}-{r}"
+    d.mkdir()
+    db = d / "app.db"
+    replica = d / "replica"
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute(f"PRAGMA page_size={PAGE_SIZE}")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    con.close()
+    lg = d / "replicator.log"
+    if tool == "ls":
+        yml = d / "litestream.yml"
+        yml.write_text(
+            "dbs:\n"
+            f"  - path: {db}\n"
+            "    monitor-interval: 1s\n"
+            "    replicas:\n"
+            "      - type: file\n"
+            f"        path: {replica}\n"
+            "        sync-interval: 1s\n")
+        argv = [a.litestream, "replicate", "-config", str(yml)]
+    else:
+        argv = [a.litestreamd, "--log-level", "warn", "replicate", str(db), f"file://{replica}",
+                "--monitor-interval", "1s", "--sync-interval", "1s"]
+    p = spawn(argv, lg)
+    try:
+        wait_for(lambda: snapshot_files(replica), 60, "the initial snapshot", p, lg)
+        time.sleep(2.0)  # past start-up and the first sync
+        if a.quiet_wait:
+            wait_quiet(a.quiet_wait)
+        w = subprocess.Popen([sys.executable, __file__, "--writer", str(db), str(a.tps),
+                              str(a.cpu_seconds)], stdout=subprocess.PIPE, text=True)
+        CHILDREN[w.pid] = w
+        if w.stdout.readline().strip() != "ready":
+            raise BenchError("writer failed to start")
+        cpu0, t0, b0 = proc_cpu_seconds(p.pid), time.monotonic(), system_busy_seconds()
+        line = w.stdout.readline()
+        cpu1, t1, b1 = proc_cpu_seconds(p.pid), time.monotonic(), system_busy_seconds()
+        hwm = proc_status_kib(p.pid, "VmHWM")
+        _, status, ru = os.wait4(w.pid, 0)
+        w.returncode = os.waitstatus_to_exitcode(status)
+        CHILDREN.pop(w.pid, None)
+        if w.returncode != 0 or not line:
+            raise BenchError(f"writer exited with {w.returncode}")
+        ws = json.loads(line)
+        time.sleep(3.0)  # two more sync intervals: the last writes reach the replica
+        if p.poll() is not None:
+            raise BenchError(f"replicator exited early ({p.returncode}):\n{tail(lg)}")
+    finally:
+        rc = stop(p)
+    if rc != 0:
+        log(f"  note: {tool} replicator exited with {rc} on SIGTERM")
+    # Verify: the replica restores to every row the writer committed.
+    out = d / "restored.db"
+    subprocess.run([a.litestreamd, "--log-level", "error", "restore", "--no-integrity-check",
+                    "-o", str(out), f"file://{replica}"], check=True, capture_output=True)
+    con = sqlite3.connect(out)
+    rows = con.execute("SELECT count(*) FROM t").fetchone()[0]
+    con.close()
+    if rows != ws["tx"]:
+        raise BenchError(f"{tool}: replica restored {rows} rows, writer committed {ws['tx']}")
+    replica_bytes = sum(f.stat().st_size for f in replica.rglob("*") if f.is_file())
+    res = {"cpu_s": cpu1 - cpu0, "wall_s": t1 - t0, "pct_core": 100 * (cpu1 - cpu0) / (t1 - t0),
+           "vmhwm_mib": hwm / 1024, "writer": ws,
+           "writer_pct_core": 100 * (ru.ru_utime + ru.ru_stime) / (t1 - t0),
+           "rows_restored": rows, "replica_mib": replica_bytes / MiB,
+           "other_cores": max(0.0, (b1 - b0) - (cpu1 - cpu0) - (ru.ru_utime + ru.ru_stime))
+           / (t1 - t0)}
+    shutil.rmtree(d)
+    return res
+
+
+def bench_cpu(a, work: Path) -> dict:
+    runs: dict[str, list[dict]] = {"ls": [], "lsd": []}
+    for r in range(a.reps):
+        for tool in (["ls", "lsd"] if r % 2 == 0 else ["lsd", "ls"]):
+            m = cpu_run(a, work, tool, r)
+            runs[tool].append(m)
+            log(f"  cpu run {r + 1}/{a.reps} {tool}: {m['pct_core']:.2f}% of a core "
+                f"({m['cpu_s']:.2f} CPU-s over {m['wall_s']:.1f}s), VmHWM {m['vmhwm_mib']:.1f} MiB, "
+                f"writer {m['writer']['rate']:.0f} tx/s (worst commit "
+                f"{m['writer']['worst_commit_ms']:.1f} ms), {m['rows_restored']} rows verified, "
+                f"other busy cores {m['other_cores']:.2f}")
+    out = {}
+    for tool, ms in runs.items():
+        out[tool] = {"pct_core": summary([m["pct_core"] for m in ms]),
+                     "cpu_s": summary([m["cpu_s"] for m in ms]),
+                     "vmhwm_mib": summary([m["vmhwm_mib"] for m in ms]),
+                     "writer_rate": summary([m["writer"]["rate"] for m in ms]),
+                     "writer_pct_core": summary([m["writer_pct_core"] for m in ms]),
+                     "worst_commit_ms": max(m["writer"]["worst_commit_ms"] for m in ms),
+                     "replica_mib": summary([m["replica_mib"] for m in ms]),
+                     "other_cores_max": max(m["other_cores"] for m in ms)}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+def environment(a) -> dict:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    fs = subprocess.run(["df", "-T", str(a.bench_dir)], capture_output=True, text=True).stdout
+    fs = fs.splitlines()[-1].split()[1] if fs else "?"
+    lsd_v = subprocess.run([a.litestreamd, "--version"], capture_output=True, text=True).stdout
+    ls_v = subprocess.run([a.litestream, "version"], capture_output=True, text=True).stdout
+    rev = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent.parent), "describe",
+                          "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem_kib / (1 << 20), 1),
+        "kernel": platform.release(), "os": platform.platform(terse=True), "fs": fs,
+        "loadavg_start": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+        "litestreamd": f"{lsd_v.strip()} (binary built {a.litestreamd_built}; tree at git "
+                       f"{rev or '?'})",
+        "litestream": ls_v.strip(),
+    }
+
+
+def ratio(x: float, y: float) -> str:
+    return f"{x / y:.2f}" if y else "-"
+
+
+def render(a, env: dict, restore: list[dict], reps_info: dict, bounds: dict, cpu: dict | None,
+           total_s: float) -> str:
+    out = []
+    mode = "quick" if a.quick else "full"
+    out.append(f"litestreamd vs Litestream 0.3.13 — {mode} mode, {a.reps} run(s) per figure "
+               f"(median [min–max])")
+    out.append(f"date {env['date']}; {env['nproc']} CPU ({env['cpu']}), {env['mem_gib']} GiB RAM, "
+               f"kernel {env['kernel']}, {env['fs']} at {a.bench_dir}")
+    out.append(f"{env['litestreamd']}; Litestream {env['litestream']}; "
+               f"SQLite {env['sqlite']} (load generator)")
+    la0, la1 = env["loadavg_start"], env.get("loadavg_end", "?")
+    other = [t["other_cores_max"] for r in restore for t in r["tools"].values()]
+    other += [c["other_cores_max"] for c in (cpu or {}).values()]
+    worst = max(other, default=0.0)
+    out.append(f"load average (1/5/15 min) at start {la0}, at end {la1}; busiest measurement "
+               f"had {worst:.2f} cores busy outside the measured process"
+               + (" — OTHER WORK WAS RUNNING, figures are noisy" if worst > 0.3 else ""))
+    out.append("")
+    for res in restore:
+        info = reps_info[res["case"]]
+        v = res["verification"] or {}
+        title = {"history": "Restore, long WAL history", "fresh": "Restore, fresh snapshot"}[res["case"]]
+        out.append(f"## {title}: {info['db_bytes'] / MiB:.0f} MiB database, snapshot "
+                   f"{info['snapshot_bytes'] / MiB:.0f} MiB LZ4, {info['indexes_after_snapshot']} "
+                   f"WAL indexes after the snapshot ({info['segments']} segments"
+                   + (f", {info['wal_lz4_bytes'] / MiB:.1f} MiB LZ4" if "wal_lz4_bytes" in info else "")
+                   + ")")
+        cache = res["cache"]
+        out.append(f"page cache: {'dropped before every run (cold)' if cache == 'cold' else cache + ' (could not drop caches)' if a.cold else 'warm (--warm)'}; "
+                   f"outputs {'byte-identical' if v.get('byte_identical') else 'NOT byte-identical'}"
+                   f", integrity_check {v.get('integrity_check')}, {v.get('rows')} rows"
+                   f"{', equal to the source database' if v.get('matches_source') else ''}")
+        base = res["tools"]["ls"]["wall"]["median"]
+        rows = []
+        for tool, t in res["tools"].items():
+            w, mbs = t["wall"], t["mb_s"]
+            rows.append([
+                t["label"],
+                f"{fmt_s(w['median'])} [{fmt_s(w['min'])}–{fmt_s(w['max'])}]",
+                f"{mbs['median']:.0f} [{mbs['min']:.0f}–{mbs['max']:.0f}]",
+                f"{t['cpu']['median']:.2f}",
+                f"{t['maxrss_mib']:.0f}",
+                f"{t['other_cores_max']:.2f}",
+                "1.00" if tool == "ls" else
+                f"{ratio(w['median'], base)} ({base / w['median']:.1f}x faster)"
+                if w["median"] < base else f"{ratio(w['median'], base)} ({w['median'] / base:.1f}x slower)",
+            ])
+        out.append(table(["tool", "seconds", "MB/s (db bytes / s)", "CPU s", "peak RSS MiB",
+                          "other busy cores (max)", "time ratio lsd/ls"], rows))
+        for tool, t in res["tools"].items():
+            if t["leftovers"]:
+                out.append(f"note: {t['label']} left files behind next to the output: "
+                           + ", ".join("OUT" + x for x in t["leftovers"]))
+        out.append("")
+    if bounds:
+        b = bounds
+        parts = [f"cold sequential read of the snapshot object {b['read_snapshot_mb_s']:.0f} MB/s",
+                 f"write+fsync of a database-sized file {b['write_fsync_mb_s']:.0f} MB/s",
+                 f"fsync of a 4 KiB append {b['fsync_ms']:.2f} ms (median)"]
+        if "lz4_cli_restore_s" in b:
+            parts.append(f"`lz4 -d` of the snapshot into a file + fsync "
+                         f"{b['lz4_cli_restore_s']:.2f}s ({b['lz4_cli_restore_mb_s']:.0f} MB/s)")
+            parts.append(f"LZ4 decompression alone (page cache → /dev/null) "
+                         f"{b['lz4_decompress_mb_s']:.0f} MB/s")
+        out.append("Physical bounds on this machine: " + "; ".join(parts) + ".")
+        out.append("")
+    if cpu:
+        out.append(f"## Replication CPU: {a.tps} single-row (~100 B) insert transactions/s for "
+                   f"{a.cpu_seconds} s, monitor and sync interval 1 s, local-directory replica")
+        base = cpu["ls"]
+        rows = []
+        for tool, label in (("ls", "Litestream 0.3.13"), ("lsd", "litestreamd")):
+            c = cpu[tool]
+            p, h = c["pct_core"], c["vmhwm_mib"]
+            rows.append([
+                label,
+                f"{p['median']:.2f} [{p['min']:.2f}–{p['max']:.2f}]",
+                f"{c['cpu_s']['median']:.2f}",
+                f"{h['median']:.1f} [{h['min']:.1f}–{h['max']:.1f}]",
+                f"{c['writer_rate']['median']:.0f} (worst commit {c['worst_commit_ms']:.0f} ms)",
+                f"{c['writer_pct_core']['median']:.0f}",
+                f"{c['replica_mib']['median']:.1f}",
+                f"{c['other_cores_max']:.2f}",
+                "1.00 / 1.00" if tool == "ls" else
+                f"{ratio(p['median'], base['pct_core']['median'])} / "
+                f"{ratio(h['median'], base['vmhwm_mib']['median'])}",
+            ])
+        out.append(table(["replicator", "% of one core", "CPU s", "peak RSS (VmHWM) MiB",
+                          "achieved tx/s", "writer % core", "replica MiB",
+                          "other busy cores (max)", "ratio lsd/ls (CPU / RSS)"], rows))
+        out.append("")
+    # targets
+    out.append("## Targets")
+    hist = next((r for r in restore if r["case"] == "history"), None)
+    if hist:
+        s = hist["tools"]["ls"]["wall"]["median"] / hist["tools"]["lsd"]["wall"]["median"]
+        s_ic = hist["tools"]["ls"]["wall"]["median"] / hist["tools"]["lsd_ic"]["wall"]["median"]
+        out.append(f"- long-history restore ≥2x faster than Litestream (no integrity check on "
+                   f"either side): {s:.2f}x — {'MET' if s >= 2 else 'NOT MET'} "
+                   f"(with litestreamd's default integrity_check: {s_ic:.2f}x)")
+    if cpu:
+        p = cpu["lsd"]["pct_core"]["median"]
+        out.append(f"- replication CPU under 5% of one core: {p:.2f}% — "
+                   f"{'MET' if p < 5 else 'NOT MET'}")
+    if a.quick:
+        out.append("- (quick mode: small database, few indexes, one run — a smoke test, not the "
+                   "figures to quote)")
+    out.append("")
+    out.append(f"total benchmark time {total_s / 60:.1f} min")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+
+def main() -> int:
+    if len(sys.argv) >= 2 and sys.argv[1] == "--writer":
+        writer_main(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 64 MiB, 50 indexes, 10 s CPU run, 1 repetition")
+    ap.add_argument("--litestreamd", default=os.environ.get("LITESTREAMD_BIN"), required=False)
+    ap.add_argument("--litestream", default=os.environ.get("LITESTREAM_BIN"), required=False)
+    ap.add_argument("--bench-dir", type=Path,
+                    default=Path(os.environ.get("BENCH_DIR", "/tmp/litestreamd-bench")))
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--db-mib", type=int)
+    ap.add_argument("--indexes", type=int, help="WAL indexes after the snapshot (history case)")
+    ap.add_argument("--cpu-seconds", type=int)
+    ap.add_argument("--tps", type=int, default=1000)
+    ap.add_argument("--warm", dest="cold", action="store_false",
+                    help="do not drop the page cache before each restore")
+    ap.add_argument("--only", choices=["restore", "cpu"], help="run one figure only")
+    ap.add_argument("--quiet-wait", type=float,
+                    help="before each measurement wait up to this many seconds for the machine "
+                         "to be idle (default 30 in full mode, 0 in quick mode)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    a = ap.parse_args()
+    if not a.litestreamd or not a.litestream:
+        ap.error("--litestreamd and --litestream (or LITESTREAMD_BIN, LITESTREAM_BIN) are required")
+    a.litestreamd = str(Path(a.litestreamd).resolve())
+    # Children must not see LITESTREAMD_* variables: `litestreamd run` merges every one of them
+    # into its main configuration and (binary of 2026-11-24) rejects unknown keys such as BIN.
+    for k in [k for k in os.environ if k.startswith("LITESTREAMD_")]:
+        del os.environ[k]
+    a.litestream = str(Path(a.litestream).resolve())
+    defaults = (dict(reps=1, db_mib=64, indexes=50, cpu_seconds=10, quiet_wait=0) if a.quick
+                else dict(reps=3, db_mib=1024, indexes=320, cpu_seconds=60, quiet_wait=30))
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+
+    a.bench_dir.mkdir(parents=True, exist_ok=True)
+    work = a.bench_dir / f"run-{os.getpid()}"
+    work.mkdir()
+    # Run a private copy: a concurrent `cargo build` must not swap the binary mid-benchmark.
+    (work / "bin").mkdir()
+    a.litestreamd_built = datetime.datetime.fromtimestamp(
+        os.stat(a.litestreamd).st_mtime).strftime("%Y-%m-%d %H:%M")
+    a.litestreamd = str(shutil.copy2(a.litestreamd, work / "bin" / "litestreamd"))
+    t_start = time.monotonic()
+    env = environment(a)
+    log(f"scratch directory {work}")
+    ok = False
+
+    def on_signal(sig, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        restore_results, reps_info, bounds, cpu = [], {}, {}, None
+        if a.only in (None, "restore"):
+            if a.cold and not drop_caches():
+                log("cannot drop the page cache (no permission); restores run warm")
+            log(f"figure 1: building a {a.db_mib} MiB database with {a.indexes} WAL indexes")
+            hist = build_history_replica(a, work)
+            hist["source_digest"] = table_digest(hist["db"])
+            reps_info["history"] = hist
+            log("figure 1a: restoring the long-history replica")
+            res = bench_restore(a, work, "history", hist, a.cold, keep_one=True)
+            restore_results.append(res)
+            rm_db(hist["db"])
+            shutil.rmtree(work / f".{hist['db'].name}-litestream", ignore_errors=True)
+            log("figure 1b: snapshotting a fresh copy")
+            fresh = build_fresh_replica(a, work, res.pop("kept"))
+            fresh["source_digest"] = hist["source_digest"]
+            reps_info["fresh"] = fresh
+            res = bench_restore(a, work, "fresh", fresh, a.cold, keep_one=False)
+            restore_results.append(res)
+            log("measuring physical bounds")
+            bounds = bound_measurements(a, work, snapshot_files(fresh["replica"])[-1],
+                                        fresh["db_bytes"], a.cold)
+            rm_db(fresh["db"])
+            if not a.keep:
+                shutil.rmtree(hist["replica"])
+        if a.only in (None, "cpu"):
+            log(f"figure 2: replication CPU, {a.tps} tx/s for {a.cpu_seconds}s, "
+                f"{a.reps} run(s) per tool")
+            cpu = bench_cpu(a, work)
+        env["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        report = render(a, env, restore_results, reps_info, bounds, cpu,
+                        time.monotonic() - t_start)
+        print(report, flush=True)
+        results = {"env": env, "mode": "quick" if a.quick else "full", "reps": a.reps,
+                   "restore": restore_results, "replicas": reps_info, "bounds": bounds,
+                   "cpu": cpu}
+        blob = json.dumps(results, indent=2, default=str)
+        (a.bench_dir / "last-results.json").write_text(blob)
+        (a.bench_dir / "last-report.txt").write_text(report + "\n")
+        if a.json:
+            a.json.write_text(blob)
+        ok = True
+        return 0
+    except BenchError as e:
+        log(f"BENCHMARK FAILED: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        stop_all_children()
+        if a.keep:
+            log(f"scratch kept at {work}")
+        else:
+            if not ok:
+                log(f"removing scratch {work} (use --keep to inspect it)")
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
