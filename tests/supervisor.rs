@@ -115,6 +115,16 @@ impl Daemon {
     }
 }
 
+/// A test that fails must not leave its daemon running.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn rand_suffix() -> String {
     format!(
         "{:x}",
