@@ -506,6 +506,10 @@ async fn fetch_index(
     let out = File::create(path).map_err(io_at(path))?;
     let mut state: Option<ChainState> = None;
     let mut written: u64 = 0;
+    // One decoder for the whole index, its reader swapped per segment: a new lz4_flex decoder
+    // allocates (and page-faults in) a 4 MiB block buffer, which dominated restores of many
+    // small segments. After an error the decoder's state is unknown, so a retry starts afresh.
+    let mut decoder: Option<lz4_flex::frame::FrameDecoder<Swap>> = None;
     for seg in &segs {
         let key = client.wal_segment_key(&seg.pos());
         if seg.offset != written {
@@ -522,23 +526,32 @@ async fn fetch_index(
             let res = async {
                 let body = client.open_wal_segment(&seg.pos()).await?;
                 let (key, mut f) = (key.clone(), out.try_clone().map_err(io_at(path))?);
+                let dec = decoder.take();
                 tokio::task::spawn_blocking(move || {
                     f.set_len(written)
                         .and_then(|_| f.seek(SeekFrom::Start(written)))
                         .map_err(|e| read_error(&key, e))?;
-                    let mut dec = compress::decoder(SyncIoBridge::new(body));
+                    let mut dec = match dec {
+                        Some(mut d) => {
+                            d.get_mut().0 = Some(SyncIoBridge::new(body));
+                            d
+                        }
+                        None => compress::decoder(Swap(Some(SyncIoBridge::new(body)))),
+                    };
                     let st = verify_segment(&mut dec, &mut f, before, &key)?;
                     let end = f.stream_position().map_err(|e| read_error(&key, e))?;
-                    Ok::<_, RestoreError>((st, end))
+                    dec.get_mut().0 = None;
+                    Ok::<_, RestoreError>((st, end, dec))
                 })
                 .await
                 .expect("segment task")
             }
             .await;
             match res {
-                Ok((st, end)) => {
+                Ok((st, end, dec)) => {
                     state = Some(st);
                     written = end;
+                    decoder = Some(dec);
                     break;
                 }
                 Err(e) if attempt < opts.read_attempts && retryable(&e) => {
@@ -562,6 +575,18 @@ async fn fetch_index(
         segments: segs.len(),
         first_key,
     })
+}
+
+/// The current segment's body behind one long-lived LZ4 decoder (see `fetch_index`).
+struct Swap(Option<SyncIoBridge<crate::replica::ObjectReader>>);
+
+impl Read for Swap {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Some(r) => r.read(buf),
+            None => Ok(0),
+        }
+    }
 }
 
 /// Validation state carried from one segment of an index to the next.
