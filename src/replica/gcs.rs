@@ -21,7 +21,6 @@ use gcloud_storage::http::resumable_upload_client::{ChunkSize, UploadStatus};
 use tokio_util::io::StreamReader;
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
-use crate::layout;
 
 /// Resumable chunks must be multiples of 256 KiB; 16 MiB keeps request counts low.
 pub const DEFAULT_CHUNK_SIZE: usize = 16 * 1024 * 1024;
@@ -111,9 +110,7 @@ impl GcsStore {
     }
 
     fn key(&self, k: &str) -> String {
-        layout::join(&self.cfg.path, k)
-            .trim_start_matches('/')
-            .to_string()
+        super::bucket_key(&self.cfg.path, k)
     }
 
     fn err(&self, op: &'static str, key: &str, e: GcsError) -> StoreError {
@@ -326,16 +323,11 @@ impl ObjectStore for GcsStore {
     async fn delete_dir(&self, dir: &str) -> Result<(), StoreError> {
         let prefix = format!("{}/", self.key(dir));
         let (items, _) = self.list_all(&prefix, false, dir).await?;
-        let root = self.key("");
+        // Keys relative to the replica root, as delete() expects.
         let keys: Vec<String> = items
             .iter()
-            .map(|o| {
-                o.name
-                    .strip_prefix(&root)
-                    .unwrap_or(&o.name)
-                    .trim_start_matches('/')
-                    .to_string()
-            })
+            .map(|o| o.name.as_str())
+            .map(|k| super::root_relative(&self.cfg.path, k))
             .collect();
         self.delete(&keys).await
     }

@@ -121,6 +121,22 @@ impl WalSegmentInfo {
     }
 }
 
+/// The bucket key of `key` (relative to the replica root) under the prefix `root`, as the S3
+/// and GCS targets store it: `path.Join`-cleaned, without a leading `/`.
+pub(crate) fn bucket_key(root: &str, key: &str) -> String {
+    layout::join(root, key).trim_start_matches('/').to_string()
+}
+
+/// The inverse of [`bucket_key`]: a bucket key back to a key relative to the replica root.
+pub(crate) fn root_relative(root: &str, bucket_key: &str) -> String {
+    let root = self::bucket_key(root, "");
+    bucket_key
+        .strip_prefix(root.as_str())
+        .unwrap_or(bucket_key)
+        .trim_start_matches('/')
+        .to_string()
+}
+
 /// Reads up to `size` bytes of a body (fewer only at its end): one upload part or chunk, the
 /// unit in which the S3 and GCS targets bound their memory.
 pub(crate) async fn read_up_to(body: &mut ObjectReader, size: usize) -> io::Result<Vec<u8>> {
@@ -345,4 +361,20 @@ pub async fn store_from_url(url: &str) -> Result<Arc<dyn ObjectStore>, UrlError>
 /// Whether a string looks like a replica URL rather than a local path.
 pub fn is_url(s: &str) -> bool {
     s.contains("://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_keys_round_trip() {
+        for root in ["", "fruits.db", "/db/", "a/b"] {
+            let key = "generations/62fce60304a1d17f/wal/00000000_00000000.wal.lz4";
+            let full = bucket_key(root, key);
+            assert!(!full.starts_with('/'), "{full}");
+            assert_eq!(root_relative(root, &full), key, "root {root:?}");
+        }
+        assert_eq!(bucket_key("/db/", "generations"), "db/generations");
+    }
 }

@@ -15,7 +15,6 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
-use crate::layout;
 
 /// 16 MiB parts: a 100 GiB snapshot needs 6,400 parts, inside S3's 10,000-part limit
 /// (Litestream's fixed 5 MiB parts stop at ~48 GiB, #276/#447).
@@ -129,9 +128,7 @@ impl S3Store {
     }
 
     fn key(&self, k: &str) -> String {
-        layout::join(&self.cfg.path, k)
-            .trim_start_matches('/')
-            .to_string()
+        super::bucket_key(&self.cfg.path, k)
     }
 
     fn err<E>(
@@ -415,16 +412,10 @@ impl ObjectStore for S3Store {
         let prefix = format!("{}/", self.key(dir));
         let (objects, _) = self.list_prefix(&prefix, false, dir).await?;
         // Keys relative to the replica root, as delete() expects.
-        let root = self.key("");
         let keys: Vec<String> = objects
             .iter()
             .filter_map(|o| o.key())
-            .map(|k| {
-                k.strip_prefix(&root)
-                    .unwrap_or(k)
-                    .trim_start_matches('/')
-                    .to_string()
-            })
+            .map(|k| super::root_relative(&self.cfg.path, k))
             .collect();
         self.delete(&keys).await
     }
