@@ -1,19 +1,25 @@
 #!/usr/bin/env python3
-"""Benchmark driver: litestreamd against Litestream 0.3.13, same machine, same run.
+"""Benchmark driver: litestreamd against Litestream 0.3.13 and 0.5.17, same machine, same run.
 
-Figures
-  1. Restore time of a database from a local-directory replica, both tools restoring the SAME
-     replica directory: (a) a long WAL history (hundreds of WAL indexes after the snapshot),
-     (b) a freshly snapshotted database (no WAL history).
-  2. CPU cost (utime+stime of the replicator process, as % of one core) and peak RSS (VmHWM)
-     of replicating a steady stream of small transactions, monitor/sync interval 1 s for both.
+Figures (bench/README.md describes each, docs/benchmarks.md has the latest table)
+  1. Restore time from a local-directory replica: (a) a long WAL history (hundreds of WAL
+     indexes after the snapshot), (b) a freshly snapshotted database. litestreamd and 0.3.13
+     restore the SAME v0.3 replica; 0.5.17 (which cannot read it) restores its own LTX replica
+     of the same database after the same transactions.
+  3. Replication lag p50/p99 at 100 and 1,000 tx/s to a loopback S3 server (s3bench.py),
+  4. with the replicator's CPU seconds and peak RSS over the same runs,
+  5. object-store requests by kind per minute, idle and busy (counted by s3proxy.py),
+  6. peak RSS while snapshotting the restore figure's database to S3,
+  7. many databases (100 and 1,000) in one process (scalebench.py).
+  2. only with --only cpu-file: replication CPU with a local-directory replica (the first
+     version of figure 4; litestreamd and 0.3.13).
 
-Every figure is the median of --reps runs, with min and max, and the litestreamd/Litestream
-ratio next to it. Standard library only (plus sqlite3). Normally started by bench/run.sh, which
-builds litestreamd and installs Litestream first.
+Every figure is the median of --reps runs, with min and max, and the ratio to Litestream 0.3.13
+next to it. Standard library only (plus sqlite3). Normally started by bench/run.sh, which
+builds litestreamd and installs Litestream and s3s-fs first.
 
-The script also runs itself as the load generator of figure 2 (`bench.py --writer ...`), so the
-writer's CPU is never counted against a replicator.
+The script also runs itself as the load generator (`bench.py --writer ...`), so the writer's
+CPU is never counted against a replicator.
 """
 
 from __future__ import annotations
@@ -259,13 +265,19 @@ def build_ls05_replica(a, work: Path, db: Path, case: str, batches: int) -> dict
             rng = random.Random(1)
             max_id = con.execute("SELECT max(id) FROM t").fetchone()[0]
             t0 = time.monotonic()
+            slow = 0
             for _ in range(batches):
                 before = ltx_max_txid(replica)
                 max_id = history_batch(con, rng, max_id, 24)
-                wait_for(lambda: ltx_max_txid(replica) > before, 10, "the next LTX file", p, lg,
-                         interval=0.01)
+                try:
+                    wait_for(lambda: ltx_max_txid(replica) > before, 10, "the next LTX file", p,
+                             lg, interval=0.01)
+                except BenchError:
+                    if p.poll() is not None:
+                        raise
+                    slow += 1  # it lands in a later file; the restore is still verified
             con.close()
-            log(f"{batches} batches in {time.monotonic() - t0:.1f}s")
+            log(f"{batches} batches in {time.monotonic() - t0:.1f}s ({slow} waited >10s)")
         time.sleep(2.5)
     finally:
         rc = stop(p)
@@ -888,11 +900,11 @@ def main() -> int:
     a.litestream = str(Path(a.litestream).resolve())
     if a.litestream05:
         a.litestream05 = str(Path(a.litestream05).resolve())
-    defaults = (dict(reps=1, db_mib=32, indexes=20, lag_seconds=4, idle_seconds=8,
-                     scale_dbs="10,50", scale_seconds=3, cpu_seconds=10, quiet_wait=0,
+    defaults = (dict(reps=1, db_mib=32, indexes=20, lag_seconds=3, idle_seconds=8,
+                     scale_dbs="10,40", scale_seconds=2, cpu_seconds=10, quiet_wait=0,
                      lag_tps="100,1000")
                 if a.quick else
-                dict(reps=3, db_mib=1024, indexes=320, lag_seconds=15, idle_seconds=90,
+                dict(reps=3, db_mib=1024, indexes=320, lag_seconds=12, idle_seconds=90,
                      scale_dbs="100,1000", scale_seconds=15, cpu_seconds=60, quiet_wait=30,
                      lag_tps="100,1000"))
     for k, v in defaults.items():
@@ -901,6 +913,7 @@ def main() -> int:
     a.lag_tps = [int(x) for x in str(a.lag_tps).split(",")]
     a.scale_dbs = [int(x) for x in str(a.scale_dbs).split(",")]
     a.drain_seconds = 3.5          # after the writer: the last commits reach the bucket
+    a.lag_settle = 1.0 if a.quick else 2.0  # after the first snapshot, before the writer
     a.idle_settle = 2.0 if a.quick else 10.0
     a.scale_settle = 1.0 if a.quick else 5.0
 

@@ -151,7 +151,7 @@ def lag_run(a, work: Path, s3: S3Server, tool: Tool, tps: int, r: int) -> dict:
     try:
         wait_for(lambda: tool.has_snapshot(s3.dir(name)), 60, f"{tool.label}'s first snapshot",
                  p, lg)
-        time.sleep(2.0)  # past start-up and the first sync
+        time.sleep(a.lag_settle)  # past start-up and the first sync
         if a.quiet_wait:
             wait_quiet(a.quiet_wait)
         times = d / "commits.f64"
