@@ -2,6 +2,7 @@
 //! checksum), and the bridge that streams a blocking producer into an async object upload.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use lz4_flex::frame::{BlockMode, BlockSize, FrameDecoder, FrameEncoder, FrameInfo};
@@ -9,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
 
+use crate::crypt::AgeKeys;
 use crate::replica::ObjectReader;
 
 /// The frame settings pierrec/lz4 uses by default, which Litestream v0.3 emits.
@@ -83,19 +85,34 @@ impl Drop for ChannelWriter {
     }
 }
 
-/// Runs `produce` on a blocking thread; what it writes is LZ4-framed and streamed to the returned
+/// Runs `produce` on a blocking thread; what it writes is LZ4-framed, encrypted when `age` has
+/// recipients (age outside, LZ4 inside, as Litestream 0.3 does), and streamed to the returned
 /// reader. Memory stays bounded by the channel (4 chunks) plus one LZ4 block, whatever the size.
 /// The join handle returns the number of *uncompressed* bytes produced.
-pub fn lz4_stream<F>(produce: F) -> (ObjectReader, tokio::task::JoinHandle<io::Result<u64>>)
+pub fn lz4_stream<F>(
+    age: Option<Arc<AgeKeys>>,
+    produce: F,
+) -> (ObjectReader, tokio::task::JoinHandle<io::Result<u64>>)
 where
     F: FnOnce(&mut dyn Write) -> io::Result<u64> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(4);
     let handle = tokio::task::spawn_blocking(move || {
-        let mut enc = encoder(ChannelWriter { tx: Some(tx) });
-        let n = produce(&mut enc)?;
-        let w = enc.finish().map_err(io::Error::other)?;
-        w.finish();
+        let sink = ChannelWriter { tx: Some(tx) };
+        let n = match age.filter(|k| k.encrypts()) {
+            None => {
+                let mut enc = encoder(sink);
+                let n = produce(&mut enc)?;
+                enc.finish().map_err(io::Error::other)?.finish();
+                n
+            }
+            Some(keys) => {
+                let mut enc = encoder(keys.encrypt_writer(sink)?);
+                let n = produce(&mut enc)?;
+                enc.finish().map_err(io::Error::other)?.finish()?.finish();
+                n
+            }
+        };
         Ok(n)
     });
     let reader = StreamReader::new(ReceiverStream::new(rx));

@@ -12,6 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::crypt::{AgeKeys, KeySource};
 use crate::db::DbOptions;
 use crate::replica::{self, ReplicaClient};
 use crate::replicator::{ReplicaOptions, RetryPolicy};
@@ -67,6 +68,9 @@ pub struct Defaults {
     #[serde(with = "humantime_serde")]
     pub retention_check_interval: Duration,
     pub retry: RetryPolicy,
+    /// Lease on each replica path (see `lease`); `0s` disables it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 impl Default for Defaults {
@@ -85,6 +89,7 @@ impl Default for Defaults {
             retention: r.retention,
             retention_check_interval: r.retention_check_interval,
             retry: r.retry,
+            lease_ttl: r.lease_ttl,
         }
     }
 }
@@ -197,6 +202,52 @@ pub struct ReplicaConfig {
     #[serde(default, with = "humantime_serde::option")]
     pub retention_check_interval: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// How long the lease on the replica path lasts; `0s` disables the lease.
+    #[serde(default, with = "humantime_serde::option")]
+    pub lease_ttl: Option<Duration>,
+    /// Client-side age encryption, as Litestream 0.3 stores it.
+    pub age: Option<AgeConfig>,
+}
+
+/// `[replicas.age]`: X25519 keys. Recipients encrypt what is written; identities decrypt what
+/// is read (needed too, to resume from the replica). Keys can be inline (use `${VAR}` to take
+/// them from the environment) or in files (`age-keygen` output; one key per line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AgeConfig {
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    #[serde(default)]
+    pub recipient_files: Vec<PathBuf>,
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub identity_files: Vec<PathBuf>,
+}
+
+impl AgeConfig {
+    /// Reads and parses the keys; `file` is the config file, for messages and `${VAR}`.
+    pub fn keys(&self, file: &Path) -> Result<Option<AgeKeys>, String> {
+        let inline = |list: &[String], what: &str| -> Result<Vec<KeySource>, String> {
+            list.iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let text = expand_env(v, file).map_err(|e| e.to_string())?;
+                    Ok(KeySource::inline(format!("age.{what}[{i}]"), text))
+                })
+                .collect()
+        };
+        let files = |list: &[PathBuf]| -> Result<Vec<KeySource>, String> {
+            list.iter()
+                .map(|p| KeySource::file(p).map_err(|e| e.to_string()))
+                .collect()
+        };
+        let mut recipients = inline(&self.recipients, "recipients")?;
+        recipients.extend(files(&self.recipient_files)?);
+        let mut identities = inline(&self.identities, "identities")?;
+        identities.extend(files(&self.identity_files)?);
+        AgeKeys::parse(&recipients, &identities).map_err(|e| e.to_string())
+    }
 }
 
 /// A per-database file.
@@ -517,6 +568,7 @@ pub async fn resolve_db(
                 .retention_check_interval
                 .unwrap_or(d.retention_check_interval),
             retry: r.retry.clone().unwrap_or_else(|| d.retry.clone()),
+            lease_ttl: r.lease_ttl.unwrap_or(d.lease_ttl),
         };
         if ro.sync_interval.is_zero() {
             return Err(invalid(
@@ -547,10 +599,10 @@ pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaCli
             return Err("url cannot be combined with path or bucket".into());
         }
         let url = expand_env(url, file).map_err(|e| e.to_string())?;
-        return replica::store_from_url(&url)
+        let store = replica::store_from_url(&url)
             .await
-            .map(ReplicaClient::new)
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())?;
+        return with_age(ReplicaClient::new(store), r, file);
     }
     if path.as_deref().is_some_and(replica::is_url) {
         return Err("path looks like a URL; use url = \"...\"".into());
@@ -592,7 +644,19 @@ pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaCli
             ));
         }
     };
-    Ok(ReplicaClient::new(store))
+    with_age(ReplicaClient::new(store), r, file)
+}
+
+fn with_age(
+    client: ReplicaClient,
+    r: &ReplicaConfig,
+    file: &Path,
+) -> Result<ReplicaClient, String> {
+    let keys = match &r.age {
+        Some(a) => a.keys(file)?,
+        None => None,
+    };
+    Ok(client.with_age(keys))
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! [`convert`] reads the YAML the way Litestream 0.3.13 does (environment expansion of the raw
 //! text, `~` in local paths, Go durations, the special S3 hosts of replica URLs, global keys
 //! copied into replicas) and returns one TOML document per database in the format of
-//! [`crate::config::DbConfig`]. Anything litestreamd cannot do yet (Azure and SFTP replicas, age
-//! encryption, `skip-verify`) is an error rather than a silently different configuration, and so
+//! [`crate::config::DbConfig`]. Anything litestreamd cannot do yet (Azure and SFTP replicas,
+//! `skip-verify`) is an error rather than a silently different configuration, and so
 //! is any key Litestream 0.3 does not know. [`write_all`] writes the documents into a
 //! directory. Nothing here prints; the command line reports the results.
 
@@ -491,6 +491,18 @@ struct ReplicaOut {
     retention: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retention_check_interval: Option<String>,
+    /// Last: a TOML sub-table goes after the plain keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    age: Option<AgeOut>,
+}
+
+/// `[replicas.age]`, Litestream's inline keys as they were.
+#[derive(Serialize, Default)]
+struct AgeOut {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    recipients: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    identities: Vec<String>,
 }
 
 struct ConvertedDb {
@@ -516,9 +528,11 @@ impl ConvertedDb {
             for c in comments {
                 body.push_str(&format!("# {c}\n"));
             }
-            body.push_str(&toml::to_string(r).expect("serialising a flat table"));
+            let table = toml::to_string(r).expect("serialising a replica table");
+            // The one sub-table, `age`, belongs to this array element.
+            body.push_str(&table.replace("\n[age]\n", "\n[replicas.age]\n"));
         }
-        if body.contains("secret_access_key") {
+        if body.contains("secret_access_key") || body.contains("AGE-SECRET-KEY") {
             out.push_str(
                 "# This file contains a secret key: keep it readable only by root and the \
                  litestreamd group.\n",
@@ -854,13 +868,6 @@ impl Cx {
             (None, None) => Kind::File,
         };
 
-        if let Some(age) = &r.age {
-            let n = age.identities.as_ref().map_or(0, Vec::len)
-                + age.recipients.as_ref().map_or(0, Vec::len);
-            if n > 0 {
-                return Err(self.unsupported(at, "age encryption (`age`)"));
-            }
-        }
         if r.skip_verify == Some(true) {
             return Err(
                 self.unsupported(at, "skip-verify (turning off TLS certificate verification)")
@@ -914,8 +921,23 @@ impl Cx {
                 "retention-check-interval",
                 Some("0 turns retention off in Litestream; write retention: 0 for that"),
             )?,
+            age: r
+                .age
+                .as_ref()
+                .map(|a| AgeOut {
+                    recipients: a.recipients.clone().unwrap_or_default(),
+                    identities: a.identities.clone().unwrap_or_default(),
+                })
+                .filter(|a| !a.recipients.is_empty() || !a.identities.is_empty()),
             ..ReplicaOut::default()
         };
+        if out.age.as_ref().is_some_and(|a| !a.identities.is_empty()) {
+            comments.push(
+                "age identities are secrets: consider moving them to a file (identity_files) \
+                 or an environment variable (\"${AGE_IDENTITY}\")."
+                    .to_string(),
+            );
+        }
         if let Some(v) = &r.validation_interval {
             let shown = match v {
                 RawDuration::Text(t) => t.clone(),
@@ -1997,7 +2019,7 @@ dbs:
     }
 
     #[test]
-    fn skip_verify_and_age_are_unsupported() {
+    fn skip_verify_is_unsupported_age_is_imported() {
         let e = err(
             "dbs:\n  - path: /a.db\n    replicas:\n      - type: s3\n        bucket: b\n        skip-verify: true\n",
         );
@@ -2011,13 +2033,20 @@ dbs:
             "dbs:\n  - path: /a.db\n    replicas:\n      - type: s3\n        bucket: b\n        skip-verify: false\n",
         );
 
-        let e = err(
-            "dbs:\n  - path: /a.db\n    replicas:\n      - path: /b\n        age:\n          recipients: [age1xyz]\n",
+        let doc = one(
+            "dbs:\n  - path: /a.db\n    replicas:\n      - path: /b\n        age:\n          recipients: [age1xyz]\n          identities: [AGE-SECRET-KEY-1XYZ]\n",
         );
-        assert!(
-            matches!(&e, ImportError::Unsupported { feature, .. } if feature.contains("age encryption")),
-            "{e:?}"
+        let v = parse(&doc);
+        let age = replica(&v, 0)["age"].as_table().unwrap();
+        assert_eq!(
+            age["recipients"].as_array().unwrap()[0].as_str(),
+            Some("age1xyz")
         );
+        assert_eq!(
+            age["identities"].as_array().unwrap()[0].as_str(),
+            Some("AGE-SECRET-KEY-1XYZ")
+        );
+        assert!(doc.toml.contains("secrets"), "{}", doc.toml);
     }
 
     #[test]

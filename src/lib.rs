@@ -18,9 +18,11 @@
 pub mod compress;
 pub mod config;
 pub mod control;
+pub mod crypt;
 pub mod db;
 pub mod import;
 pub mod layout;
+pub mod lease;
 pub mod notify;
 pub mod replica;
 pub mod replicator;

@@ -106,6 +106,11 @@ enum Command {
         snapshot_interval: Duration,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
         retention: Duration,
+        /// Lease on each replica path so no second replicator writes there; 0s disables it.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        lease_ttl: Duration,
+        #[command(flatten)]
+        age: AgeArgs,
     },
     /// Restore a database from a replica, optionally to a point in time.
     Restore(RestoreArgs),
@@ -135,6 +140,33 @@ struct Target {
     replica: Option<String>,
     #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
     config: PathBuf,
+    /// With a replica URL: an age identity file (`age-keygen` output) to decrypt an encrypted
+    /// replica. A configured database uses its replica's `[replicas.age]` instead.
+    #[arg(long = "age-identity-file", value_name = "FILE")]
+    age_identity_files: Vec<PathBuf>,
+}
+
+/// age encryption for `replicate` (X25519 keys, as Litestream 0.3).
+#[derive(Args)]
+struct AgeArgs {
+    /// Encrypt to the recipients in this file (one `age1...` per line); needs an identity too.
+    #[arg(long = "age-recipient-file", value_name = "FILE")]
+    recipient_files: Vec<PathBuf>,
+    /// Decrypt with the identities in this file (`age-keygen` output).
+    #[arg(long = "age-identity-file", value_name = "FILE")]
+    identity_files: Vec<PathBuf>,
+}
+
+impl AgeArgs {
+    fn keys(&self) -> Result<Option<litestreamd::crypt::AgeKeys>> {
+        config::AgeConfig {
+            recipient_files: self.recipient_files.clone(),
+            identity_files: self.identity_files.clone(),
+            ..Default::default()
+        }
+        .keys(Path::new("command line"))
+        .map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Args)]
@@ -276,10 +308,14 @@ async fn dispatch(cmd: Command) -> Result<()> {
             monitor_interval,
             snapshot_interval,
             retention,
+            lease_ttl,
+            age,
         } => {
+            let keys = age.keys()?;
             let mut replicas = Vec::new();
             for url in &urls {
-                let client = ReplicaClient::new(replica::store_from_url(url).await?);
+                let client =
+                    ReplicaClient::new(replica::store_from_url(url).await?).with_age(keys.clone());
                 let mut name = client.kind().to_string();
                 if replicas
                     .iter()
@@ -292,6 +328,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     sync_interval,
                     snapshot_interval,
                     retention,
+                    lease_ttl,
                     ..Default::default()
                 };
                 replicas.push((opts, client));
@@ -474,7 +511,7 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
             ));
         }
         for r in &d.replicas {
-            if matches!(r.state_name(), "failed" | "retrying") {
+            if matches!(r.state_name(), "failed" | "retrying" | "conflict") {
                 problems.push(format!("{}/{}: {}", d.name, r.name, r.state_name()));
             }
             if max_lag.is_some_and(|m| r.lag_seconds > m) {
@@ -561,7 +598,12 @@ async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
 /// The replicas a command works on: from a URL, or from the configured database.
 async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
     if replica::is_url(&t.target) {
-        let client = ReplicaClient::new(replica::store_from_url(&t.target).await?);
+        let keys = AgeArgs {
+            recipient_files: Vec::new(),
+            identity_files: t.age_identity_files.clone(),
+        }
+        .keys()?;
+        let client = ReplicaClient::new(replica::store_from_url(&t.target).await?).with_age(keys);
         return Ok((vec![(client.kind().to_string(), client)], None));
     }
     let cfg = Config::load(&t.config)

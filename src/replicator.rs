@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::compress;
 use crate::db::{Db, DbError};
 use crate::layout::{MetaDir, Pos};
+use crate::lease::{self, Lease, LeaseError};
 use crate::replica::{ReplicaClient, StoreError};
 use crate::telemetry;
 use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
@@ -43,6 +44,8 @@ pub enum ReplicaError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// Capped exponential backoff with full jitter.
@@ -88,6 +91,8 @@ pub struct ReplicaOptions {
     pub retention: Duration,
     pub retention_check_interval: Duration,
     pub retry: RetryPolicy,
+    /// How long a lease on the replica path lasts (see `lease`); zero disables the lease.
+    pub lease_ttl: Duration,
 }
 
 impl Default for ReplicaOptions {
@@ -99,6 +104,7 @@ impl Default for ReplicaOptions {
             retention: Duration::from_secs(24 * 3600),
             retention_check_interval: Duration::from_secs(3600),
             retry: RetryPolicy::default(),
+            lease_ttl: lease::DEFAULT_TTL,
         }
     }
 }
@@ -108,8 +114,20 @@ impl Default for ReplicaOptions {
 pub enum ReplicaState {
     Starting,
     Healthy,
-    Retrying { attempt: u32, error: String },
-    Failed { attempt: u32, error: String },
+    Retrying {
+        attempt: u32,
+        error: String,
+    },
+    Failed {
+        attempt: u32,
+        error: String,
+    },
+    /// Another replicator holds the lease on this replica path; nothing is written until it
+    /// is released or expires.
+    Conflict {
+        attempt: u32,
+        error: String,
+    },
 }
 
 /// What a replica reports about itself.
@@ -142,6 +160,7 @@ impl ReplicaStatus {
             ReplicaState::Healthy => "healthy",
             ReplicaState::Retrying { .. } => "retrying",
             ReplicaState::Failed { .. } => "failed",
+            ReplicaState::Conflict { .. } => "conflict",
         }
     }
 }
@@ -156,6 +175,8 @@ pub struct DbShared {
 pub struct Replica {
     pub opts: ReplicaOptions,
     client: ReplicaClient,
+    /// None when the lease is disabled.
+    lease: Option<Lease>,
     /// In-memory remote position; None means "recompute from the remote listing".
     pos: Option<Pos>,
     status: Arc<Mutex<ReplicaStatus>>,
@@ -163,7 +184,10 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(opts: ReplicaOptions, client: ReplicaClient) -> Self {
+    /// `database` (the database path) identifies this writer in the replica's lease.
+    pub fn new(opts: ReplicaOptions, client: ReplicaClient, database: &str) -> Self {
+        let lease = (!opts.lease_ttl.is_zero())
+            .then(|| Lease::new(client.store().clone(), opts.lease_ttl, database));
         let status = ReplicaStatus {
             name: opts.name.clone(),
             kind: client.kind().to_string(),
@@ -181,6 +205,7 @@ impl Replica {
         Replica {
             opts,
             client,
+            lease,
             pos: None,
             status: Arc::new(Mutex::new(status)),
             attempt: 0,
@@ -195,6 +220,31 @@ impl Replica {
     }
     pub fn status(&self) -> Arc<Mutex<ReplicaStatus>> {
         self.status.clone()
+    }
+
+    /// Takes or renews the lease before a write (no request while it is fresh).
+    async fn ensure_lease(&mut self) -> Result<(), ReplicaError> {
+        if let Some(l) = &mut self.lease {
+            l.ensure().await?;
+        }
+        Ok(())
+    }
+
+    /// When the lease must be renewed even if nothing is written (None: not held or disabled).
+    pub fn lease_renew_at(&self) -> Option<tokio::time::Instant> {
+        self.lease.as_ref().and_then(|l| l.renew_at())
+    }
+
+    /// Renews the lease on its timer, so an idle database keeps its replica path.
+    pub async fn renew_lease(&mut self) -> Result<(), ReplicaError> {
+        self.ensure_lease().await
+    }
+
+    /// Gives the lease up at a clean stop, so another replicator can take over at once.
+    pub async fn release_lease(&mut self) {
+        if let Some(l) = &mut self.lease {
+            l.release().await;
+        }
     }
 
     /// Records the outcome of a sync attempt and returns the delay before the next retry.
@@ -217,7 +267,13 @@ impl Replica {
                 st.retries += 1;
                 st.last_error = Some(e.to_string());
                 let error = e.to_string();
-                st.state = if self.attempt >= self.opts.retry.failed_after {
+                let conflict = matches!(e, ReplicaError::Lease(LeaseError::Held { .. }));
+                st.state = if conflict {
+                    ReplicaState::Conflict {
+                        attempt: self.attempt,
+                        error,
+                    }
+                } else if self.attempt >= self.opts.retry.failed_after {
                     ReplicaState::Failed {
                         attempt: self.attempt,
                         error,
@@ -231,7 +287,12 @@ impl Replica {
                 let labels = [("db", db.to_string()), ("replica", self.opts.name.clone())];
                 metrics::counter!(telemetry::REPLICA_ERRORS, &labels).increment(1);
                 metrics::counter!(telemetry::REPLICA_RETRIES, &labels).increment(1);
-                let delay = self.opts.retry.delay(self.attempt);
+                let mut delay = self.opts.retry.delay(self.attempt);
+                if conflict {
+                    // Look again often enough to take over soon after a release or expiry.
+                    delay = delay.min((self.opts.lease_ttl / 10).max(Duration::from_secs(1)));
+                    metrics::counter!(telemetry::REPLICA_LEASE_CONFLICTS, &labels).increment(1);
+                }
                 warn!(db, replica = %self.opts.name, attempt = self.attempt, retry_in = ?delay, error = %e, "replica sync failed");
                 Some(delay)
             }
@@ -248,6 +309,8 @@ impl Replica {
         let Some(dpos) = db_pos(shared).await? else {
             return Ok(());
         };
+        // Also when there is nothing to upload: a replica without the lease is not healthy.
+        self.ensure_lease().await?;
         if self.pos.as_ref().map(|p| &p.generation) != Some(&dpos.generation) {
             if self.client.snapshots(&dpos.generation).await?.is_empty() {
                 let taken = self.snapshot(shared).await?;
@@ -299,6 +362,7 @@ impl Replica {
                 debug!(replica = %self.opts.name, %pos, end, "remote ahead of local shadow; waiting");
                 break;
             }
+            self.ensure_lease().await?;
             let n = self.upload_segment(&shared.name, &path, &pos, end).await?;
             pos.offset = end;
             self.pos = Some(pos.clone());
@@ -317,8 +381,9 @@ impl Replica {
         end: u64,
     ) -> Result<u64, ReplicaError> {
         let (path2, start) = (path.to_path_buf(), pos.offset);
-        let (body, producer) =
-            compress::lz4_stream(move |w| copy_shadow_range(&path2, start, end, w));
+        let (body, producer) = self
+            .client
+            .encode(move |w| copy_shadow_range(&path2, start, end, w));
         let put = self.client.write_wal_segment(pos, body).await;
         let produced = producer.await.map_err(|e| ReplicaError::Shadow {
             path: path.to_path_buf(),
@@ -373,6 +438,7 @@ impl Replica {
 
     /// Takes and uploads a snapshot of the database; returns its position.
     pub async fn snapshot(&mut self, shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
+        self.ensure_lease().await?;
         let _permit = SNAPSHOT_PERMITS
             .acquire()
             .await
@@ -385,7 +451,7 @@ impl Replica {
         let Some(src) = src else { return Ok(None) };
         let pos = src.pos.clone();
         let started = std::time::Instant::now();
-        let (body, producer) = compress::lz4_stream(move |w| src.copy_to(w));
+        let (body, producer) = self.client.encode(move |w| src.copy_to(w));
         let put = self
             .client
             .write_snapshot(&pos.generation, pos.index, body)
@@ -443,6 +509,8 @@ impl Replica {
         let cutoff = SystemTime::now()
             .checked_sub(self.opts.retention)
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        // Deleting is writing: never delete under another replicator's lease.
+        self.ensure_lease().await?;
         let generations = self.client.generations().await?;
         let current_kept = self
             .client
@@ -463,6 +531,7 @@ impl Replica {
             match kept_min {
                 None if generation != dpos.generation => {
                     info!(db = %shared.name, replica = %self.opts.name, generation, "retention: deleting generation");
+                    self.ensure_lease().await?;
                     self.client.delete_generation(&generation).await?;
                 }
                 None => {}
@@ -484,6 +553,7 @@ impl Replica {
                     }
                     // Segments first: a snapshot without its older segments still restores.
                     for chunk in old_segs.chunks(1000) {
+                        self.ensure_lease().await?;
                         self.client.delete_wal_segments(chunk).await?;
                     }
                     self.client

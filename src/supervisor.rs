@@ -273,6 +273,14 @@ impl Supervisor {
                     .any(|r| matches!(r.state, crate::replicator::ReplicaState::Failed { .. }))
             })
             .count();
+        let conflict = st
+            .iter()
+            .filter(|s| {
+                s.replicas
+                    .iter()
+                    .any(|r| matches!(r.state, crate::replicator::ReplicaState::Conflict { .. }))
+            })
+            .count();
         let mut parts = vec![format!(
             "replicating {} database{}",
             st.len(),
@@ -289,6 +297,9 @@ impl Supervisor {
         }
         if failed > 0 {
             parts.push(format!("{failed} failing"));
+        }
+        if conflict > 0 {
+            parts.push(format!("{conflict} blocked by another replicator's lease"));
         }
         parts.join("; ")
     }

@@ -33,6 +33,7 @@ pub const REPLICA_UPLOADS: &str = "litestreamd_replica_uploads_total";
 pub const REPLICA_WAL_BYTES: &str = "litestreamd_replica_wal_bytes_total";
 pub const REPLICA_RETRIES: &str = "litestreamd_replica_retries_total";
 pub const REPLICA_ERRORS: &str = "litestreamd_replica_errors_total";
+pub const REPLICA_LEASE_CONFLICTS: &str = "litestreamd_replica_lease_conflicts_total";
 pub const REPLICA_OPERATIONS: &str = "litestreamd_replica_operations_total";
 pub const REPLICA_OPERATION_BYTES: &str = "litestreamd_replica_operation_bytes_total";
 pub const DATABASES: &str = "litestreamd_databases";
@@ -48,9 +49,10 @@ pub const REPLICA_COUNTERS: &[&str] = &[
     REPLICA_WAL_BYTES,
     REPLICA_RETRIES,
     REPLICA_ERRORS,
+    REPLICA_LEASE_CONFLICTS,
     SNAPSHOTS,
 ];
-pub const REPLICA_STATES: &[&str] = &["starting", "healthy", "retrying", "failed"];
+pub const REPLICA_STATES: &[&str] = &["starting", "healthy", "retrying", "failed", "conflict"];
 pub const DB_STATES: &[&str] = &["starting", "waiting", "replicating", "error", "stopped"];
 
 #[derive(Debug, Error)]
@@ -148,7 +150,7 @@ fn describe() {
     );
     describe_gauge!(
         REPLICA_STATE,
-        "1 for the replica's current state (label state: starting, healthy, retrying, failed)."
+        "1 for the replica's current state (label state: starting, healthy, retrying, failed, conflict)."
     );
     describe_counter!(REPLICA_UPLOADS, "WAL segments uploaded.");
     describe_counter!(
@@ -161,6 +163,10 @@ fn describe() {
         "Retries scheduled after a failed replica sync."
     );
     describe_counter!(REPLICA_ERRORS, "Failed replica syncs.");
+    describe_counter!(
+        REPLICA_LEASE_CONFLICTS,
+        "Sync attempts refused because another replicator holds the replica path's lease."
+    );
     describe_counter!(
         REPLICA_OPERATIONS,
         "Object store requests by backend type and operation (GET, PUT, LIST, DELETE)."

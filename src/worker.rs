@@ -109,7 +109,7 @@ pub fn spawn(
     let replicas: Vec<Replica> = spec
         .replicas
         .iter()
-        .map(|(o, c)| Replica::new(o.clone(), c.clone()))
+        .map(|(o, c)| Replica::new(o.clone(), c.clone(), &spec.path.to_string_lossy()))
         .collect();
     let (tx, rx) = mpsc::channel(16);
     let handle = WorkerHandle {
@@ -439,6 +439,7 @@ async fn replica_loop(
         Instant::now() + r.opts.retention_check_interval.min(r.opts.retention)
     };
     let mut next_snapshot: Option<Instant> = None;
+    let mut lease_retry_at: Option<Instant> = None;
 
     loop {
         let dpos = pos_rx.borrow().clone();
@@ -449,6 +450,10 @@ async fn replica_loop(
             (None, false) => far(),
         };
         let snapshot_due = next_snapshot.unwrap_or_else(far);
+        let lease_due = r
+            .lease_renew_at()
+            .map(|t| lease_retry_at.map_or(t, |rt| t.max(rt)))
+            .unwrap_or_else(far);
         tokio::select! {
             _ = stop.cancelled() => {
                 // Re-read the position: the worker's final DB sync ran after `dpos` was taken.
@@ -485,6 +490,15 @@ async fn replica_loop(
                     warn!(db = %name, replica = %r.opts.name, error = %e, "retention check failed");
                 }
             }
+            _ = sleep_until(lease_due) => {
+                // An idle replica keeps its lease; a failure shows in the state like any other.
+                lease_retry_at = None;
+                if let Err(e) = r.renew_lease().await {
+                    let res = Err(e);
+                    retry_at = r.record(&name, &res).map(|d| Instant::now() + d);
+                    lease_retry_at = retry_at;
+                }
+            }
             _ = sleep_until(snapshot_due) => {
                 next_snapshot = Some(Instant::now() + r.opts.snapshot_interval);
                 let res = r.snapshot(&shared).await.map(|_| ());
@@ -497,6 +511,7 @@ async fn replica_loop(
         positions.lock().expect("positions")[slot] = r.pos().cloned();
     }
     positions.lock().expect("positions")[slot] = r.pos().cloned();
+    r.release_lease().await;
 }
 
 /// When the first interval snapshot is due: the newest snapshot's age counts toward it.

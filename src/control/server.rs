@@ -560,7 +560,7 @@ fn events(old: &[DbStatus], new: &[DbStatus], first: bool) -> Vec<Body> {
                 .map(|x| x.state_name());
             if before != Some(r.state_name()) {
                 let level = match r.state_name() {
-                    "failed" => "error",
+                    "failed" | "conflict" => "error",
                     "retrying" => "warn",
                     _ => "info",
                 };

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
-use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
+use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, Precondition, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct FileStore {
@@ -46,6 +46,58 @@ impl FileStore {
 
 async fn fsync_dir(dir: &Path) -> io::Result<()> {
     tokio::fs::File::open(dir).await?.sync_all().await
+}
+
+/// The version token of a small file object: its content, hex-encoded (lease objects are a few
+/// hundred bytes, and content equality is exactly the condition wanted).
+fn version_of(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Runs `f` holding an exclusive `flock` on `dir`. Every conditional write and delete takes it,
+/// so compare-and-swap on objects in that directory is atomic between processes on this host.
+fn with_dir_lock<T>(dir: &Path, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::create_dir_all(dir)?;
+    let d = std::fs::File::open(dir)?;
+    let _lock = Flock::lock(d, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))?;
+    f()
+}
+
+fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn put_if_blocking(path: &Path, data: &[u8], cond: &Precondition) -> io::Result<Option<String>> {
+    use std::io::Write;
+    let dir = path.parent().expect("key has a parent");
+    with_dir_lock(dir, || {
+        let current = read_optional(path)?;
+        let holds = match (cond, &current) {
+            (Precondition::Absent, None) => true,
+            (Precondition::Version(v), Some(c)) => version_of(c) == *v,
+            _ => false,
+        };
+        if !holds {
+            return Ok(None);
+        }
+        let tmp = dir.join(format!(".lease.{:08x}.tmp", rand::random::<u32>()));
+        let res = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res.map(|()| Some(version_of(data)))
+    })
 }
 
 #[async_trait]
@@ -147,5 +199,45 @@ impl ObjectStore for FileStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io_err("delete", dir, e)),
         }
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        match tokio::fs::read(self.path(key)).await {
+            Ok(d) => {
+                let v = version_of(&d);
+                Ok(Some((d, v)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err("get", key, e)),
+        }
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        cond: &Precondition,
+    ) -> Result<Option<String>, StoreError> {
+        let (path, cond) = (self.path(key), cond.clone());
+        tokio::task::spawn_blocking(move || put_if_blocking(&path, &data, &cond))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| self.io_err("put", key, e))
+    }
+
+    async fn delete_if(&self, key: &str, version: &str) -> Result<bool, StoreError> {
+        let (path, version) = (self.path(key), version.to_string());
+        tokio::task::spawn_blocking(move || {
+            let dir = path.parent().expect("key has a parent").to_path_buf();
+            with_dir_lock(&dir, || match read_optional(&path)? {
+                Some(c) if version_of(&c) == version => std::fs::remove_file(&path).map(|()| true),
+                _ => Ok(false),
+            })
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map_err(|e| self.io_err("delete", key, e))
     }
 }

@@ -14,7 +14,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
 
-use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, StoreError};
+use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, Precondition, StoreError};
 
 /// 16 MiB parts: a 100 GiB snapshot needs 6,400 parts, inside S3's 10,000-part limit
 /// (Litestream's fixed 5 MiB parts stop at ~48 GiB, #276/#447).
@@ -129,6 +129,24 @@ impl S3Store {
 
     fn key(&self, k: &str) -> String {
         super::bucket_key(&self.cfg.path, k)
+    }
+
+    /// Whether an error is a failed precondition (412, or 409 when a concurrent conditional
+    /// write won the race) rather than a real failure.
+    fn precondition_failed<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> bool
+    where
+        E: ProvideErrorMetadata,
+    {
+        match e {
+            SdkError::ServiceError(se) => {
+                matches!(se.raw().status().as_u16(), 412 | 409)
+                    || matches!(
+                        e.code(),
+                        Some("PreconditionFailed" | "ConditionalRequestConflict")
+                    )
+            }
+            _ => false,
+        }
     }
 
     fn err<E>(
@@ -418,5 +436,79 @@ impl ObjectStore for S3Store {
             .map(|k| super::root_relative(&self.cfg.path, k))
             .collect();
         self.delete(&keys).await
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return match self.err("get", key, e) {
+                    StoreError::NotFound { .. } => Ok(None),
+                    other => Err(other),
+                };
+            }
+        };
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
+        let etag = out.e_tag().unwrap_or_default().to_string();
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.io_err(key, std::io::Error::other(e)))?
+            .to_vec();
+        Ok(Some((data, etag)))
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        cond: &Precondition,
+    ) -> Result<Option<String>, StoreError> {
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .body(ByteStream::from(data));
+        let req = match cond {
+            Precondition::Absent => req.if_none_match("*"),
+            Precondition::Version(etag) => req.if_match(etag),
+        };
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "PUT").increment(1);
+        match req.send().await {
+            Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
+            Err(e) if Self::precondition_failed(&e) => Ok(None),
+            Err(e) => Err(self.err("put", key, e)),
+        }
+    }
+
+    async fn delete_if(&self, key: &str, version: &str) -> Result<bool, StoreError> {
+        // S3 evaluates If-Match on DeleteObject since 2025; a store that ignores the header
+        // deletes unconditionally, which only matters if someone took the lease in between.
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "DELETE").increment(1);
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .if_match(version)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if Self::precondition_failed(&e) => Ok(false),
+            Err(e) => match self.err("delete", key, e) {
+                StoreError::NotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
     }
 }

@@ -197,7 +197,7 @@ pub fn replica_health(state: &str) -> Health {
     match state {
         "healthy" => Health::Ok,
         "retrying" => Health::Warn,
-        "failed" => Health::Bad,
+        "failed" | "conflict" => Health::Bad,
         _ => Health::Idle, // starting
     }
 }

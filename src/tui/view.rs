@@ -181,9 +181,9 @@ fn short_gen(g: &str) -> String {
 /// The error worth showing for a replica: the current one while it fails, else the last one.
 fn replica_error(r: &ReplicaStatus) -> Option<&str> {
     match &r.state {
-        ReplicaState::Retrying { error, .. } | ReplicaState::Failed { error, .. } => {
-            Some(error.as_str())
-        }
+        ReplicaState::Retrying { error, .. }
+        | ReplicaState::Failed { error, .. }
+        | ReplicaState::Conflict { error, .. } => Some(error.as_str()),
         _ => r.last_error.as_deref(),
     }
 }
@@ -704,8 +704,9 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
             Span::raw(" "),
             Span::styled(r.state_name(), health_style(h)),
         ];
-        if let ReplicaState::Retrying { attempt, .. } | ReplicaState::Failed { attempt, .. } =
-            &r.state
+        if let ReplicaState::Retrying { attempt, .. }
+        | ReplicaState::Failed { attempt, .. }
+        | ReplicaState::Conflict { attempt, .. } = &r.state
         {
             head.push(Span::styled(
                 format!(" (attempt {attempt})"),

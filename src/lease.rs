@@ -1,0 +1,326 @@
+//! A lease on a replica path, so two replicators never write the same replica (a container
+//! restart overlapping the old one, a blue-green deploy, two databases configured with one
+//! path by mistake). Litestream has nothing like it and silently interleaves generations.
+//!
+//! The lease is one small JSON object, `litestreamd.lease`, beside (not inside) `generations/`,
+//! so Litestream 0.3 never sees it. It names its holder and an expiry. Every change to it is a
+//! conditional write ([`ObjectStore::put_if`]): create-if-absent to take a free lease, replace-
+//! if-unchanged to renew or to take over an expired one. Of two racing replicators exactly one
+//! wins; the other reads who holds it and waits.
+//!
+//! A holder renews when less than half the TTL is left, both before it writes and on a timer
+//! while it runs. An expired lease is free. So is a lease left by an earlier process of the same
+//! database on this host (its pid is gone, or it is our own pid again, as in a container whose
+//! process is always pid 1), so a `kill -9` and restart does not wait out the TTL.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::replica::{ObjectStore, Precondition, StoreError};
+
+/// The lease object's key, relative to the replica root.
+pub const LEASE_KEY: &str = "litestreamd.lease";
+
+/// The default lease duration: long enough that an idle database renews rarely (one small PUT
+/// every 2.5 minutes), short enough that a crashed holder on another host is replaced soon.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Error)]
+pub enum LeaseError {
+    #[error(
+        "{url}: the replica path is leased by {holder} until {until}; another replicator writes here, so this one does not (it retries until the lease is released or expires)"
+    )]
+    Held {
+        url: String,
+        holder: String,
+        until: String,
+    },
+    #[error(
+        "{url}/{LEASE_KEY}: unreadable lease object ({message}); if no other litestreamd replicates to this path, delete it"
+    )]
+    Corrupt { url: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The stored lease document.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct LeaseDoc {
+    /// `host/pid/database`, for people.
+    holder: String,
+    host: String,
+    pid: u32,
+    /// Random per replicator instance: tells two replicators of one database in one process
+    /// apart, and a restarted process from the one before it.
+    instance: String,
+    database: String,
+    /// Unix milliseconds.
+    expires_at_ms: u64,
+    renewed_at_ms: u64,
+    litestreamd: String,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// Whether a process with this pid exists on this host (EPERM means it exists).
+fn pid_alive(pid: u32) -> bool {
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(
+        kill(Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
+}
+
+/// Lease instances alive in this process: a lease of our own pid whose instance is not here
+/// was left by an earlier process (pid 1 in a container, restarted).
+static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// One replicator's lease on one replica path.
+pub struct Lease {
+    store: Arc<dyn ObjectStore>,
+    ttl: Duration,
+    host: String,
+    pid: u32,
+    instance: String,
+    database: String,
+    /// The version of our lease object and when, by our own clock, it expires.
+    held: Option<(String, Instant)>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("url", &self.store.url())
+            .field("ttl", &self.ttl)
+            .field("held", &self.held.is_some())
+            .finish()
+    }
+}
+
+impl Lease {
+    /// `database` identifies the writer (its path); it is stored in the lease for people and
+    /// used to recognise an earlier process of the same database.
+    pub fn new(store: Arc<dyn ObjectStore>, ttl: Duration, database: &str) -> Self {
+        let instance = format!("{:016x}", rand::random::<u64>());
+        LIVE.lock().expect("live leases").push(instance.clone());
+        Lease {
+            store,
+            ttl,
+            host: hostname(),
+            pid: std::process::id(),
+            instance,
+            database: database.to_string(),
+            held: None,
+        }
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|(_, exp)| *exp > Instant::now())
+    }
+
+    /// When the next renewal is due (None when not held).
+    pub fn renew_at(&self) -> Option<Instant> {
+        self.held.as_ref().map(|(_, exp)| *exp - self.ttl / 2)
+    }
+
+    fn doc(&self) -> Vec<u8> {
+        let now = SystemTime::now();
+        let doc = LeaseDoc {
+            holder: format!("{}/{}/{}", self.host, self.pid, self.database),
+            host: self.host.clone(),
+            pid: self.pid,
+            instance: self.instance.clone(),
+            database: self.database.clone(),
+            expires_at_ms: unix_ms(now + self.ttl),
+            renewed_at_ms: unix_ms(now),
+            litestreamd: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        serde_json::to_vec_pretty(&doc).expect("lease serialises")
+    }
+
+    /// Makes sure this replicator holds the lease with at least half its TTL left; call it
+    /// before every write to the replica. Costs no request while the lease is fresh.
+    pub async fn ensure(&mut self) -> Result<(), LeaseError> {
+        let started = Instant::now();
+        if let Some((version, exp)) = &self.held {
+            if *exp > started + self.ttl / 2 {
+                return Ok(());
+            }
+            let cond = Precondition::Version(version.clone());
+            if let Some(v) = self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+                self.held = Some((v, started + self.ttl));
+                return Ok(());
+            }
+            warn!(url = %self.store.url(), "lease was taken by another replicator");
+            self.held = None;
+        }
+        let cond = match self.store.get_versioned(LEASE_KEY).await? {
+            None => Precondition::Absent,
+            Some((data, version)) => {
+                let doc: LeaseDoc =
+                    serde_json::from_slice(&data).map_err(|e| LeaseError::Corrupt {
+                        url: self.store.url(),
+                        message: e.to_string(),
+                    })?;
+                if doc.instance != self.instance {
+                    self.check_free(&doc)?;
+                }
+                Precondition::Version(version)
+            }
+        };
+        match self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+            Some(v) => {
+                info!(url = %self.store.url(), ttl = ?self.ttl, "lease acquired");
+                self.held = Some((v, started + self.ttl));
+                Ok(())
+            }
+            // Lost a race with another replicator: report who won.
+            None => match self.store.get_versioned(LEASE_KEY).await? {
+                Some((data, _)) => match serde_json::from_slice::<LeaseDoc>(&data) {
+                    Ok(doc) => Err(self.held_error(&doc)),
+                    Err(e) => Err(LeaseError::Corrupt {
+                        url: self.store.url(),
+                        message: e.to_string(),
+                    }),
+                },
+                None => Err(LeaseError::Held {
+                    url: self.store.url(),
+                    holder: "another replicator (released it just now)".into(),
+                    until: "now".into(),
+                }),
+            },
+        }
+    }
+
+    /// Whether another instance's lease may be taken over; the error names its holder if not.
+    fn check_free(&self, doc: &LeaseDoc) -> Result<(), LeaseError> {
+        let now = unix_ms(SystemTime::now());
+        if doc.expires_at_ms <= now {
+            info!(url = %self.store.url(), holder = %doc.holder, "taking over an expired lease");
+            return Ok(());
+        }
+        let gone = if doc.pid == self.pid {
+            !LIVE.lock().expect("live leases").contains(&doc.instance)
+        } else {
+            !pid_alive(doc.pid)
+        };
+        let earlier_self = doc.host == self.host && doc.database == self.database && gone;
+        if earlier_self {
+            info!(url = %self.store.url(), holder = %doc.holder, "taking over the lease of an earlier process of this database on this host");
+            return Ok(());
+        }
+        Err(self.held_error(doc))
+    }
+
+    fn held_error(&self, doc: &LeaseDoc) -> LeaseError {
+        LeaseError::Held {
+            url: self.store.url(),
+            holder: doc.holder.clone(),
+            until: rfc3339_ms(doc.expires_at_ms),
+        }
+    }
+
+    /// Gives the lease up (clean shutdown), so another replicator can take over at once.
+    pub async fn release(&mut self) {
+        let Some((version, _)) = self.held.take() else {
+            return;
+        };
+        match self.store.delete_if(LEASE_KEY, &version).await {
+            Ok(true) => info!(url = %self.store.url(), "lease released"),
+            Ok(false) => warn!(url = %self.store.url(), "lease was no longer ours at release"),
+            Err(e) => {
+                warn!(url = %self.store.url(), error = %e, "could not release the lease; it expires on its own")
+            }
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        LIVE.lock()
+            .expect("live leases")
+            .retain(|i| *i != self.instance);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::file::FileStore;
+
+    fn store(dir: &std::path::Path) -> Arc<dyn ObjectStore> {
+        Arc::new(FileStore::new(dir))
+    }
+
+    #[tokio::test]
+    async fn one_holder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_secs(60);
+        let mut a = Lease::new(store(dir.path()), ttl, "/data/a.db");
+        let mut b = Lease::new(store(dir.path()), ttl, "/data/b.db");
+        a.ensure().await.unwrap();
+        let err = b.ensure().await.unwrap_err().to_string();
+        assert!(err.contains("/data/a.db"), "{err}");
+        // Fresh: no request, still ours.
+        a.ensure().await.unwrap();
+        a.release().await;
+        assert!(!dir.path().join(LEASE_KEY).exists());
+        b.ensure().await.unwrap();
+        assert!(a.ensure().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn expired_and_dead_holders_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Lease::new(store(dir.path()), Duration::from_millis(50), "/data/a.db");
+        a.ensure().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let mut b = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/b.db");
+        b.ensure().await.unwrap();
+        // `a` notices at its next renewal that it lost the lease.
+        assert!(matches!(a.ensure().await, Err(LeaseError::Held { .. })));
+
+        // While `b` lives, another replicator of the same database is refused...
+        let mut c = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/b.db");
+        assert!(c.ensure().await.is_err());
+        // ...but once it is gone without releasing (a crash), a lease of the same database with
+        // our pid (pid 1 in a restarted container) is taken over at once, not after the TTL.
+        drop(b);
+        c.ensure().await.unwrap();
+        let mut d = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/b.db");
+        assert!(d.ensure().await.is_err(), "c holds it and is alive");
+    }
+
+    #[tokio::test]
+    async fn corrupt_lease_is_an_error_naming_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(LEASE_KEY), b"{not json").unwrap();
+        let mut a = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/a.db");
+        let err = a.ensure().await.unwrap_err().to_string();
+        assert!(err.contains("litestreamd.lease"), "{err}");
+    }
+}
