@@ -36,6 +36,10 @@ pub enum DbError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{path}: another litestreamd replicates this database (it holds the replication lock on the file); this one waits until that one stops"
+    )]
+    Locked { path: PathBuf },
     #[error("{path}: journal_mode is {mode:?}, expected wal")]
     NotWal { path: PathBuf, mode: String },
     #[error("{path}: invalid WAL header: {source}")]
@@ -276,7 +280,17 @@ impl Db {
         if !self.path.exists() {
             return Ok(false);
         }
-        let fd = File::open(&self.path).map_err(self.io(&self.path, "open"))?;
+        // Read-write only because a write lock needs it; nothing is written through it.
+        let fd = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(self.io(&self.path, "open"))?;
+        if !replication_lock(&fd).map_err(self.io(&self.path, "lock"))? {
+            return Err(DbError::Locked {
+                path: self.path.clone(),
+            });
+        }
         let writer = self.open_conn()?;
         let mode: String = writer
             .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
@@ -975,6 +989,28 @@ fn read_at(p: &Path, at: u64, len: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, at)?;
     Ok(buf)
+}
+
+/// Takes the replication lock: an open-file-description lock on one byte of the database file
+/// far from the bytes SQLite locks (PENDING_BYTE 0x40000000 and the 512 after it). It belongs
+/// to our own descriptor, so SQLite closing its descriptors never drops it, it needs no extra
+/// file descriptor, and it goes away with the process. Two replicators of one database (a
+/// second process, or the same path configured twice) would otherwise share and corrupt the
+/// shadow WAL. Returns false if someone else holds it.
+fn replication_lock(fd: &File) -> io::Result<bool> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use nix::libc;
+    // SAFETY: an all-zero `flock` is a valid value; the fields that matter are set below.
+    let mut lk: libc::flock = unsafe { std::mem::zeroed() };
+    lk.l_type = libc::F_WRLCK as _;
+    lk.l_whence = libc::SEEK_SET as _;
+    lk.l_start = 0x4000_1000;
+    lk.l_len = 1;
+    match fcntl(fd, FcntlArg::F_OFD_SETLK(&lk)) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
 }
 
 fn read_header_bytes(p: &Path) -> Option<[u8; WAL_HEADER_SIZE]> {

@@ -594,3 +594,490 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
     restore_to(&good_dir, &out, |_| {}).await.unwrap();
     assert_eq!(dump(&out), dump_conn(&app));
 }
+
+// ---- Protecting the replica: age encryption and the lease (issue 8) ----
+
+/// A fresh X25519 key pair as files (`age-keygen` format) and as strings.
+struct AgeKey {
+    identity_file: PathBuf,
+    recipient_file: PathBuf,
+    identity: String,
+    recipient: String,
+}
+
+fn age_key(dir: &Path, name: &str) -> AgeKey {
+    use age::secrecy::ExposeSecret;
+    let id = age::x25519::Identity::generate();
+    let k = AgeKey {
+        identity_file: dir.join(format!("{name}.key")),
+        recipient_file: dir.join(format!("{name}.pub")),
+        identity: id.to_string().expose_secret().to_string(),
+        recipient: id.to_public().to_string(),
+    };
+    std::fs::write(
+        &k.identity_file,
+        format!("# public key: {}\n{}\n", k.recipient, k.identity),
+    )
+    .unwrap();
+    std::fs::write(&k.recipient_file, format!("{}\n", k.recipient)).unwrap();
+    k
+}
+
+/// `litestreamd replicate` with extra flags, its log (stderr) going to `log`.
+fn replicate_with(db: &Path, url: &str, extra: &[&str], log: &Path) -> Child {
+    cmd()
+        .args([
+            "replicate",
+            "--monitor-interval",
+            "100ms",
+            "--sync-interval",
+            "100ms",
+        ])
+        .args(extra)
+        .arg(db)
+        .arg(url)
+        .env("LITESTREAMD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+const MARKER: &str = "PLAINTEXT-MARKER-7f3a9c";
+
+/// Rows whose text is the marker, so the stored bytes can be searched for it.
+fn write_marked(app: &rusqlite::Connection, n: usize) {
+    app.execute_batch("CREATE TABLE IF NOT EXISTS secrets (id INTEGER PRIMARY KEY, v TEXT)")
+        .unwrap();
+    for i in 0..n {
+        app.execute(
+            "INSERT INTO secrets (v) VALUES (?1)",
+            [format!("{MARKER}-{i}-{}", "x".repeat(200))],
+        )
+        .unwrap();
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Every snapshot and segment under `dir` is age-encrypted and holds none of the plaintext.
+fn assert_encrypted(dir: &Path) {
+    let objects: Vec<PathBuf> = files_under(dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".lz4"))
+        .collect();
+    assert!(objects.len() >= 2, "no objects under {}", dir.display());
+    for p in files_under(dir) {
+        let data = std::fs::read(&p).unwrap();
+        assert!(
+            !data.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+            "{} contains plaintext",
+            p.display()
+        );
+    }
+    for p in objects {
+        let data = std::fs::read(&p).unwrap();
+        assert!(
+            data.starts_with(b"age-encryption.org/v1\n"),
+            "{} is not an age file",
+            p.display()
+        );
+    }
+}
+
+fn litestream_age_yaml(k: &AgeKey) -> String {
+    format!(
+        "        age:\n          identities:\n            - {}\n          recipients:\n            - {}\n",
+        k.identity, k.recipient
+    )
+}
+
+/// One round of the encryption checks on one target. `storage` is where the target keeps the
+/// replica's bytes on disk (the directory, or s3s-fs's files), `yaml` Litestream's replica keys.
+fn age_round_trip(dir: &Path, label: &str, url: &str, storage: &Path, yaml: &str) {
+    let ls = litestream_bin();
+    let key = age_key(dir, &format!("{label}-key"));
+    let flags = [
+        "--age-recipient-file",
+        key.recipient_file.to_str().unwrap(),
+        "--age-identity-file",
+        key.identity_file.to_str().unwrap(),
+    ];
+
+    // litestreamd writes an encrypted replica, stops, and resumes from it (which reads the
+    // newest segment back, decrypting it) in the same generation.
+    let db = dir.join(format!("{label}-a.db"));
+    let app = app_conn(&db);
+    let mut rng = Lcg(7);
+    let mut child = replicate_with(&db, url, &flags, &dir.join(format!("{label}-a1.log")));
+    write_marked(&app, 50);
+    write_mixed(&app, &mut rng, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sigterm(&mut child).success());
+    // (No write while it is stopped: if the WAL restarts meanwhile, a new generation is right.)
+    let mut child = replicate_with(&db, url, &flags, &dir.join(format!("{label}-a2.log")));
+    write_marked(&app, 50);
+    write_mixed(&app, &mut rng, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sigterm(&mut child).success());
+    assert_encrypted(storage);
+    let gens = cmd().args(["generations", "--json", url]).output().unwrap();
+    assert!(
+        gens.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gens.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&gens.stdout).unwrap();
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(1),
+        "resuming an encrypted replica keeps its generation: {listed}\n{}",
+        std::fs::read_to_string(dir.join(format!("{label}-a2.log"))).unwrap()
+    );
+
+    // Litestream 0.3.13 restores it.
+    let cfg = dir.join(format!("{label}-ls-a.yml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      -\n{yaml}{}",
+            db.display(),
+            litestream_age_yaml(&key)
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("{label}-a-by-litestream.db"));
+    let o = Command::new(&ls)
+        .args(["restore", "-config"])
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&out)
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "litestream restore of an encrypted litestreamd replica: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(dump(&out), dump_conn(&app));
+    drop(app);
+
+    // litestreamd restores with the identity; without one, or with the wrong one, it fails
+    // naming the replica and the object, and leaves no output.
+    let restore = |out: &Path, identity: Option<&Path>| {
+        let mut c = cmd();
+        c.args(["restore", "-o"]).arg(out);
+        if let Some(i) = identity {
+            c.arg("--age-identity-file").arg(i);
+        }
+        c.arg(url).output().unwrap()
+    };
+    let out = dir.join(format!("{label}-a-by-litestreamd.db"));
+    let o = restore(&out, Some(&key.identity_file));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(dump(&out), dump(&db));
+    let url_root = url.split('?').next().unwrap().trim_end_matches('/');
+    for (what, identity) in [
+        ("no age identity", None),
+        ("wrong identity", Some(age_key(dir, "other").identity_file)),
+    ] {
+        let out = dir.join(format!("{label}-{}.db", what.replace(' ', "-")));
+        let o = restore(&out, identity.as_deref());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{what}: restore succeeded");
+        assert!(err.contains(what), "{what}: {err}");
+        assert!(
+            err.contains(url_root),
+            "{what}: the error names the replica: {err}"
+        );
+        assert!(
+            err.contains(".lz4"),
+            "{what}: the error names the object: {err}"
+        );
+        assert!(!out.exists(), "{what}: output left behind");
+    }
+
+    // Litestream 0.3.13 writes an encrypted replica; litestreamd restores it.
+    let db = dir.join(format!("{label}-b.db"));
+    let app = app_conn(&db);
+    let cfg = dir.join(format!("{label}-ls-b.yml"));
+    let b_yaml = yaml.replace(&format!("{label}-a"), &format!("{label}-b"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    monitor-interval: 100ms\n    min-checkpoint-page-count: 30\n    replicas:\n      -\n{b_yaml}{}",
+            db.display(),
+            litestream_age_yaml(&key)
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(&ls)
+        .args(["replicate", "-config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    write_marked(&app, 30);
+    for _ in 0..4 {
+        write_mixed(&app, &mut rng, 100);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(sigterm(&mut child).success());
+    let b_url = url.replace(&format!("{label}-a"), &format!("{label}-b"));
+    let out = dir.join(format!("{label}-b-by-litestreamd.db"));
+    let mut c = cmd();
+    let o = c
+        .args(["restore", "-o"])
+        .arg(&out)
+        .arg("--age-identity-file")
+        .arg(&key.identity_file)
+        .arg(&b_url)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(dump(&out), dump_conn(&app));
+}
+
+#[test]
+fn age_encrypted_replicas_round_trip_with_litestream_0_3_13() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    let replica = d.join("file-a-replica");
+    let url = format!("file://{}", replica.display());
+    let yaml = format!("        path: {}\n", replica.display());
+    age_round_trip(d, "file", &url, &replica, &yaml);
+
+    let server = s3_server(&d.join("s3"));
+    let url = s3_url(server.port, "s3-a-replica");
+    let yaml = format!(
+        "        type: s3\n        bucket: litestream-bucket\n        path: s3-a-replica\n        endpoint: http://127.0.0.1:{}\n        region: us-east-1\n        force-path-style: true\n        access-key-id: {KEY}\n        secret-access-key: {SECRET}\n        sync-interval: 100ms\n",
+        server.port
+    );
+    age_round_trip(
+        d,
+        "s3",
+        &url,
+        &d.join("s3/litestream-bucket/s3-a-replica"),
+        &yaml,
+    );
+}
+
+/// Waits until `log` contains `needle`.
+fn wait_log(log: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {needle:?}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn generation_count(url: &str) -> usize {
+    let o = cmd().args(["generations", "--json", url]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .unwrap()
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+#[test]
+fn second_replicator_of_the_same_database_waits_and_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let url = format!("file://{}", d.join("replica").display());
+    let db = d.join("app.db");
+    let app = app_conn(&db);
+    let mut rng = Lcg(11);
+    write_mixed(&app, &mut rng, 100);
+
+    let (log1, log2) = (d.join("first.log"), d.join("second.log"));
+    let mut first = replicate_with(&db, &url, &[], &log1);
+    wait_log(&log1, "snapshot written", Duration::from_secs(30));
+    let mut second = replicate_with(&db, &url, &[], &log2);
+    wait_log(
+        &log2,
+        "another litestreamd replicates this database",
+        Duration::from_secs(30),
+    );
+    for _ in 0..5 {
+        write_mixed(&app, &mut rng, 50);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(generation_count(&url), 1, "only the first writes");
+
+    // The first stops (final sync, lease released); the second takes over and the writes made
+    // after that reach the replica too.
+    assert!(sigterm(&mut first).success());
+    write_mixed(&app, &mut rng, 100);
+    let probes = d.join("probes");
+    std::fs::create_dir_all(&probes).unwrap();
+    let want = dump_conn(&app);
+    wait_restorable(&url, &probes, |p| dump(p) == want);
+    assert!(sigterm(&mut second).success());
+    let out = d.join("restored.db");
+    let o = restore_url(&url, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(dump(&out), dump_conn(&app));
+    assert_eq!(integrity(&out), "ok");
+}
+
+#[test]
+fn two_databases_on_one_replica_path_only_the_lease_holder_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = s3_server(&d.join("s3"));
+    let url = s3_url(server.port, "shared.db");
+    let flags = ["--lease-ttl", "3s"];
+    let (a, b) = (d.join("a.db"), d.join("b.db"));
+    let (app_a, app_b) = (app_conn(&a), app_conn(&b));
+    let mut rng = Lcg(5);
+    write_mixed(&app_a, &mut rng, 100);
+    write_mixed(&app_b, &mut rng, 100);
+
+    let (log_a, log_b) = (d.join("a.log"), d.join("b.log"));
+    let mut first = replicate_with(&a, &url, &flags, &log_a);
+    wait_log(&log_a, "snapshot written", Duration::from_secs(30));
+    let mut second = replicate_with(&b, &url, &flags, &log_b);
+    wait_log(
+        &log_b,
+        "the replica path is leased by",
+        Duration::from_secs(30),
+    );
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        log.contains(&a.display().to_string()),
+        "names the holder: {log}"
+    );
+    for _ in 0..10 {
+        write_mixed(&app_a, &mut rng, 20);
+        write_mixed(&app_b, &mut rng, 20);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(generation_count(&url), 1, "only the lease holder writes");
+    let probes = d.join("probes");
+    std::fs::create_dir_all(&probes).unwrap();
+    let want_a = dump_conn(&app_a);
+    wait_restorable(&url, &probes, |p| dump(p) == want_a);
+
+    // The holder dies without releasing the lease: the second takes over once it expires.
+    let killed = Instant::now();
+    send_signal(&first, 9);
+    first.wait().unwrap();
+    write_mixed(&app_b, &mut rng, 50);
+    let want_b = dump_conn(&app_b);
+    wait_restorable(&url, &probes, |p| dump(p) == want_b);
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(3 + 10),
+        "took over {took:?} after the holder died (lease 3 s)"
+    );
+    wait_log(
+        &log_b,
+        "taking over an expired lease",
+        Duration::from_secs(1),
+    );
+    assert!(sigterm(&mut second).success());
+
+    // Nothing of either is lost: `a`'s generation is still there, intact, beside `b`'s.
+    let o = cmd()
+        .args(["generations", "--json", &url])
+        .output()
+        .unwrap();
+    let gens: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids: Vec<String> = gens
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["generation"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{gens}");
+    let mut restored = Vec::new();
+    for g in &ids {
+        let out = d.join(format!("gen-{g}.db"));
+        let o = cmd()
+            .args(["restore", "--generation", g, "-o"])
+            .arg(&out)
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        restored.push(dump(&out));
+    }
+    assert!(restored.contains(&want_a), "a's replica is intact");
+    assert!(
+        restored.contains(&dump_conn(&app_b)),
+        "b's replica is complete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_conditional_writes_on_s3_and_gcs() {
+    use litestreamd::lease::{Lease, LeaseError};
+    use litestreamd::replica::{ObjectStore, gcs, s3};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let s3_srv = s3_server(&dir.path().join("s3"));
+    let gcs_srv = gcs_server(&dir.path().join("gcs"));
+    let s3_cfg = s3::S3Config {
+        access_key_id: Some(KEY.into()),
+        secret_access_key: Some(SECRET.into()),
+        ..s3::S3Config::from_url(&url::Url::parse(&s3_url(s3_srv.port, "lease.db")).unwrap())
+            .unwrap()
+    };
+    let gcs_cfg =
+        gcs::GcsConfig::from_url(&url::Url::parse(&gcs_url(gcs_srv.port, "lease.db")).unwrap())
+            .unwrap();
+    let stores: Vec<Arc<dyn ObjectStore>> = vec![
+        Arc::new(s3::S3Store::new(s3_cfg).await.unwrap()),
+        Arc::new(gcs::GcsStore::new(gcs_cfg).await.unwrap()),
+    ];
+    for store in stores {
+        let url = store.url();
+        let ttl = Duration::from_secs(60);
+        let mut a = Lease::new(store.clone(), ttl, "/srv/a.db");
+        let mut b = Lease::new(store.clone(), ttl, "/srv/b.db");
+        a.ensure().await.unwrap();
+        match b.ensure().await {
+            Err(LeaseError::Held { holder, .. }) => assert!(holder.contains("/srv/a.db"), "{url}"),
+            other => panic!("{url}: second lease: {other:?}"),
+        }
+        a.release().await;
+        b.ensure().await.unwrap();
+        assert!(a.ensure().await.is_err(), "{url}: b holds it now");
+        b.release().await;
+        // The lease sits beside generations/, where Litestream never looks.
+        assert!(
+            store
+                .get_versioned("litestreamd.lease")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
