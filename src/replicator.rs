@@ -309,8 +309,6 @@ impl Replica {
         let Some(dpos) = db_pos(shared).await? else {
             return Ok(());
         };
-        // Also when there is nothing to upload: a replica without the lease is not healthy.
-        self.ensure_lease().await?;
         if self.pos.as_ref().map(|p| &p.generation) != Some(&dpos.generation) {
             if self.client.snapshots(&dpos.generation).await?.is_empty() {
                 let taken = self.snapshot(shared).await?;
@@ -323,6 +321,10 @@ impl Replica {
             self.pos = Some(self.calc_pos(&dpos.generation).await?);
             debug!(db = %shared.name, replica = %self.opts.name, pos = %self.pos.as_ref().expect("set"), "replica position from remote");
         }
+        // Also when there is nothing to upload: a replica without the lease is not healthy.
+        // (After the first listing, so a missing bucket is reported as such, not as a lease
+        // write that some S3-compatible stores accept into a bucket that does not exist.)
+        self.ensure_lease().await?;
         let mut pos = self.pos.clone().expect("position set above");
         if pos.generation != dpos.generation {
             return Ok(());
