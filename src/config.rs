@@ -184,8 +184,8 @@ pub struct ReplicaConfig {
     pub region: Option<String>,
     /// `s3`: path-style addressing (default: on with a custom endpoint).
     pub force_path_style: Option<bool>,
-    /// `s3`: disable TLS certificate verification. Not supported yet: rejected with a clear
-    /// error rather than silently ignored.
+    /// `s3`: do not verify the endpoint's TLS certificate (a self-signed MinIO on a private
+    /// network). Also `?skip-verify=true` in an `s3://` URL.
     pub skip_verify: Option<bool>,
     /// `s3`: keys; default the SDK's chain (environment, profile, web identity, instance role).
     /// Use `${VAR}` to keep them out of the file.
@@ -614,9 +614,6 @@ pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaCli
             std::sync::Arc::new(replica::file::FileStore::new(absolute(Path::new(&p))))
         }
         "s3" => {
-            if r.skip_verify == Some(true) {
-                return Err("skip_verify is not supported yet; give the endpoint a certificate the system trusts".into());
-            }
             let cfg = replica::s3::S3Config {
                 bucket: env(&r.bucket)?.ok_or("bucket: required for an s3 replica")?,
                 path: path.unwrap_or_default(),
@@ -626,6 +623,7 @@ pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaCli
                 access_key_id: env(&r.access_key_id)?,
                 secret_access_key: env(&r.secret_access_key)?,
                 part_size: r.part_size,
+                skip_verify: r.skip_verify.unwrap_or(false),
             };
             std::sync::Arc::new(replica::s3::S3Store::new(cfg).await?)
         }

@@ -3,8 +3,8 @@
 //! [`convert`] reads the YAML the way Litestream 0.3.13 does (environment expansion of the raw
 //! text, `~` in local paths, Go durations, the special S3 hosts of replica URLs, global keys
 //! copied into replicas) and returns one TOML document per database in the format of
-//! [`crate::config::DbConfig`]. Anything litestreamd cannot do yet (Azure and SFTP replicas,
-//! `skip-verify`) is an error rather than a silently different configuration, and so
+//! [`crate::config::DbConfig`]. Anything litestreamd cannot do yet (Azure and SFTP replicas) is an
+//! error rather than a silently different configuration, and so
 //! is any key Litestream 0.3 does not know. [`write_all`] writes the documents into a
 //! directory. Nothing here prints; the command line reports the results.
 
@@ -491,6 +491,8 @@ struct ReplicaOut {
     retention: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retention_check_interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    skip_verify: Option<bool>,
     /// Last: a TOML sub-table goes after the plain keys.
     #[serde(skip_serializing_if = "Option::is_none")]
     age: Option<AgeOut>,
@@ -868,11 +870,6 @@ impl Cx {
             (None, None) => Kind::File,
         };
 
-        if r.skip_verify == Some(true) {
-            return Err(
-                self.unsupported(at, "skip-verify (turning off TLS certificate verification)")
-            );
-        }
         // Keys of other replica types: Litestream ignores them, which usually hides a mistake.
         let foreign: &[(&str, bool)] = &[
             ("account-name", set(&r.account_name)),
@@ -929,6 +926,7 @@ impl Cx {
                     identities: a.identities.clone().unwrap_or_default(),
                 })
                 .filter(|a| !a.recipients.is_empty() || !a.identities.is_empty()),
+            skip_verify: r.skip_verify.filter(|v| *v),
             ..ReplicaOut::default()
         };
         if out.age.as_ref().is_some_and(|a| !a.identities.is_empty()) {
@@ -2019,19 +2017,19 @@ dbs:
     }
 
     #[test]
-    fn skip_verify_is_unsupported_age_is_imported() {
-        let e = err(
+    fn skip_verify_and_age_are_imported() {
+        let doc = one(
             "dbs:\n  - path: /a.db\n    replicas:\n      - type: s3\n        bucket: b\n        skip-verify: true\n",
         );
-        assert!(
-            matches!(&e, ImportError::Unsupported { feature, .. } if feature.contains("skip-verify")),
-            "{e:?}"
+        assert_eq!(
+            replica(&parse(&doc), 0)["skip_verify"].as_bool(),
+            Some(true)
         );
-        assert!(e.to_string().contains("not supported by litestreamd yet"));
         // skip-verify: false changes nothing.
-        one(
+        let doc = one(
             "dbs:\n  - path: /a.db\n    replicas:\n      - type: s3\n        bucket: b\n        skip-verify: false\n",
         );
+        assert!(!doc.toml.contains("skip_verify"), "{}", doc.toml);
 
         let doc = one(
             "dbs:\n  - path: /a.db\n    replicas:\n      - path: /b\n        age:\n          recipients: [age1xyz]\n          identities: [AGE-SECRET-KEY-1XYZ]\n",

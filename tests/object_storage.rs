@@ -398,6 +398,7 @@ async fn s3_multipart_snapshot_restores_byte_identical() {
         access_key_id: Some(KEY.into()),
         secret_access_key: Some(SECRET.into()),
         part_size: Some(MIN_PART_SIZE),
+        skip_verify: false,
     })
     .await
     .unwrap();
@@ -491,6 +492,7 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
             access_key_id: Some(KEY.into()),
             secret_access_key: Some(secret.into()),
             part_size: None,
+            skip_verify: false,
         };
         async move { ReplicaClient::new(std::sync::Arc::new(S3Store::new(cfg).await.unwrap())) }
     };
@@ -1164,4 +1166,90 @@ fn retention_on_s3_and_gcs() {
     let gcs_dir = dir.path().join("gcs-run");
     std::fs::create_dir_all(&gcs_dir).unwrap();
     retention_on(&gcs_url(gcs.port, "ret.db"), &gcs_dir);
+}
+
+/// A TLS front for a plain server (s3s-fs speaks only HTTP): a self-signed certificate made
+/// with openssl, and a small Python proxy (the test command installs neither: openssl comes
+/// from tests/run.sh's system tools, Python is what installs the other servers).
+fn tls_proxy(dir: &Path, backend: u16) -> Server {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let o = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=litestreamd-test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl is installed by tests/run.sh");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let port = free_port();
+    let script = format!(
+        r#"
+import asyncio, ssl
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain({cert:?}, {key:?})
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except Exception:
+        pass
+    finally:
+        w.close()
+async def handle(cr, cw):
+    try:
+        br, bw = await asyncio.open_connection("127.0.0.1", {backend})
+    except Exception:
+        cw.close()
+        return
+    await asyncio.gather(pipe(cr, bw), pipe(br, cw))
+async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", {port}, ssl=ctx)
+    await srv.serve_forever()
+asyncio.run(main())
+"#,
+        cert = cert.display().to_string(),
+        key = key.display().to_string(),
+    );
+    Server::start(vec!["python3".into(), "-c".into(), script], port)
+}
+
+#[test]
+fn s3_skip_verify_accepts_a_self_signed_endpoint_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s3 = s3_server(&d.join("s3"));
+    let tls = tls_proxy(d, s3.port);
+    let base = format!(
+        "s3://litestream-bucket/tls.db?endpoint=https://127.0.0.1:{}&region=us-east-1&force-path-style=true",
+        tls.port
+    );
+    let db = d.join("tls.db");
+    let app = app_conn(&db);
+    write_mixed(&app, &mut Lcg(3), 100);
+
+    // Verification on (the default): the self-signed certificate is refused, and said so.
+    let log = d.join("verify.log");
+    let mut child = replicate_with(&db, &base, &[], &log);
+    wait_log(&log, "replica sync failed", Duration::from_secs(30));
+    assert!(sigterm(&mut child).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("UnknownIssuer"),
+        "the error says why: {text}"
+    );
+
+    // skip-verify=true: replication and restore work through TLS.
+    let url = format!("{base}&skip-verify=true");
+    let mut child = replicate_with(&db, &url, &[], &d.join("skip.log"));
+    write_mixed(&app, &mut Lcg(4), 100);
+    let probes = d.join("probes");
+    std::fs::create_dir_all(&probes).unwrap();
+    let want = dump_conn(&app);
+    wait_restorable(&url, &probes, |p| dump(p) == want);
+    assert!(sigterm(&mut child).success());
 }

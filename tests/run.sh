@@ -9,11 +9,13 @@ DEPS="${LITESTREAMD_DEPS:-$HOME/.cache/litestreamd-deps}"
 mkdir -p "$DEPS"
 
 # System tools the tests drive: tmux (the dashboard's end-to-end test), systemd-analyze (unit
-# file checks), dpkg-deb (the package test).
+# file checks), dpkg-deb (the package test), openssl (a self-signed certificate for the S3
+# skip_verify test).
 missing=()
 command -v tmux >/dev/null || missing+=(tmux)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v dpkg-deb >/dev/null || missing+=(dpkg)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod gcs;
+mod insecure_http;
 pub mod s3;
 
 use std::fmt;

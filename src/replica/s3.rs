@@ -33,6 +33,8 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub part_size: Option<usize>,
+    /// Accept any TLS certificate (self-signed S3-compatible stores on a private network).
+    pub skip_verify: bool,
 }
 
 impl S3Config {
@@ -57,6 +59,11 @@ impl S3Config {
                         v.parse()
                             .map_err(|_| format!("force-path-style={v}: expected true or false"))?,
                     )
+                }
+                "skip-verify" | "skip_verify" => {
+                    c.skip_verify = v
+                        .parse()
+                        .map_err(|_| format!("skip-verify={v}: expected true or false"))?
                 }
                 other => return Err(format!("unknown URL parameter {other:?}")),
             }
@@ -105,6 +112,10 @@ impl S3Store {
             }
             (None, None) => {} // the SDK's default chain: env, profile, web identity, IMDS
             _ => return Err("access_key_id and secret_access_key must be set together".into()),
+        }
+        if cfg.skip_verify {
+            tracing::warn!(bucket = %cfg.bucket, endpoint = ?cfg.endpoint, "skip_verify: TLS certificates of this S3 endpoint are not verified");
+            loader = loader.http_client(super::insecure_http::client());
         }
         let sdk = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
