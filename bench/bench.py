@@ -904,7 +904,7 @@ def main() -> int:
                      scale_dbs="10,40", scale_seconds=2, cpu_seconds=10, quiet_wait=0,
                      lag_tps="100,1000")
                 if a.quick else
-                dict(reps=3, db_mib=1024, indexes=320, lag_seconds=12, idle_seconds=90,
+                dict(reps=3, db_mib=1024, indexes=320, lag_seconds=10, idle_seconds=90,
                      scale_dbs="100,1000", scale_seconds=15, cpu_seconds=60, quiet_wait=30,
                      lag_tps="100,1000"))
     for k, v in defaults.items():
@@ -912,10 +912,10 @@ def main() -> int:
             setattr(a, k, v)
     a.lag_tps = [int(x) for x in str(a.lag_tps).split(",")]
     a.scale_dbs = [int(x) for x in str(a.scale_dbs).split(",")]
-    a.drain_seconds = 3.5          # after the writer: the last commits reach the bucket
+    a.drain_seconds = 3.0          # after the writer: the last commits reach the bucket
     a.lag_settle = 1.0 if a.quick else 2.0  # after the first snapshot, before the writer
     a.idle_settle = 2.0 if a.quick else 10.0
-    a.scale_settle = 1.0 if a.quick else 5.0
+    a.scale_settle = 1.0 if a.quick else 3.0
 
     a.bench_dir.mkdir(parents=True, exist_ok=True)
     work = a.bench_dir / f"run-{os.getpid()}"

@@ -28,13 +28,14 @@ import json
 import os
 import shutil
 import sqlite3
+import statistics
 import sys
 import time
 from array import array
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from common import (MiB, BenchError, CHILDREN, can_connect, count_rows, finish_writer, free_port,
+from common import (MB, MiB, PAGE_SIZE, BenchError, CHILDREN, can_connect, count_rows, finish_writer, free_port,
                     log, med, new_wal_db, percentile, proc_cpu_seconds, proc_status_kib,
                     ratio, spawn, start_writer, stop, summary, system_busy_seconds, table,
                     tail, wait_for, wait_quiet)
@@ -196,6 +197,9 @@ def lag_run(a, work: Path, s3: S3Server, tool: Tool, tps: int, r: int) -> dict:
         "lag_p50_ms": percentile(lags, 50) * 1000, "lag_p99_ms": percentile(lags, 99) * 1000,
         "lag_max_ms": max(lags) * 1000, "lag_missing": missing, "commits": len(commits),
         "segment_puts": sum(1 for s in segs if w0 <= s[0] < w1),
+        "put_ms": 1000 * statistics.median([e - b for b, e, _ in segs if w0 <= b < w1]
+                                           or [e - b for b, e, _ in segs]),
+        "wal_mb": len(commits) * (24 + PAGE_SIZE) / MB,
         "cpu_s": cpu1 - cpu0, "pct_core": 100 * (cpu1 - cpu0) / window,
         "vmhwm_mib": hwm / 1024, "writer": ws, "writer_cpu_s": writer_cpu,
         "requests_per_min": {k: v * 60 / (w1 - w0) for k, v in counts.items()},
@@ -228,7 +232,7 @@ def bench_lag(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
             out[tps][key] = {
                 f: summary([m[f] for m in ms])
                 for f in ("lag_p50_ms", "lag_p99_ms", "lag_max_ms", "cpu_s", "pct_core",
-                          "vmhwm_mib", "segment_puts")
+                          "vmhwm_mib", "segment_puts", "put_ms", "wal_mb")
             }
             out[tps][key]["requests_per_min"] = {
                 k: summary([m["requests_per_min"][k] for m in ms]) for k in KINDS}
@@ -348,9 +352,10 @@ def bench_snapshot(a, work: Path, s3: S3Server, tools: list[Tool], db: Path) -> 
 def render_lag(a, lag: dict, labels: dict[str, str]) -> list[str]:
     out = []
     for tps, res in lag.items():
+        wal = next(iter(res.values()))["wal_mb"]["median"]
         out.append(f"## Replication lag, CPU and memory: {tps} single-row insert tx/s for "
-                   f"{a.lag_seconds} s, S3 (s3s-fs on loopback via the counting proxy), "
-                   f"monitor and sync interval 1 s")
+                   f"{a.lag_seconds:g} s ({wal:.0f} MB of WAL frames), S3 (s3s-fs on loopback via "
+                   f"the counting proxy), monitor and sync interval 1 s")
         base = res.get("ls03")
         rows = []
         for key, m in res.items():
@@ -358,7 +363,7 @@ def render_lag(a, lag: dict, labels: dict[str, str]) -> list[str]:
                 labels[key],
                 med(m["lag_p50_ms"], "{:.0f}"), med(m["lag_p99_ms"], "{:.0f}"),
                 med(m["cpu_s"]), med(m["pct_core"]), med(m["vmhwm_mib"], "{:.1f}"),
-                f"{m['segment_puts']['median']:.0f}",
+                f"{m['segment_puts']['median']:.0f}", f"{m['put_ms']['median']:.1f}",
                 f"{m['writer_rate']['median']:.0f}",
                 f"{m['other_cores_max']:.2f}",
                 "1.00 / 1.00 / 1.00" if key == "ls03" or not base else
@@ -367,7 +372,8 @@ def render_lag(a, lag: dict, labels: dict[str, str]) -> list[str]:
                 f"{ratio(m['vmhwm_mib']['median'], base['vmhwm_mib']['median'])}",
             ])
         out.append(table(["replicator", "lag p50 ms", "lag p99 ms", "CPU s", "% of one core",
-                          "peak RSS MiB", "segment PUTs", "achieved tx/s",
+                          "peak RSS MiB", "segment uploads", "upload ms (median)",
+                          "achieved tx/s",
                           "other busy cores (max)", "ratio to 0.3.13 (p99 / CPU / RSS)"], rows))
         missing = {k: m["lag_missing"] for k, m in res.items() if m["lag_missing"]}
         if missing:
@@ -380,8 +386,7 @@ def render_lag(a, lag: dict, labels: dict[str, str]) -> list[str]:
 def render_requests(a, lag: dict, idle: dict | None, labels: dict[str, str]) -> list[str]:
     out = []
     busy_tps = 100 if 100 in lag else (next(iter(lag)) if lag else None)
-    out.append("## Object-store requests by kind (per minute; per hour in brackets for PUT and "
-               "LIST)")
+    out.append("## Object-store requests by kind, per minute (and per hour for PUT and LIST)")
     out.append("PUT = PutObject/UploadPart and multipart create/complete POSTs (each one request); "
                "LIST = GET on the bucket; DELETE includes POST ?delete")
     rows = []
