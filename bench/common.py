@@ -26,6 +26,7 @@ BLOB = 1000  # bytes of random data per row of the restore database
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
 MiB = 1 << 20
+TOKEN = 32  # random bytes at the start of each load-generator row, unique per commit
 
 # Processes this script started and has not yet reaped; stopped (by pid) on any exit path.
 CHILDREN: dict[int, subprocess.Popen] = {}
@@ -278,22 +279,26 @@ def ratio(x: float, y: float) -> str:
 
 
 def writer_main(db: str, rate: float, seconds: float, times_path: str | None = None) -> None:
-    """Load generator: `rate` single-row (~100 byte) insert transactions per second, paced on
-    an absolute schedule. Prints 'ready', then one JSON line of statistics. With `times_path`,
-    also writes the wall-clock time (`time.time()`, CLOCK_REALTIME) at which each commit
-    returned, as native doubles, for the replication-lag figure."""
+    """Load generator: `rate` single-row insert transactions per second, paced on an absolute
+    schedule. Each row's value is 100 random bytes whose first TOKEN bytes identify the commit.
+    Prints 'ready', then one JSON line of statistics. With `times_path`, also writes the
+    wall-clock time (`time.time()`, CLOCK_REALTIME) at which each commit returned, as native
+    doubles, and every commit's token to `times_path + ".tok"` (the replication-lag figure finds
+    the tokens in the uploaded objects)."""
     con = sqlite3.connect(db, isolation_level=None, timeout=30)
     con.execute("PRAGMA busy_timeout=30000")
     con.execute("PRAGMA synchronous=NORMAL")
     rng = random.Random(2)
-    payloads = [rng.randbytes(50).hex() for _ in range(4096)]  # 100 characters each
     print("ready", flush=True)
     n = int(rate * seconds)
     commits = array.array("d")
+    tokens = bytearray()
     t0 = time.monotonic()
     worst = 0.0
     late = 0
     for i in range(n):
+        tok = rng.randbytes(TOKEN)
+        value = tok + rng.randbytes(100 - TOKEN)
         due = t0 + i / rate
         now = time.monotonic()
         if due > now:
@@ -301,19 +306,21 @@ def writer_main(db: str, rate: float, seconds: float, times_path: str | None = N
         elif now - due > 0.1:
             late += 1
         s = time.monotonic()
-        con.execute("INSERT INTO t(v) VALUES (?)", (payloads[i & 4095],))
+        con.execute("INSERT INTO t(v) VALUES (?)", (value,))
         commits.append(time.time())
         worst = max(worst, time.monotonic() - s)
+        tokens += tok
     elapsed = time.monotonic() - t0
     con.close()
     if times_path:
         with open(times_path, "wb") as f:
             commits.tofile(f)
+        with open(times_path + ".tok", "wb") as f:
+            f.write(tokens)
     print(json.dumps({"tx": n, "elapsed": elapsed, "rate": n / elapsed,
                       "worst_commit_ms": worst * 1000, "late_by_100ms": late,
                       "first_commit": commits[0] if commits else None,
                       "last_commit": commits[-1] if commits else None}), flush=True)
-
 
 
 def free_port() -> int:

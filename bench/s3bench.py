@@ -9,16 +9,18 @@
 Requests are counted by bench/s3proxy.py, a byte-for-byte HTTP proxy between the replicator and
 s3s-fs that logs every request with its kind, key, and start and completion times.
 
-Replication lag of a commit (tool-agnostic, works for the v0.3 and the LTX layout): the writer
-records the wall time at which each commit returned; the commit's lag is the completion time of
-the first WAL-segment / level-0 LTX upload that *started* after the commit, minus the commit
-time. A replicator only uploads what it has read from the WAL, and it reads the WAL after the
-commit if it starts the upload after it -- unless it read the WAL before the commit and started
-that upload after it (a read-then-upload gap). For commits in such a gap the figure is too low
-by up to one more upload cycle, so it is a lower bound; for litestreamd and Litestream 0.3.13
-the gap is the compress-and-write time of one segment (milliseconds), for Litestream 0.5.17,
-which converts the WAL into local LTX files on its monitor tick and uploads them on its replica's
-sync tick, it can be up to the sync interval.
+Replication lag of a commit (tool-agnostic, works for the v0.3 and the LTX layout): every row
+the writer inserts starts with 32 random bytes unique to its commit, and the writer records the
+wall time at which each commit returned. After the run the driver reads every WAL-segment /
+level-0 LTX object from the bucket; a commit's lag is the completion time of the first such
+upload whose bytes contain the commit's token, minus the commit time ("commit to a segment
+readable in the bucket"). Both formats LZ4-compress, and LZ4 stores bytes it has not seen
+before as literals, so a random token is found verbatim (any 8-byte quarter of it suffices).
+
+For comparison the report also gives the "start rule" (no content inspection): the completion
+of the first segment upload that *started* after the commit. It is a lower bound: a tool reads
+the WAL on its monitor tick and uploads on its sync tick, so an upload that starts after a
+commit may carry only what was read before it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from array import array
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from common import (MB, MiB, PAGE_SIZE, BenchError, CHILDREN, can_connect, count_rows, finish_writer, free_port,
+from common import (MB, MiB, PAGE_SIZE, TOKEN, BenchError, CHILDREN, can_connect, count_rows, finish_writer, free_port,
                     log, med, new_wal_db, percentile, proc_cpu_seconds, proc_status_kib,
                     ratio, spawn, start_writer, stop, summary, system_busy_seconds, table,
                     tail, wait_for, wait_quiet)
@@ -121,6 +123,28 @@ def count_kinds(reqs: list[dict], t0: float, t1: float) -> dict[str, int]:
     return c
 
 
+def content_lags(commits, tokens: bytes, writes, body) -> tuple[list[float], int]:
+    """Lag of every commit (seconds): completion time of the first segment upload whose bytes
+    contain the commit's row, minus the commit time. A row is recognised by any 8-byte quarter
+    of its random token (LZ4 copies new bytes as literals; a quarter can be lost to a chance
+    4-byte match, all four practically never). Also returns how many commits were found in no
+    segment. `body(key)` returns an object's bytes (None if gone)."""
+    writes = sorted(writes, key=lambda w: w[1])
+    ends = [w[1] for w in writes]
+    bodies = [body(w[2]) or b"" for w in writes]
+    lags, missing = [], 0
+    for k, c in enumerate(commits):
+        tok = tokens[k * TOKEN:(k + 1) * TOKEN]
+        pieces = [tok[i:i + 8] for i in range(0, TOKEN, 8)]
+        for i in range(bisect.bisect_left(ends, c), len(writes)):
+            if any(p in bodies[i] for p in pieces):
+                lags.append(ends[i] - c)
+                break
+        else:
+            missing += 1
+    return lags, missing
+
+
 def commit_lags(commits, writes) -> tuple[list[float], int]:
     """Lag of every commit (seconds) by the definition in the module docstring, and how many
     commits had no upload starting after them."""
@@ -173,12 +197,21 @@ def lag_run(a, work: Path, s3: S3Server, tool: Tool, tps: int, r: int) -> dict:
     commits = array("d")
     with open(times, "rb") as f:
         commits.frombytes(f.read())
+    tokens = (d / "commits.f64.tok").read_bytes()
     reqs = proxy.requests()
     segs = [w for w in object_writes(reqs) if tool.is_segment(w[2])]
-    lags, missing = commit_lags(commits, segs)
+
+    def body(key: str) -> bytes | None:
+        try:
+            return (s3.root / BUCKET / key).read_bytes()
+        except OSError:
+            return None
+
+    lags, missing = content_lags(commits, tokens, segs, body)
+    start_lags, start_missing = commit_lags(commits, segs)
     if not lags:
-        raise BenchError(f"{tool.label}: no segment upload after any commit ({len(reqs)} "
-                         f"requests logged)")
+        raise BenchError(f"{tool.label}: no commit found in any segment upload ({len(segs)} "
+                         f"segments, {len(reqs)} requests logged)")
     counts = count_kinds(reqs, w0, w1)
     # Verify with the tool's own restore (through the proxy, after the window).
     out = d / "restored.db"
@@ -196,6 +229,8 @@ def lag_run(a, work: Path, s3: S3Server, tool: Tool, tps: int, r: int) -> dict:
     res = {
         "lag_p50_ms": percentile(lags, 50) * 1000, "lag_p99_ms": percentile(lags, 99) * 1000,
         "lag_max_ms": max(lags) * 1000, "lag_missing": missing, "commits": len(commits),
+        "start_p50_ms": percentile(start_lags, 50) * 1000 if start_lags else float("nan"),
+        "start_p99_ms": percentile(start_lags, 99) * 1000 if start_lags else float("nan"),
         "segment_puts": sum(1 for s in segs if w0 <= s[0] < w1),
         "put_ms": 1000 * statistics.median([e - b for b, e, _ in segs if w0 <= b < w1]
                                            or [e - b for b, e, _ in segs]),
@@ -221,7 +256,9 @@ def bench_lag(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
                 m = lag_run(a, work, s3, tool, tps, r)
                 runs[tool.key].append(m)
                 log(f"  lag {tps} tx/s run {r + 1}/{a.reps} {tool.label}: p50 "
-                    f"{m['lag_p50_ms']:.0f} ms, p99 {m['lag_p99_ms']:.0f} ms, CPU "
+                    f"{m['lag_p50_ms']:.0f} ms, p99 {m['lag_p99_ms']:.0f} ms (start rule "
+                    f"{m['start_p50_ms']:.0f} / {m['start_p99_ms']:.0f}), "
+                    f"{m['lag_missing']} not found, CPU "
                     f"{m['cpu_s']:.2f} s ({m['pct_core']:.2f}% core), VmHWM "
                     f"{m['vmhwm_mib']:.1f} MiB, {m['segment_puts']} segment PUTs, requests/min "
                     + ", ".join(f"{k} {v:.0f}" for k, v in m["requests_per_min"].items() if v)
@@ -231,7 +268,8 @@ def bench_lag(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
         for key, ms in runs.items():
             out[tps][key] = {
                 f: summary([m[f] for m in ms])
-                for f in ("lag_p50_ms", "lag_p99_ms", "lag_max_ms", "cpu_s", "pct_core",
+                for f in ("lag_p50_ms", "lag_p99_ms", "lag_max_ms", "start_p50_ms",
+                          "start_p99_ms", "cpu_s", "pct_core",
                           "vmhwm_mib", "segment_puts", "put_ms", "wal_mb")
             }
             out[tps][key]["requests_per_min"] = {
@@ -362,6 +400,7 @@ def render_lag(a, lag: dict, labels: dict[str, str]) -> list[str]:
             rows.append([
                 labels[key],
                 med(m["lag_p50_ms"], "{:.0f}"), med(m["lag_p99_ms"], "{:.0f}"),
+                f"{m['start_p50_ms']['median']:.0f} / {m['start_p99_ms']['median']:.0f}",
                 med(m["cpu_s"]), med(m["pct_core"]), med(m["vmhwm_mib"], "{:.1f}"),
                 f"{m['segment_puts']['median']:.0f}", f"{m['put_ms']['median']:.1f}",
                 f"{m['writer_rate']['median']:.0f}",
@@ -371,13 +410,14 @@ def render_lag(a, lag: dict, labels: dict[str, str]) -> list[str]:
                 f"{ratio(m['cpu_s']['median'], base['cpu_s']['median'])} / "
                 f"{ratio(m['vmhwm_mib']['median'], base['vmhwm_mib']['median'])}",
             ])
-        out.append(table(["replicator", "lag p50 ms", "lag p99 ms", "CPU s", "% of one core",
+        out.append(table(["replicator", "lag p50 ms", "lag p99 ms", "start rule p50 / p99",
+                          "CPU s", "% of one core",
                           "peak RSS MiB", "segment uploads", "upload ms (median)",
                           "achieved tx/s",
                           "other busy cores (max)", "ratio to 0.3.13 (p99 / CPU / RSS)"], rows))
         missing = {k: m["lag_missing"] for k, m in res.items() if m["lag_missing"]}
         if missing:
-            out.append("note: commits with no upload after them (not in the lag figures): "
+            out.append("note: commits found in no segment upload (not in the lag figures): "
                        + ", ".join(f"{labels[k]} {v}" for k, v in missing.items()))
         out.append("")
     return out
