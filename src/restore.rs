@@ -443,7 +443,9 @@ async fn fetch_snapshot(
                     .map_err(io_at(&tmp))?;
                 let mut dec = compress::decoder(SyncIoBridge::new(body));
                 io::copy(&mut dec, &mut out).map_err(|e| read_error(&key, e))?;
-                out.sync_data().map_err(io_at(&tmp))?;
+                // No fsync here: the one after the WAL replay covers the snapshot too, and
+                // the kernel writes the snapshot back while the WAL is applied (pages the WAL
+                // rewrites are written once).
                 let mut hdr = [0u8; 100];
                 out.read_exact_at(&mut hdr, 0)
                     .map_err(|_| RestoreError::Corrupt {

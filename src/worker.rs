@@ -257,7 +257,11 @@ async fn db_sync(
         .await
     {
         Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("sync task panicked: {e}")),
+        // The database's state (and its mutex) cannot be trusted after a panic mid-sync: let
+        // the worker die, so the supervisor restarts it from a fresh start (which re-verifies
+        // the shadow WAL against the real one).
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(format!("sync task failed: {e}")),
     }
 }
 
