@@ -257,30 +257,17 @@ impl Supervisor {
             metrics::gauge!(telemetry::DATABASES, "state" => *state)
                 .set(*by_state.get(state).unwrap_or(&0) as f64);
         }
-        let retrying = st
-            .iter()
-            .filter(|s| {
-                s.replicas
-                    .iter()
-                    .any(|r| matches!(r.state, crate::replicator::ReplicaState::Retrying { .. }))
-            })
-            .count();
-        let failed = st
-            .iter()
-            .filter(|s| {
-                s.replicas
-                    .iter()
-                    .any(|r| matches!(r.state, crate::replicator::ReplicaState::Failed { .. }))
-            })
-            .count();
-        let conflict = st
-            .iter()
-            .filter(|s| {
-                s.replicas
-                    .iter()
-                    .any(|r| matches!(r.state, crate::replicator::ReplicaState::Conflict { .. }))
-            })
-            .count();
+        // Databases with at least one replica in the given state.
+        let with_replica = |state: &str| {
+            st.iter()
+                .filter(|s| s.replicas.iter().any(|r| r.state_name() == state))
+                .count()
+        };
+        let (retrying, failed, conflict) = (
+            with_replica("retrying"),
+            with_replica("failed"),
+            with_replica("conflict"),
+        );
         let mut parts = vec![format!(
             "replicating {} database{}",
             st.len(),

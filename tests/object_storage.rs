@@ -229,6 +229,24 @@ fn wait_restorable(url: &str, scratch: &Path, check: impl Fn(&Path) -> bool) {
     }
 }
 
+/// `litestream restore -config CFG -o OUT DB`, which must succeed.
+fn litestream_restore(ls: &Path, cfg: &Path, out: &Path, db: &Path) {
+    let o = Command::new(ls)
+        .args(["restore", "-config"])
+        .arg(cfg)
+        .arg("-o")
+        .arg(out)
+        .arg(db)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "litestream restore of {}: {}",
+        db.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn pair(a: &str, b: &str) -> (String, String) {
     (a.to_string(), b.to_string())
 }
@@ -332,19 +350,7 @@ async fn s3_compatibility_with_litestream_0_3_13() {
     )
     .unwrap();
     let out = dir.path().join("a-by-litestream.db");
-    let o = Command::new(&ls)
-        .args(["restore", "-config"])
-        .arg(&cfg)
-        .arg("-o")
-        .arg(&out)
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "litestream restore: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    litestream_restore(&ls, &cfg, &out, &db);
     assert_eq!(dump(&out), dump_conn(&app));
 
     // Litestream writes, litestreamd restores.
@@ -763,19 +769,7 @@ fn age_round_trip(dir: &Path, label: &str, url: &str, storage: &Path, yaml: &str
     )
     .unwrap();
     let out = dir.join(format!("{label}-a-by-litestream.db"));
-    let o = Command::new(&ls)
-        .args(["restore", "-config"])
-        .arg(&cfg)
-        .arg("-o")
-        .arg(&out)
-        .arg(&db)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "litestream restore of an encrypted litestreamd replica: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    litestream_restore(&ls, &cfg, &out, &db);
     assert_eq!(dump(&out), dump_conn(&app));
     drop(app);
 
