@@ -580,12 +580,22 @@ async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
         joins.push(join);
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut running: futures::stream::FuturesUnordered<_> = joins.into_iter().collect();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => info!("SIGINT received; final sync"),
         _ = term.recv() => info!("SIGTERM received; final sync"),
+        // Without a supervisor to restart it, a worker that dies (a panic) ends the command
+        // with an error, so whatever runs it (systemd, a container) can restart it.
+        Some(res) = futures::StreamExt::next(&mut running) => {
+            shutdown.cancel();
+            bail!("a database worker stopped unexpectedly: {}", match res {
+                Err(e) => e.to_string(),
+                Ok(()) => "it returned".into(),
+            });
+        }
     }
     shutdown.cancel();
-    let all = futures::future::join_all(joins);
+    let all = futures::StreamExt::collect::<Vec<_>>(running);
     if tokio::time::timeout(Duration::from_secs(30), all)
         .await
         .is_err()
