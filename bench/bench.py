@@ -41,12 +41,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchError, count_rows,
-                    drop_caches, file_sha256, fmt_s, generations, integrity_check, log, med,
-                    new_wal_db, proc_cpu_seconds, proc_status_kib, ratio, rm_db, snapshot_files,
-                    spawn, stop, stop_all_children, summary, system_busy_seconds, table,
-                    table_digest, tail, timed_run, wait_for, wait_quiet, wal_indexes,
-                    writer_main, start_writer, finish_writer)
+from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchError,
+                    drop_caches, file_sha256, generations, integrity_check, log, med,
+                    proc_cpu_seconds, proc_status_kib, ratio, rm_db, snapshot_files, spawn, stop,
+                    stop_all_children, summary, system_busy_seconds, table, table_digest, tail,
+                    timed_run, wait_for, wait_quiet, wal_indexes, writer_main)
 import s3bench
 import scalebench
 from tools import FileTarget, Litestream, all_tools

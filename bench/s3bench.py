@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import time
 from array import array
@@ -41,7 +41,7 @@ from common import (MB, MiB, PAGE_SIZE, TOKEN, BenchError, CHILDREN, can_connect
                     log, med, new_wal_db, percentile, proc_cpu_seconds, proc_status_kib,
                     ratio, spawn, start_writer, stop, summary, system_busy_seconds, table,
                     tail, wait_for, wait_quiet)
-from tools import BUCKET, KEY, SECRET, FileTarget, S3Target, Tool
+from tools import BUCKET, KEY, SECRET, S3Target, Tool
 
 KINDS = ["PUT", "GET", "LIST", "DELETE", "HEAD", "OTHER"]
 
@@ -217,9 +217,13 @@ def lag_run(a, work: Path, s3: S3Server, tool: Tool, tps: int, r: int) -> dict:
     out = d / "restored.db"
     rlog = d / "restore.log"
     rp = spawn(tool.restore_argv(d, out, db, target), rlog, env=tool.env())
-    if rp.wait(120) != 0:
-        raise BenchError(f"{tool.label} restore from S3 failed:\n{tail(rlog)}")
+    try:
+        rc = rp.wait(300)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{tool.label} restore from S3 did not finish in 300 s:\n{tail(rlog)}")
     CHILDREN.pop(rp.pid, None)
+    if rc != 0:
+        raise BenchError(f"{tool.label} restore from S3 failed:\n{tail(rlog)}")
     rows = count_rows(out)
     proxy.close()
     if rows != ws["tx"]:

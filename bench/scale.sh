@@ -2,13 +2,21 @@
 # Scale benchmark for the supervisor: one litestreamd daemon with N idle databases and M busy
 # ones (local-directory replicas). Prints RSS, open file descriptors, CPU over an idle window,
 # and the time a SIGHUP takes when one file among N changes.
-#   bench/scale.sh [IDLE=1000] [BUSY=100] [SECONDS=30]
+#   bench/scale.sh [IDLE=1000] [BUSY=100] [SECONDS=30]   (LITESTREAMD_BIN=... skips the build)
+# The comparison with Litestream 0.3.13/0.5.17 (100 and 1,000 idle databases in one process) is
+# figure 7 of bench/run.sh (bench/scalebench.py); this script adds busy databases and a reload.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE=${1:-1000}; BUSY=${2:-100}; WINDOW=${3:-30}
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/litestreamd-target}"
-cargo build --release --quiet
-BIN="$CARGO_TARGET_DIR/release/litestreamd"
+if [ -n "${LITESTREAMD_BIN:-}" ]; then
+  BIN="$LITESTREAMD_BIN"
+else
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/litestreamd-target}"
+  cargo build --release --quiet --bin litestreamd
+  BIN="$CARGO_TARGET_DIR/release/litestreamd"
+fi
+# `litestreamd run` reads LITESTREAMD_* variables as configuration and rejects unknown keys.
+for v in $(compgen -e | grep '^LITESTREAMD_' || true); do unset "$v"; done
 W=$(mktemp -d /tmp/litestreamd-scale.XXXXXX)
 trap 'kill $PID 2>/dev/null || true; kill $WRITER 2>/dev/null || true; rm -rf "$W"' EXIT
 mkdir -p "$W/dbs.d" "$W/data" "$W/replicas"
