@@ -169,12 +169,21 @@ async fn run(
         refreshed: None,
         last: None,
     };
+    // Fixed-rate ticks (like Litestream's Go ticker): the period is the interval, not the
+    // interval plus the time a pass takes, so a commit waits at most one interval.
+    let mut next_tick = aligned_tick(Instant::now() + interval, interval);
     loop {
         let report = db_sync(&shared, &positions).await;
         publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = sleep_until(aligned_tick(Instant::now() + interval, interval)) => {}
+            _ = sleep_until(next_tick) => {
+                next_tick += interval;
+                if next_tick <= Instant::now() {
+                    // A pass overran a whole interval: skip the missed ticks.
+                    next_tick = aligned_tick(Instant::now() + interval, interval);
+                }
+            }
             Some(cmd) = commands.recv() => match cmd {
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;
@@ -230,8 +239,9 @@ async fn run(
 /// Rounds a tick up onto a grid shared by every database of the process (multiples of a
 /// quantum, at most 50 ms, since a fixed origin). A thousand idle databases then wake the
 /// runtime a few dozen times a second, together, instead of a thousand times at scattered
-/// instants; each wake-up costs far more than the idle check it runs. A tick is late by less
-/// than the quantum.
+/// instants; each wake-up costs far more than the idle check it runs. Only the first tick is
+/// rounded (later ones add the interval, which keeps them on the grid when the interval is a
+/// multiple of the quantum, as 1 s is), so the period stays exactly the interval.
 fn aligned_tick(deadline: Instant, interval: Duration) -> Instant {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
