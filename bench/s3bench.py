@@ -330,6 +330,7 @@ def bench_idle(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
         out[key] = {
             "per_min": {k: summary([c[k] * 60 / part for c in parts]) for k in KINDS},
             "total": total, "window_s": bounds[-1] - bounds[0],
+            "per_hour": {k: v * 3600 / (bounds[-1] - bounds[0]) for k, v in total.items()},
             "puts_keys": sorted({r["key"] for r in reqs
                                  if r["kind"] == "PUT" and bounds[0] <= r["t0"] < bounds[-1]})[:5],
             "pct_core": 100 * (cpu1[key] - cpu0[key]) / (bounds[-1] - bounds[0]),
@@ -437,16 +438,19 @@ def render_requests(a, lag: dict, idle: dict | None, labels: dict[str, str]) -> 
     for state, src in (("idle", idle or {}), (f"busy, {busy_tps} tx/s", lag.get(busy_tps, {}))):
         for key, m in src.items():
             pm = m["per_min"] if "per_min" in m else m["requests_per_min"]
+            # per hour: idle from the whole window's total (rare events), busy from the median
+            ph = m.get("per_hour") or {k: pm[k]["median"] * 60 for k in pm}
             rows.append([labels[key], state] + [
                 med(pm[k], "{:.1f}") for k in ("PUT", "GET", "LIST", "DELETE", "HEAD")] + [
-                f"{pm['PUT']['median'] * 60:.0f}", f"{pm['LIST']['median'] * 60:.0f}"])
+                f"{ph['PUT']:.0f}", f"{ph['LIST']:.0f}"])
     if rows:
         out.append(table(["replicator", "database", "PUT/min", "GET/min", "LIST/min",
                           "DELETE/min", "HEAD/min", "PUT/h", "LIST/h"], rows))
     if idle:
         w = next(iter(idle.values()))["window_s"]
         out.append(f"idle: window {w:.0f} s after the first snapshot and {a.idle_settle:.0f} s of "
-                   f"settling, split into {a.reps} parts (median [min–max] over the parts); "
+                   f"settling, split into {a.reps} parts (per minute: median [min–max] over the "
+                   f"parts; per hour: the whole window's total scaled); "
                    f"idle CPU " + ", ".join(f"{labels[k]} {m['pct_core']:.2f}%"
                                             for k, m in idle.items()))
         for k, m in idle.items():
