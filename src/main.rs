@@ -222,7 +222,25 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+/// Keeps glibc from handing the multi-MiB buffers of every upload (the LZ4 frame's 4 MiB
+/// block buffers, read buffers) back to the kernel and faulting them in again a second later:
+/// measured at 1,000 tx/s over S3, a third of litestreamd's CPU went to those page faults.
+/// Buffers under 16 MiB come from the heap, and up to 32 MiB of free heap is kept. Must run
+/// before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() {
+    use nix::libc::{M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
+    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 16 << 20);
+        mallopt(M_TRIM_THRESHOLD, 32 << 20);
+    }
+}
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() {}
+
 fn main() {
+    tune_malloc();
     let cli = Cli::parse();
     // The daemon's log settings come from its config file; the CLI flag wins.
     let (level, json) = match &cli.cmd {
