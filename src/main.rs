@@ -225,15 +225,16 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
 /// Keeps glibc from handing the multi-MiB buffers of every upload (the LZ4 frame's 4 MiB
 /// block buffers, read buffers) back to the kernel and faulting them in again a second later:
 /// measured at 1,000 tx/s over S3, a third of litestreamd's CPU went to those page faults.
-/// Buffers under 16 MiB come from the heap, and up to 32 MiB of free heap is kept. Must run
-/// before any thread starts.
+/// Buffers under 8 MiB (the LZ4 block buffers) come from the heap, and up to 16 MiB of free
+/// heap is kept; the 16 MiB multipart buffers stay mmap'd, so peak memory while snapshotting is
+/// unchanged. Must run before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc() {
     use nix::libc::{M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
     // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
     unsafe {
-        mallopt(M_MMAP_THRESHOLD, 16 << 20);
-        mallopt(M_TRIM_THRESHOLD, 32 << 20);
+        mallopt(M_MMAP_THRESHOLD, 8 << 20);
+        mallopt(M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
