@@ -556,3 +556,26 @@ async fn first_snapshot_due(r: &Replica, dpos: Option<&Pos>) -> Instant {
         _ => Instant::now() + iv,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_share_a_grid_and_are_never_early() {
+        let iv = Duration::from_secs(1);
+        let base = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        for ms in (0..1000).step_by(7) {
+            let deadline = base + Duration::from_millis(ms);
+            let t = aligned_tick(deadline, iv);
+            assert!(t >= deadline && t < deadline + Duration::from_millis(50));
+            seen.insert(t);
+        }
+        // 143 scattered deadlines over a second land on at most 21 distinct instants.
+        assert!(seen.len() <= 21, "{} distinct ticks", seen.len());
+        // A fixed-rate successor of a grid tick is on the grid too.
+        let t = aligned_tick(base, iv);
+        assert_eq!(aligned_tick(t + iv, iv), t + iv);
+    }
+}
