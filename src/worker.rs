@@ -504,7 +504,15 @@ async fn replica_loop(
                 continue;
             }
             _ = sleep_until(wake) => {
-                last_attempt = Some(Instant::now());
+                // The scheduled instant, not the (slightly late) wake-up: otherwise each
+                // attempt drifts ~1 ms behind the database's fixed-rate ticks and the lag
+                // grows with it. After a pause longer than an interval, start afresh.
+                let now = Instant::now();
+                last_attempt = Some(if now.saturating_duration_since(wake) < sync_interval {
+                    wake
+                } else {
+                    now
+                });
                 let res = r.sync(&shared).await;
                 retry_at = r.record(&name, &res).map(|d| Instant::now() + d);
                 if res.is_ok() && next_snapshot.is_none() && !r.opts.snapshot_interval.is_zero() {
