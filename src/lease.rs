@@ -136,12 +136,6 @@ impl Lease {
         }
     }
 
-    pub fn is_held(&self) -> bool {
-        self.held
-            .as_ref()
-            .is_some_and(|(_, exp)| *exp > Instant::now())
-    }
-
     /// When the next renewal is due (None when not held).
     pub fn renew_at(&self) -> Option<Instant> {
         self.held.as_ref().map(|(_, exp)| *exp - self.ttl / 2)

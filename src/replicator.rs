@@ -154,6 +154,24 @@ pub struct ReplicaStatus {
 }
 
 impl ReplicaStatus {
+    /// A replica that has not synced yet (caught up as of now: it has no lag to report).
+    pub fn new(name: &str, kind: &str, url: &str) -> Self {
+        ReplicaStatus {
+            name: name.into(),
+            kind: kind.into(),
+            url: url.into(),
+            state: ReplicaState::Starting,
+            pos: None,
+            last_sync: None,
+            last_error: None,
+            retries: 0,
+            uploaded_bytes: 0,
+            lag_seconds: 0.0,
+            lag_bytes: 0,
+            caught_up_at: Some(SystemTime::now()),
+        }
+    }
+
     pub fn state_name(&self) -> &'static str {
         match self.state {
             ReplicaState::Starting => "starting",
@@ -188,20 +206,7 @@ impl Replica {
     pub fn new(opts: ReplicaOptions, client: ReplicaClient, database: &str) -> Self {
         let lease = (!opts.lease_ttl.is_zero())
             .then(|| Lease::new(client.store().clone(), opts.lease_ttl, database));
-        let status = ReplicaStatus {
-            name: opts.name.clone(),
-            kind: client.kind().to_string(),
-            url: client.url(),
-            state: ReplicaState::Starting,
-            pos: None,
-            last_sync: None,
-            last_error: None,
-            retries: 0,
-            uploaded_bytes: 0,
-            lag_seconds: 0.0,
-            lag_bytes: 0,
-            caught_up_at: Some(SystemTime::now()),
-        };
+        let status = ReplicaStatus::new(&opts.name, client.kind(), &client.url());
         Replica {
             opts,
             client,
@@ -222,8 +227,9 @@ impl Replica {
         self.status.clone()
     }
 
-    /// Takes or renews the lease before a write (no request while it is fresh).
-    async fn ensure_lease(&mut self) -> Result<(), ReplicaError> {
+    /// Takes or renews the lease: before every write (no request while it is fresh), and on
+    /// the worker's timer, so an idle database keeps its replica path.
+    pub async fn ensure_lease(&mut self) -> Result<(), ReplicaError> {
         if let Some(l) = &mut self.lease {
             l.ensure().await?;
         }
@@ -233,11 +239,6 @@ impl Replica {
     /// When the lease must be renewed even if nothing is written (None: not held or disabled).
     pub fn lease_renew_at(&self) -> Option<tokio::time::Instant> {
         self.lease.as_ref().and_then(|l| l.renew_at())
-    }
-
-    /// Renews the lease on its timer, so an idle database keeps its replica path.
-    pub async fn renew_lease(&mut self) -> Result<(), ReplicaError> {
-        self.ensure_lease().await
     }
 
     /// Gives the lease up at a clean stop, so another replicator can take over at once.

@@ -467,7 +467,6 @@ async fn replica_loop(
         Instant::now() + r.opts.retention_check_interval.min(r.opts.retention)
     };
     let mut next_snapshot: Option<Instant> = None;
-    let mut lease_retry_at: Option<Instant> = None;
 
     loop {
         let dpos = pos_rx.borrow().clone();
@@ -478,9 +477,11 @@ async fn replica_loop(
             (None, false) => far(),
         };
         let snapshot_due = next_snapshot.unwrap_or_else(far);
+        // While a retry is pending, the retry's sync renews the lease (no busy loop on a
+        // renewal that keeps failing).
         let lease_due = r
             .lease_renew_at()
-            .map(|t| lease_retry_at.map_or(t, |rt| t.max(rt)))
+            .map(|t| retry_at.map_or(t, |rt| t.max(rt)))
             .unwrap_or_else(far);
         tokio::select! {
             _ = stop.cancelled() => {
@@ -528,11 +529,8 @@ async fn replica_loop(
             }
             _ = sleep_until(lease_due) => {
                 // An idle replica keeps its lease; a failure shows in the state like any other.
-                lease_retry_at = None;
-                if let Err(e) = r.renew_lease().await {
-                    let res = Err(e);
-                    retry_at = r.record(&name, &res).map(|d| Instant::now() + d);
-                    lease_retry_at = retry_at;
+                if let Err(e) = r.ensure_lease().await {
+                    retry_at = r.record(&name, &Err(e)).map(|d| Instant::now() + d);
                 }
             }
             _ = sleep_until(snapshot_due) => {

@@ -85,7 +85,8 @@ fn put_if_blocking(path: &Path, data: &[u8], cond: &Precondition) -> io::Result<
         if !holds {
             return Ok(None);
         }
-        let tmp = dir.join(format!(".lease.{:08x}.tmp", rand::random::<u32>()));
+        let name = path.file_name().expect("key has a name").to_string_lossy();
+        let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
         let res = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(data)?;

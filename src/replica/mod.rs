@@ -197,10 +197,6 @@ impl ReplicaClient {
         self.age = keys.map(Arc::new);
         self
     }
-    /// Whether objects written by this client are encrypted.
-    pub fn encrypted(&self) -> bool {
-        self.age.as_ref().is_some_and(|k| k.encrypts())
-    }
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }

@@ -142,6 +142,23 @@ impl S3Store {
         super::bucket_key(&self.cfg.path, k)
     }
 
+    /// GetObject, counted; the body is left to the caller (streamed or collected).
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StoreError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
+        Ok(out)
+    }
+
     /// Whether an error is a failed precondition (412, or 409 when a concurrent conditional
     /// write won the race) rather than a real failure.
     fn precondition_failed<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> bool
@@ -386,15 +403,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.cfg.bucket)
-            .key(self.key(key))
-            .send()
-            .await
-            .map_err(|e| self.err("get", key, e))?;
-        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
+        let out = self.get_object(key).await?;
         Ok(Box::pin(out.body.into_async_read()))
     }
 
@@ -450,23 +459,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn get_versioned(&self, key: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-        let out = match self
-            .client
-            .get_object()
-            .bucket(&self.cfg.bucket)
-            .key(self.key(key))
-            .send()
-            .await
-        {
+        let out = match self.get_object(key).await {
             Ok(out) => out,
-            Err(e) => {
-                return match self.err("get", key, e) {
-                    StoreError::NotFound { .. } => Ok(None),
-                    other => Err(other),
-                };
-            }
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e),
         };
-        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
         let etag = out.e_tag().unwrap_or_default().to_string();
         let data = out
             .body

@@ -32,18 +32,9 @@ fn ago(secs: u64) -> SystemTime {
 
 fn replica(name: &str, kind: &str, url: &str, state: ReplicaState) -> ReplicaStatus {
     ReplicaStatus {
-        name: name.into(),
-        kind: kind.into(),
-        url: url.into(),
         state,
-        pos: None,
-        last_sync: None,
-        last_error: None,
-        retries: 0,
-        uploaded_bytes: 0,
-        lag_seconds: 0.0,
-        lag_bytes: 0,
         caught_up_at: None,
+        ..ReplicaStatus::new(name, kind, url)
     }
 }
 
