@@ -229,6 +229,26 @@ fn wait_restorable(url: &str, scratch: &Path, check: impl Fn(&Path) -> bool) {
     }
 }
 
+/// Writes a Litestream config for `db` with one replica (`replica`: its YAML keys) and fast
+/// intervals, and starts `litestream replicate` on it.
+fn litestream_replicate(ls: &Path, cfg: &Path, db: &Path, replica: &str) -> Child {
+    std::fs::write(
+        cfg,
+        format!(
+            "dbs:\n  - path: {}\n    monitor-interval: 100ms\n    min-checkpoint-page-count: 30\n    replicas:\n      -\n{replica}",
+            db.display()
+        ),
+    )
+    .unwrap();
+    Command::new(ls)
+        .args(["replicate", "-config"])
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// `litestream restore -config CFG -o OUT DB`, which must succeed.
 fn litestream_restore(ls: &Path, cfg: &Path, out: &Path, db: &Path) {
     let o = Command::new(ls)
@@ -357,18 +377,7 @@ async fn s3_compatibility_with_litestream_0_3_13() {
     let db = dir.path().join("b.db");
     let app = app_conn(&db);
     let cfg = dir.path().join("ls-b.yml");
-    std::fs::write(
-        &cfg,
-        format!("dbs:\n  - path: {}\n    monitor-interval: 100ms\n    min-checkpoint-page-count: 30\n    replicas:\n      -\n{}", db.display(), replica_yaml("b.db")),
-    )
-    .unwrap();
-    let mut child = Command::new(&ls)
-        .args(["replicate", "-config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = litestream_replicate(&ls, &cfg, &db, &replica_yaml("b.db"));
     for _ in 0..6 {
         write_mixed(&app, &mut rng, 100);
         std::thread::sleep(Duration::from_millis(300));
@@ -813,22 +822,8 @@ fn age_round_trip(dir: &Path, label: &str, url: &str, storage: &Path, yaml: &str
     let app = app_conn(&db);
     let cfg = dir.join(format!("{label}-ls-b.yml"));
     let b_yaml = yaml.replace(&format!("{label}-a"), &format!("{label}-b"));
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    monitor-interval: 100ms\n    min-checkpoint-page-count: 30\n    replicas:\n      -\n{b_yaml}{}",
-            db.display(),
-            litestream_age_yaml(&key)
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(&ls)
-        .args(["replicate", "-config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let replica = format!("{b_yaml}{}", litestream_age_yaml(&key));
+    let mut child = litestream_replicate(&ls, &cfg, &db, &replica);
     write_marked(&app, 30);
     for _ in 0..4 {
         write_mixed(&app, &mut rng, 100);
