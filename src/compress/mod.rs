@@ -13,8 +13,8 @@ use tokio_util::io::StreamReader;
 use crate::crypt::AgeKeys;
 use crate::replica::ObjectReader;
 
-mod parallel;
-pub use parallel::decode_parallel;
+mod decode;
+pub use decode::{Scratch, decode, decode_parallel};
 
 /// The frame settings pierrec/lz4 uses by default, which Litestream v0.3 emits.
 pub fn frame_info() -> FrameInfo {

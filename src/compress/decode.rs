@@ -1,16 +1,19 @@
-//! Multi-threaded decoding of LZ4 frames with independent blocks, for restoring big snapshots.
+//! LZ4 frame decoding for restores: multi-threaded for big snapshots, and with reused buffers
+//! for the many small WAL segments.
 //!
 //! The frame layer (magic, descriptor, block headers, checksums) is parsed here by hand, while
-//! the blocks themselves are decoded by `lz4_flex`: its `FrameDecoder` decodes one block at a
-//! time on the caller's thread, and a 1 GiB snapshot is 256 independent 4 MiB blocks that can
-//! decode on every core while earlier ones are being written. Every check `FrameDecoder` makes
-//! is made here too (header checksum, block sizes and checksums, content size and checksum).
-//! Frames with linked blocks, which Litestream never writes, are handed to `FrameDecoder`.
+//! the blocks themselves are decoded by `lz4_flex`. Its `FrameDecoder` decodes one block at a
+//! time on the caller's thread, and allocates and zeroes a 4 MiB block buffer for every frame:
+//! a 1 GiB snapshot is 256 independent 4 MiB blocks that can decode on every core while earlier
+//! ones are being written, and a long WAL history is thousands of frames of a few KiB. Every
+//! check `FrameDecoder` makes is made here too (header checksum, block sizes and checksums,
+//! content size and checksum). Frames with linked blocks, which Litestream never writes, are
+//! handed to `FrameDecoder`.
 //!
-//! Threads: a reader splits the stream into blocks and deals them round-robin to `workers`
-//! decoders; the caller collects the results in the same round-robin order (so no reordering
-//! is needed), hashes the content and hands it to its sink. Memory is bounded by the channels:
-//! about `3 * workers + 2` block buffers.
+//! Threads of [`decode_parallel`]: a reader splits the stream into blocks and deals them
+//! round-robin to `workers` decoders; the caller collects the results in the same round-robin
+//! order (so no reordering is needed), hashes the content and hands it to its sink. Memory is
+//! bounded by the channels: about `3 * workers + 2` block buffers.
 
 use std::hash::Hasher as _;
 use std::io::{self, Read};
@@ -77,11 +80,32 @@ fn corrupt(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Decodes a stream of LZ4 frames, decompressing up to `workers` blocks at once, and hands the
-/// content to `sink` in order, at most one block (4 MiB) per call. Returns the content length.
-/// A damaged stream is an `InvalidData` or `UnexpectedEof` error; `sink` may by then have
-/// received the content before the damage.
-pub fn decode_parallel<R, F>(r: R, workers: usize, mut sink: F) -> io::Result<u64>
+/// Block buffers shared by the decodes of one restore, so thousands of small WAL segments do
+/// not each allocate and zero 4 MiB (as a new lz4_flex `FrameDecoder` does for every frame).
+#[derive(Default)]
+pub struct Scratch(Pool);
+
+/// Decodes a stream of LZ4 frames on this thread and hands the content to `sink` in order,
+/// at most one block (4 MiB) per call. Returns the content length. A damaged stream is an
+/// `InvalidData` or `UnexpectedEof` error; `sink` may by then have received the content before
+/// the damage.
+pub fn decode<R, F>(r: R, scratch: &Scratch, sink: F) -> io::Result<u64>
+where
+    R: Read,
+    F: FnMut(&[u8]) -> io::Result<()>,
+{
+    let pool = &scratch.0;
+    let mut content = Content::new(sink);
+    read_frames(r, pool, |item| {
+        content.take(decode_item(item, pool)?, pool)?;
+        Ok(true)
+    })?;
+    Ok(content.total)
+}
+
+/// [`decode`] with up to `workers` blocks decompressing at once on other threads, for big
+/// snapshots.
+pub fn decode_parallel<R, F>(r: R, workers: usize, sink: F) -> io::Result<u64>
 where
     R: Read + Send,
     F: FnMut(&[u8]) -> io::Result<()>,
@@ -100,80 +124,113 @@ where
             from_workers.push(rx_out);
         }
         let pool = &pool;
-        let reader = s.spawn(move || read_frames(r, to_workers, pool));
+        let reader = s.spawn(move || {
+            let mut seq = 0usize;
+            read_frames(r, pool, |item| {
+                let sent = to_workers[seq % workers].send(item).is_ok();
+                seq += 1;
+                Ok(sent)
+            })
+        });
 
         // Whatever ends this closure drops `from_workers` first, which stops the workers and
         // then the reader (their next send fails), so the scope's join never hangs.
-        let mut total = 0u64;
-        let mut frame = (XxHash32::with_seed(0), 0u64);
+        let mut content = Content::new(sink);
         for i in 0.. {
-            let out = match from_workers[i % workers].recv() {
-                Ok(out) => out?,
+            match from_workers[i % workers].recv() {
+                Ok(out) => content.take(out?, pool)?,
                 Err(_) => break,
-            };
-            match out {
-                Out::Content { buf, len, hashed } => {
-                    if hashed {
-                        frame.0.write(&buf[..len]);
-                        frame.1 += len as u64;
-                    }
-                    total += len as u64;
-                    let res = sink(&buf[..len]);
-                    pool.put(buf);
-                    res?;
-                }
-                Out::FrameEnd {
-                    content_size,
-                    checksum,
-                } => {
-                    let (hasher, len) = std::mem::replace(&mut frame, (XxHash32::with_seed(0), 0));
-                    if content_size.is_some_and(|want| want != len) {
-                        return Err(corrupt(format!(
-                            "LZ4 frame content is {len} bytes, its header says {}",
-                            content_size.unwrap_or_default()
-                        )));
-                    }
-                    if checksum.is_some_and(|want| want != hasher.finish_32()) {
-                        return Err(corrupt("LZ4 content checksum mismatch"));
-                    }
-                }
             }
         }
         // The reader stops early only when a decoder failed, and that error came first; so
         // an `Ok` here means the stream ended at a frame boundary.
         drop(from_workers);
         reader.join().expect("LZ4 reader thread panicked")?;
-        Ok(total)
+        Ok(content.total)
     })
+}
+
+/// The in-order end of the pipeline: checks each frame's content and feeds the sink.
+struct Content<F> {
+    sink: F,
+    total: u64,
+    frame_hash: XxHash32,
+    frame_len: u64,
+}
+
+impl<F: FnMut(&[u8]) -> io::Result<()>> Content<F> {
+    fn new(sink: F) -> Self {
+        Content {
+            sink,
+            total: 0,
+            frame_hash: XxHash32::with_seed(0),
+            frame_len: 0,
+        }
+    }
+
+    fn take(&mut self, out: Out, pool: &Pool) -> io::Result<()> {
+        match out {
+            Out::Content { buf, len, hashed } => {
+                if hashed {
+                    self.frame_hash.write(&buf[..len]);
+                    self.frame_len += len as u64;
+                }
+                self.total += len as u64;
+                let res = (self.sink)(&buf[..len]);
+                pool.put(buf);
+                res
+            }
+            Out::FrameEnd {
+                content_size,
+                checksum,
+            } => {
+                let hash = std::mem::replace(&mut self.frame_hash, XxHash32::with_seed(0));
+                let len = std::mem::take(&mut self.frame_len);
+                if let Some(want) = content_size.filter(|&want| want != len) {
+                    return Err(corrupt(format!(
+                        "LZ4 frame content is {len} bytes, its header says {want}"
+                    )));
+                }
+                if checksum.is_some_and(|want| want != hash.finish_32()) {
+                    return Err(corrupt("LZ4 content checksum mismatch"));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn decode_worker(rx: Receiver<Item>, tx: SyncSender<io::Result<Out>>, pool: &Pool) {
     for item in rx {
-        let out = match item {
-            Item::Block {
-                buf,
-                len,
-                stored_raw,
-                max,
-                checksum,
-            } => decode_block(buf, len, stored_raw, max, checksum, pool),
-            Item::Decoded { buf, len } => Ok(Out::Content {
-                buf,
-                len,
-                hashed: false,
-            }),
-            Item::FrameEnd {
-                content_size,
-                checksum,
-            } => Ok(Out::FrameEnd {
-                content_size,
-                checksum,
-            }),
-        };
+        let out = decode_item(item, pool);
         let failed = out.is_err();
         if tx.send(out).is_err() || failed {
             return;
         }
+    }
+}
+
+fn decode_item(item: Item, pool: &Pool) -> io::Result<Out> {
+    match item {
+        Item::Block {
+            buf,
+            len,
+            stored_raw,
+            max,
+            checksum,
+        } => decode_block(buf, len, stored_raw, max, checksum, pool),
+        Item::Decoded { buf, len } => Ok(Out::Content {
+            buf,
+            len,
+            hashed: false,
+        }),
+        Item::FrameEnd {
+            content_size,
+            checksum,
+        } => Ok(Out::FrameEnd {
+            content_size,
+            checksum,
+        }),
     }
 }
 
@@ -211,15 +268,13 @@ fn decode_block(
     }
 }
 
-/// The reader thread: parses frames and deals their blocks out round-robin. Returns `Ok` early
-/// if the caller stopped listening (it has the error to report).
-fn read_frames<R: Read>(mut r: R, to: Vec<SyncSender<Item>>, pool: &Pool) -> io::Result<()> {
-    let mut seq = 0usize;
-    let mut send = |item: Item| -> bool {
-        let ok = to[seq % to.len()].send(item).is_ok();
-        seq += 1;
-        ok
-    };
+/// Parses frames and hands their blocks to `send`, which returns `Ok(false)` when the consumer
+/// stopped listening (it has the error to report).
+fn read_frames<R: Read>(
+    mut r: R,
+    pool: &Pool,
+    mut send: impl FnMut(Item) -> io::Result<bool>,
+) -> io::Result<()> {
     loop {
         let mut magic = [0u8; 4];
         match read_full(&mut r, &mut magic)? {
@@ -253,7 +308,7 @@ fn read_frames<R: Read>(mut r: R, to: Vec<SyncSender<Item>>, pool: &Pool) -> io:
                 if !send(Item::FrameEnd {
                     content_size: desc.content_size,
                     checksum,
-                }) {
+                })? {
                     return Ok(());
                 }
                 break;
@@ -265,7 +320,7 @@ fn read_frames<R: Read>(mut r: R, to: Vec<SyncSender<Item>>, pool: &Pool) -> io:
                     desc.max_block
                 )));
             }
-            let mut buf = pool.get(desc.max_block);
+            let mut buf = pool.get(len);
             r.read_exact(&mut buf[..len])
                 .map_err(|e| eof_as(e, "block"))?;
             let checksum = match desc.block_checksums {
@@ -279,7 +334,7 @@ fn read_frames<R: Read>(mut r: R, to: Vec<SyncSender<Item>>, pool: &Pool) -> io:
                 max: desc.max_block,
                 checksum,
             };
-            if !send(item) {
+            if !send(item)? {
                 return Ok(());
             }
         }
@@ -351,7 +406,7 @@ fn read_descriptor(r: &mut impl Read) -> io::Result<Descriptor> {
 fn decode_linked<R: Read>(
     header: &[u8],
     r: R,
-    send: &mut impl FnMut(Item) -> bool,
+    send: &mut impl FnMut(Item) -> io::Result<bool>,
     pool: &Pool,
 ) -> io::Result<()> {
     const PIECE: usize = 4 << 20;
@@ -362,7 +417,7 @@ fn decode_linked<R: Read>(
         if len == 0 {
             return Ok(());
         }
-        if !send(Item::Decoded { buf, len }) {
+        if !send(Item::Decoded { buf, len })? {
             return Ok(());
         }
     }
@@ -415,13 +470,29 @@ mod tests {
         enc.finish().unwrap()
     }
 
+    /// Decodes with `workers` threads, and with 0 on this thread (twice with one scratch, which
+    /// must give the same result).
     fn decode(stream: &[u8], workers: usize) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        let n = decode_parallel(stream, workers, |b| {
+        let collect = |b: &[u8]| {
             assert!(b.len() <= 4 << 20);
             out.extend_from_slice(b);
             Ok(())
-        })?;
+        };
+        let n = match workers {
+            0 => {
+                let scratch = Scratch::default();
+                let mut first = Vec::new();
+                super::decode(stream, &scratch, |b| {
+                    first.extend_from_slice(b);
+                    Ok(())
+                })?;
+                let n = super::decode(stream, &scratch, collect)?;
+                assert_eq!(first, out);
+                n
+            }
+            _ => decode_parallel(stream, workers, collect)?,
+        };
         assert_eq!(n, out.len() as u64);
         Ok(out)
     }
@@ -448,7 +519,7 @@ mod tests {
     fn snapshot_frames_decode_like_frame_decoder() {
         let data = sample(9 << 20 | 12345, 7);
         let stream = encode(super::super::frame_info(), &data);
-        for workers in [1, 2, 3, 8] {
+        for workers in [0, 1, 2, 3, 8] {
             assert_eq!(decode(&stream, workers).unwrap(), data, "{workers} workers");
         }
     }
@@ -472,8 +543,10 @@ mod tests {
             stream.extend([0x5A, 0x2A, 0x4D, 0x18, 3, 0, 0, 0, 1, 2, 3]);
         }
         let want: Vec<u8> = [&data[..], &data[..], &data[..]].concat();
-        assert_eq!(decode(&stream, 2).unwrap(), want);
-        assert_eq!(decode(&[], 2).unwrap(), b"");
+        for workers in [0, 2] {
+            assert_eq!(decode(&stream, workers).unwrap(), want);
+            assert_eq!(decode(&[], workers).unwrap(), b"");
+        }
     }
 
     #[test]
@@ -485,7 +558,12 @@ mod tests {
             .content_checksum(true);
         let mut stream = encode(super::super::frame_info(), &data);
         stream.extend(encode(linked, &data));
-        assert_eq!(decode(&stream, 2).unwrap(), [&data[..], &data[..]].concat());
+        for workers in [0, 2] {
+            assert_eq!(
+                decode(&stream, workers).unwrap(),
+                [&data[..], &data[..]].concat()
+            );
+        }
     }
 
     #[test]
@@ -536,7 +614,7 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         #[test]
-        fn any_content_round_trips(len in 0usize..400_000, seed: u64, workers in 1usize..4) {
+        fn any_content_round_trips(len in 0usize..400_000, seed: u64, workers in 0usize..4) {
             let data = sample(len, seed);
             let info = FrameInfo::new().block_size(BlockSize::Max64KB).content_checksum(true);
             prop_assert_eq!(decode(&encode(info, &data), workers).unwrap(), data);
