@@ -684,8 +684,7 @@ impl<'a> WalCheck<'a> {
 
     fn check(&mut self, unit: &[u8]) -> Result<(), RestoreError> {
         let Some(st) = &mut self.state else {
-            let h = WalHeader::parse(unit.try_into().expect("header size"))
-                .map_err(|e| self.corrupt(format!("WAL header: {e}")))?;
+            let h = WalHeader::parse(unit).map_err(|e| self.corrupt(format!("WAL header: {e}")))?;
             self.state = Some(ChainState {
                 chain: FrameChain::new(&h),
                 page_size: h.page_size,
