@@ -27,6 +27,7 @@ use tokio_util::io::SyncIoBridge;
 use tracing::{debug, info, warn};
 
 use crate::compress;
+use crate::crypt::AGE_MAGIC;
 use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
 use crate::replicator::RetryPolicy;
 use crate::wal::{self, FrameChain, FrameCheck, FrameHeader, WAL_HEADER_SIZE, WalHeader};
@@ -430,9 +431,14 @@ async fn fetch_snapshot(
     loop {
         attempt += 1;
         let res = async {
-            let body = client
-                .open_snapshot(&plan.generation, plan.snapshot.index)
-                .await?;
+            let body = match open_local_snapshot(client, plan).await {
+                Some(local) => local.map_err(|e| read_error(key, e))?,
+                None => Box::new(SyncIoBridge::new(
+                    client
+                        .open_snapshot(&plan.generation, plan.snapshot.index)
+                        .await?,
+                )),
+            };
             let (tmp, key) = (tmp.to_path_buf(), key.to_string());
             tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
                 let out = OpenOptions::new()
@@ -445,7 +451,7 @@ async fn fetch_snapshot(
                 // Blocks decode on every core; the content is written here in order.
                 let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
                 let mut w = SnapshotWriter::new(&out);
-                compress::decode_parallel(SyncIoBridge::new(body), workers, |b| w.write(b))
+                compress::decode_parallel(body, workers, |b| w.write(b))
                     .map_err(|e| read_error(&key, e))?;
                 // No fsync here: the one after the WAL replay covers the snapshot too.
                 let mut hdr = [0u8; 100];
@@ -476,6 +482,36 @@ async fn fetch_snapshot(
             other => return other,
         }
     }
+}
+
+/// The snapshot's file, read with plain blocking reads, if the replica is a local directory and
+/// the snapshot is not encrypted; None to read it through the store. (`O_DIRECT` reads were
+/// tried: with one 4 MiB read in flight they ran at half the speed of readahead.)
+async fn open_local_snapshot(
+    client: &ReplicaClient,
+    plan: &RestorePlan,
+) -> Option<io::Result<Box<dyn Read + Send>>> {
+    let path = client.local_snapshot_path(&plan.generation, plan.snapshot.index)?;
+    tokio::task::spawn_blocking(move || {
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        let _ = nix::fcntl::posix_fadvise(
+            &file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
+        let mut head = [0u8; AGE_MAGIC.len()];
+        match file.read_at(&mut head, 0) {
+            Ok(n) if head[..n] == AGE_MAGIC[..n] && n == head.len() => None,
+            Ok(_) => Some(Ok(Box::new(file) as Box<dyn Read + Send>)),
+            Err(e) => Some(Err(e)),
+        }
+    })
+    .await
+    .expect("snapshot open task")
 }
 
 /// Writes a restored snapshot sequentially and starts its write-back every 32 MiB

@@ -11,9 +11,9 @@
 //! handed to `FrameDecoder`.
 //!
 //! Threads of [`decode_parallel`]: a reader splits the stream into blocks and deals them
-//! round-robin to `workers` decoders; the caller collects the results in the same round-robin
-//! order (so no reordering is needed), hashes the content and hands it to its sink. Memory is
-//! bounded by the channels: about `3 * workers + 2` block buffers.
+//! round-robin to `workers` decoders; a checker collects the results in the same round-robin
+//! order (so no reordering is needed) and hashes the content, which the caller's thread hands
+//! to its sink. Memory is bounded by the channels: about `3 * workers + 5` block buffers.
 
 use std::hash::Hasher as _;
 use std::io::{self, Read};
@@ -95,17 +95,21 @@ where
     F: FnMut(&[u8]) -> io::Result<()>,
 {
     let pool = &scratch.0;
-    let mut content = Content::new(sink);
+    let (mut check, mut sink) = (FrameCheck::default(), sink);
     read_frames(r, pool, |item| {
-        content.take(decode_item(item, pool)?, pool)?;
+        if let Some((buf, len)) = check.take(decode_item(item, pool)?)? {
+            let res = sink(&buf[..len]);
+            pool.put(buf);
+            res?;
+        }
         Ok(true)
     })?;
-    Ok(content.total)
+    Ok(check.total)
 }
 
 /// [`decode`] with up to `workers` blocks decompressing at once on other threads, for big
 /// snapshots.
-pub fn decode_parallel<R, F>(r: R, workers: usize, sink: F) -> io::Result<u64>
+pub fn decode_parallel<R, F>(r: R, workers: usize, mut sink: F) -> io::Result<u64>
 where
     R: Read + Send,
     F: FnMut(&[u8]) -> io::Result<()>,
@@ -132,43 +136,54 @@ where
                 Ok(sent)
             })
         });
-
-        // Whatever ends this closure drops `from_workers` first, which stops the workers and
-        // then the reader (their next send fails), so the scope's join never hangs.
-        let mut content = Content::new(sink);
-        for i in 0.. {
-            match from_workers[i % workers].recv() {
-                Ok(out) => content.take(out?, pool)?,
-                Err(_) => break,
+        // The checker collects the blocks in order and hashes them while this thread runs the
+        // sink (writing to disk), so neither waits for the other.
+        let (to_sink, checked) = sync_channel::<io::Result<(Vec<u8>, usize)>>(2);
+        let checker = s.spawn(move || {
+            let mut check = FrameCheck::default();
+            for i in 0.. {
+                let Ok(out) = from_workers[i % workers].recv() else {
+                    break;
+                };
+                let checked = out.and_then(|out| check.take(out));
+                let failed = checked.is_err();
+                if let Some(res) = checked.transpose() {
+                    if to_sink.send(res).is_err() || failed {
+                        break;
+                    }
+                }
             }
+            check.total
+        });
+
+        // Whatever ends this closure drops `checked` first, which stops the checker, then the
+        // workers and then the reader (each one's next send fails): the scope's join never hangs.
+        for res in &checked {
+            let (buf, len) = res?;
+            let res = sink(&buf[..len]);
+            pool.put(buf);
+            res?;
         }
         // The reader stops early only when a decoder failed, and that error came first; so
         // an `Ok` here means the stream ended at a frame boundary.
-        drop(from_workers);
+        drop(checked);
+        let total = checker.join().expect("LZ4 checker thread panicked");
         reader.join().expect("LZ4 reader thread panicked")?;
-        Ok(content.total)
+        Ok(total)
     })
 }
 
-/// The in-order end of the pipeline: checks each frame's content and feeds the sink.
-struct Content<F> {
-    sink: F,
+/// Checks each frame's content length and checksum, in stream order.
+#[derive(Default)]
+struct FrameCheck {
     total: u64,
     frame_hash: XxHash32,
     frame_len: u64,
 }
 
-impl<F: FnMut(&[u8]) -> io::Result<()>> Content<F> {
-    fn new(sink: F) -> Self {
-        Content {
-            sink,
-            total: 0,
-            frame_hash: XxHash32::with_seed(0),
-            frame_len: 0,
-        }
-    }
-
-    fn take(&mut self, out: Out, pool: &Pool) -> io::Result<()> {
+impl FrameCheck {
+    /// Returns the content to pass on, if `out` carries some.
+    fn take(&mut self, out: Out) -> io::Result<Option<(Vec<u8>, usize)>> {
         match out {
             Out::Content { buf, len, hashed } => {
                 if hashed {
@@ -176,15 +191,13 @@ impl<F: FnMut(&[u8]) -> io::Result<()>> Content<F> {
                     self.frame_len += len as u64;
                 }
                 self.total += len as u64;
-                let res = (self.sink)(&buf[..len]);
-                pool.put(buf);
-                res
+                Ok(Some((buf, len)))
             }
             Out::FrameEnd {
                 content_size,
                 checksum,
             } => {
-                let hash = std::mem::replace(&mut self.frame_hash, XxHash32::with_seed(0));
+                let hash = std::mem::take(&mut self.frame_hash);
                 let len = std::mem::take(&mut self.frame_len);
                 if let Some(want) = content_size.filter(|&want| want != len) {
                     return Err(corrupt(format!(
@@ -194,7 +207,7 @@ impl<F: FnMut(&[u8]) -> io::Result<()>> Content<F> {
                 if checksum.is_some_and(|want| want != hash.finish_32()) {
                     return Err(corrupt("LZ4 content checksum mismatch"));
                 }
-                Ok(())
+                Ok(None)
             }
         }
     }

@@ -107,6 +107,10 @@ impl ObjectStore for FileStore {
         "file"
     }
 
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        Some(self.path(key))
+    }
+
     fn url(&self) -> String {
         format!("file://{}", self.root.display())
     }

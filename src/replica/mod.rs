@@ -119,6 +119,13 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Deletes an object only if its version still matches; false when it did not (or the
     /// object is gone).
     async fn delete_if(&self, key: &str, version: &str) -> Result<bool, StoreError>;
+
+    /// Where the object lives on this machine, for stores that keep objects as plain files:
+    /// restore reads big snapshots straight from there, without the async file layer's extra copy
+    /// and thread hand-offs.
+    fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// The condition of [`ObjectStore::put_if`].
@@ -395,6 +402,13 @@ impl ReplicaClient {
             self.url().trim_end_matches('/'),
             layout::wal_segment_key("", &pos.generation, pos.index, pos.offset)
         )
+    }
+
+    /// A snapshot's local file, when the replica is a directory on this machine; the caller
+    /// must still check it is not encrypted ([`AGE_MAGIC`]) before reading it directly.
+    pub fn local_snapshot_path(&self, generation: &str, index: u32) -> Option<std::path::PathBuf> {
+        self.store
+            .local_path(&layout::snapshot_key("", generation, index))
     }
 
     pub fn snapshot_key(&self, generation: &str, index: u32) -> String {
