@@ -147,10 +147,10 @@ where
                 };
                 let checked = out.and_then(|out| check.take(out));
                 let failed = checked.is_err();
-                if let Some(res) = checked.transpose() {
-                    if to_sink.send(res).is_err() || failed {
-                        break;
-                    }
+                if let Some(res) = checked.transpose()
+                    && (to_sink.send(res).is_err() || failed)
+                {
+                    break;
                 }
             }
             check.total
