@@ -772,26 +772,31 @@ impl<'a> WalCheck<'a> {
 }
 
 /// The last committed version of every page the WAL indexes change. Pages are gathered in WAL
-/// order into one scratch file, then written into the database once each, in page order and in
-/// runs: the snapshot was written in large blocks, and a 4 KiB write into it costs ext4 a walk
-/// over a large folio's buffers, so one write per WAL frame cost more than the whole WAL.
+/// order into one scratch file, one slot per page (a newer version overwrites its slot, so the
+/// file never outgrows the pages the WAL touches, however long the history), then written into
+/// the database once each, in page order and in runs: the snapshot was written in large blocks,
+/// and a 4 KiB write into it costs ext4 a walk over a large folio's buffers, so one write per WAL
+/// frame cost more than the whole WAL.
 struct WalPages {
     path: PathBuf,
-    out: io::BufWriter<File>,
+    file: File,
     page_size: Option<u32>,
-    /// (page number, slot in the scratch file), in WAL order.
-    pages: Vec<(u32, u32)>,
+    /// Page number → slot in the scratch file.
+    slots: std::collections::HashMap<u32, u32>,
+    /// Pages of the slots from `flushed` on, not yet written to the file.
+    pending: Vec<u8>,
+    flushed: u32,
     /// Database size in pages after the last commit, if any.
     db_pages: Option<u32>,
     first_key: Option<String>,
 }
 
 impl WalPages {
-    /// The most bytes written into the database at once.
+    /// The most bytes written at once, into the scratch file or the database.
     const RUN: usize = 1 << 20;
 
     fn create(path: PathBuf) -> Result<Self, RestoreError> {
-        let f = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -799,16 +804,18 @@ impl WalPages {
             .open(&path)
             .map_err(io_at(&path))?;
         Ok(WalPages {
-            out: io::BufWriter::with_capacity(1 << 20, f),
+            file,
             path,
             page_size: None,
-            pages: Vec::new(),
+            slots: Default::default(),
+            pending: Vec::new(),
+            flushed: 0,
             db_pages: None,
             first_key: None,
         })
     }
 
-    /// Appends the committed frames of one verified index (the next one in order).
+    /// Takes the committed frames of one verified index (the next one in order).
     fn add_index(&mut self, path: &Path, idx: &IndexFile) -> Result<(), RestoreError> {
         match self.page_size {
             Some(ps) if ps != idx.page_size => {
@@ -828,10 +835,14 @@ impl WalPages {
         while off < idx.last_commit {
             f.read_exact(&mut frame).map_err(io_at(path))?;
             let fh = FrameHeader::parse(&frame);
-            self.out
-                .write_all(&frame[wal::FRAME_HEADER_SIZE..])
+            if fh.pgno == 0 {
+                return Err(RestoreError::Corrupt {
+                    key: idx.first_key.clone(),
+                    reason: format!("frame for page 0 at WAL offset {off}"),
+                });
+            }
+            self.put(fh.pgno, &frame[wal::FRAME_HEADER_SIZE..])
                 .map_err(io_at(&self.path))?;
-            self.pages.push((fh.pgno, self.pages.len() as u32));
             if fh.is_commit() {
                 self.db_pages = Some(fh.commit_size);
             }
@@ -840,16 +851,38 @@ impl WalPages {
         Ok(())
     }
 
+    fn put(&mut self, pgno: u32, page: &[u8]) -> io::Result<()> {
+        let ps = page.len();
+        match self.slots.get(&pgno) {
+            Some(&slot) if slot >= self.flushed => {
+                let at = (slot - self.flushed) as usize * ps;
+                self.pending[at..at + ps].copy_from_slice(page);
+            }
+            Some(&slot) => self.file.write_all_at(page, slot as u64 * ps as u64)?,
+            None => {
+                let slot = self.flushed + (self.pending.len() / ps) as u32;
+                self.slots.insert(pgno, slot);
+                self.pending.extend_from_slice(page);
+                if self.pending.len() >= Self::RUN {
+                    self.flush(ps)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, ps: usize) -> io::Result<()> {
+        self.file
+            .write_all_at(&self.pending, self.flushed as u64 * ps as u64)?;
+        self.flushed += (self.pending.len() / ps) as u32;
+        self.pending.clear();
+        Ok(())
+    }
+
     /// Writes the pages into the database (whose page size is `page_size`) and truncates it to
     /// the size of the last commit. The scratch file is removed.
-    fn apply(self, db: &File, page_size: u32) -> Result<(), RestoreError> {
-        let WalPages {
-            path,
-            out,
-            pages: mut list,
-            db_pages,
-            ..
-        } = self;
+    fn apply(mut self, db: &File, page_size: u32) -> Result<(), RestoreError> {
+        let path = self.path.clone();
         let _remove = RemoveOnDrop(&path);
         if let Some(ps) = self.page_size.filter(|&ps| ps != page_size) {
             return Err(RestoreError::Corrupt {
@@ -857,10 +890,10 @@ impl WalPages {
                 reason: format!("WAL page size {ps} differs from the snapshot's {page_size}"),
             });
         }
-        let src = out.into_inner().map_err(|e| io_at(&path)(e.into_error()))?;
         let ps = page_size as usize;
-        // A stable sort keeps WAL order among the versions of a page: the last one wins.
-        list.sort_by_key(|&(pgno, _)| pgno);
+        self.flush(ps).map_err(io_at(&path))?;
+        let mut list: Vec<(u32, u32)> = self.slots.drain().collect();
+        list.sort_unstable();
         let mut run = Vec::with_capacity(Self::RUN);
         let mut run_start = 0u32;
         let flush = |run: &mut Vec<u8>, start: u32| -> Result<(), RestoreError> {
@@ -869,10 +902,7 @@ impl WalPages {
             run.clear();
             Ok(())
         };
-        for (i, &(pgno, slot)) in list.iter().enumerate() {
-            if list.get(i + 1).is_some_and(|next| next.0 == pgno) {
-                continue;
-            }
+        for (pgno, slot) in list {
             let contiguous = pgno == run_start + (run.len() / ps) as u32;
             if !run.is_empty() && (!contiguous || run.len() >= Self::RUN) {
                 flush(&mut run, run_start)?;
@@ -882,13 +912,14 @@ impl WalPages {
             }
             let at = run.len();
             run.resize(at + ps, 0);
-            src.read_exact_at(&mut run[at..], slot as u64 * ps as u64)
+            self.file
+                .read_exact_at(&mut run[at..], slot as u64 * ps as u64)
                 .map_err(io_at(&path))?;
         }
         if !run.is_empty() {
             flush(&mut run, run_start)?;
         }
-        if let Some(n) = db_pages {
+        if let Some(n) = self.db_pages {
             db.set_len(n as u64 * ps as u64).map_err(io_at(&path))?;
         }
         Ok(())
@@ -1120,5 +1151,70 @@ mod tests {
             "{err}"
         );
         assert!(!dir.path().join("pages2").exists());
+    }
+
+    #[test]
+    fn wal_pages_rewrite_slots_already_flushed_to_the_scratch_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("db");
+        let n = 3000u32; // more than one 1 MiB run of 512-byte pages
+        fs::write(&db_path, vec![0u8; n as usize * PS as usize]).unwrap();
+        let first: Vec<(u32, u32, u8)> = (1..=n).map(|p| (p, 0, (p % 200) as u8)).collect();
+        let mut second = vec![(1, 0, 0xA1), (2500, 0, 0xA2)];
+        second.push((3, n, 0xA3));
+        let mut pages = WalPages::create(dir.path().join("pages")).unwrap();
+        for (i, wal) in [build_wal(false, PS, &first), build_wal(false, PS, &second)]
+            .iter()
+            .enumerate()
+        {
+            let p = dir.path().join(format!("idx{i}"));
+            fs::write(&p, wal).unwrap();
+            let idx = IndexFile {
+                page_size: PS,
+                last_commit: wal.len() as u64,
+                segments: 1,
+                first_key: "k".into(),
+            };
+            pages.add_index(&p, &idx).unwrap();
+        }
+        assert_eq!(pages.slots.len(), n as usize, "one slot per page");
+        let db = OpenOptions::new().write(true).open(&db_path).unwrap();
+        pages.apply(&db, PS).unwrap();
+        let got = fs::read(&db_path).unwrap();
+        let fill: Vec<u8> = got.chunks(PS as usize).map(|p| p[0]).collect();
+        let mut want: Vec<u8> = (1..=n).map(|p| (p % 200) as u8).collect();
+        want[0] = 0xA1;
+        want[2] = 0xA3;
+        want[2499] = 0xA2;
+        assert_eq!(fill, want);
+    }
+
+    #[test]
+    fn wal_pages_reject_page_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = build_wal(false, PS, &[(0, 1, 1)]);
+        let p = dir.path().join("idx");
+        fs::write(&p, &wal).unwrap();
+        let idx = IndexFile {
+            page_size: PS,
+            last_commit: wal.len() as u64,
+            segments: 1,
+            first_key: "k".into(),
+        };
+        let mut pages = WalPages::create(dir.path().join("pages")).unwrap();
+        let err = pages.add_index(&p, &idx).unwrap_err();
+        assert!(err.to_string().contains("page 0"), "{err}");
+    }
+
+    #[test]
+    fn no_wal_pages_leave_the_snapshot_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("db");
+        fs::write(&db_path, vec![7u8; 2 * PS as usize]).unwrap();
+        let db = OpenOptions::new().write(true).open(&db_path).unwrap();
+        let pages = WalPages::create(dir.path().join("p")).unwrap();
+        pages.apply(&db, PS).unwrap();
+        assert_eq!(fs::read(&db_path).unwrap(), vec![7u8; 2 * PS as usize]);
+        assert!(!dir.path().join("p").exists());
     }
 }

@@ -28,11 +28,6 @@ pub fn encoder<W: Write>(w: W) -> FrameEncoder<W> {
     FrameEncoder::with_frame_info(frame_info(), w)
 }
 
-/// A decoder that checks the content checksum, so a flipped byte is an error, not bad data.
-pub fn decoder<R: Read>(r: R) -> FrameDecoder<R> {
-    FrameDecoder::new(r)
-}
-
 /// Compresses a whole buffer into one frame.
 pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut enc = encoder(Vec::with_capacity(data.len() / 2 + 64));
@@ -43,7 +38,8 @@ pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
 /// Decompresses one whole frame.
 pub fn decompress(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    decoder(data).read_to_end(&mut out)?;
+    // lz4_flex checks the content checksum, so a flipped byte is an error, not bad data.
+    FrameDecoder::new(data).read_to_end(&mut out)?;
     Ok(out)
 }
 
