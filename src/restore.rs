@@ -16,7 +16,7 @@
 //!   file is left behind, on success or failure (#528).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use tokio_util::io::SyncIoBridge;
 use tracing::{debug, info, warn};
 
 use crate::compress;
-use crate::crypt::AGE_MAGIC;
 use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
 use crate::replicator::RetryPolicy;
 use crate::wal::{self, FrameChain, FrameCheck, FrameHeader, WAL_HEADER_SIZE, WalHeader};
@@ -340,9 +339,8 @@ async fn run_plan(
     };
     let wal = async {
         let mut pages = WalPages::create(cleanup.pages_path())?;
-        let mut segments = 0;
-        for done in 1..=total {
-            let task = fetches.0.pop_front().expect("one task per index");
+        let (mut segments, mut done) = (0, 0);
+        while let Some(task) = fetches.0.pop_front() {
             let (idx, path) = task.await.map_err(|e| RestoreError::Io {
                 path: tmp.clone(),
                 source: io::Error::other(e),
@@ -355,6 +353,7 @@ async fn run_plan(
             })
             .await
             .expect("WAL gather task")?;
+            done += 1;
             progress("wal", done, total);
         }
         debug!(elapsed = ?started.elapsed(), "WAL indexes gathered");
@@ -484,31 +483,27 @@ async fn fetch_snapshot(
     }
 }
 
-/// The snapshot's file, read with plain blocking reads, if the replica is a local directory and
-/// the snapshot is not encrypted; None to read it through the store. (`O_DIRECT` reads were
-/// tried: with one 4 MiB read in flight they ran at half the speed of readahead.)
+/// The snapshot's file, read with plain blocking reads (no async file layer in between), if the
+/// replica is a local directory and the snapshot is not encrypted; None to read it through the
+/// store. (`O_DIRECT` reads were tried: with one 4 MiB read in flight they ran at half the speed
+/// of readahead.)
 async fn open_local_snapshot(
     client: &ReplicaClient,
     plan: &RestorePlan,
 ) -> Option<io::Result<Box<dyn Read + Send>>> {
-    let path = client.local_snapshot_path(&plan.generation, plan.snapshot.index)?;
+    let (client, generation, index) =
+        (client.clone(), plan.generation.clone(), plan.snapshot.index);
     tokio::task::spawn_blocking(move || {
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => return Some(Err(e)),
-        };
-        let _ = nix::fcntl::posix_fadvise(
-            &file,
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
-        );
-        let mut head = [0u8; AGE_MAGIC.len()];
-        match file.read_at(&mut head, 0) {
-            Ok(n) if head[..n] == AGE_MAGIC[..n] && n == head.len() => None,
-            Ok(_) => Some(Ok(Box::new(file) as Box<dyn Read + Send>)),
-            Err(e) => Some(Err(e)),
-        }
+        let file = client.local_snapshot_file(&generation, index)?;
+        Some(file.map(|f| {
+            let _ = nix::fcntl::posix_fadvise(
+                &f,
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+            );
+            Box::new(f) as Box<dyn Read + Send>
+        }))
     })
     .await
     .expect("snapshot open task")
@@ -661,25 +656,31 @@ struct ChainState {
     last_commit: u64,
 }
 
-/// Checks one segment's decompressed content frame by frame as it arrives, and appends it to
-/// the index file. Frames (and the WAL header) may arrive split across pieces.
+/// Checks one segment's decompressed content frame by frame as it arrives, and writes it into
+/// the index file from offset `start` on (positional writes: a retry of the segment rewrites
+/// the same range whatever the descriptor's offset). Frames (and the WAL header) may arrive
+/// split across pieces.
 struct WalCheck<'a> {
     state: Option<ChainState>,
     /// A header or frame that has not fully arrived yet.
     partial: Vec<u8>,
-    out: io::BufWriter<&'a File>,
-    /// The file offset the next byte is written at.
-    end: u64,
+    out: &'a File,
+    /// Checked bytes not yet written, which belong at `flushed`.
+    buf: Vec<u8>,
+    flushed: u64,
     key: &'a str,
 }
 
 impl<'a> WalCheck<'a> {
-    fn new(state: Option<ChainState>, out: &'a File, end: u64, key: &'a str) -> Self {
+    const BUF: usize = 1 << 20;
+
+    fn new(state: Option<ChainState>, out: &'a File, start: u64, key: &'a str) -> Self {
         WalCheck {
             state,
             partial: Vec::new(),
-            out: io::BufWriter::with_capacity(1 << 20, out),
-            end,
+            out,
+            buf: Vec::new(),
+            flushed: start,
             key,
         }
     }
@@ -745,19 +746,28 @@ impl<'a> WalCheck<'a> {
     }
 
     fn write(&mut self, unit: &[u8]) -> Result<(), RestoreError> {
+        self.buf.extend_from_slice(unit);
+        if self.buf.len() >= Self::BUF {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), RestoreError> {
         self.out
-            .write_all(unit)
+            .write_all_at(&self.buf, self.flushed)
             .map_err(|e| read_error(self.key, e))?;
-        self.end += unit.len() as u64;
+        self.flushed += self.buf.len() as u64;
+        self.buf.clear();
         Ok(())
     }
 
     /// The segment's end: it must fall on a frame boundary. Returns the state for the next
     /// segment and the file offset after this one.
     fn finish(mut self) -> Result<(ChainState, u64), RestoreError> {
-        self.out.flush().map_err(|e| read_error(self.key, e))?;
+        self.flush()?;
         match self.state {
-            Some(st) if self.partial.is_empty() => Ok((st, self.end)),
+            Some(st) if self.partial.is_empty() => Ok((st, self.flushed)),
             Some(st) => Err(self.corrupt(format!(
                 "partial frame of {} bytes at WAL offset {}",
                 self.partial.len(),
@@ -896,7 +906,7 @@ impl WalPages {
         list.sort_unstable();
         let mut run = Vec::with_capacity(Self::RUN);
         let mut run_start = 0u32;
-        let flush = |run: &mut Vec<u8>, start: u32| -> Result<(), RestoreError> {
+        let write_run = |run: &mut Vec<u8>, start: u32| -> Result<(), RestoreError> {
             db.write_all_at(run, (start as u64 - 1) * ps as u64)
                 .map_err(io_at(&path))?;
             run.clear();
@@ -905,7 +915,7 @@ impl WalPages {
         for (pgno, slot) in list {
             let contiguous = pgno == run_start + (run.len() / ps) as u32;
             if !run.is_empty() && (!contiguous || run.len() >= Self::RUN) {
-                flush(&mut run, run_start)?;
+                write_run(&mut run, run_start)?;
             }
             if run.is_empty() {
                 run_start = pgno;
@@ -917,7 +927,7 @@ impl WalPages {
                 .map_err(io_at(&path))?;
         }
         if !run.is_empty() {
-            flush(&mut run, run_start)?;
+            write_run(&mut run, run_start)?;
         }
         if let Some(n) = self.db_pages {
             db.set_len(n as u64 * ps as u64).map_err(io_at(&path))?;
@@ -1056,6 +1066,7 @@ impl Drop for Cleanup {
 mod tests {
     use super::*;
     use crate::wal::tests::build_wal;
+    use std::io::Write;
 
     const PS: u32 = 512;
 
@@ -1086,6 +1097,23 @@ mod tests {
             assert_eq!(end, wal.len() as u64);
             assert_eq!(st.last_commit, (WAL_HEADER_SIZE + 2 * fsz) as u64);
         }
+    }
+
+    #[test]
+    fn a_retried_segment_is_written_at_its_offset_not_the_descriptors() {
+        // A failed first attempt moved the shared descriptor offset past the segment's start;
+        // the retry must still write from `start`, leaving no hole.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idx");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&[0xFF; 5000]).unwrap();
+        f.set_len(0).unwrap();
+        let wal = build_wal(false, PS, &[(1, 1, 1)]);
+        let mut check = WalCheck::new(None, &f, 0, "k");
+        check.feed(&wal).unwrap();
+        let (_, end) = check.finish().unwrap();
+        assert_eq!(end, wal.len() as u64);
+        assert_eq!(fs::read(&path).unwrap(), wal);
     }
 
     #[test]

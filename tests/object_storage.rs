@@ -164,17 +164,24 @@ fn cmd() -> Command {
     c
 }
 
+/// `litestreamd replicate` with fast intervals and `extra` flags, not yet spawned.
+fn replicate_cmd(db: &Path, url: &str, extra: &[&str]) -> Command {
+    let mut c = cmd();
+    c.args([
+        "replicate",
+        "--monitor-interval",
+        "100ms",
+        "--sync-interval",
+        "100ms",
+    ])
+    .args(extra)
+    .arg(db)
+    .arg(url);
+    c
+}
+
 fn replicate(db: &Path, url: &str) -> Child {
-    cmd()
-        .args([
-            "replicate",
-            "--monitor-interval",
-            "100ms",
-            "--sync-interval",
-            "100ms",
-        ])
-        .arg(db)
-        .arg(url)
+    replicate_cmd(db, url, &[])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -642,17 +649,7 @@ fn age_key(dir: &Path, name: &str) -> AgeKey {
 
 /// `litestreamd replicate` with extra flags, its log (stderr) going to `log`.
 fn replicate_with(db: &Path, url: &str, extra: &[&str], log: &Path) -> Child {
-    cmd()
-        .args([
-            "replicate",
-            "--monitor-interval",
-            "100ms",
-            "--sync-interval",
-            "100ms",
-        ])
-        .args(extra)
-        .arg(db)
-        .arg(url)
+    replicate_cmd(db, url, extra)
         .env("LITESTREAMD_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())

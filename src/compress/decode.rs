@@ -37,22 +37,20 @@ enum Item {
         max: usize,
         checksum: Option<u32>,
     },
-    /// Content that `FrameDecoder` decoded (and checked) already.
-    Decoded { buf: Vec<u8>, len: usize },
-    /// The end of a frame, with what its content must match.
-    FrameEnd {
-        content_size: Option<u64>,
-        checksum: Option<u32>,
-    },
+    /// Nothing to decode: passed on as it is.
+    Ready(Out),
 }
 
-/// What the caller receives, in the same order.
+/// What the checker receives, in the same order.
 enum Out {
+    /// Decoded content; `hashed` when it counts towards the frame's checksum (content decoded
+    /// by `FrameDecoder` was checked there already).
     Content {
         buf: Vec<u8>,
         len: usize,
         hashed: bool,
     },
+    /// The end of a frame, with what its content must match.
     FrameEnd {
         content_size: Option<u64>,
         checksum: Option<u32>,
@@ -232,18 +230,7 @@ fn decode_item(item: Item, pool: &Pool) -> io::Result<Out> {
             max,
             checksum,
         } => decode_block(buf, len, stored_raw, max, checksum, pool),
-        Item::Decoded { buf, len } => Ok(Out::Content {
-            buf,
-            len,
-            hashed: false,
-        }),
-        Item::FrameEnd {
-            content_size,
-            checksum,
-        } => Ok(Out::FrameEnd {
-            content_size,
-            checksum,
-        }),
+        Item::Ready(out) => Ok(out),
     }
 }
 
@@ -318,10 +305,10 @@ fn read_frames<R: Read>(
                     true => Some(read_u32(&mut r, "content checksum")?),
                     false => None,
                 };
-                if !send(Item::FrameEnd {
+                if !send(Item::Ready(Out::FrameEnd {
                     content_size: desc.content_size,
                     checksum,
-                })? {
+                }))? {
                     return Ok(());
                 }
                 break;
@@ -430,7 +417,12 @@ fn decode_linked<R: Read>(
         if len == 0 {
             return Ok(());
         }
-        if !send(Item::Decoded { buf, len })? {
+        let content = Out::Content {
+            buf,
+            len,
+            hashed: false,
+        };
+        if !send(Item::Ready(content))? {
             return Ok(());
         }
     }

@@ -404,11 +404,28 @@ impl ReplicaClient {
         )
     }
 
-    /// A snapshot's local file, when the replica is a directory on this machine; the caller
-    /// must still check it is not encrypted ([`AGE_MAGIC`]) before reading it directly.
-    pub fn local_snapshot_path(&self, generation: &str, index: u32) -> Option<std::path::PathBuf> {
-        self.store
-            .local_path(&layout::snapshot_key("", generation, index))
+    /// A snapshot as a plain local file, for blocking reads, when the replica is a directory on
+    /// this machine and the snapshot is not encrypted; None when it must be read through
+    /// [`Self::open_snapshot`], which decrypts. Blocking: call it off the async runtime.
+    pub fn local_snapshot_file(
+        &self,
+        generation: &str,
+        index: u32,
+    ) -> Option<io::Result<std::fs::File>> {
+        use std::os::unix::fs::FileExt;
+        let path = self
+            .store
+            .local_path(&layout::snapshot_key("", generation, index))?;
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut head = [0u8; AGE_MAGIC.len()];
+        match file.read_exact_at(&mut head, 0) {
+            Ok(()) if head == AGE_MAGIC => None,
+            Err(e) if e.kind() != io::ErrorKind::UnexpectedEof => Some(Err(e)),
+            _ => Some(Ok(file)),
+        }
     }
 
     pub fn snapshot_key(&self, generation: &str, index: u32) -> String {
