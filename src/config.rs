@@ -106,6 +106,16 @@ pub struct MainConfig {
     pub control_group: Option<String>,
     /// Octal mode of the control socket.
     pub control_mode: String,
+    /// Who may restore over the control socket (the dashboard, scripts).
+    pub control_restore: ControlRestore,
+    /// Directories that restores requested over the control socket may write into (relative
+    /// outputs go into the first). Default: `<state_dir>/restores`.
+    pub restore_dirs: Vec<PathBuf>,
+    /// Also allow socket restores into each database's own directory (never over the database).
+    pub restore_in_db_dir: bool,
+    /// The daemon's state directory. Default: `$STATE_DIRECTORY` (systemd's `StateDirectory=`),
+    /// else `/var/lib/litestreamd`.
+    pub state_dir: PathBuf,
     /// Prometheus `/metrics` listen address (loopback by default); empty disables it.
     pub metrics_addr: String,
     /// Series of a removed database disappear after this long without updates.
@@ -125,12 +135,42 @@ impl Default for MainConfig {
             control_socket: PathBuf::from("/run/litestreamd/control.sock"),
             control_group: None,
             control_mode: "0660".into(),
+            control_restore: ControlRestore::default(),
+            restore_dirs: Vec::new(),
+            restore_in_db_dir: false,
+            state_dir: PathBuf::new(),
             metrics_addr: "127.0.0.1:9093".into(),
             metrics_idle_timeout: Duration::from_secs(120),
             shutdown_timeout: Duration::from_secs(60),
             log: LogConfig::default(),
             defaults: Defaults::default(),
         }
+    }
+}
+
+/// `control_restore`: who may ask the daemon for a restore over the control socket.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlRestore {
+    /// Root and the daemon's own user only.
+    #[default]
+    Privileged,
+    /// Also `control_group` members, for databases whose file they can read themselves, into a
+    /// restore directory they can write.
+    Readers,
+}
+
+impl MainConfig {
+    /// Where socket restores may write: `restore_dirs`, or `<state_dir>/restores`.
+    pub fn restore_dirs(&self) -> Vec<PathBuf> {
+        if self.restore_dirs.is_empty() {
+            vec![self.default_restore_dir()]
+        } else {
+            self.restore_dirs.clone()
+        }
+    }
+    pub fn default_restore_dir(&self) -> PathBuf {
+        self.state_dir.join("restores")
     }
 }
 
@@ -362,8 +402,24 @@ pub fn load_main(path: &Path) -> Result<MainConfig, ConfigError> {
         )
         .extract()
         .map_err(|e| parse_error(path, e))?;
+    let base = path.parent().unwrap_or(Path::new("."));
     if main.dbs_dir.is_relative() {
-        main.dbs_dir = path.parent().unwrap_or(Path::new(".")).join(&main.dbs_dir);
+        main.dbs_dir = base.join(&main.dbs_dir);
+    }
+    if main.state_dir.as_os_str().is_empty() {
+        main.state_dir = std::env::var("STATE_DIRECTORY")
+            .ok()
+            // systemd lists several when the unit has several (StateDirectory=a b).
+            .and_then(|v| v.split(':').next().map(PathBuf::from))
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/litestreamd"));
+    } else if main.state_dir.is_relative() {
+        main.state_dir = base.join(&main.state_dir);
+    }
+    for d in &mut main.restore_dirs {
+        if d.is_relative() {
+            *d = base.join(&*d);
+        }
     }
     Ok(main)
 }
@@ -416,6 +472,10 @@ fn is_main_key(key: &figment::value::UncasedStr) -> bool {
             | "control_socket"
             | "control_group"
             | "control_mode"
+            | "control_restore"
+            | "restore_dirs"
+            | "restore_in_db_dir"
+            | "state_dir"
             | "metrics_addr"
             | "metrics_idle_timeout"
             | "shutdown_timeout"

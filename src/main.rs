@@ -392,6 +392,9 @@ async fn run(config_path: &Path) -> Result<()> {
     let (mut sup, report) = Supervisor::start(config_path, shutdown.clone()).await?;
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<control::server::ReloadRequest>(4);
+    let policy: control::server::SharedPolicy = std::sync::Arc::new(std::sync::RwLock::new(
+        control::server::RestorePolicy::from_config(sup.main_config()),
+    ));
     // The control socket serves status and the dashboard; replication does not depend on it, so
     // a socket that cannot be created is reported and the daemon goes on without it.
     let control_task = if main.control_socket.as_os_str().is_empty() {
@@ -408,11 +411,18 @@ async fn run(config_path: &Path) -> Result<()> {
         {
             let _ = std::fs::create_dir_all(dir);
         }
+        if main.restore_dirs.is_empty() {
+            control::server::ensure_restore_dir(
+                &main.default_restore_dir(),
+                main.control_group.as_deref(),
+            );
+        }
         match control::server::serve(
             &main.control_socket,
             mode,
             main.control_group.as_deref(),
             sup.registry(),
+            policy.clone(),
             reload_tx,
             shutdown.clone(),
         ) {
@@ -440,6 +450,7 @@ async fn run(config_path: &Path) -> Result<()> {
                 info!("reload requested over the control socket");
                 notify::reloading();
                 let r = sup.reload().await;
+                *policy.write().expect("policy") = control::server::RestorePolicy::from_config(sup.main_config());
                 status = sup.summary();
                 notify::ready(&status);
                 let _ = reply.send(r);
@@ -448,6 +459,7 @@ async fn run(config_path: &Path) -> Result<()> {
                 info!("SIGHUP: reloading configuration");
                 notify::reloading();
                 let r = sup.reload().await;
+                *policy.write().expect("policy") = control::server::RestorePolicy::from_config(sup.main_config());
                 info!(added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, unchanged = r.unchanged.len(), errors = r.errors.len(), "reload done");
                 status = sup.summary();
                 if !r.ok() {
@@ -680,9 +692,15 @@ async fn restore_cmd(a: RestoreArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
     } else if let RestoreOutcome::Restored(s) = &outcome {
+        for m in &s.moved_aside {
+            println!(
+                "moved aside {} (a stale file beside the output)",
+                m.display()
+            );
+        }
         println!(
             "restored {} from {} generation {} (snapshot {:08x}, WAL up to {:08x}, {} segments, {} bytes{})",
-            opts.output.display(),
+            s.output.display(),
             s.replica,
             s.generation,
             s.snapshot_index,

@@ -335,26 +335,8 @@ async fn restore_if_missing(spec: &DbSpec) -> Result<(), restore::RestoreError> 
     if spec.path.exists() {
         return Ok(());
     }
-    // A -wal or -shm without its database belongs to the deleted file; SQLite would replay that
-    // WAL over the restored database. Keep it aside rather than delete anything.
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    for suffix in ["-wal", "-shm"] {
-        let mut side = spec.path.as_os_str().to_owned();
-        side.push(suffix);
-        let side = PathBuf::from(side);
-        if side.exists() {
-            let mut aside = side.as_os_str().to_owned();
-            aside.push(format!(".orphaned-{stamp}"));
-            warn!(db = %spec.name, file = %side.display(), "moving aside a {suffix} file whose database is missing");
-            std::fs::rename(&side, &aside).map_err(|source| restore::RestoreError::Io {
-                path: side.clone(),
-                source,
-            })?;
-        }
-    }
+    // A -wal, -shm or -journal without its database belongs to the deleted file: restore moves
+    // it aside before the restored database appears (see `restore::Output`).
     info!(db = %spec.name, path = %spec.path.display(), "database missing; restoring from its replicas before starting");
     let replicas: Vec<restore::NamedReplica> = spec
         .replicas

@@ -185,8 +185,9 @@ fn dashboard_shows_status_and_restores() {
     write(
         &main_cfg,
         &format!(
-            "dbs_dir = \"dbs.d\"\nmetrics_addr = \"\"\ncontrol_socket = \"{}\"\n\n[defaults]\nmonitor_interval = \"100ms\"\nsync_interval = \"100ms\"\n",
-            socket.display()
+            "dbs_dir = \"dbs.d\"\nmetrics_addr = \"\"\ncontrol_socket = \"{}\"\nrestore_dirs = [\"{}\"]\n\n[defaults]\nmonitor_interval = \"100ms\"\nsync_interval = \"100ms\"\n",
+            socket.display(),
+            dir.display()
         ),
     );
     write(
@@ -291,12 +292,12 @@ fn dashboard_shows_status_and_restores() {
     });
     tmux.keys(&["Enter"]);
 
-    // Restore dialog: the default output is a new file beside the database.
+    // Restore dialog: the default output is a new file in the daemon's restore directory.
     tmux.keys(&["r"]);
     let screen = tmux.wait_for("the restore dialog", Duration::from_secs(10), |s| {
         s.contains("restore app")
     });
-    assert!(screen.contains(".restored-"), "{screen}");
+    assert!(screen.contains("app.db.restored-"), "{screen}");
     // replica → generation → restore to → output
     tmux.keys(&["Tab", "Tab", "Tab"]);
     tmux.wait_for("the output field focused", Duration::from_secs(10), |s| {

@@ -89,9 +89,10 @@ async fn round_trip_with_checkpoints_and_point_in_time() {
 
 /// Right after a restore, only the output itself exists: no temporary, -wal or -shm file.
 fn only_output_left(dir: &std::path::Path, name: &str) {
+    // Hidden names too: the restore's private directory and its lock are `.NAME.restore-*`.
     let found: Vec<String> = names(dir)
         .into_iter()
-        .filter(|n| n.starts_with(name))
+        .filter(|n| n.contains(name))
         .collect();
     assert_eq!(
         found,
@@ -204,7 +205,7 @@ async fn corrupted_objects_fail_restore_and_name_the_object() {
         assert!(!out.exists(), "no output file after a failed restore");
         let left: Vec<String> = names(dir.path())
             .into_iter()
-            .filter(|n| n.starts_with("out.db"))
+            .filter(|n| n.contains("out.db"))
             .collect();
         assert!(left.is_empty(), "leftovers after failure: {left:?}");
         std::fs::write(&victim, &good).unwrap();
@@ -417,4 +418,121 @@ async fn a_failing_replica_does_not_hold_back_the_other() {
     let out = dir.path().join("out.db");
     restore_to(&good, &out, |_| {}).await.unwrap();
     assert_eq!(dump(&out), expect);
+}
+
+/// A small tmpfs, unmounted on drop (tests run as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs needs root");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_local_disk_is_blamed_on_the_local_file_not_the_replica() {
+    let (dir, replica, expect) = small_replica().await;
+    let small = dir.path().join("small");
+    let _fs = Tmpfs::mount(&small, "64k");
+    let out = small.join("out.db");
+    let started = std::time::Instant::now();
+    let err = restore_to(&replica, &out, |_| {}).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, RestoreError::Io { .. }), "{msg}");
+    assert!(
+        msg.contains(&*small.to_string_lossy()),
+        "names the local file: {msg}"
+    );
+    assert!(
+        !msg.contains("corrupt") && !msg.contains(".lz4"),
+        "not blamed on a replica object: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a local error is not retried like a network one"
+    );
+    assert!(
+        names(&small).is_empty(),
+        "nothing left: {:?}",
+        names(&small)
+    );
+    // With room, the same restore works.
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_wal_beside_the_output_is_moved_aside_not_replayed() {
+    let (dir, replica, expect) = small_replica().await;
+    // A WAL of the same database with a row the replica never had: what a deleted app.db
+    // leaves behind as app.db-wal.
+    let old = dir.path().join("old.db");
+    restore_to(&replica, &old, |_| {}).await.unwrap();
+    let stale_wal = {
+        let c = rusqlite::Connection::open(&old).unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute("INSERT INTO t (id, v) VALUES (999999, x'5354414c45')", [])
+            .unwrap();
+        let wal = std::fs::read(dir.path().join("old.db-wal")).unwrap();
+        assert!(wal.len() > 32, "the stale row is in the WAL");
+        wal
+    };
+    let out = dir.path().join("out.db");
+    std::fs::write(dir.path().join("out.db-wal"), &stale_wal).unwrap();
+    std::fs::write(dir.path().join("out.db-journal"), b"stale journal").unwrap();
+    let res = restore_to(&replica, &out, |_| {}).await.unwrap();
+    let RestoreOutcome::Restored(s) = res else {
+        panic!("{res:?}")
+    };
+    assert_eq!(s.moved_aside.len(), 2, "{:?}", s.moved_aside);
+    assert!(!dir.path().join("out.db-wal").exists());
+    assert_eq!(std::fs::read(&s.moved_aside[0]).unwrap(), stale_wal);
+    assert_eq!(dump(&out), expect, "the stale row was not replayed");
+    assert_eq!(integrity(&out), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_restores_to_one_output_never_mix() {
+    let (dir, replica, expect) = small_replica().await;
+    let out = dir.path().join("both.db");
+    let (mut busy, mut exists) = (0, 0);
+    for _ in 0..20 {
+        for s in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{s}", out.display()));
+        }
+        let (a, b) = tokio::join!(
+            restore_to(&replica, &out, |_| {}),
+            restore_to(&replica, &out, |_| {})
+        );
+        let oks = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 1, "exactly one restore wins: {a:?} {b:?}");
+        for r in [a, b] {
+            match r {
+                Ok(_) => {}
+                Err(RestoreError::OutputBusy(_)) => busy += 1,
+                Err(RestoreError::OutputExists(_)) => exists += 1,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+        only_output_left(dir.path(), "both.db");
+        assert_eq!(dump(&out), expect);
+    }
+    assert!(
+        busy > 0,
+        "the restores overlapped at least once ({exists} were late)"
+    );
 }

@@ -568,8 +568,9 @@ fn control_socket_protocol() {
     let main = write_main(
         d,
         &format!(
-            "control_socket = \"{}\"\ncontrol_mode = \"0666\"\ncontrol_group = \"daemon\"\n",
-            sock.display()
+            "control_socket = \"{}\"\ncontrol_mode = \"0666\"\ncontrol_group = \"daemon\"\nrestore_dirs = [\"{}\"]\n",
+            sock.display(),
+            d.display()
         ),
     );
     let replica = d.join("replica");
@@ -765,4 +766,484 @@ fn control_socket_protocol() {
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
     assert!(!sock.exists(), "socket removed at exit");
+}
+
+/// An unprivileged user and its own group, created for one test and removed when dropped.
+struct TestUser {
+    name: String,
+    group: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl TestUser {
+    fn create(tag: &str) -> TestUser {
+        let name = format!("ltd{tag}{}", std::process::id() % 100_000);
+        let group = format!("{name}g");
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("userdel").arg(&name).output();
+        let _ = Command::new("groupdel").arg(&group).output();
+        run(&["groupadd", &group]);
+        run(&[
+            "useradd",
+            "-M",
+            "-N",
+            "-g",
+            &group,
+            "-s",
+            "/usr/sbin/nologin",
+            &name,
+        ]);
+        let id = |flag: &str| -> u32 {
+            let out = Command::new("id").args([flag, &name]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        };
+        TestUser {
+            uid: id("-u"),
+            gid: id("-g"),
+            name,
+            group,
+        }
+    }
+
+    /// A command run as this user (with the groups of the group database).
+    fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={}", self.uid),
+            &format!("--regid={}", self.gid),
+            "--init-groups",
+            "--",
+            program,
+        ]);
+        c
+    }
+
+    /// One request over the control socket as this user: every line until the final reply.
+    fn request(&self, sock: &Path, req: &str) -> Vec<serde_json::Value> {
+        let out = self
+            .cmd("/usr/bin/perl")
+            .args([
+                "-MIO::Socket::UNIX",
+                "-e",
+                r#"$SIG{PIPE} = q(IGNORE); my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die qq(connect: $!\n); print $s $ARGV[1] . qq(\n); while (my $l = <$s>) { print $l; last if $l =~ /"type":"(ok|error)"/; }"#,
+            ])
+            .arg(sock)
+            .arg(req)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client as {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
+        let _ = Command::new("groupdel").arg(&self.group).output();
+    }
+}
+
+fn restore_req(db: &str, output: &str) -> String {
+    serde_json::json!({"v": 1, "id": 1, "cmd": "restore", "db": db, "output": output}).to_string()
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The threat model of `docs/operations.md`, tried by a control-group member against a daemon
+/// running as root: no write outside the restore directories, nothing through a planted
+/// symlink, no copy of a database they cannot read, and every refusal a clear error.
+#[test]
+fn control_group_members_cannot_write_or_read_files_as_the_daemon() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    chmod(d, 0o755);
+    let user = TestUser::create("r");
+    let restores = d.join("restores");
+    let read_only = d.join("restores-ro");
+    std::fs::create_dir(&restores).unwrap();
+    std::fs::create_dir(&read_only).unwrap();
+    // As the daemon creates its default restore directory: sticky, writable by the group.
+    nix::unistd::chown(&restores, None, Some(nix::unistd::Gid::from_raw(user.gid))).unwrap();
+    chmod(&restores, 0o1770);
+    chmod(&read_only, 0o755);
+    let private = d.join("private");
+    std::fs::create_dir(&private).unwrap();
+    chmod(&private, 0o700);
+    let root_only = d.join("root-only");
+    std::fs::write(&root_only, b"precious").unwrap();
+    chmod(&root_only, 0o600);
+
+    let sock = d.join("control.sock");
+    let settings = |restore: &str| {
+        format!(
+            "control_socket = \"{}\"\ncontrol_group = \"{}\"\ncontrol_restore = \"{restore}\"\nrestore_dirs = [\"{}\", \"{}\"]\n",
+            sock.display(),
+            user.group,
+            restores.display(),
+            read_only.display()
+        )
+    };
+    let main = write_main(d, &settings("readers"));
+    // Three databases: world-readable, readable by the user's group, root only.
+    for (name, mode, group) in [
+        ("open", 0o644, None),
+        ("shared", 0o640, Some(user.gid)),
+        ("secret", 0o600, None),
+    ] {
+        let db = d.join(format!("{name}.db"));
+        let app = app_conn(&db);
+        insert(&app, 20);
+        drop(app);
+        chmod(&db, mode);
+        if let Some(g) = group {
+            nix::unistd::chown(&db, None, Some(nix::unistd::Gid::from_raw(g))).unwrap();
+        }
+        std::fs::write(
+            d.join(format!("dbs.d/{name}.toml")),
+            db_file(d, name, &d.join(format!("replica-{name}"))),
+        )
+        .unwrap();
+    }
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    for name in ["open", "shared", "secret"] {
+        wait_replica_rows(&d.join(format!("replica-{name}")), d, 20);
+    }
+    let last = |r: &[serde_json::Value]| r.last().cloned().unwrap();
+    let refused = |req: String, code: &str, words: &str| {
+        let r = last(&user.request(&sock, &req));
+        assert_eq!(r["type"], "error", "{req} was accepted: {r}");
+        assert_eq!(r["code"], code, "{r}");
+        let m = r["message"].as_str().unwrap();
+        assert!(m.contains(words), "unclear refusal for {req}: {m}");
+    };
+
+    // A database the user can read: restored, owned by them, never broader than the source.
+    // Symlinks planted at the names older versions used for scratch files change nothing.
+    for n in [
+        "open-copy.db.tmp",
+        "open-copy.db.tmp-pages-wal",
+        "open-copy.db-journal",
+    ] {
+        let st = user
+            .cmd("ln")
+            .arg("-s")
+            .arg(&root_only)
+            .arg(restores.join(n))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let out = restores.join("open-copy.db");
+    let r = last(&user.request(&sock, &restore_req("open", &out.to_string_lossy())));
+    assert_eq!(r["type"], "ok", "{r}");
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (user.uid, 0o644));
+    assert_eq!(dump(&out), dump(&d.join("open.db")));
+    assert_eq!(std::fs::read(&root_only).unwrap(), b"precious");
+    let st = user
+        .cmd("cat")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "the user reads their restore");
+    // Group-readable source: the copy keeps the group and its bits.
+    let out = restores.join("shared-copy.db");
+    let r = last(&user.request(&sock, &restore_req("shared", &out.to_string_lossy())));
+    assert_eq!(r["type"], "ok", "{r}");
+    let m = std::fs::metadata(&out).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o777),
+        (user.uid, user.gid, 0o640)
+    );
+    // A relative output goes into the first restore directory.
+    let r = last(&user.request(&sock, &restore_req("open", "rel.db")));
+    assert_eq!(r["type"], "ok", "{r}");
+    assert!(restores.join("rel.db").exists());
+
+    // A database the user cannot read: no copy, readable or not.
+    refused(
+        restore_req("secret", &restores.join("secret-copy.db").to_string_lossy()),
+        "access_denied",
+        "may not read",
+    );
+    assert!(!restores.join("secret-copy.db").exists());
+    // Outside the restore directories, however it is spelled.
+    for (out, never) in [
+        (
+            "/etc/ltd-test-x.db".to_string(),
+            PathBuf::from("/etc/ltd-test-x.db"),
+        ),
+        (
+            "/etc/../etc/ltd-test-y.db".into(),
+            PathBuf::from("/etc/ltd-test-y.db"),
+        ),
+        (
+            format!("{}/../escape.db", restores.display()),
+            d.join("escape.db"),
+        ),
+        (
+            private.join("p.db").to_string_lossy().into(),
+            private.join("p.db"),
+        ),
+    ] {
+        refused(
+            restore_req("open", &out),
+            "access_denied",
+            "not a restore directory",
+        );
+        assert!(!never.exists(), "{} appeared", never.display());
+    }
+    // A directory link planted inside the restore directory leads outside it.
+    let st = user
+        .cmd("ln")
+        .arg("-s")
+        .arg(&private)
+        .arg(restores.join("evil"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    refused(
+        restore_req("open", &restores.join("evil/z.db").to_string_lossy()),
+        "access_denied",
+        "not a restore directory",
+    );
+    assert!(!private.join("z.db").exists());
+    // An allowed directory the user cannot write themselves.
+    refused(
+        restore_req("open", &read_only.join("x.db").to_string_lossy()),
+        "access_denied",
+        "may not create files",
+    );
+    assert!(!read_only.join("x.db").exists());
+    // Links planted at the output itself and at its lock: refused, never followed.
+    for (name, planted, words) in [
+        ("v.db", "v.db", "exists"),
+        ("w.db", ".w.db.restore-lock", "symbolic link"),
+    ] {
+        let st = user
+            .cmd("ln")
+            .arg("-s")
+            .arg(&root_only)
+            .arg(restores.join(planted))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let r = last(&user.request(
+            &sock,
+            &restore_req("open", &restores.join(name).to_string_lossy()),
+        ));
+        assert_eq!(r["type"], "error", "{r}");
+        assert!(r["message"].as_str().unwrap().contains(words), "{r}");
+    }
+    assert_eq!(std::fs::read(&root_only).unwrap(), b"precious");
+    assert_eq!(std::fs::metadata(&root_only).unwrap().mode() & 0o777, 0o600);
+    // Bad requests get a reply: an empty output, a line that is not UTF-8.
+    refused(restore_req("open", ""), "bad_request", "no path");
+    let r = raw(
+        &sock,
+        b"\xff\xfe{\n{\"v\":1,\"id\":3,\"cmd\":\"status\"}\n",
+        2,
+    );
+    assert_eq!(r[0]["code"], "bad_request", "{r:?}");
+    assert!(r[0]["message"].as_str().unwrap().contains("UTF-8"), "{r:?}");
+    assert_eq!(r[1]["type"], "ok", "the connection goes on: {r:?}");
+
+    // The default: members may not restore at all (the policy follows a reload).
+    std::fs::write(
+        &main,
+        std::fs::read_to_string(&main)
+            .unwrap()
+            .replace("\"readers\"", "\"privileged\""),
+    )
+    .unwrap();
+    send_signal(&daemon.child, SIGHUP);
+    daemon.expect("READY=1");
+    refused(
+        restore_req("open", &restores.join("later.db").to_string_lossy()),
+        "access_denied",
+        "control_restore",
+    );
+    assert!(!restores.join("later.db").exists());
+    assert!(
+        daemon
+            .log()
+            .contains("restore over the control socket refused")
+    );
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+}
+
+/// Two restores to one output at once, one from the CLI and one over the socket (and two over
+/// the socket): never both succeed, and a success always holds the source's content.
+#[test]
+fn restores_to_one_output_are_exclusive_and_never_replay_a_stale_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("control.sock");
+    let restores = d.join("restores");
+    std::fs::create_dir(&restores).unwrap();
+    let main = write_main(
+        d,
+        &format!(
+            "control_socket = \"{}\"\nrestore_dirs = [\"{}\"]\n",
+            sock.display(),
+            restores.display()
+        ),
+    );
+    let replica = d.join("replica");
+    std::fs::write(d.join("dbs.d/app.toml"), db_file(d, "app", &replica)).unwrap();
+    let app = app_conn(&d.join("app.db"));
+    for _ in 0..40 {
+        app.execute("INSERT INTO t (v) VALUES (randomblob(50000))", [])
+            .unwrap();
+    }
+    let expect = dump_conn(&app);
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    wait_replica_rows(&replica, d, expect.len());
+
+    let out = restores.join("c.db");
+    let (mut busy, mut late) = (0, 0);
+    for trial in 0..50 {
+        // The previous trial's check opened the output with SQLite: its -wal/-shm go too.
+        for s in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{s}", out.display()));
+        }
+        let cli = {
+            let out = out.clone();
+            let main = main.clone();
+            std::thread::spawn(move || {
+                Command::new(BIN)
+                    .args(["restore", "--config"])
+                    .arg(&main)
+                    .arg("-o")
+                    .arg(&out)
+                    .arg("app")
+                    .output()
+                    .unwrap()
+            })
+        };
+        let sockets: Vec<_> = (0..2)
+            .map(|_| {
+                let (sock, req) = (sock.clone(), restore_req("app", &out.to_string_lossy()));
+                std::thread::spawn(move || raw(&sock, format!("{req}\n").as_bytes(), 1))
+            })
+            .collect();
+        let cli = cli.join().unwrap();
+        let mut wins = usize::from(cli.status.success());
+        let cli_err = String::from_utf8_lossy(&cli.stderr).into_owned();
+        if !cli.status.success() {
+            if cli_err.contains("another restore is writing") {
+                busy += 1;
+            } else {
+                assert!(
+                    cli_err.contains("already exists"),
+                    "trial {trial}: {cli_err}"
+                );
+                late += 1;
+            }
+        }
+        for s in sockets {
+            let r = s.join().unwrap();
+            let r = r.last().unwrap();
+            if r["type"] == "ok" {
+                wins += 1;
+            } else {
+                let m = r["message"].as_str().unwrap();
+                if m.contains("another restore is writing") {
+                    busy += 1;
+                } else {
+                    assert!(m.contains("already exists"), "trial {trial}: {r}");
+                    late += 1;
+                }
+            }
+        }
+        assert_eq!(wins, 1, "trial {trial}: exactly one restore wins");
+        assert_eq!(dump(&out), expect, "trial {trial}");
+    }
+    eprintln!("50 trials: {busy} refused while another restore ran, {late} after it finished");
+    assert!(
+        busy > 0,
+        "restores overlapped ({late} came after the winner)"
+    );
+    let leftovers: Vec<String> = names(&restores)
+        .into_iter()
+        .filter(|n| !n.starts_with("c.db"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A stale -wal (and -shm) beside the output: moved aside by every entry point, never
+    // replayed over the restored database.
+    let stale = {
+        let old = d.join("old.db");
+        let r = Command::new(BIN)
+            .args(["restore", "--config"])
+            .arg(&main)
+            .arg("-o")
+            .arg(&old)
+            .arg("app")
+            .output()
+            .unwrap();
+        assert!(r.status.success());
+        let c = rusqlite::Connection::open(&old).unwrap();
+        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        c.execute("DELETE FROM t", []).unwrap();
+        std::fs::read(d.join("old.db-wal")).unwrap()
+    };
+    for (how, out) in [("cli", d.join("s1.db")), ("socket", restores.join("s2.db"))] {
+        let mut side = out.as_os_str().to_owned();
+        side.push("-wal");
+        std::fs::write(&side, &stale).unwrap();
+        if how == "cli" {
+            let r = Command::new(BIN)
+                .args(["restore", "--config"])
+                .arg(&main)
+                .arg("-o")
+                .arg(&out)
+                .arg("app")
+                .output()
+                .unwrap();
+            assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+            assert!(String::from_utf8_lossy(&r.stdout).contains("moved aside"));
+        } else {
+            let r = raw(
+                &sock,
+                format!("{}\n", restore_req("app", &out.to_string_lossy())).as_bytes(),
+                1,
+            );
+            let r = r.last().unwrap();
+            assert_eq!(r["type"], "ok", "{r}");
+            assert_eq!(
+                r["result"]["moved_aside"].as_array().unwrap().len(),
+                1,
+                "{r}"
+            );
+        }
+        assert!(!Path::new(&side).exists(), "{how}: the stale WAL was moved");
+        assert_eq!(dump(&out), expect, "{how}: the stale WAL was not replayed");
+    }
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
 }

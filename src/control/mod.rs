@@ -2,5 +2,6 @@
 //! `litestreamd status`, the dashboard and tests use.
 
 pub mod client;
+pub mod peer;
 pub mod protocol;
 pub mod server;

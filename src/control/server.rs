@@ -17,15 +17,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::peer::{Peer, Want};
 use super::protocol::{
     Body, Command, DbDetail, ErrorCode, GenerationDetail, MAX_LINE, ReplicaDetail, Request,
     Response, RestoreRequest, VERSION,
 };
-use crate::restore::{self, RestoreOptions, RestoreOutcome};
+use crate::restore::{self, Output, Ownership, RestoreOptions, RestoreOutcome};
 use crate::supervisor::ReloadReport;
 use crate::worker::{DbSpec, DbStatus, WorkerHandle};
 
@@ -64,26 +65,39 @@ struct Access {
 }
 
 impl Access {
-    fn allows(&self, uid: u32, gid: u32) -> bool {
-        if uid == 0 || uid == self.uid {
-            return true;
-        }
-        let Some(want) = self.gid else { return false };
-        if gid == want {
-            return true;
-        }
-        // Supplementary groups of the peer's user.
-        let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
-            return false;
-        };
-        let Ok(name) = std::ffi::CString::new(user.name) else {
-            return false;
-        };
-        nix::unistd::getgrouplist(&name, user.gid)
-            .map(|gs| gs.iter().any(|g| g.as_raw() == want))
-            .unwrap_or(false)
+    fn allows(&self, peer: &Peer) -> bool {
+        peer.uid == 0 || peer.uid == self.uid || self.gid.is_some_and(|g| peer.in_group(g))
+    }
+    /// Root and the daemon's own user: they can read and write whatever the daemon can.
+    fn privileged(&self, peer: &Peer) -> bool {
+        peer.uid == 0 || peer.uid == self.uid
     }
 }
+
+/// Where and for whom restores requested over the socket may write (see the threat model in
+/// `docs/operations.md`). Kept current by the daemon across reloads.
+#[derive(Debug, Clone, Default)]
+pub struct RestorePolicy {
+    /// Allowed directories; a relative output goes into the first.
+    pub dirs: Vec<PathBuf>,
+    /// Also each database's own directory (never over the database itself).
+    pub in_db_dir: bool,
+    /// `control_group` members may restore (databases they can read, into directories they
+    /// can write); otherwise only root and the daemon's user.
+    pub members: bool,
+}
+
+impl RestorePolicy {
+    pub fn from_config(main: &crate::config::MainConfig) -> Self {
+        RestorePolicy {
+            dirs: main.restore_dirs(),
+            in_db_dir: main.restore_in_db_dir,
+            members: main.control_restore == crate::config::ControlRestore::Readers,
+        }
+    }
+}
+
+pub type SharedPolicy = Arc<RwLock<RestorePolicy>>;
 
 /// Binds the socket (mode `mode`, group `group`) and serves it until `shutdown`.
 pub fn serve(
@@ -91,6 +105,7 @@ pub fn serve(
     mode: u32,
     group: Option<&str>,
     registry: Registry,
+    policy: SharedPolicy,
     reload: mpsc::Sender<ReloadRequest>,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ControlError> {
@@ -138,8 +153,9 @@ pub fn serve(
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let (registry, reload, access, shutdown) = (registry.clone(), reload.clone(), access.clone(), shutdown.clone());
-                        tokio::spawn(async move { connection(stream, access, registry, reload, shutdown).await });
+                        let ctx = Ctx { access: access.clone(), registry: registry.clone(), policy: policy.clone(), reload: reload.clone() };
+                        let shutdown = shutdown.clone();
+                        tokio::spawn(async move { connection(stream, ctx, shutdown).await });
                     }
                     Err(e) => {
                         warn!(error = %e, "control socket accept failed");
@@ -152,14 +168,17 @@ pub fn serve(
     }))
 }
 
-async fn connection(
-    stream: UnixStream,
+/// What every request of a connection can reach.
+#[derive(Clone)]
+struct Ctx {
     access: Access,
     registry: Registry,
+    policy: SharedPolicy,
     reload: mpsc::Sender<ReloadRequest>,
-    shutdown: CancellationToken,
-) {
-    let cred = match stream.peer_cred() {
+}
+
+async fn connection(stream: UnixStream, ctx: Ctx, shutdown: CancellationToken) {
+    let peer = match Peer::of(&stream) {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "cannot read control peer credentials; closing");
@@ -167,8 +186,8 @@ async fn connection(
         }
     };
     let (r, mut w) = stream.into_split();
-    if !access.allows(cred.uid(), cred.gid()) {
-        warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "control connection refused: not root, the daemon's user, or in control_group");
+    if !ctx.access.allows(&peer) {
+        warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "control connection refused: not root, the daemon's user, or in control_group");
         let _ = write_line(
             &mut w,
             &Response::error(0, ErrorCode::AccessDenied, "access denied"),
@@ -176,7 +195,7 @@ async fn connection(
         .await;
         return;
     }
-    debug!(uid = cred.uid(), pid = ?cred.pid(), "control connection");
+    debug!(uid = peer.uid, pid = ?peer.pid, "control connection");
     let (tx, mut rx) = mpsc::channel::<Response>(64);
     let writer = tokio::spawn(async move {
         while let Some(resp) = rx.recv().await {
@@ -187,9 +206,15 @@ async fn connection(
             }
         }
     });
-    let mut lines = FramedRead::new(r, LinesCodec::new_with_max_length(MAX_LINE));
+    // Lines are framed as bytes and decoded here, so a line that is not UTF-8 gets an error
+    // reply like any other bad request instead of ending the connection.
+    let mut lines = FramedRead::new(
+        r,
+        AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE),
+    );
     let mut tasks = JoinSet::new();
     let subscriptions = shutdown.child_token();
+    let peer = Arc::new(peer);
     loop {
         let line = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -197,7 +222,7 @@ async fn connection(
         };
         match line {
             None => break, // the client closed (or half-closed) its side
-            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+            Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
                 let _ = tx
                     .send(Response::error(
                         0,
@@ -207,25 +232,35 @@ async fn connection(
                     .await;
                 break;
             }
-            Some(Err(LinesCodecError::Io(e))) => {
+            Some(Err(AnyDelimiterCodecError::Io(e))) => {
                 debug!(error = %e, "control connection read error");
                 break;
             }
-            Some(Ok(line)) if line.trim().is_empty() => {}
-            Some(Ok(line)) => match parse(&line) {
-                Ok(req) => {
-                    let (tx, registry, reload, subs) = (
-                        tx.clone(),
-                        registry.clone(),
-                        reload.clone(),
-                        subscriptions.clone(),
-                    );
-                    tasks.spawn(async move { handle(req, tx, registry, reload, subs).await });
+            Some(Ok(bytes)) => {
+                let Ok(line) = std::str::from_utf8(&bytes) else {
+                    let _ = tx
+                        .send(Response::error(
+                            0,
+                            ErrorCode::BadRequest,
+                            "request is not valid UTF-8",
+                        ))
+                        .await;
+                    continue;
+                };
+                if line.trim().is_empty() {
+                    continue;
                 }
-                Err(resp) => {
-                    let _ = tx.send(resp).await;
+                match parse(line) {
+                    Ok(req) => {
+                        let (tx, ctx, subs, peer) =
+                            (tx.clone(), ctx.clone(), subscriptions.clone(), peer.clone());
+                        tasks.spawn(async move { handle(req, tx, ctx, &peer, subs).await });
+                    }
+                    Err(resp) => {
+                        let _ = tx.send(resp).await;
+                    }
                 }
-            },
+            }
         }
     }
     // Input is over: stop pushing status, finish what was asked (a restore), then close.
@@ -310,27 +345,35 @@ fn statuses(registry: &Registry) -> Vec<DbStatus> {
 async fn handle(
     req: Request,
     tx: mpsc::Sender<Response>,
-    registry: Registry,
-    reload: mpsc::Sender<ReloadRequest>,
+    ctx: Ctx,
+    peer: &Peer,
     subs: CancellationToken,
 ) {
+    let (registry, reload) = (&ctx.registry, &ctx.reload);
     let id = req.id;
+    if !matches!(
+        req.cmd,
+        Command::Status | Command::Detail { .. } | Command::Subscribe
+    ) {
+        // Every request that changes something is logged with who asked.
+        info!(uid = peer.uid, pid = ?peer.pid, request = ?req.cmd, "control request");
+    }
     let not_found =
         |db: &str| Response::error(id, ErrorCode::NotFound, format!("no database named {db:?}"));
     let resp = match req.cmd {
-        Command::Status => Response::ok(id, statuses(&registry)),
-        Command::Detail { db } => match entry(&registry, &db) {
+        Command::Status => Response::ok(id, statuses(registry)),
+        Command::Detail { db } => match entry(registry, &db) {
             Some(e) => Response::ok(id, detail(&e).await),
             None => not_found(&db),
         },
-        Command::Snapshot { db } => match entry(&registry, &db) {
+        Command::Snapshot { db } => match entry(registry, &db) {
             Some(e) => match e.handle.snapshot_now().await {
                 Ok(()) => Response::ok(id, "snapshot written"),
                 Err(m) => Response::error(id, ErrorCode::Failed, m),
             },
             None => not_found(&db),
         },
-        Command::Sync { db } => match entry(&registry, &db) {
+        Command::Sync { db } => match entry(registry, &db) {
             Some(e) => match e.handle.sync_now().await {
                 Ok(pos) => Response::ok(id, pos),
                 Err(m) => Response::error(id, ErrorCode::Failed, m),
@@ -347,12 +390,12 @@ async fn handle(
                 Err(_) => Response::error(id, ErrorCode::Failed, "the daemon is shutting down"),
             }
         }
-        Command::Restore(r) => match entry(&registry, &r.db) {
-            Some(e) => run_restore(id, e, r, &tx).await,
+        Command::Restore(r) => match entry(registry, &r.db) {
+            Some(e) => run_restore(id, e, r, &tx, &ctx, peer).await,
             None => not_found(&r.db),
         },
         Command::Subscribe => {
-            subscribe(id, &registry, &tx, subs).await;
+            subscribe(id, registry, &tx, subs).await;
             return;
         }
     };
@@ -406,24 +449,127 @@ async fn run_restore(
     e: DbEntry,
     r: RestoreRequest,
     tx: &mpsc::Sender<Response>,
+    ctx: &Ctx,
+    peer: &Peer,
 ) -> Response {
+    let policy = ctx.policy.read().expect("policy").clone();
+    let privileged = ctx.access.privileged(peer);
+    let denied = |m: String| {
+        warn!(uid = peer.uid, pid = ?peer.pid, db = %r.db, output = %r.output.display(), reason = %m, "restore over the control socket refused");
+        Response::error(id, ErrorCode::AccessDenied, m)
+    };
+    if !privileged && !policy.members {
+        return denied(format!(
+            "uid {}: restores over the control socket are for root and the daemon's user (control_restore = \"privileged\"); run `litestreamd restore` yourself, or ask the operator",
+            peer.uid
+        ));
+    }
+    if r.output.as_os_str().is_empty() {
+        return Response::error(id, ErrorCode::BadRequest, "output: no path given");
+    }
+    let Some(first_dir) = policy.dirs.first().cloned() else {
+        return denied("no restore directory is configured (restore_dirs)".into());
+    };
+    // A relative output goes into the first restore directory.
+    let wanted = if r.output.is_absolute() {
+        r.output.clone()
+    } else {
+        first_dir.join(&r.output)
+    };
+    // Opened only (nothing is created) until the checks below pass.
+    let w = wanted.clone();
+    let mut output = match tokio::task::spawn_blocking(move || Output::open(&w))
+        .await
+        .expect("output task")
+    {
+        Ok(o) => o,
+        Err(err) => return Response::error(id, ErrorCode::Failed, err.to_string()),
+    };
+    // Where the output really is: its directory's handle, after every symlink and `..` on the
+    // way (the last component is never followed: it must not exist at all).
     let live = std::fs::canonicalize(&e.spec.path).unwrap_or_else(|_| e.spec.path.clone());
-    let out = std::path::absolute(&r.output).unwrap_or_else(|_| r.output.clone());
-    let out_canon = out
-        .parent()
-        .and_then(|p| std::fs::canonicalize(p).ok())
-        .map(|p| p.join(out.file_name().unwrap_or_default()));
-    if out == e.spec.path || out_canon.as_ref() == Some(&live) {
+    let mut allowed: Vec<PathBuf> = policy
+        .dirs
+        .iter()
+        .filter_map(|d| std::fs::canonicalize(d).ok())
+        .collect();
+    if policy.in_db_dir
+        && let Some(parent) = live.parent()
+    {
+        allowed.push(parent.to_path_buf());
+    }
+    if !allowed.iter().any(|a| output.dir().starts_with(a)) {
+        return denied(format!(
+            "{}: the output resolves into {}, which is not a restore directory (allowed: {})",
+            wanted.display(),
+            output.dir().display(),
+            if allowed.is_empty() {
+                "none exists".to_string()
+            } else {
+                allowed
+                    .iter()
+                    .map(|a| a.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+    }
+    let out = output.final_path();
+    let live_name = live.as_os_str().to_string_lossy().into_owned();
+    if ["", "-wal", "-shm", "-journal"]
+        .iter()
+        .any(|s| out.as_os_str().to_string_lossy() == format!("{live_name}{s}"))
+    {
         return Response::error(
             id,
             ErrorCode::Failed,
             "refusing to restore over the live database; choose another output path",
         );
     }
+    let source = std::fs::metadata(&live).ok();
+    if !privileged {
+        // The peer gets nothing they could not have on their own: they must be able to create
+        // files in the output's directory and to read the database being restored.
+        if let Err(m) = peer.check(output.dir(), Want::WriteDir) {
+            return denied(m);
+        }
+        if source.is_none() {
+            return denied(format!(
+                "{}: the database file does not exist, so there is no way to check that uid {} may read it; ask root or the daemon's user to restore it",
+                live.display(),
+                peer.uid
+            ));
+        }
+        if let Err(m) = peer.check(&live, Want::Read) {
+            return denied(m);
+        }
+    }
+    if let Err(err) = output.lock() {
+        return Response::error(id, ErrorCode::Failed, err.to_string());
+    }
+    // Never broader than the source: its permission bits and group; the requester as owner
+    // (when the daemon may give files away, i.e. runs as root).
+    let uid = (nix::unistd::geteuid().is_root()).then_some(peer.uid);
+    let ownership = match &source {
+        Some(m) => {
+            use std::os::unix::fs::MetadataExt;
+            Ownership {
+                uid,
+                gid: Some(m.gid()),
+                mode: m.mode() & 0o666,
+            }
+        }
+        None => Ownership {
+            uid,
+            gid: None,
+            mode: 0o600,
+        },
+    };
     let mut opts = RestoreOptions::new(&out);
     opts.generation = r.generation;
     opts.index = r.index;
     opts.integrity_check = r.integrity_check;
+    opts.ownership = Some(ownership);
     if let Some(ts) = &r.timestamp {
         match humantime::parse_rfc3339_weak(ts) {
             Ok(t) => opts.timestamp = Some(t),
@@ -465,13 +611,41 @@ async fn run_restore(
             ),
         );
     }
-    info!(db = %r.db, output = %out.display(), "restore requested over the control socket");
+    info!(db = %r.db, output = %out.display(), uid = peer.uid, pid = ?peer.pid, "restore requested over the control socket");
     // Restore runs in its own task (its heavy parts in spawn_blocking): replication goes on.
-    match tokio::spawn(async move { restore::restore(&replicas, &opts).await }).await {
+    match tokio::spawn(async move { restore::restore_to(&replicas, &opts, output).await }).await {
         Ok(Ok(RestoreOutcome::Restored(s))) => Response::ok(id, s),
         Ok(Ok(other)) => Response::error(id, ErrorCode::Failed, format!("{other:?}")),
         Ok(Err(err)) => Response::error(id, ErrorCode::Failed, err.to_string()),
         Err(err) => Response::error(id, ErrorCode::Failed, format!("restore task failed: {err}")),
+    }
+}
+
+/// Creates the default restore directory if it is missing: sticky and writable by the control
+/// group (like /tmp, for that group only), so members can remove the restores they own and
+/// nobody can rename or remove anyone else's. Failures are logged; restores then fail with a
+/// clear error when they need it.
+pub fn ensure_restore_dir(dir: &Path, group: Option<&str>) {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() {
+        return;
+    }
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)
+        .and_then(|()| {
+            if let Some(g) = group.and_then(|g| nix::unistd::Group::from_name(g).ok().flatten()) {
+                nix::unistd::chown(dir, None, Some(g.gid)).map_err(io::Error::from)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770))?;
+            }
+            Ok(())
+        });
+    match made {
+        Ok(()) => info!(dir = %dir.display(), "created the restore directory"),
+        Err(e) => {
+            debug!(dir = %dir.display(), error = %e, "cannot create the restore directory")
+        }
     }
 }
 

@@ -102,7 +102,6 @@ pub async fn run(socket: PathBuf) -> Result<(), TuiError> {
     if !io::stdout().is_terminal() || !io::stdin().is_terminal() {
         return Err(TuiError::NotATerminal);
     }
-    let cwd = std::env::current_dir()?;
     let (mut terminal, _guard) = setup_terminal()?;
 
     let (msg_tx, mut msg_rx) = unbounded_channel::<Msg>();
@@ -117,7 +116,7 @@ pub async fn run(socket: PathBuf) -> Result<(), TuiError> {
             .spawn(move || read_input(key_tx, stop))?
     };
 
-    let mut state = State::new(socket.clone(), cwd, SystemTime::now());
+    let mut state = State::new(socket.clone(), SystemTime::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = true;

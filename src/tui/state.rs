@@ -377,9 +377,9 @@ impl RestoreDialog {
         self.generation = keep.and_then(|k| self.generations.iter().position(|g| *g == k));
     }
 
-    /// The request the dialog describes, or why it is not valid. `cwd` resolves a relative
-    /// output path (the daemon has its own working directory, so it always gets an absolute one).
-    pub fn request(&self, cwd: &Path) -> Result<RestoreRequest, String> {
+    /// The request the dialog describes, or why it is not valid. A relative output path is
+    /// sent as it is: the daemon puts it in its restore directory.
+    pub fn request(&self) -> Result<RestoreRequest, String> {
         let (mut index, mut timestamp) = (None, None);
         match self.target {
             Target::Latest => {}
@@ -405,7 +405,7 @@ impl RestoreDialog {
                 index = Some(v);
             }
         }
-        let output = resolve_output(&self.output, cwd)?;
+        let output = resolve_output(&self.output)?;
         check_not_live(&output, &self.live_path)?;
         Ok(RestoreRequest {
             db: self.db.clone(),
@@ -431,9 +431,11 @@ pub fn file_stamp(t: SystemTime) -> String {
         .collect()
 }
 
-/// The default restore output: a new file beside the database, `<db path>.restored-<time>.db`.
+/// The default restore output: a new file `<db name>.restored-<time>.db` in the daemon's restore
+/// directory (a relative output goes there; restores over the socket write only into the
+/// directories the operator allowed).
 pub fn default_output(live: &Path, now: SystemTime) -> PathBuf {
-    let mut s = live.as_os_str().to_os_string();
+    let mut s = live.file_name().unwrap_or_default().to_os_string();
     s.push(format!(".restored-{}.db", file_stamp(now)));
     PathBuf::from(s)
 }
@@ -455,7 +457,7 @@ pub fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-fn resolve_output(text: &str, cwd: &Path) -> Result<PathBuf, String> {
+fn resolve_output(text: &str) -> Result<PathBuf, String> {
     let t = text.trim();
     if t.is_empty() {
         return Err("enter an output path for the restored database".into());
@@ -464,12 +466,12 @@ fn resolve_output(text: &str, cwd: &Path) -> Result<PathBuf, String> {
         return Err(format!("{t}: is a directory; give a file name"));
     }
     let p = Path::new(t);
-    let p = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        cwd.join(p)
-    };
-    Ok(normalize(&p))
+    if !p.is_absolute() && p.components().any(|c| c == Component::ParentDir) {
+        return Err(format!(
+            "{t}: a relative output is a file in the daemon's restore directory; `..` is not allowed"
+        ));
+    }
+    Ok(normalize(p))
 }
 
 /// Refuses the live database and its `-wal`/`-shm` files as an output.
@@ -495,8 +497,6 @@ pub fn check_not_live(output: &Path, live: &Path) -> Result<(), String> {
 
 pub struct State {
     pub socket: PathBuf,
-    /// Where a relative restore output is resolved.
-    pub cwd: PathBuf,
     /// The clock, set by the event loop (tests fix it).
     pub now: SystemTime,
     pub conn: Conn,
@@ -517,10 +517,9 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(socket: PathBuf, cwd: PathBuf, now: SystemTime) -> State {
+    pub fn new(socket: PathBuf, now: SystemTime) -> State {
         State {
             socket,
-            cwd,
             now,
             conn: Conn::Connecting,
             ever_connected: false,
@@ -819,7 +818,12 @@ impl State {
                     Some(d) => (Some(d.db.clone()), d.started_output.clone()),
                     None => (None, None),
                 };
-                let out = output
+                let out = result
+                    .as_ref()
+                    .ok()
+                    .map(|s| s.output.clone())
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .or(output)
                     .map(|p| p.display().to_string())
                     .unwrap_or_else(|| "?".into());
                 match &result {
@@ -1037,7 +1041,6 @@ impl State {
 
     fn handle_dialog(&mut self, action: Action) -> Vec<Effect> {
         let connected = self.connected();
-        let cwd = self.cwd.clone();
         let detail = self.detail.clone();
         let Some(d) = &mut self.dialog else {
             return Vec::new();
@@ -1095,7 +1098,7 @@ impl State {
                     };
                     return Vec::new();
                 }
-                return match d.request(&cwd) {
+                return match d.request() {
                     Ok(req) => {
                         d.phase = Phase::Running {
                             stage: "starting".into(),

@@ -995,7 +995,7 @@ fn draw_dialog(f: &mut Frame, area: Rect, state: &State, d: &RestoreDialog) {
             lines.push(Line::from(l));
             lines.push(Line::raw(""));
             lines.push(Line::from(Span::styled(
-                "The daemon writes a NEW file; the live database is never touched.",
+                "A NEW file; a relative path is in the daemon's restore directory.",
                 DIM,
             )));
             if let Some(e) = error {

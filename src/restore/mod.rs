@@ -12,10 +12,11 @@
 //! * Every object read is retried with backoff (#585).
 //! * A replica whose listing fails is skipped in favour of the others (#687).
 //! * A timestamp after the newest object selects the latest state instead of nothing.
-//! * The output is never overwritten (hard link, not rename) and no `-wal`/`-shm`/temporary
-//!   file is left behind, on success or failure (#528).
+//! * The output is never overwritten (hard link, not rename), a second restore to the same
+//!   output is refused at once, stale `-wal`/`-shm`/`-journal` files beside the output are moved
+//!   aside, and no temporary file is left behind, on success or failure (#528); see [`output`].
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -31,10 +32,20 @@ use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
 use crate::replicator::RetryPolicy;
 use crate::wal::{self, FrameChain, FrameCheck, FrameHeader, WAL_HEADER_SIZE, WalHeader};
 
+mod output;
+use output::Scratch;
+pub use output::{Output, Ownership};
+
 #[derive(Debug, Error)]
 pub enum RestoreError {
     #[error("cannot restore, output path already exists: {0}")]
     OutputExists(PathBuf),
+    #[error(
+        "{0}: another restore is writing this output right now; wait for it to finish or choose another output"
+    )]
+    OutputBusy(PathBuf),
+    #[error("restore output {path:?}: {reason}")]
+    BadOutput { path: PathBuf, reason: String },
     #[error("no matching backups found")]
     NoMatchingBackups,
     #[error("{replica}: generation {generation}: no snapshots available")]
@@ -57,6 +68,14 @@ pub enum RestoreError {
     Corrupt { key: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Reading a replica object failed (a network or store error: retried).
+    #[error("{key}: read failed: {source}")]
+    Read {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A local file of the restore (a full disk, a permission): never blamed on the replica.
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -91,6 +110,8 @@ pub struct RestoreOptions {
     pub retry: RetryPolicy,
     pub read_attempts: u32,
     pub progress: Option<ProgressFn>,
+    /// Mode and owner of the restored file; None: the process's umask and user.
+    pub ownership: Option<Ownership>,
 }
 
 impl RestoreOptions {
@@ -111,6 +132,7 @@ impl RestoreOptions {
             },
             read_attempts: 5,
             progress: None,
+            ownership: None,
         }
     }
 }
@@ -134,6 +156,12 @@ pub struct RestoreSummary {
     pub segments: usize,
     pub bytes: u64,
     pub integrity_checked: bool,
+    /// Where the database was written (the output's resolved path).
+    #[serde(default)]
+    pub output: PathBuf,
+    /// Stale `-wal`/`-shm`/`-journal` files that lay beside the output, moved aside.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved_aside: Vec<PathBuf>,
 }
 
 /// A replica to restore from: its name and client.
@@ -235,18 +263,32 @@ pub async fn plan(
     }))
 }
 
-/// Runs a restore.
+/// Runs a restore into `opts.output` (see [`output`] for how the output is protected).
 pub async fn restore(
     replicas: &[NamedReplica],
     opts: &RestoreOptions,
 ) -> Result<RestoreOutcome, RestoreError> {
-    if opts.output.exists() {
-        if opts.if_db_not_exists {
-            info!(path = %opts.output.display(), "database already exists, skipping restore");
+    let out = opts.output.clone();
+    let output = match tokio::task::spawn_blocking(move || Output::prepare(&out))
+        .await
+        .expect("output task")
+    {
+        Err(RestoreError::OutputExists(p)) if opts.if_db_not_exists => {
+            info!(path = %p.display(), "database already exists, skipping restore");
             return Ok(RestoreOutcome::SkippedExists);
         }
-        return Err(RestoreError::OutputExists(opts.output.clone()));
-    }
+        other => other?,
+    };
+    restore_to(replicas, opts, output).await
+}
+
+/// Runs a restore into an output already prepared (and checked, for the control socket).
+pub async fn restore_to(
+    replicas: &[NamedReplica],
+    opts: &RestoreOptions,
+    mut output: Output,
+) -> Result<RestoreOutcome, RestoreError> {
+    output.lock()?;
     let Some(plan) = plan(replicas, opts).await? else {
         if opts.if_replica_exists {
             info!("no matching backups found");
@@ -255,21 +297,44 @@ pub async fn restore(
         return Err(RestoreError::NoMatchingBackups);
     };
     let (name, client) = &replicas[plan.replica];
-    info!(replica = %name, generation = %plan.generation, snapshot = plan.snapshot.index, segments = plan.segments.len(), "restoring");
-    let mut cleanup = Cleanup::new(&opts.output);
-    let summary = run_plan(name, client, &plan, opts, &mut cleanup).await?;
-    cleanup.disarm();
+    info!(replica = %name, generation = %plan.generation, snapshot = plan.snapshot.index, segments = plan.segments.len(), output = %output.final_path().display(), "restoring");
+    let scratch = Arc::new(output.scratch()?);
+    let mut summary = match run_plan(name, client, &plan, opts, &scratch).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Gone before the output's lock is released, even if an aborted background task
+            // still holds the directory for a moment.
+            scratch.cleanup();
+            return Err(e);
+        }
+    };
+    let (ownership, sc) = (opts.ownership, scratch.clone());
+    let (output, moved) = tokio::task::spawn_blocking(move || {
+        let moved = output.publish(&sc, DB_FILE, ownership);
+        sc.cleanup();
+        (output, moved)
+    })
+    .await
+    .expect("publish task");
+    summary.moved_aside = moved?;
+    summary.output = output.final_path();
+    drop(output);
+    info!(path = %summary.output.display(), bytes = summary.bytes, max_index = format!("{:08x}", summary.max_index), "restore complete");
     Ok(RestoreOutcome::Restored(summary))
 }
+
+/// Names inside a restore's private directory.
+const DB_FILE: &str = "db";
+const PAGES_FILE: &str = "pages-wal";
 
 async fn run_plan(
     name: &str,
     client: &ReplicaClient,
     plan: &RestorePlan,
     opts: &RestoreOptions,
-    cleanup: &mut Cleanup,
+    scratch: &Arc<Scratch>,
 ) -> Result<RestoreSummary, RestoreError> {
-    let tmp = cleanup.tmp.clone();
+    let tmp = scratch.path(DB_FILE);
     let started = std::time::Instant::now();
     let progress = |stage, done, total| {
         if let Some(p) = &opts.progress {
@@ -312,43 +377,47 @@ async fn run_plan(
     let total = by_index.len() as u64;
     let permits = Arc::new(tokio::sync::Semaphore::new(opts.parallelism.max(1)));
     let mut fetches = AbortOnDrop(std::collections::VecDeque::new());
-    let scratch = Arc::new(compress::Scratch::default());
+    let pool = Arc::new(compress::Scratch::default());
     for (index, segs) in by_index {
-        let path = cleanup.index_path(index);
+        let file_name = format!("{index:08x}-wal");
+        let path = scratch.path(&file_name);
+        let file = scratch.create(&file_name)?;
         let (client, opts, permits) = (client.clone(), opts.clone(), permits.clone());
-        let scratch = scratch.clone();
+        let (pool, scratch) = (pool.clone(), scratch.clone());
         fetches.0.push_back(tokio::spawn(async move {
             let _permit = permits
                 .acquire_owned()
                 .await
                 .expect("semaphore never closed");
-            fetch_index(&client, segs, &path, &opts, scratch)
+            fetch_index(&client, segs, &file, &path, &opts, pool)
                 .await
-                .map(|f| (f, path))
+                .map(|f| (f, file, file_name, scratch))
         }));
     }
 
     // The snapshot decodes while the WAL indexes arrive and their pages are gathered.
+    let db = scratch.create(DB_FILE)?;
     let snapshot = async {
         progress("snapshot", 0, 1);
         let snap_key = client.snapshot_key(&plan.generation, plan.snapshot.index);
-        let page_size = fetch_snapshot(client, plan, opts, &tmp, &snap_key).await?;
+        let page_size = fetch_snapshot(client, plan, opts, &db, &tmp, &snap_key).await?;
         progress("snapshot", 1, 1);
         debug!(elapsed = ?started.elapsed(), "snapshot written");
         Ok(page_size)
     };
     let wal = async {
-        let mut pages = WalPages::create(cleanup.pages_path())?;
+        let mut pages = WalPages::create(scratch.create(PAGES_FILE)?, scratch.path(PAGES_FILE));
         let (mut segments, mut done) = (0, 0);
         while let Some(task) = fetches.0.pop_front() {
-            let (idx, path) = task.await.map_err(|e| RestoreError::Io {
+            let (idx, file, file_name, sc) = task.await.map_err(|e| RestoreError::Io {
                 path: tmp.clone(),
                 source: io::Error::other(e),
             })??;
             segments += idx.segments;
             pages = tokio::task::spawn_blocking(move || {
-                let res = pages.add_index(&path, &idx);
-                let _ = fs::remove_file(&path);
+                let res = pages.add_index(&file, &sc.path(&file_name), &idx);
+                drop(file);
+                sc.remove(&file_name);
                 res.map(|_| pages)
             })
             .await
@@ -360,46 +429,32 @@ async fn run_plan(
         Ok::<_, RestoreError>((pages, segments))
     };
     let (page_size, (pages, segments)) = tokio::try_join!(snapshot, wal)?;
-    let db = OpenOptions::new()
-        .write(true)
-        .open(&tmp)
-        .map_err(io_at(&tmp))?;
     let db = tokio::task::spawn_blocking(move || pages.apply(&db, page_size).map(|()| db))
         .await
         .expect("WAL apply task")?;
+    scratch.remove(PAGES_FILE);
     debug!(elapsed = ?started.elapsed(), "WAL pages applied");
     db.sync_all().map_err(io_at(&tmp))?;
     debug!(elapsed = ?started.elapsed(), "synced");
+    let bytes = db.metadata().map(|m| m.len()).unwrap_or(0);
     drop(db);
 
     if opts.integrity_check {
         progress("integrity_check", 0, 1);
-        let t = tmp.clone();
-        tokio::task::spawn_blocking(move || integrity_check(&t))
-            .await
-            .expect("integrity task")?;
-        cleanup.remove_sidecars();
+        let sc = scratch.clone();
+        tokio::task::spawn_blocking(move || {
+            sc.check_same(DB_FILE)?;
+            let res = integrity_check(&sc.path(DB_FILE));
+            sc.check_same(DB_FILE)?;
+            for s in ["-wal", "-shm", "-journal"] {
+                sc.remove(&format!("{DB_FILE}{s}"));
+            }
+            res
+        })
+        .await
+        .expect("integrity task")?;
         progress("integrity_check", 1, 1);
     }
-    // A hard link fails if the output appeared meanwhile: never overwrite a database.
-    fs::hard_link(&tmp, &opts.output).map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            RestoreError::OutputExists(opts.output.clone())
-        } else {
-            RestoreError::Io {
-                path: opts.output.clone(),
-                source: e,
-            }
-        }
-    })?;
-    fs::remove_file(&tmp).map_err(io_at(&tmp))?;
-    if let Some(dir) = opts.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_at(dir))?;
-    }
-    let bytes = fs::metadata(&opts.output).map(|m| m.len()).unwrap_or(0);
-    info!(path = %opts.output.display(), bytes, max_index = format!("{max_index:08x}"), "restore complete");
     Ok(RestoreSummary {
         replica: name.to_string(),
         generation: plan.generation.clone(),
@@ -408,6 +463,8 @@ async fn run_plan(
         segments,
         bytes,
         integrity_checked: opts.integrity_check,
+        output: PathBuf::new(),
+        moved_aside: Vec::new(),
     })
 }
 
@@ -418,11 +475,13 @@ fn io_at(p: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     }
 }
 
-/// Downloads and decompresses the snapshot into `tmp`; returns the database page size.
+/// Downloads and decompresses the snapshot into `out` (the file at `tmp`); returns the
+/// database page size.
 async fn fetch_snapshot(
     client: &ReplicaClient,
     plan: &RestorePlan,
     opts: &RestoreOptions,
+    out: &File,
     tmp: &Path,
     key: &str,
 ) -> Result<u32, RestoreError> {
@@ -439,19 +498,16 @@ async fn fetch_snapshot(
                 )),
             };
             let (tmp, key) = (tmp.to_path_buf(), key.to_string());
+            let out = out.try_clone().map_err(io_at(&tmp))?;
             tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
-                let out = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&tmp)
-                    .map_err(io_at(&tmp))?;
+                // A retry starts from an empty file.
+                out.set_len(0).map_err(io_at(&tmp))?;
                 // Blocks decode on every core; the content is written here in order.
                 let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
                 let mut w = SnapshotWriter::new(&out);
-                compress::decode_parallel(body, workers, |b| w.write(b))
-                    .map_err(|e| read_error(&key, e))?;
+                let mut local = LocalErrors::default();
+                compress::decode_parallel(body, workers, |b| local.keep(w.write(b)))
+                    .map_err(|e| local.or_read_error(&tmp, &key, e))?;
                 // No fsync here: the one after the WAL replay covers the snapshot too.
                 let mut hdr = [0u8; 100];
                 out.read_exact_at(&mut hdr, 0)
@@ -479,6 +535,31 @@ async fn fetch_snapshot(
                 tokio::time::sleep(d).await;
             }
             other => return other,
+        }
+    }
+}
+
+/// Keeps an error of the local file apart from errors of the object being decoded, which both
+/// come out of the decoder as `io::Error`: a full disk is then reported against the local file,
+/// never as a damaged replica object.
+#[derive(Default)]
+struct LocalErrors(Option<io::Error>);
+
+impl LocalErrors {
+    fn keep(&mut self, r: io::Result<()>) -> io::Result<()> {
+        r.map_err(|e| {
+            let kind = e.kind();
+            self.0 = Some(e);
+            io::Error::new(kind, "local write failed")
+        })
+    }
+    fn or_read_error(&mut self, path: &Path, key: &str, e: io::Error) -> RestoreError {
+        match self.0.take() {
+            Some(source) => RestoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+            None => read_error(key, e),
         }
     }
 }
@@ -579,12 +660,12 @@ struct IndexFile {
 async fn fetch_index(
     client: &ReplicaClient,
     segs: Vec<WalSegmentInfo>,
+    out: &File,
     path: &Path,
     opts: &RestoreOptions,
     scratch: Arc<compress::Scratch>,
 ) -> Result<IndexFile, RestoreError> {
     let first_key = client.wal_segment_key(&segs[0].pos());
-    let out = File::create(path).map_err(io_at(path))?;
     let mut state: Option<ChainState> = None;
     let mut written: u64 = 0;
     for seg in &segs {
@@ -602,11 +683,11 @@ async fn fetch_index(
             let res = async {
                 let body = client.open_wal_segment(&seg.pos()).await?;
                 let (key, f) = (key.clone(), out.try_clone().map_err(io_at(path))?);
-                let scratch = scratch.clone();
+                let (scratch, path) = (scratch.clone(), path.to_path_buf());
                 tokio::task::spawn_blocking(move || {
                     // A retry starts again where the previous segment ended.
-                    f.set_len(written).map_err(|e| read_error(&key, e))?;
-                    let mut check = WalCheck::new(state, &f, written, &key);
+                    f.set_len(written).map_err(io_at(&path))?;
+                    let mut check = WalCheck::new(state, &f, &path, written, &key);
                     compress::decode(SyncIoBridge::new(body), &scratch, |b| {
                         check.feed(b).map_err(io::Error::other)
                     })
@@ -665,6 +746,7 @@ struct WalCheck<'a> {
     /// A header or frame that has not fully arrived yet.
     partial: Vec<u8>,
     out: &'a File,
+    path: &'a Path,
     /// Checked bytes not yet written, which belong at `flushed`.
     buf: Vec<u8>,
     flushed: u64,
@@ -674,11 +756,18 @@ struct WalCheck<'a> {
 impl<'a> WalCheck<'a> {
     const BUF: usize = 1 << 20;
 
-    fn new(state: Option<ChainState>, out: &'a File, start: u64, key: &'a str) -> Self {
+    fn new(
+        state: Option<ChainState>,
+        out: &'a File,
+        path: &'a Path,
+        start: u64,
+        key: &'a str,
+    ) -> Self {
         WalCheck {
             state,
             partial: Vec::new(),
             out,
+            path,
             buf: Vec::new(),
             flushed: start,
             key,
@@ -756,7 +845,7 @@ impl<'a> WalCheck<'a> {
     fn flush(&mut self) -> Result<(), RestoreError> {
         self.out
             .write_all_at(&self.buf, self.flushed)
-            .map_err(|e| read_error(self.key, e))?;
+            .map_err(io_at(self.path))?;
         self.flushed += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
@@ -805,15 +894,8 @@ impl WalPages {
     /// The most bytes written at once, into the scratch file or the database.
     const RUN: usize = 1 << 20;
 
-    fn create(path: PathBuf) -> Result<Self, RestoreError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        Ok(WalPages {
+    fn create(file: File, path: PathBuf) -> Self {
+        WalPages {
             file,
             path,
             page_size: None,
@@ -822,11 +904,12 @@ impl WalPages {
             flushed: 0,
             db_pages: None,
             first_key: None,
-        })
+        }
     }
 
-    /// Takes the committed frames of one verified index (the next one in order).
-    fn add_index(&mut self, path: &Path, idx: &IndexFile) -> Result<(), RestoreError> {
+    /// Takes the committed frames of one verified index (the next one in order), read from
+    /// `file` (at `path`).
+    fn add_index(&mut self, file: &File, path: &Path, idx: &IndexFile) -> Result<(), RestoreError> {
         match self.page_size {
             Some(ps) if ps != idx.page_size => {
                 return Err(RestoreError::Corrupt {
@@ -837,7 +920,7 @@ impl WalPages {
             _ => self.page_size = Some(idx.page_size),
         }
         self.first_key.get_or_insert_with(|| idx.first_key.clone());
-        let mut f = io::BufReader::with_capacity(1 << 20, File::open(path).map_err(io_at(path))?);
+        let mut f = io::BufReader::with_capacity(1 << 20, file);
         f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64))
             .map_err(io_at(path))?;
         let mut frame = vec![0u8; wal::frame_size(idx.page_size) as usize];
@@ -893,7 +976,6 @@ impl WalPages {
     /// the size of the last commit. The scratch file is removed.
     fn apply(mut self, db: &File, page_size: u32) -> Result<(), RestoreError> {
         let path = self.path.clone();
-        let _remove = RemoveOnDrop(&path);
         if let Some(ps) = self.page_size.filter(|&ps| ps != page_size) {
             return Err(RestoreError::Corrupt {
                 key: self.first_key.unwrap_or_default(),
@@ -936,14 +1018,6 @@ impl WalPages {
     }
 }
 
-struct RemoveOnDrop<'a>(&'a Path);
-
-impl Drop for RemoveOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(self.0);
-    }
-}
-
 fn integrity_check(path: &Path) -> Result<(), RestoreError> {
     let sql = |e: rusqlite::Error| RestoreError::Integrity {
         path: path.to_path_buf(),
@@ -974,91 +1048,20 @@ fn read_error(key: &str, e: io::Error) -> RestoreError {
             reason: e.to_string(),
         }
     } else {
-        RestoreError::Io {
-            path: PathBuf::from(key),
+        RestoreError::Read {
+            key: key.to_string(),
             source: e,
         }
     }
 }
 
+/// Whether a failed read of a replica object may succeed when tried again. Errors of local
+/// files (a full disk) and damaged objects are not retried.
 fn retryable(e: &RestoreError) -> bool {
     match e {
         RestoreError::Store(s) => s.is_retryable(),
-        RestoreError::Io { .. } => true,
+        RestoreError::Read { .. } => true,
         _ => false,
-    }
-}
-
-/// Removes every temporary of a restore unless disarmed after success.
-struct Cleanup {
-    tmp: PathBuf,
-    output: PathBuf,
-    armed: bool,
-}
-
-impl Cleanup {
-    fn new(output: &Path) -> Self {
-        let mut tmp = output.as_os_str().to_owned();
-        tmp.push(".tmp");
-        Cleanup {
-            tmp: tmp.into(),
-            output: output.to_path_buf(),
-            armed: true,
-        }
-    }
-    /// WAL pages gathered for the final write (see `WalPages`); named so `Drop` removes it.
-    fn pages_path(&self) -> PathBuf {
-        let mut p = self.output.as_os_str().to_owned();
-        p.push(".tmp-pages-wal");
-        p.into()
-    }
-    fn index_path(&self, index: u32) -> PathBuf {
-        let mut p = self.output.as_os_str().to_owned();
-        p.push(format!(".tmp-{index:08x}-wal"));
-        p.into()
-    }
-    fn sidecar(&self, suffix: &str) -> PathBuf {
-        let mut p = self.tmp.as_os_str().to_owned();
-        p.push(suffix);
-        p.into()
-    }
-    fn remove_sidecars(&self) {
-        for s in ["-wal", "-shm", "-journal"] {
-            let _ = fs::remove_file(self.sidecar(s));
-        }
-    }
-    fn disarm(&mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let _ = fs::remove_file(&self.tmp);
-        self.remove_sidecars();
-        let dir = self
-            .output
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let prefix = format!(
-            "{}.tmp-",
-            self.output
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
-        if let Ok(rd) = fs::read_dir(dir) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with(&prefix) && n.ends_with("-wal") {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
     }
 }
 
@@ -1066,9 +1069,21 @@ impl Drop for Cleanup {
 mod tests {
     use super::*;
     use crate::wal::tests::build_wal;
+    use std::fs::{self, OpenOptions};
     use std::io::Write;
 
     const PS: u32 = 512;
+
+    fn scratch_pages(dir: &Path, name: &str) -> WalPages {
+        let path = dir.join(name);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        WalPages::create(file, path)
+    }
 
     /// Feeds `wal` to a `WalCheck` in pieces of `piece` bytes; returns the result and the file.
     fn check_in_pieces(
@@ -1078,7 +1093,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("idx");
         let f = File::create(&path).unwrap();
-        let mut check = WalCheck::new(None, &f, 0, "seg.wal.lz4");
+        let mut check = WalCheck::new(None, &f, &path, 0, "seg.wal.lz4");
         let res = wal
             .chunks(piece)
             .try_for_each(|c| check.feed(c))
@@ -1109,7 +1124,7 @@ mod tests {
         f.write_all(&[0xFF; 5000]).unwrap();
         f.set_len(0).unwrap();
         let wal = build_wal(false, PS, &[(1, 1, 1)]);
-        let mut check = WalCheck::new(None, &f, 0, "k");
+        let mut check = WalCheck::new(None, &f, &path, 0, "k");
         check.feed(&wal).unwrap();
         let (_, end) = check.finish().unwrap();
         assert_eq!(end, wal.len() as u64);
@@ -1145,11 +1160,17 @@ mod tests {
             build_wal(false, PS, &[(2, 0, 0x22), (1, 4, 0x12)]),
         ];
         let gather = |name: &str| {
-            let mut pages = WalPages::create(dir.path().join(name)).unwrap();
+            let mut pages = scratch_pages(dir.path(), name);
             for (i, wal) in indexes.iter().enumerate() {
                 let p = dir.path().join(format!("idx{i}"));
-                let f = File::create(&p).unwrap();
-                let mut check = WalCheck::new(None, &f, 0, "k");
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&p)
+                    .unwrap();
+                let mut check = WalCheck::new(None, &f, &p, 0, "k");
                 check.feed(wal).unwrap();
                 let (st, _) = check.finish().unwrap();
                 let idx = IndexFile {
@@ -1158,7 +1179,7 @@ mod tests {
                     segments: 1,
                     first_key: "k".into(),
                 };
-                pages.add_index(&p, &idx).unwrap();
+                pages.add_index(&f, &p, &idx).unwrap();
             }
             pages
         };
@@ -1171,14 +1192,12 @@ mod tests {
             [0x12, 0x22, 0x31, 0xEE],
             "page 4's uncommitted frame is not applied"
         );
-        assert!(!dir.path().join("pages").exists(), "scratch file removed");
 
         let err = gather("pages2").apply(&db, 1024).unwrap_err();
         assert!(
             err.to_string().contains("differs from the snapshot's 1024"),
             "{err}"
         );
-        assert!(!dir.path().join("pages2").exists());
     }
 
     #[test]
@@ -1190,7 +1209,7 @@ mod tests {
         let first: Vec<(u32, u32, u8)> = (1..=n).map(|p| (p, 0, (p % 200) as u8)).collect();
         let mut second = vec![(1, 0, 0xA1), (2500, 0, 0xA2)];
         second.push((3, n, 0xA3));
-        let mut pages = WalPages::create(dir.path().join("pages")).unwrap();
+        let mut pages = scratch_pages(dir.path(), "pages");
         for (i, wal) in [build_wal(false, PS, &first), build_wal(false, PS, &second)]
             .iter()
             .enumerate()
@@ -1203,7 +1222,7 @@ mod tests {
                 segments: 1,
                 first_key: "k".into(),
             };
-            pages.add_index(&p, &idx).unwrap();
+            pages.add_index(&File::open(&p).unwrap(), &p, &idx).unwrap();
         }
         assert_eq!(pages.slots.len(), n as usize, "one slot per page");
         let db = OpenOptions::new().write(true).open(&db_path).unwrap();
@@ -1229,8 +1248,10 @@ mod tests {
             segments: 1,
             first_key: "k".into(),
         };
-        let mut pages = WalPages::create(dir.path().join("pages")).unwrap();
-        let err = pages.add_index(&p, &idx).unwrap_err();
+        let mut pages = scratch_pages(dir.path(), "pages");
+        let err = pages
+            .add_index(&File::open(&p).unwrap(), &p, &idx)
+            .unwrap_err();
         assert!(err.to_string().contains("page 0"), "{err}");
     }
 
@@ -1240,9 +1261,8 @@ mod tests {
         let db_path = dir.path().join("db");
         fs::write(&db_path, vec![7u8; 2 * PS as usize]).unwrap();
         let db = OpenOptions::new().write(true).open(&db_path).unwrap();
-        let pages = WalPages::create(dir.path().join("p")).unwrap();
+        let pages = scratch_pages(dir.path(), "p");
         pages.apply(&db, PS).unwrap();
         assert_eq!(fs::read(&db_path).unwrap(), vec![7u8; 2 * PS as usize]);
-        assert!(!dir.path().join("p").exists());
     }
 }
