@@ -123,6 +123,9 @@ struct Open {
     /// application connection believe it is the last one and delete the WAL. Snapshots
     /// therefore read through this descriptor with `pread` and never open the file again.
     fd: Arc<File>,
+    /// Device and inode of `fd`: the file at the path must still be this one (see
+    /// [`Db::replaced`]).
+    ident: (u64, u64),
     page_size: u32,
     in_read_tx: bool,
 }
@@ -141,6 +144,10 @@ pub struct Db {
     /// What the files looked like after the last full pass, to skip passes where nothing
     /// changed (with a thousand idle databases the full pass dominated idle CPU).
     idle: Option<(FilesSig, SyncReport, Option<Pos>)>,
+    /// Whether the file had Litestream's `_litestream_seq` table before we opened it, i.e. it
+    /// has been replicated before (by Litestream or litestreamd), or is a restore of such a
+    /// database; a brand-new application database has not.
+    had_history: bool,
 }
 
 /// Identity and change stamp of the WAL and the database. Any write to them (a commit, a
@@ -184,6 +191,7 @@ impl Db {
             snapshotting: Arc::new(AtomicUsize::new(0)),
             label: String::new(),
             idle: None,
+            had_history: false,
         }
     }
 
@@ -268,7 +276,69 @@ impl Db {
         conn.busy_timeout(self.opts.busy_timeout)
             .map_err(self.sql())?;
         set_persist_wal(&conn).map_err(self.sql())?;
+        // Closing our connections never checkpoints, truncates or deletes the -wal/-shm: they
+        // are found by name, and after the database file was replaced (mv, delete and
+        // recreate) those names belong to another file.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(self.sql())?;
         Ok(conn)
+    }
+
+    /// Whether this database replicated before (see `had_history`); meaningful once open.
+    pub fn had_history(&self) -> bool {
+        self.had_history
+    }
+
+    /// The lineage this host replicates the database in, from the meta directory.
+    pub fn lineage(&self) -> Result<Option<String>, DbError> {
+        let p = self.meta.lineage_file();
+        match fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(&p, "read")(e)),
+        }
+    }
+
+    /// Records the lineage (after checking it against the replicas, a restore, or `adopt`).
+    pub fn set_lineage(&self, lineage: &str) -> Result<(), DbError> {
+        write_lineage(&self.meta, lineage)
+    }
+
+    /// Why the file at the database's path is no longer the one we have open, if it is not:
+    /// it was deleted, or replaced (`mv other.db app.db`, delete and recreate).
+    fn replaced(&self) -> Option<&'static str> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self.open.as_ref()?;
+        match fs::metadata(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Some("database file deleted"),
+            Ok(m) if (m.dev(), m.ino()) != open.ident => Some("database file replaced"),
+            _ => None,
+        }
+    }
+
+    /// The file at the path is not ours any more: let go of the old one at once and start over
+    /// on whatever is there now. Our connections close without touching the -wal/-shm (see
+    /// `open_conn`); the old file's -wal/-shm, which only our connections kept alive (an
+    /// application's last connection would have removed them on close), are removed if no
+    /// connection has the new file open, so no one opens the new file with the old file's WAL.
+    fn start_over(&mut self, why: &'static str) {
+        warn!(db = %self.path.display(), reason = why, "the database file changed under the replicator; closing the old one and starting over on the new file");
+        // The header of the WAL life we were copying: a -wal that still carries it is the old
+        // file's, never the new one's.
+        let old_header =
+            self.pos().ok().flatten().and_then(|p| {
+                read_header_bytes(&self.meta.shadow_wal_path(&p.generation, p.index))
+            });
+        self.close();
+        self.idle = None;
+        if why == "database file replaced"
+            && let Some(h) = old_header
+        {
+            remove_stale_sidecars(&self.path, &self.wal_path, &h);
+        }
     }
 
     /// Opens the database and takes the read lock (spec §2.2). Returns false while the file
@@ -291,7 +361,20 @@ impl Db {
                 path: self.path.clone(),
             });
         }
+        let ident = {
+            use std::os::unix::fs::MetadataExt;
+            let m = fd.metadata().map_err(self.io(&self.path, "stat"))?;
+            (m.dev(), m.ino())
+        };
         let writer = self.open_conn()?;
+        self.had_history = writer
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = '_litestream_seq'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(self.sql())?
+            > 0;
         let mode: String = writer
             .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
             .map_err(self.sql())?;
@@ -319,6 +402,7 @@ impl Db {
             reader,
             writer,
             fd: Arc::new(fd),
+            ident,
             page_size,
             in_read_tx: false,
         });
@@ -419,6 +503,12 @@ impl Db {
         let mut report = SyncReport::default();
         if !self.init()? {
             return Ok(report);
+        }
+        if let Some(why) = self.replaced() {
+            self.start_over(why);
+            if !self.init()? {
+                return Ok(report);
+            }
         }
         if let Some(r) = self.unchanged(min_replica) {
             return Ok(r);
@@ -618,8 +708,12 @@ impl Db {
             .write(true)
             .open(&path)
             .map_err(self.io(&path, "create"))?;
-        f.write_all(&hdr).map_err(self.io(&path, "write"))?;
-        f.sync_all().map_err(self.io(&path, "fsync"))?;
+        if let Err(e) = f.write_all(&hdr).and_then(|()| f.sync_all()) {
+            // No half-written shadow index: the next pass creates it again.
+            drop(f);
+            let _ = fs::remove_file(&path);
+            return Err(self.io(&path, "write")(e));
+        }
         drop(f);
         let copied = self.copy_frames(&path)?;
         debug!(db = %self.path.display(), generation, index, copied, "shadow WAL started");
@@ -711,19 +805,24 @@ impl Db {
             .map_err(self.io(shadow_path, "open"))?;
         wal.seek(SeekFrom::Start(start))
             .map_err(self.io(&self.wal_path, "seek"))?;
-        let copied =
-            io::copy(&mut (&mut wal).take(n), &mut out).map_err(self.io(shadow_path, "append"))?;
-        if copied != n {
-            // The WAL shrank under us: cut the shadow back to where it was.
-            out.set_len(start)
-                .map_err(self.io(shadow_path, "truncate"))?;
-            return Err(DbError::Io {
+        let appended = match io::copy(&mut (&mut wal).take(n), &mut out) {
+            Ok(copied) if copied != n => Err(DbError::Io {
                 path: self.wal_path.clone(),
                 op: "copy frames",
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "WAL shrank during copy"),
-            });
+            }),
+            Ok(_) => out.sync_data().map_err(self.io(shadow_path, "fsync")),
+            Err(e) => Err(self.io(shadow_path, "append")(e)),
+        };
+        if let Err(e) = appended {
+            // A full disk, the WAL shrinking under us, a failed fsync: cut the shadow back to
+            // its last whole commit, so the next pass appends again from there instead of
+            // finding a torn frame (which would look like lost continuity: a new generation).
+            if let Err(t) = out.set_len(start).and_then(|()| out.sync_data()) {
+                warn!(shadow = %shadow_path.display(), error = %t, "cannot cut the shadow WAL back after a failed append; it is repaired at the next start");
+            }
+            return Err(e);
         }
-        out.sync_data().map_err(self.io(shadow_path, "fsync"))?;
         Ok(n)
     }
 
@@ -781,6 +880,12 @@ impl Db {
     pub fn checkpoint(&mut self, mode: CheckpointMode) -> Result<CheckpointOutcome, DbError> {
         let mut outcome = CheckpointOutcome::default();
         if !self.init()? || self.snapshotting.load(Ordering::SeqCst) > 0 {
+            return Ok(outcome);
+        }
+        // Never checkpoint (or write) through connections to a file that is no longer the
+        // database: the -wal/-shm they use by name may be the new file's. The next sync
+        // starts over on the new file.
+        if self.replaced().is_some() {
             return Ok(outcome);
         }
         if self.verify()?.reason.is_some() || self.generation()?.is_none() {
@@ -1052,6 +1157,71 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Writes the lineage record of a meta directory (see `replica::owner`).
+pub fn write_lineage(meta: &MetaDir, lineage: &str) -> Result<(), DbError> {
+    let p = meta.lineage_file();
+    fs::create_dir_all(&meta.root).map_err(|source| DbError::Io {
+        path: meta.root.clone(),
+        op: "mkdir",
+        source,
+    })?;
+    write_atomic(&p, format!("{lineage}\n").as_bytes()).map_err(|source| DbError::Io {
+        path: p,
+        op: "write",
+        source,
+    })
+}
+
+/// SQLite's lock bytes (os_unix.c): PENDING_BYTE, RESERVED_BYTE and the 510-byte SHARED range.
+const SQLITE_LOCK_START: i64 = 0x4000_0000;
+const SQLITE_LOCK_LEN: i64 = 512;
+
+/// Removes `-wal` and `-shm` beside a database file that replaced the one they belonged to (the
+/// -wal still has the old file's WAL header, `old_header`), if no SQLite connection has the new
+/// file open (none holds any of SQLite's lock bytes) — checked
+/// by taking a write lock on those bytes ourselves, which also makes any connection that tries
+/// to open the new file meanwhile wait (busy) until the stale files are gone. If someone already
+/// has it open, nothing is touched: it is theirs now.
+fn remove_stale_sidecars(db: &Path, wal: &Path, old_header: &[u8; WAL_HEADER_SIZE]) {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use nix::libc;
+    let Ok(f) = OpenOptions::new().read(true).write(true).open(db) else {
+        return;
+    };
+    // SAFETY: an all-zero `flock` is a valid value; the fields that matter are set below.
+    let mut lk: libc::flock = unsafe { std::mem::zeroed() };
+    lk.l_type = libc::F_WRLCK as _;
+    lk.l_whence = libc::SEEK_SET as _;
+    lk.l_start = SQLITE_LOCK_START;
+    lk.l_len = SQLITE_LOCK_LEN;
+    if fcntl(&f, FcntlArg::F_OFD_SETLK(&lk)).is_err() {
+        info!(db = %db.display(), "the new database file is already open; its -wal/-shm are left alone");
+        return;
+    }
+    if read_header_bytes(wal).is_some_and(|h| h != *old_header) {
+        info!(db = %db.display(), "the -wal beside the new database file is not the old file's; it is left alone");
+        return;
+    }
+    let mut shm = db.as_os_str().to_owned();
+    shm.push("-shm");
+    for p in [wal.to_path_buf(), PathBuf::from(shm)] {
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_file() => match fs::remove_file(&p) {
+                Ok(()) => {
+                    info!(file = %p.display(), "removed what the replaced database file left behind")
+                }
+                Err(e) => {
+                    warn!(file = %p.display(), error = %e, "cannot remove a stale file of the replaced database")
+                }
+            },
+            _ => {}
+        }
+    }
+    // The OFD lock goes with the descriptor; we hold no POSIX locks on this new file yet, so
+    // closing it releases nothing else.
+    drop(f);
 }
 
 fn remove_tmp_files(dir: &Path) {

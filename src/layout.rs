@@ -133,6 +133,10 @@ impl MetaDir {
     pub fn generation_file(&self) -> PathBuf {
         self.root.join("generation")
     }
+    /// The lineage this host replicates the database in (see `replica::owner`).
+    pub fn lineage_file(&self) -> PathBuf {
+        self.root.join("lineage")
+    }
     pub fn generations_dir(&self) -> PathBuf {
         self.root.join("generations")
     }

@@ -13,7 +13,8 @@
 //! * [`import`] — converting a Litestream 0.3 `litestream.yml` into per-database files;
 //! * [`supervisor`] — the daemon's workers, reloads and shutdown;
 //! * [`telemetry`] — Prometheus metrics;
-//! * [`notify`] — systemd notifications.
+//! * [`notify`] — systemd notifications;
+//! * [`watch`] — inotify wake-ups when a database file is renamed over or deleted.
 
 pub mod compress;
 pub mod config;
@@ -31,4 +32,5 @@ pub mod supervisor;
 pub mod telemetry;
 pub mod tui;
 pub mod wal;
+pub mod watch;
 pub mod worker;

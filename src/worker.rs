@@ -172,6 +172,14 @@ async fn run(
     // Fixed-rate ticks (like Litestream's Go ticker): the period is the interval, not the
     // interval plus the time a pass takes, so a commit waits at most one interval.
     let mut next_tick = aligned_tick(Instant::now() + interval, interval);
+    // A file renamed over the database, or deleted, wakes the loop at once (see `watch`).
+    let file_watch = crate::watch::watch_file(&spec.path);
+    let file_changed = || async {
+        match &file_watch {
+            Some(w) => w.changed().await,
+            None => std::future::pending().await,
+        }
+    };
     loop {
         let report = db_sync(&shared, &positions).await;
         publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
@@ -184,6 +192,7 @@ async fn run(
                     next_tick = aligned_tick(Instant::now() + interval, interval);
                 }
             }
+            _ = file_changed() => {}
             Some(cmd) = commands.recv() => match cmd {
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;

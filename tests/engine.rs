@@ -536,3 +536,136 @@ async fn two_restores_to_one_output_never_mix() {
         "the restores overlapped at least once ({exists} were late)"
     );
 }
+
+/// Rows an application writes, one short connection per transaction (open, insert, close), as
+/// a web app or a cron job does. Returns the ids committed after `after` was set.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    after: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    join: std::thread::JoinHandle<Vec<i64>>,
+}
+
+impl Writer {
+    fn start(db: &std::path::Path, pause: Duration) -> Writer {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let after = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, a, db) = (stop.clone(), after.clone(), db.to_path_buf());
+        let join = std::thread::spawn(move || {
+            let mut ids = Vec::new();
+            let mut n: i64 = 1_000_000;
+            while !s.load(Ordering::SeqCst) {
+                let counts = a.load(Ordering::SeqCst);
+                n += 1;
+                let c = app_conn(&db);
+                c.execute("INSERT INTO t (id, v) VALUES (?1, randomblob(300))", [n])
+                    .unwrap();
+                drop(c);
+                if counts {
+                    ids.push(n);
+                }
+                std::thread::sleep(pause);
+            }
+            ids
+        });
+        Writer { stop, after, join }
+    }
+    /// From now on, committed ids are collected.
+    fn count_from_now(&self) {
+        self.after.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn stop(self) -> Vec<i64> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.join.join().unwrap()
+    }
+}
+
+/// `mv other.db app.db` (as deploy scripts do) and `rm app.db` + recreate, both while an
+/// application writes: the application's database stays intact (litestreamd never touches
+/// the new file's -wal/-shm through its connections to the old one, and removes the old
+/// file's -wal/-shm, which only its own connection kept alive, before anyone opens the new
+/// file), and every row written to the new file is restorable without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_replaced_or_recreated_under_the_replicator() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    drop(app_conn(&db));
+    let w = start(&db, &[&replica], fast_opts());
+    w.settle().await;
+    let gen0 = w.handle.status().pos.unwrap().generation;
+
+    // 1. mv over the live database.
+    let writer = Writer::start(&db, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = dir.path().join("other.db");
+    {
+        let c = app_conn(&other);
+        c.execute("INSERT INTO t (id, v) VALUES (1, x'6f74686572')", [])
+            .unwrap();
+    }
+    std::fs::rename(&other, &db).unwrap();
+    writer.count_from_now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_mv = writer.stop();
+    assert!(
+        after_mv.len() > 20,
+        "the writer kept writing: {}",
+        after_mv.len()
+    );
+    assert_eq!(
+        integrity(&db),
+        "ok",
+        "the application's database is intact after mv"
+    );
+    let rows: std::collections::BTreeSet<i64> = dump(&db).iter().map(|r| r.0).collect();
+    assert!(rows.contains(&1), "the moved-in file is the database now");
+    for id in &after_mv {
+        assert!(
+            rows.contains(id),
+            "row {id}, written after the mv, is in the database"
+        );
+    }
+    w.settle().await;
+    let st = w.handle.status();
+    assert_eq!(st.state, "replicating", "{st:?}");
+    let gen1 = st.pos.unwrap().generation;
+    assert_ne!(gen0, gen1, "a new generation for the new file");
+    let out = dir.path().join("after-mv.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(
+        dump(&out),
+        dump(&db),
+        "every row of the new file is restorable"
+    );
+
+    // 2. Deleted while the application writes: its next connection creates a new database.
+    let writer = Writer::start(&db, Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::remove_file(&db).unwrap();
+    writer.count_from_now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after_rm = writer.stop();
+    assert!(after_rm.len() > 20);
+    assert_eq!(integrity(&db), "ok", "the recreated database is intact");
+    let rows: std::collections::BTreeSet<i64> = dump(&db).iter().map(|r| r.0).collect();
+    for id in &after_rm {
+        assert!(
+            rows.contains(id),
+            "row {id} of the recreated database is there"
+        );
+    }
+    assert!(!rows.contains(&1), "the recreated database is a new one");
+    w.settle().await;
+    let st = w.handle.status();
+    assert_eq!(st.state, "replicating", "{st:?}");
+    assert_ne!(st.pos.unwrap().generation, gen1);
+    let out = dir.path().join("after-rm.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(
+        dump(&out),
+        dump(&db),
+        "the recreated database is restorable"
+    );
+    w.stop().await;
+}

@@ -1239,3 +1239,113 @@ fn s3_skip_verify_accepts_a_self_signed_endpoint_and_only_then() {
     wait_restorable(&url, &probes, |p| dump(p) == want);
     assert!(sigterm(&mut child).success());
 }
+
+/// `litestreamd status --json` of the daemon behind `socket`: (replica state, lag seconds) of
+/// the first replica of the first database.
+fn replica_state(socket: &Path) -> Option<(String, f64)> {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let r = &v[0]["replicas"][0];
+    Some((r["state"].as_str()?.to_string(), r["lag_seconds"].as_f64()?))
+}
+
+/// The bucket emptied under a running daemon (s3s-fs restarted on an empty directory): the
+/// replica notices within `restorable_check_interval`, takes a new snapshot at once, and is
+/// never reported healthy while a restore would fail.
+#[test]
+fn an_emptied_bucket_is_noticed_and_made_restorable_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s3root = d.join("s3");
+    let mut server = s3_server(&s3root);
+    let url = s3_url(server.port, "app.db");
+    let db = d.join("app.db");
+    let socket = d.join("control.sock");
+    std::fs::create_dir_all(d.join("dbs.d")).unwrap();
+    std::fs::write(
+        d.join("litestreamd.toml"),
+        format!(
+            "dbs_dir = \"dbs.d\"\nmetrics_addr = \"\"\ncontrol_socket = \"{}\"\n[defaults]\nmonitor_interval = \"100ms\"\nsync_interval = \"100ms\"\n[defaults.retry]\ninitial = \"100ms\"\nmax = \"500ms\"\nfailed_after = 100\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dbs.d/app.toml"),
+        format!(
+            "path = \"{}\"\n[[replicas]]\nname = \"s3\"\nurl = \"{url}\"\nrestorable_check_interval = \"1s\"\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let app = fruits_db(&db);
+    let log = d.join("daemon.log");
+    let mut daemon = cmd()
+        .args(["run", "--config"])
+        .arg(d.join("litestreamd.toml"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let probes = d.join("probes");
+    std::fs::create_dir_all(&probes).unwrap();
+    wait_restorable(&url, &probes, |p| fruits(p).len() == 2);
+
+    server.down();
+    std::fs::remove_dir_all(s3root.join("litestream-bucket")).unwrap();
+    std::fs::create_dir_all(s3root.join("litestream-bucket")).unwrap();
+    server.up();
+    let emptied = Instant::now();
+    let mut n = 2;
+    let (mut unhealthy_seen, mut restorable_again) = (false, None);
+    let mut probe = 0;
+    while restorable_again.is_none() {
+        assert!(
+            emptied.elapsed() < Duration::from_secs(60),
+            "never restorable again:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        app.execute("INSERT INTO fruits VALUES ('kiwi', 'green')", [])
+            .unwrap();
+        n += 1;
+        std::thread::sleep(Duration::from_millis(150));
+        let Some((state, _)) = replica_state(&socket) else {
+            continue;
+        };
+        if state != "healthy" {
+            unhealthy_seen = true;
+            continue;
+        }
+        // Past the check interval, "healthy" must mean restorable.
+        probe += 1;
+        let out = probes.join(format!("after-{probe}.db"));
+        let ok = restore_url(&url, &out);
+        if emptied.elapsed() > Duration::from_millis(2500) {
+            assert!(
+                ok.status.success(),
+                "reported healthy {:?} after the bucket was emptied, but the restore fails: {}",
+                emptied.elapsed(),
+                String::from_utf8_lossy(&ok.stderr)
+            );
+        }
+        if ok.status.success()
+            && (unhealthy_seen || emptied.elapsed() > Duration::from_millis(2500))
+        {
+            restorable_again = Some((emptied.elapsed(), fruits(&out).len()));
+        }
+    }
+    let (took, rows) = restorable_again.unwrap();
+    eprintln!("restorable again {took:?} after the bucket was emptied ({rows} of {n} rows)");
+    assert!(
+        rows >= 3,
+        "the new snapshot holds the data written before: {rows}"
+    );
+    wait_restorable(&url, &probes, |p| fruits(p).len() == n);
+    assert!(sigterm(&mut daemon).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("is gone"), "the loss is reported:\n{text}");
+}

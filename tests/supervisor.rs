@@ -1247,3 +1247,201 @@ fn restores_to_one_output_are_exclusive_and_never_replay_a_stale_wal() {
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
 }
+
+/// Every datagram until `deadline` (or until one holds `line`).
+fn datagrams_until(daemon: &Daemon, deadline: Duration, line: &str) -> Vec<String> {
+    let end = Instant::now() + deadline;
+    let mut seen = Vec::new();
+    while Instant::now() < end {
+        daemon
+            .notify
+            .set_read_timeout(Some((end - Instant::now()).max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        match daemon.notify.recv(&mut buf) {
+            Ok(n) => {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let hit = m.lines().any(|l| l == line);
+                seen.push(m);
+                if hit {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    daemon
+        .notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    seen
+}
+
+/// restore_on_start on a fresh host whose replica cannot be read: no READY=1 (the start is
+/// extended) until the replica is back, then the real data; with a give-up, the start fails
+/// loudly. And a new, empty database never silently becomes the latest backup.
+#[test]
+fn restore_on_start_waits_for_an_unreadable_replica_and_new_lineages_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let main = write_main(d, "");
+    let replica = d.join("replica-e");
+    let db = d.join("e.db");
+    let conf = |extra: &str| {
+        std::fs::write(
+            d.join("dbs.d/e.toml"),
+            format!(
+                "restore_on_start = \"if-missing\"\n{extra}{}",
+                db_file(d, "e", &replica)
+            ),
+        )
+        .unwrap()
+    };
+    conf("");
+    let expect = {
+        let app = app_conn(&db);
+        insert(&app, 40);
+        let daemon = Daemon::start(d, &main, None);
+        daemon.expect("READY=1");
+        wait_replica_rows(&replica, d, 40);
+        let rows = dump_conn(&app);
+        let (st, _, log) = daemon.stop();
+        assert!(st.success(), "{log}");
+        rows
+    };
+    let wipe = || {
+        for f in ["e.db", "e.db-wal", "e.db-shm"] {
+            let _ = std::fs::remove_file(d.join(f));
+        }
+        let _ = std::fs::remove_dir_all(d.join(".e.db-litestream"));
+    };
+    // A fresh host: no database, no local state; the replica is unreadable.
+    wipe();
+    let away = d.join("replica-away");
+    std::fs::rename(&replica, &away).unwrap();
+    std::fs::write(&replica, b"not a directory").unwrap();
+    let daemon = Daemon::start(d, &main, None);
+    let seen = datagrams_until(&daemon, Duration::from_secs(4), "READY=1");
+    assert!(
+        !seen.iter().any(|m| m.lines().any(|l| l == "READY=1")),
+        "READY=1 while the replica could not be read: {seen:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        seen.iter().any(|m| m.contains("EXTEND_TIMEOUT_USEC=")),
+        "the start is extended while waiting: {seen:?}"
+    );
+    assert!(!db.exists());
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::rename(&away, &replica).unwrap();
+    daemon.expect("READY=1");
+    assert_eq!(dump(&db), expect, "the real data, restored before READY=1");
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("could not be read"), "{log}");
+
+    // With a give-up, the start fails loudly instead of waiting forever.
+    wipe();
+    std::fs::rename(&replica, &away).unwrap();
+    std::fs::write(&replica, b"not a directory").unwrap();
+    conf("restore_on_start_timeout = \"2s\"\n");
+    let daemon = Daemon::start(d, &main, None);
+    let (st, msgs, log) = {
+        let started = Instant::now();
+        let mut daemon = daemon;
+        let st = loop {
+            if let Some(st) = daemon.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the daemon did not give up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let msgs = datagrams_until(&daemon, Duration::from_millis(200), "READY=1");
+        (st, msgs, daemon.log())
+    };
+    assert!(!st.success(), "the start failed: {log}");
+    assert!(log.contains("restore_on_start"), "{log}");
+    assert!(!msgs.iter().any(|m| m.contains("READY=1")), "{msgs:?}");
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::rename(&away, &replica).unwrap();
+
+    // Without restore_on_start, the application creates a new, empty database on the fresh
+    // host: it must not become the latest backup over the replica's real data.
+    wipe();
+    std::fs::write(d.join("dbs.d/e.toml"), db_file(d, "e", &replica)).unwrap();
+    let app = app_conn(&db);
+    insert(&app, 3);
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = Command::new(BIN)
+            .args(["status", "--json", "--socket"])
+            .arg(d.join("control.sock"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        if v[0]["replicas"][0]["state"] == "conflict" {
+            let e = v[0]["replicas"][0]["error"].as_str().unwrap_or_default();
+            assert!(e.contains("lineage"), "{e}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lineage conflict: {v}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = d.join("latest.db");
+    let r = Command::new(BIN)
+        .args(["restore", "--config"])
+        .arg(&main)
+        .arg("-o")
+        .arg(&out)
+        .arg("e")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(dump(&out), expect, "latest is still the real data");
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("lineage"),
+        "restore says which lineage: {}",
+        String::from_utf8_lossy(&r.stdout)
+    );
+    // The operator decides the new file is the database now.
+    let a = Command::new(BIN)
+        .args(["adopt", "--config"])
+        .arg(&main)
+        .arg("e")
+        .output()
+        .unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let mut n = 0;
+    loop {
+        n += 1;
+        let probe = d.join(format!("adopted-{n}.db"));
+        let r = Command::new(BIN)
+            .args(["restore", "--no-integrity-check", "--config"])
+            .arg(&main)
+            .arg("-o")
+            .arg(&probe)
+            .arg("e")
+            .output()
+            .unwrap();
+        if r.status.success() && dump(&probe).len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(20),
+            "adoption never took effect\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+}
