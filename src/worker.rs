@@ -291,8 +291,17 @@ struct PublishState {
     syncs: u64,
     /// When every series was last written (see `REFRESH`).
     refreshed: Option<std::time::Instant>,
-    last: Option<(String, Option<Pos>)>,
+    /// What the series showed when last written: the database's state and position and each
+    /// replica's state, position, lag bytes and whether it lagged. Any change is written on the
+    /// same tick, so `/metrics` and the control socket never disagree for longer than a tick.
+    last: Option<PublishedKey>,
 }
+
+type PublishedKey = (
+    String,
+    Option<Pos>,
+    Vec<(&'static str, Option<Pos>, u64, bool)>,
+);
 
 /// How often the series of an unchanged, caught-up database are rewritten: well inside the
 /// exporter's idle timeout, and rare enough that a thousand idle databases cost nothing.
@@ -365,7 +374,23 @@ fn publish(
             _ => 0,
         };
     }
-    let now_key = (st.state.clone(), st.pos.clone());
+    let now_key: PublishedKey = (
+        st.state.clone(),
+        st.pos.clone(),
+        handle
+            .replicas
+            .iter()
+            .map(|r| {
+                let rs = r.lock().expect("status");
+                (
+                    rs.state_name(),
+                    rs.pos.clone(),
+                    rs.lag_bytes,
+                    rs.lag_seconds > 0.0,
+                )
+            })
+            .collect(),
+    );
     let due = ps.refreshed.is_none_or(|t| t.elapsed() >= REFRESH);
     if !(due
         || lagging

@@ -1445,3 +1445,78 @@ fn restore_on_start_waits_for_an_unreadable_replica_and_new_lineages_are_refused
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
 }
+
+fn socket_replica(sock: &Path) -> (String, f64, u64) {
+    let r = raw(sock, b"{\"v\":1,\"id\":1,\"cmd\":\"status\"}\n", 1);
+    let rep = &r[0]["result"][0]["replicas"][0];
+    (
+        rep["state"].as_str().unwrap_or_default().to_string(),
+        rep["lag_seconds"].as_f64().unwrap_or(-1.0),
+        rep["lag_bytes"].as_u64().unwrap_or(u64::MAX),
+    )
+}
+
+/// After a catch-up (from an outage, and after a single write), `/metrics` says what the
+/// control socket says within one tick.
+#[test]
+fn metrics_agree_with_the_socket_within_a_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let main = write_main(d, "");
+    let sock = d.join("control.sock");
+    let replica = d.join("replica");
+    std::fs::write(d.join("dbs.d/app.toml"), db_file(d, "app", &replica)).unwrap();
+    let app = app_conn(&d.join("app.db"));
+    insert(&app, 10);
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    wait_replica_rows(&replica, d, 10);
+    let lag_metrics = || {
+        let m = daemon.metrics();
+        let l = "{db=\"app\",replica=\"local\"}";
+        (
+            metric(&m, &format!("litestreamd_replica_lag_seconds{l}")),
+            metric(&m, &format!("litestreamd_replica_lag_bytes{l}")),
+            metric(
+                &m,
+                "litestreamd_replica_state{db=\"app\",replica=\"local\",state=\"healthy\"}",
+            ),
+        )
+    };
+    let caught_up_then_compare = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (state, lag, bytes) = socket_replica(&sock);
+            if state == "healthy" && lag == 0.0 && bytes == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: never caught up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // One tick is 100 ms here; a little more for scheduling.
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            lag_metrics(),
+            (Some(0.0), Some(0.0), Some(1.0)),
+            "{what}: /metrics still shows the old lag or state"
+        );
+    };
+    // An outage: the replica directory is replaced by a file, rows are written, it comes back.
+    std::fs::rename(&replica, d.join("replica-away")).unwrap();
+    std::fs::write(&replica, b"not a directory").unwrap();
+    for _ in 0..5 {
+        insert(&app, 1);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (state, lag, _) = socket_replica(&sock);
+    assert!(state != "healthy" && lag > 0.0, "{state} {lag}");
+    std::fs::remove_file(&replica).unwrap();
+    std::fs::rename(d.join("replica-away"), &replica).unwrap();
+    caught_up_then_compare("after an outage");
+    // A single write.
+    insert(&app, 1);
+    std::thread::sleep(Duration::from_millis(30));
+    caught_up_then_compare("after a single write");
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+}
