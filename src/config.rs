@@ -71,6 +71,10 @@ pub struct Defaults {
     /// Lease on each replica path (see `lease`); `0s` disables it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// How often a replica that uploads checks that its generation is still restorable (one
+    /// or two HEAD requests); `0s` disables it.
+    #[serde(with = "humantime_serde")]
+    pub restorable_check_interval: Duration,
 }
 
 impl Default for Defaults {
@@ -90,6 +94,7 @@ impl Default for Defaults {
             retention_check_interval: r.retention_check_interval,
             retry: r.retry,
             lease_ttl: r.lease_ttl,
+            restorable_check_interval: r.restorable_check_interval,
         }
     }
 }
@@ -245,6 +250,8 @@ pub struct ReplicaConfig {
     /// How long the lease on the replica path lasts; `0s` disables the lease.
     #[serde(default, with = "humantime_serde::option")]
     pub lease_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    pub restorable_check_interval: Option<Duration>,
     /// Client-side age encryption, as Litestream 0.3 stores it.
     pub age: Option<AgeConfig>,
 }
@@ -629,6 +636,9 @@ pub async fn resolve_db(
                 .unwrap_or(d.retention_check_interval),
             retry: r.retry.clone().unwrap_or_else(|| d.retry.clone()),
             lease_ttl: r.lease_ttl.unwrap_or(d.lease_ttl),
+            restorable_check_interval: r
+                .restorable_check_interval
+                .unwrap_or(d.restorable_check_interval),
         };
         if ro.sync_interval.is_zero() {
             return Err(invalid(

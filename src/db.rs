@@ -144,6 +144,8 @@ pub struct Db {
     /// What the files looked like after the last full pass, to skip passes where nothing
     /// changed (with a thousand idle databases the full pass dominated idle CPU).
     idle: Option<(FilesSig, SyncReport, Option<Pos>)>,
+    /// A replica asked for a new generation (its copy of the current one cannot be restored).
+    new_generation_requested: Option<&'static str>,
     /// Whether the file had Litestream's `_litestream_seq` table before we opened it, i.e. it
     /// has been replicated before (by Litestream or litestreamd), or is a restore of such a
     /// database; a brand-new application database has not.
@@ -191,6 +193,7 @@ impl Db {
             snapshotting: Arc::new(AtomicUsize::new(0)),
             label: String::new(),
             idle: None,
+            new_generation_requested: None,
             had_history: false,
         }
     }
@@ -285,6 +288,13 @@ impl Db {
         )
         .map_err(self.sql())?;
         Ok(conn)
+    }
+
+    /// Starts a new generation at the next pass: a replica found that objects the current one
+    /// needs are gone from it and cannot be uploaded again (see `Replica::check_restorable`).
+    pub fn request_new_generation(&mut self, reason: &'static str) {
+        self.new_generation_requested = Some(reason);
+        self.idle = None;
     }
 
     /// Whether this database replicated before (see `had_history`); meaningful once open.
@@ -566,7 +576,7 @@ impl Db {
             self.bump_seq()?;
         }
         let v = self.verify()?;
-        if let Some(reason) = v.reason {
+        if let Some(reason) = v.reason.or(self.new_generation_requested.take()) {
             self.create_generation(reason)?;
             report.new_generation = Some(reason.to_string());
         } else {

@@ -107,6 +107,9 @@ pub struct Lease {
     database: String,
     /// The version of our lease object and when, by our own clock, it expires.
     held: Option<(String, Instant)>,
+    /// Our lease object disappeared while we held it (not taken over: gone), which is what an
+    /// emptied bucket looks like; the replica checks its backups at once (`take_vanished`).
+    vanished: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -133,6 +136,7 @@ impl Lease {
             instance,
             database: database.to_string(),
             held: None,
+            vanished: false,
         }
     }
 
@@ -169,10 +173,32 @@ impl Lease {
                 self.held = Some((v, started + self.ttl));
                 return Ok(());
             }
-            warn!(url = %self.store.url(), "lease was taken by another replicator");
             self.held = None;
+            let current = self.store.get_versioned(LEASE_KEY).await?;
+            if current.is_none() {
+                warn!(url = %self.store.url(), "our lease object vanished from the replica path (was the bucket emptied?); taking it again and checking that the backups are still there");
+                self.vanished = true;
+            } else {
+                warn!(url = %self.store.url(), "lease was taken by another replicator");
+            }
+            return self.acquire(current, started).await;
         }
-        let cond = match self.store.get_versioned(LEASE_KEY).await? {
+        let current = self.store.get_versioned(LEASE_KEY).await?;
+        self.acquire(current, started).await
+    }
+
+    /// Whether the lease object vanished since the last call (see `vanished`).
+    pub fn take_vanished(&mut self) -> bool {
+        std::mem::take(&mut self.vanished)
+    }
+
+    /// Takes the lease given the object's current content (None: absent).
+    async fn acquire(
+        &mut self,
+        current: Option<(Vec<u8>, String)>,
+        started: Instant,
+    ) -> Result<(), LeaseError> {
+        let cond = match current {
             None => Precondition::Absent,
             Some((data, version)) => {
                 let doc: LeaseDoc =

@@ -46,6 +46,9 @@ pub enum ReplicaError {
     },
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    /// Objects the current generation needs are gone from the replica: a restore would fail.
+    #[error("{0}")]
+    NotRestorable(String),
 }
 
 /// Capped exponential backoff with full jitter.
@@ -93,6 +96,9 @@ pub struct ReplicaOptions {
     pub retry: RetryPolicy,
     /// How long a lease on the replica path lasts (see `lease`); zero disables the lease.
     pub lease_ttl: Duration,
+    /// How often, while it uploads, a replica checks that the objects its generation restores
+    /// from are still there (see `Replica::check_restorable`); zero disables the check.
+    pub restorable_check_interval: Duration,
 }
 
 impl Default for ReplicaOptions {
@@ -105,6 +111,7 @@ impl Default for ReplicaOptions {
             retention_check_interval: Duration::from_secs(3600),
             retry: RetryPolicy::default(),
             lease_ttl: lease::DEFAULT_TTL,
+            restorable_check_interval: Duration::from_secs(60),
         }
     }
 }
@@ -197,6 +204,11 @@ pub struct Replica {
     lease: Option<Lease>,
     /// In-memory remote position; None means "recompute from the remote listing".
     pos: Option<Pos>,
+    /// The snapshot the current generation restores from on this replica (the newest).
+    restore_snapshot: Option<u32>,
+    /// When restorability was last checked, and whether segments went up since.
+    checked_at: Option<tokio::time::Instant>,
+    uploaded_since_check: bool,
     status: Arc<Mutex<ReplicaStatus>>,
     attempt: u32,
 }
@@ -212,6 +224,9 @@ impl Replica {
             client,
             lease,
             pos: None,
+            restore_snapshot: None,
+            checked_at: None,
+            uploaded_since_check: false,
             status: Arc::new(Mutex::new(status)),
             attempt: 0,
         }
@@ -336,10 +351,13 @@ impl Replica {
                 Ok(m) => m.len(),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     if pos.index < dpos.index {
-                        return Err(ReplicaError::Inconsistent(format!(
-                            "{}: shadow WAL for replica position {pos} is gone; a new snapshot is needed",
-                            path.display()
-                        )));
+                        // The replica holds less than the local shadow still has (its position
+                        // was recomputed from an older remote state): it cannot catch up
+                        // segment by segment, so it starts again from a new snapshot.
+                        warn!(db = %shared.name, replica = %self.opts.name, %pos, shadow = %path.display(), "the shadow WAL this replica would continue from is gone; taking a new snapshot");
+                        self.pos = None;
+                        self.snapshot(shared).await?;
+                        return Ok(());
                     }
                     break;
                 }
@@ -369,9 +387,79 @@ impl Replica {
             let n = self.upload_segment(&shared.name, &path, &pos, end).await?;
             pos.offset = end;
             self.pos = Some(pos.clone());
+            self.uploaded_since_check = true;
             let mut st = self.status.lock().expect("status lock");
             st.uploaded_bytes += n;
             st.pos = self.pos.clone();
+        }
+        let vanished = self.lease.as_mut().is_some_and(|l| l.take_vanished());
+        if vanished || self.restorable_check_due() {
+            self.check_restorable(shared, &pos).await?;
+        }
+        Ok(())
+    }
+
+    fn restorable_check_due(&self) -> bool {
+        let iv = self.opts.restorable_check_interval;
+        !iv.is_zero()
+            && self.uploaded_since_check
+            && self.checked_at.is_none_or(|t| t.elapsed() >= iv)
+    }
+
+    /// Checks that this replica can still restore the generation it extends, with one or two
+    /// HEAD requests: the snapshot its restores start from, and the first segment of the
+    /// current WAL index — the objects no later upload would put back. It runs at most every
+    /// `restorable_check_interval` while segments go up (an idle replica makes no requests),
+    /// and at once when the lease object vanished. The segments in between are `verify`'s to
+    /// check: a listing each time would cost far more.
+    ///
+    /// A missing snapshot (an emptied bucket, a lifecycle rule, a deletion) makes the replica
+    /// recompute its position from the listing, which takes a new snapshot when the generation
+    /// has none; a missing segment, which cannot be uploaded again under the same name, starts
+    /// a new generation. Either way the replica reports the loss (it is not healthy) until it
+    /// is restorable again.
+    async fn check_restorable(
+        &mut self,
+        shared: &Arc<DbShared>,
+        pos: &Pos,
+    ) -> Result<(), ReplicaError> {
+        self.checked_at = Some(tokio::time::Instant::now());
+        self.uploaded_since_check = false;
+        let Some(snap) = self.restore_snapshot else {
+            return Ok(());
+        };
+        let generation = &pos.generation;
+        let labels = [
+            ("db", shared.name.clone()),
+            ("replica", self.opts.name.clone()),
+        ];
+        if !self.client.snapshot_exists(generation, snap).await? {
+            self.pos = None;
+            self.restore_snapshot = None;
+            metrics::counter!(telemetry::REPLICA_NOT_RESTORABLE, &labels).increment(1);
+            return Err(ReplicaError::NotRestorable(format!(
+                "{}: is gone (the bucket was emptied, a lifecycle rule, a deletion?); nothing can be restored from this replica until a new snapshot is written, which starts now",
+                self.client.snapshot_key(generation, snap)
+            )));
+        }
+        if pos.offset > 0 && pos.index >= snap {
+            let first = Pos::new(generation.clone(), pos.index, 0);
+            if !self.client.wal_segment_exists(&first).await? {
+                self.pos = None;
+                let sh = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    sh.db.lock().expect("db lock").request_new_generation(
+                        "a replica lost WAL segments of the current generation",
+                    )
+                })
+                .await
+                .expect("db task");
+                metrics::counter!(telemetry::REPLICA_NOT_RESTORABLE, &labels).increment(1);
+                return Err(ReplicaError::NotRestorable(format!(
+                    "{}: is gone, so the latest position cannot be restored from this replica; a new generation starts",
+                    self.client.wal_segment_key(&first)
+                )));
+            }
         }
         Ok(())
     }
@@ -406,7 +494,7 @@ impl Replica {
 
     /// The remote position: the highest snapshot index, or the end of the last segment, whose
     /// uncompressed length is learnt by reading it.
-    async fn calc_pos(&self, generation: &str) -> Result<Pos, ReplicaError> {
+    async fn calc_pos(&mut self, generation: &str) -> Result<Pos, ReplicaError> {
         let snap = self
             .client
             .snapshots(generation)
@@ -421,6 +509,7 @@ impl Replica {
                 ))
             })?;
         let segs = self.client.wal_segments(generation).await?;
+        self.restore_snapshot = Some(snap);
         let Some(last) = segs.last().filter(|s| s.index >= snap) else {
             return Ok(Pos::new(generation, snap, 0));
         };
@@ -479,6 +568,7 @@ impl Replica {
             .is_some_and(|p| p.generation == pos.generation)
         {
             // Keep the position; the snapshot adds a restore point but changes no WAL offsets.
+            self.restore_snapshot = self.restore_snapshot.max(Some(pos.index));
         } else {
             self.pos = None;
         }

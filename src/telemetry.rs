@@ -34,6 +34,7 @@ pub const REPLICA_WAL_BYTES: &str = "litestreamd_replica_wal_bytes_total";
 pub const REPLICA_RETRIES: &str = "litestreamd_replica_retries_total";
 pub const REPLICA_ERRORS: &str = "litestreamd_replica_errors_total";
 pub const REPLICA_LEASE_CONFLICTS: &str = "litestreamd_replica_lease_conflicts_total";
+pub const REPLICA_NOT_RESTORABLE: &str = "litestreamd_replica_not_restorable_total";
 pub const REPLICA_OPERATIONS: &str = "litestreamd_replica_operations_total";
 pub const REPLICA_OPERATION_BYTES: &str = "litestreamd_replica_operation_bytes_total";
 pub const DATABASES: &str = "litestreamd_databases";
@@ -50,6 +51,7 @@ pub const REPLICA_COUNTERS: &[&str] = &[
     REPLICA_RETRIES,
     REPLICA_ERRORS,
     REPLICA_LEASE_CONFLICTS,
+    REPLICA_NOT_RESTORABLE,
     SNAPSHOTS,
 ];
 pub const REPLICA_STATES: &[&str] = &["starting", "healthy", "retrying", "failed", "conflict"];
@@ -168,8 +170,12 @@ fn describe() {
         "Sync attempts refused because another replicator holds the replica path's lease."
     );
     describe_counter!(
+        REPLICA_NOT_RESTORABLE,
+        "Times the replica found objects its generation restores from gone (a new snapshot or generation follows)."
+    );
+    describe_counter!(
         REPLICA_OPERATIONS,
-        "Object store requests by backend type and operation (GET, PUT, LIST, DELETE)."
+        "Object store requests by backend type and operation (GET, PUT, LIST, DELETE, HEAD)."
     );
     describe_counter!(
         REPLICA_OPERATION_BYTES,

@@ -187,6 +187,19 @@ impl ObjectStore for FileStore {
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, f)))
     }
 
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        match tokio::fs::metadata(self.path(key)).await {
+            Ok(m) if m.is_file() => Ok(Some(ObjectInfo {
+                name: key.rsplit('/').next().unwrap_or(key).to_string(),
+                size: m.len(),
+                modified: m.modified().map_err(|e| self.io_err("head", key, e))?,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io_err("head", key, e)),
+        }
+    }
+
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
         for key in keys {
             match tokio::fs::remove_file(self.path(key)).await {

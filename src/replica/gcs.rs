@@ -301,6 +301,27 @@ impl ObjectStore for GcsStore {
         Ok(Box::pin(StreamReader::new(stream)))
     }
 
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let req = GetObjectRequest {
+            bucket: self.cfg.bucket.clone(),
+            object: self.key(key),
+            ..Default::default()
+        };
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "HEAD").increment(1);
+        match self.client.get_object(&req).await {
+            Ok(m) => Ok(Some(ObjectInfo {
+                name: key.rsplit('/').next().unwrap_or(key).to_string(),
+                size: m.size.max(0) as u64,
+                modified: m
+                    .time_created
+                    .map(SystemTime::from)
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            })),
+            Err(GcsError::Response(r)) if r.code == 404 => Ok(None),
+            Err(e) => Err(self.err("head", key, e)),
+        }
+    }
+
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
         // The JSON API deletes one object per request (batch requests are a separate multipart
         // protocol the client does not offer); retention deletes are rare and bounded.

@@ -99,6 +99,9 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// stream that ends in an error leaves nothing behind.
     async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// Whether an object exists, and its size and time (S3 HEAD, GCS metadata, file stat):
+    /// one small request, for checks that must stay cheap.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError>;
     /// Deletes objects; missing ones are not an error.
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError>;
     /// Deletes everything under a directory.
@@ -393,6 +396,29 @@ impl ReplicaClient {
         self.store
             .delete_dir(&layout::generation_dir("", generation))
             .await
+    }
+
+    /// Whether a snapshot exists (one HEAD).
+    pub async fn snapshot_exists(&self, generation: &str, index: u32) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .head(&layout::snapshot_key("", generation, index))
+            .await?
+            .is_some())
+    }
+
+    /// Whether a WAL segment exists (one HEAD).
+    pub async fn wal_segment_exists(&self, pos: &Pos) -> Result<bool, StoreError> {
+        Ok(self
+            .store
+            .head(&layout::wal_segment_key(
+                "",
+                &pos.generation,
+                pos.index,
+                pos.offset,
+            ))
+            .await?
+            .is_some())
     }
 
     /// The key of a segment, as named in errors.

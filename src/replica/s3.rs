@@ -407,6 +407,28 @@ impl ObjectStore for S3Store {
         Ok(Box::pin(out.body.into_async_read()))
     }
 
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "HEAD").increment(1);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectInfo {
+                name: key.rsplit('/').next().unwrap_or(key).to_string(),
+                size: out.content_length().unwrap_or(0) as u64,
+                modified: to_system_time(out.last_modified()),
+            })),
+            Err(e) => match self.err("head", key, e) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
         for chunk in keys.chunks(1000) {
             let ids: Vec<ObjectIdentifier> = chunk
