@@ -314,6 +314,10 @@ pub struct DbConfig {
     pub busy_timeout: Option<Duration>,
     #[serde(default)]
     pub restore_on_start: RestoreOnStart,
+    /// How long the daemon's start waits for restore_on_start before it fails (the replicas
+    /// cannot be read); `0s` or unset: wait as long as it takes.
+    #[serde(default, with = "humantime_serde::option")]
+    pub restore_on_start_timeout: Option<Duration>,
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -653,6 +657,7 @@ pub async fn resolve_db(
         path,
         opts,
         replicas,
+        restore_on_start: db.restore_on_start == RestoreOnStart::IfMissing,
     })
 }
 

@@ -6,6 +6,7 @@
 //! * [`compress`] — LZ4 frames and streaming uploads;
 //! * [`replica`] — replica targets (object stores) and the layout on top of them;
 //! * [`db`] — the database side of the engine: read lock, shadow WAL, checkpoints;
+//! * [`lineage`] — which database a replica path belongs to;
 //! * [`replicator`] — the replica side: segment and snapshot uploads, retention, status;
 //! * [`worker`] — one database's tasks and their shutdown;
 //! * [`restore`] — restore and point-in-time restore;
@@ -24,6 +25,7 @@ pub mod db;
 pub mod import;
 pub mod layout;
 pub mod lease;
+pub mod lineage;
 pub mod notify;
 pub mod replica;
 pub mod replicator;

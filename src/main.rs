@@ -114,6 +114,18 @@ enum Command {
     },
     /// Restore a database from a replica, optionally to a point in time.
     Restore(RestoreArgs),
+    /// Make the database file as it is now the one its replica paths belong to: a new lineage,
+    /// its backups the latest from now on (after the application replaced the database with a
+    /// new one on purpose). The older backups stay until retention removes them.
+    Adopt {
+        /// The database's name (or path) in the configuration.
+        db: String,
+        /// Only this replica (by name).
+        #[arg(long)]
+        replica: Option<String>,
+        #[arg(long, short, env = "LITESTREAMD_CONFIG", default_value = config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// List the generations of a database's replicas.
     Generations(ListArgs),
     /// List the snapshots of a database's replicas.
@@ -366,10 +378,16 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 path,
                 opts,
                 replicas,
+                restore_on_start: false,
             }])
             .await
         }
         Command::Restore(a) => restore_cmd(a).await,
+        Command::Adopt {
+            db,
+            replica,
+            config,
+        } => adopt_cmd(&db, replica, &config).await,
         Command::Generations(a) => list_cmd(ListKind::Generations, a).await,
         Command::Snapshots(a) => list_cmd(ListKind::Snapshots, a).await,
         Command::Wal(a) => list_cmd(ListKind::Wal, a).await,
@@ -438,6 +456,21 @@ async fn run(config_path: &Path) -> Result<()> {
         errors = report.errors.len(),
         "configuration loaded"
     );
+    match wait_for_restores(&mut sup, &mut term, &mut int).await {
+        Ok(true) => {}
+        Ok(false) => {
+            notify::stopping();
+            sup.shutdown(|| notify::extend_timeout(Duration::from_secs(5)))
+                .await;
+            return Ok(());
+        }
+        Err(e) => {
+            notify::stopping();
+            sup.shutdown(|| notify::extend_timeout(Duration::from_secs(5)))
+                .await;
+            return Err(e);
+        }
+    }
     let mut status = sup.summary();
     notify::ready(&status);
 
@@ -495,6 +528,54 @@ async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `restore_on_start`: READY=1 waits until every database that needed a restore has it, or
+/// every replica answered that there is no backup; meanwhile systemd's start timeout is
+/// extended and STATUS= says what is awaited. A database whose `restore_on_start_timeout`
+/// passes fails the start (an error, exit status 1). Returns false on SIGTERM/SIGINT.
+async fn wait_for_restores(
+    sup: &mut Supervisor,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Result<bool> {
+    let mut last_extend: Option<std::time::Instant> = None;
+    loop {
+        let restoring = sup.restoring();
+        if restoring.is_empty() {
+            return Ok(true);
+        }
+        if let Some(r) = restoring
+            .iter()
+            .find(|r| r.timeout.is_some_and(|t| r.elapsed >= t))
+        {
+            tracing::error!(db = %r.name, "restore_on_start gave up; failing the start");
+            bail!(
+                "restore_on_start of {} gave up after {} (restore_on_start_timeout): {}",
+                r.name,
+                humantime::format_duration(Duration::from_secs(r.elapsed.as_secs())),
+                r.last_error.as_deref().unwrap_or("no restore finished")
+            );
+        }
+        if last_extend.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            notify::extend_timeout(Duration::from_secs(15));
+            let names: Vec<String> = restoring
+                .iter()
+                .map(|r| match &r.last_error {
+                    Some(e) => format!("{} ({e})", r.name),
+                    None => r.name.clone(),
+                })
+                .collect();
+            notify::status(&format!("restoring before start: {}", names.join("; ")));
+            last_extend = Some(std::time::Instant::now());
+        }
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM while restoring: stopping"); return Ok(false); }
+            _ = int.recv() => { info!("SIGINT while restoring: stopping"); return Ok(false); }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        sup.check_workers().await;
+    }
+}
+
 async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<()> {
     let mut client = control::client::Client::connect(socket).await?;
     let dbs = client.status().await?;
@@ -534,11 +615,15 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
     }
     let mut problems = Vec::new();
     for d in &dbs {
-        if d.state == "error" {
+        if d.state == "error" || d.state == "restoring" {
             problems.push(format!(
-                "{}: {}",
+                "{}: {}{}",
                 d.name,
-                d.last_error.as_deref().unwrap_or("error")
+                d.state,
+                d.last_error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
             ));
         }
         for r in &d.replicas {
@@ -637,7 +722,7 @@ async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
 }
 
 /// The replicas a command works on: from a URL, or from the configured database.
-async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf>)> {
+async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<DbSpec>)> {
     if replica::is_url(&t.target) {
         let keys = AgeArgs {
             recipient_files: Vec::new(),
@@ -660,9 +745,9 @@ async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf
     let spec = cfg.resolve(&name, db).await?;
     let replicas: Vec<NamedReplica> = spec
         .replicas
-        .into_iter()
+        .iter()
         .filter(|(o, _)| t.replica.as_ref().is_none_or(|r| *r == o.name))
-        .map(|(o, c)| (o.name, c))
+        .map(|(o, c)| (o.name.clone(), c.clone()))
         .collect();
     if replicas.is_empty() {
         bail!(
@@ -670,17 +755,29 @@ async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<PathBuf
             t.replica.as_deref().unwrap_or("")
         );
     }
-    Ok((replicas, Some(spec.path)))
+    Ok((replicas, Some(spec)))
 }
 
 async fn restore_cmd(a: RestoreArgs) -> Result<()> {
-    let (replicas, db_path) = resolve_target(&a.target).await?;
-    let output = match (a.output, db_path) {
+    let (replicas, spec) = resolve_target(&a.target).await?;
+    let output = match (a.output, &spec) {
         (Some(o), _) => o,
-        (None, Some(p)) => p,
+        (None, Some(s)) => s.path.clone(),
         (None, None) => bail!("-o/--output is required when restoring from a URL"),
     };
-    let mut opts = RestoreOptions::new(output);
+    let mut opts = RestoreOptions::new(&output);
+    if let Some(spec) = &spec {
+        // A configured database: never another database's backups, and a restore to its own
+        // path continues the lineage it restored.
+        let meta = meta_dir(spec);
+        opts.expect_lineage = litestreamd::db::Db::new(&spec.path, spec.opts.clone())
+            .lineage()
+            .ok()
+            .flatten();
+        if std::path::absolute(&output).ok() == Some(spec.path.clone()) {
+            opts.record_lineage = Some(meta);
+        }
+    }
     opts.generation = a.generation;
     opts.index = a.index;
     opts.timestamp = a.timestamp;
@@ -692,6 +789,12 @@ async fn restore_cmd(a: RestoreArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
     } else if let RestoreOutcome::Restored(s) = &outcome {
+        match &s.lineage {
+            Some(o) => println!("replica path {}", o.describe()),
+            None => println!(
+                "replica path without an owner record (lineage unknown: written by Litestream or an older litestreamd)"
+            ),
+        }
         for m in &s.moved_aside {
             println!(
                 "moved aside {} (a stale file beside the output)",
@@ -712,6 +815,47 @@ async fn restore_cmd(a: RestoreArgs) -> Result<()> {
             } else {
                 ""
             }
+        );
+    }
+    Ok(())
+}
+
+fn meta_dir(spec: &DbSpec) -> litestreamd::layout::MetaDir {
+    match &spec.opts.meta_path {
+        Some(p) => litestreamd::layout::MetaDir { root: p.clone() },
+        None => litestreamd::layout::MetaDir::for_db(&spec.path),
+    }
+}
+
+async fn adopt_cmd(db: &str, replica: Option<String>, config: &Path) -> Result<()> {
+    use litestreamd::lineage;
+    let (replicas, spec) = resolve_target(&Target {
+        target: db.to_string(),
+        replica,
+        config: config.to_path_buf(),
+        age_identity_files: Vec::new(),
+    })
+    .await?;
+    let spec = spec.with_context(|| format!("{db}: adopt needs a configured database"))?;
+    // A new lineage for the file as it is now; the running daemon reads it at its next attempt.
+    let l = lineage::new_lineage();
+    litestreamd::db::write_lineage(&meta_dir(&spec), &l)?;
+    let owner = lineage::Owner::new(&l, &spec.path.display().to_string());
+    for (name, client) in &replicas {
+        let cond = match lineage::read(client.store()).await? {
+            Some((old, version)) => {
+                println!("{name}: was {}", old.describe());
+                litestreamd::replica::Precondition::Version(version)
+            }
+            None => litestreamd::replica::Precondition::Absent,
+        };
+        if !lineage::claim(client.store(), &owner, &cond).await? {
+            bail!("{name}: the owner record changed while it was replaced; run adopt again");
+        }
+        println!(
+            "{name}: {} now belongs to {}",
+            client.url(),
+            owner.describe()
         );
     }
     Ok(())

@@ -16,6 +16,7 @@ use crate::compress;
 use crate::db::{Db, DbError};
 use crate::layout::{MetaDir, Pos};
 use crate::lease::{self, Lease, LeaseError};
+use crate::lineage::{self, Decision, LineageError};
 use crate::replica::{ReplicaClient, StoreError};
 use crate::telemetry;
 use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
@@ -46,6 +47,8 @@ pub enum ReplicaError {
     },
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Lineage(#[from] LineageError),
     /// Objects the current generation needs are gone from the replica: a restore would fail.
     #[error("{0}")]
     NotRestorable(String),
@@ -209,6 +212,8 @@ pub struct Replica {
     /// When restorability was last checked, and whether segments went up since.
     checked_at: Option<tokio::time::Instant>,
     uploaded_since_check: bool,
+    /// The replica path was found to belong to this database's lineage (see `lineage`).
+    lineage_ok: bool,
     status: Arc<Mutex<ReplicaStatus>>,
     attempt: u32,
 }
@@ -227,6 +232,7 @@ impl Replica {
             restore_snapshot: None,
             checked_at: None,
             uploaded_since_check: false,
+            lineage_ok: false,
             status: Arc::new(Mutex::new(status)),
             attempt: 0,
         }
@@ -283,7 +289,11 @@ impl Replica {
                 st.retries += 1;
                 st.last_error = Some(e.to_string());
                 let error = e.to_string();
-                let conflict = matches!(e, ReplicaError::Lease(LeaseError::Held { .. }));
+                let conflict = matches!(
+                    e,
+                    ReplicaError::Lease(LeaseError::Held { .. })
+                        | ReplicaError::Lineage(LineageError::Conflict { .. })
+                );
                 st.state = if conflict {
                     ReplicaState::Conflict {
                         attempt: self.attempt,
@@ -326,6 +336,8 @@ impl Replica {
             return Ok(());
         };
         if self.pos.as_ref().map(|p| &p.generation) != Some(&dpos.generation) {
+            // Before anything is written: is this path this database's?
+            self.check_lineage(shared).await?;
             if self.client.snapshots(&dpos.generation).await?.is_empty() {
                 let taken = self.snapshot(shared).await?;
                 if taken.as_ref().map(|p| &p.generation) != Some(&dpos.generation) {
@@ -396,6 +408,78 @@ impl Replica {
         if vanished || self.restorable_check_due() {
             self.check_restorable(shared, &pos).await?;
         }
+        Ok(())
+    }
+
+    /// Makes sure the replica path belongs to this database's lineage, claiming it if free,
+    /// and settles the database's lineage on this host if it has none yet (see `lineage`).
+    async fn check_lineage(&mut self, shared: &Arc<DbShared>) -> Result<(), ReplicaError> {
+        if self.lineage_ok {
+            return Ok(());
+        }
+        let store = self.client.store().clone();
+        let owner = lineage::read(&store).await?;
+        let has_generations = match &owner {
+            Some(_) => true,
+            None => !self.client.generations().await?.is_empty(),
+        };
+        let (sh, o) = (shared.clone(), owner.as_ref().map(|(o, _)| o.clone()));
+        let settled = tokio::task::spawn_blocking(move || -> Result<_, ReplicaError> {
+            // Under the database's lock, so two replicas settle one lineage, not two.
+            let db = sh.db.lock().expect("db lock");
+            if let Some(l) = db.lineage()? {
+                return Ok(Ok(l));
+            }
+            match lineage::decide(o.as_ref(), has_generations, db.had_history()) {
+                Decision::Adopt(l) => {
+                    info!(db = %sh.name, lineage = %l, "this database continues the lineage its replica holds");
+                    db.set_lineage(&l)?;
+                    Ok(Ok(l))
+                }
+                Decision::New => {
+                    let l = lineage::new_lineage();
+                    info!(db = %sh.name, lineage = %l, "new database lineage");
+                    db.set_lineage(&l)?;
+                    Ok(Ok(l))
+                }
+                Decision::Refuse(reason) => Ok(Err(reason)),
+            }
+        })
+        .await
+        .expect("lineage task")?;
+        let conflict = |reason: String| {
+            ReplicaError::Lineage(LineageError::Conflict {
+                url: self.client.url(),
+                reason,
+            })
+        };
+        let local = settled.map_err(conflict)?;
+        let database = shared.db_path().display().to_string();
+        let other = match owner {
+            Some((o, _)) if o.lineage == local => None,
+            Some((o, _)) => Some(o),
+            None => {
+                let mine = lineage::Owner::new(&local, &database);
+                if lineage::claim(&store, &mine, &crate::replica::Precondition::Absent).await? {
+                    info!(db = %shared.name, replica = %self.opts.name, lineage = %local, "claimed the replica path for this database");
+                    None
+                } else {
+                    // Someone claimed it first: whose is it?
+                    lineage::read(&store)
+                        .await?
+                        .map(|(o, _)| o)
+                        .filter(|o| o.lineage != local)
+                }
+            }
+        };
+        if let Some(o) = other {
+            return Err(conflict(format!(
+                "this replica path belongs to {}, not to this database (lineage {local}): are two databases configured with one replica path? Nothing is written here; give this database its own path, or run `litestreamd adopt {}` if this file really is that database now",
+                o.describe(),
+                shared.name
+            )));
+        }
+        self.lineage_ok = true;
         Ok(())
     }
 

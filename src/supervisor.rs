@@ -14,18 +14,27 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, DbConfig, Defaults, RestoreOnStart};
+use crate::config::{Config, ConfigError, DbConfig, Defaults};
 use crate::control::server::{DbEntry, Registry};
-use crate::restore::{self, RestoreOptions, RestoreOutcome};
 use crate::telemetry;
 use crate::worker::{self, DbSpec, DbStatus, WorkerHandle};
 
 struct Running {
     /// The configuration it runs with (file + the defaults that applied).
     cfg: (DbConfig, Defaults),
+    started: Instant,
     handle: WorkerHandle,
     join: tokio::task::JoinHandle<()>,
     cancel: CancellationToken,
+}
+
+/// A database its worker is restoring (see [`Supervisor::restoring`]).
+#[derive(Debug, Clone)]
+pub struct Restoring {
+    pub name: String,
+    pub elapsed: Duration,
+    pub timeout: Option<Duration>,
+    pub last_error: Option<String>,
 }
 
 /// What a reload did.
@@ -150,12 +159,8 @@ impl Supervisor {
                     continue;
                 }
             };
-            if db.restore_on_start == RestoreOnStart::IfMissing
-                && let Err(e) = restore_if_missing(&spec).await
-            {
-                error!(db = %name, error = %e, "restore_on_start failed; the worker waits for the database file");
-                report.errors.push(format!("{name}: restore_on_start: {e}"));
-            }
+            // A missing database with restore_on_start is restored by its worker, in its own
+            // task, before it replicates (see `worker::restore_missing`).
             self.spawn(name.clone(), wanted, spec);
         }
         record_reload(&report);
@@ -177,6 +182,7 @@ impl Supervisor {
             name,
             Running {
                 cfg,
+                started: Instant::now(),
                 handle,
                 join,
                 cancel,
@@ -235,6 +241,23 @@ impl Supervisor {
         }
     }
 
+    /// Databases whose worker is still restoring them (restore_on_start): name, how long it
+    /// has been trying, its configured give-up (None: no limit) and its last error.
+    pub fn restoring(&self) -> Vec<Restoring> {
+        self.running
+            .iter()
+            .filter_map(|(n, r)| {
+                let st = r.handle.status();
+                (st.state == "restoring").then(|| Restoring {
+                    name: n.clone(),
+                    elapsed: r.started.elapsed(),
+                    timeout: r.cfg.0.restore_on_start_timeout.filter(|t| !t.is_zero()),
+                    last_error: st.last_error,
+                })
+            })
+            .collect()
+    }
+
     pub fn statuses(&self) -> Vec<DbStatus> {
         self.running.values().map(|r| r.handle.status()).collect()
     }
@@ -273,6 +296,9 @@ impl Supervisor {
             st.len(),
             if st.len() == 1 { "" } else { "s" }
         )];
+        if let Some(n) = by_state.get("restoring") {
+            parts.push(format!("{n} restoring"));
+        }
         if let Some(n) = by_state.get("waiting") {
             parts.push(format!("{n} waiting for their file"));
         }
@@ -328,32 +354,4 @@ fn record_reload(report: &ReloadReport) {
     let result = if report.ok() { "ok" } else { "failed" };
     metrics::counter!(telemetry::RELOADS, "result" => result).increment(1);
     metrics::gauge!(telemetry::RELOAD_OK).set(if report.ok() { 1.0 } else { 0.0 });
-}
-
-/// `restore_on_start = "if-missing"`: restores a missing database from its replicas.
-async fn restore_if_missing(spec: &DbSpec) -> Result<(), restore::RestoreError> {
-    if spec.path.exists() {
-        return Ok(());
-    }
-    // A -wal, -shm or -journal without its database belongs to the deleted file: restore moves
-    // it aside before the restored database appears (see `restore::Output`).
-    info!(db = %spec.name, path = %spec.path.display(), "database missing; restoring from its replicas before starting");
-    let replicas: Vec<restore::NamedReplica> = spec
-        .replicas
-        .iter()
-        .map(|(o, c)| (o.name.clone(), c.clone()))
-        .collect();
-    let mut opts = RestoreOptions::new(&spec.path);
-    opts.if_replica_exists = true;
-    opts.if_db_not_exists = true;
-    match restore::restore(&replicas, &opts).await? {
-        RestoreOutcome::Restored(s) => {
-            info!(db = %spec.name, generation = %s.generation, bytes = s.bytes, "restored on start")
-        }
-        RestoreOutcome::NoBackups => {
-            warn!(db = %spec.name, "no backup to restore from; waiting for the database file")
-        }
-        RestoreOutcome::SkippedExists => {}
-    }
-    Ok(())
 }

@@ -55,7 +55,14 @@ pub const REPLICA_COUNTERS: &[&str] = &[
     SNAPSHOTS,
 ];
 pub const REPLICA_STATES: &[&str] = &["starting", "healthy", "retrying", "failed", "conflict"];
-pub const DB_STATES: &[&str] = &["starting", "waiting", "replicating", "error", "stopped"];
+pub const DB_STATES: &[&str] = &[
+    "starting",
+    "restoring",
+    "waiting",
+    "replicating",
+    "error",
+    "stopped",
+];
 
 #[derive(Debug, Error)]
 pub enum TelemetryError {

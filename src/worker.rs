@@ -26,13 +26,17 @@ pub struct DbSpec {
     pub path: PathBuf,
     pub opts: DbOptions,
     pub replicas: Vec<(ReplicaOptions, ReplicaClient)>,
+    /// `restore_on_start = "if-missing"`: restore the database before replicating it when the
+    /// file is missing, retrying until the replicas answer (see [`restore_missing`]).
+    pub restore_on_start: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
 pub struct DbStatus {
     pub name: String,
     pub path: PathBuf,
-    /// `waiting` (no database file yet), `replicating`, `error`, `stopped`.
+    /// `starting`, `restoring` (restore_on_start), `waiting` (no database file yet),
+    /// `replicating`, `error`, `stopped`.
     pub state: String,
     pub pos: Option<Pos>,
     pub last_error: Option<String>,
@@ -134,6 +138,10 @@ async fn run(
     handle: WorkerHandle,
     mut commands: mpsc::Receiver<Command>,
 ) {
+    if spec.restore_on_start && !restore_phase(&spec, &handle, &shutdown, &mut commands).await {
+        handle.status.lock().expect("status").state = "stopped".into();
+        return;
+    }
     let meta = match &spec.opts.meta_path {
         Some(p) => MetaDir { root: p.clone() },
         None => MetaDir::for_db(&spec.path),
@@ -243,6 +251,113 @@ async fn run(
     let _ = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").close()).await;
     handle.status.lock().expect("status").state = "stopped".into();
     info!(db = %spec.name, "stopped");
+}
+
+/// `restore_on_start`: restores the missing database before it is replicated, retrying with
+/// backoff for as long as it takes (the daemon decides whether to give up at start, see
+/// `Supervisor::restoring`). Commands are answered with an error meanwhile. Returns false if
+/// shutdown came first.
+async fn restore_phase(
+    spec: &DbSpec,
+    handle: &WorkerHandle,
+    shutdown: &CancellationToken,
+    commands: &mut mpsc::Receiver<Command>,
+) -> bool {
+    let retry = spec
+        .replicas
+        .first()
+        .map(|(o, _)| o.retry.clone())
+        .unwrap_or_default();
+    handle.status.lock().expect("status").state = "restoring".into();
+    let mut attempt = 0;
+    loop {
+        let outcome = {
+            let restore = restore_missing(spec);
+            tokio::pin!(restore);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return false,
+                    r = &mut restore => break r,
+                    Some(cmd) = commands.recv() => refuse_while_restoring(cmd),
+                }
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                let mut st = handle.status.lock().expect("status");
+                st.state = "starting".into();
+                st.last_error = None;
+                return true;
+            }
+            Err(e) => {
+                attempt += 1;
+                let delay = retry.delay(attempt);
+                warn!(db = %spec.name, attempt, retry_in = ?delay, error = %e, "restore_on_start: the replicas could not be read or the restore failed; the database is not started empty, retrying");
+                handle.status.lock().expect("status").last_error =
+                    Some(format!("restore_on_start: {e}"));
+                let wait = tokio::time::sleep(delay);
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = &mut wait => break,
+                        Some(cmd) = commands.recv() => refuse_while_restoring(cmd),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn refuse_while_restoring(cmd: Command) {
+    let msg = || "the database is being restored (restore_on_start)".to_string();
+    match cmd {
+        Command::Sync(r) => {
+            let _ = r.send(Err(msg()));
+        }
+        Command::Checkpoint(_, r) | Command::Snapshot(r) => {
+            let _ = r.send(Err(msg()));
+        }
+    }
+}
+
+/// Restores a missing database from its replicas. "No backup" (every replica answered and none
+/// holds one) is success: the database starts empty. A replica that cannot be read, or a
+/// restore that fails, is an error: retried, never taken as "no backup" (an empty database
+/// would then become the newest backup over the real one).
+pub async fn restore_missing(spec: &DbSpec) -> Result<(), crate::restore::RestoreError> {
+    use crate::restore::{self, RestoreOptions, RestoreOutcome};
+    if spec.path.exists() {
+        return Ok(());
+    }
+    info!(db = %spec.name, path = %spec.path.display(), "database missing; restoring from its replicas before starting");
+    let replicas: Vec<restore::NamedReplica> = spec
+        .replicas
+        .iter()
+        .map(|(o, c)| (o.name.clone(), c.clone()))
+        .collect();
+    let meta = match &spec.opts.meta_path {
+        Some(p) => MetaDir { root: p.clone() },
+        None => MetaDir::for_db(&spec.path),
+    };
+    let mut opts = RestoreOptions::new(&spec.path);
+    opts.if_replica_exists = true;
+    opts.if_db_not_exists = true;
+    opts.expect_lineage = Db::new(&spec.path, spec.opts.clone())
+        .lineage()
+        .ok()
+        .flatten();
+    opts.record_lineage = Some(meta);
+    match restore::restore(&replicas, &opts).await? {
+        RestoreOutcome::Restored(s) => {
+            info!(db = %spec.name, generation = %s.generation, bytes = s.bytes, lineage = s.lineage.as_ref().map_or("-", |o| o.lineage.as_str()), "restored on start")
+        }
+        RestoreOutcome::NoBackups => {
+            warn!(db = %spec.name, "no replica holds a backup (every one answered); the database starts empty")
+        }
+        RestoreOutcome::SkippedExists => {}
+    }
+    Ok(())
 }
 
 /// Rounds a tick up onto a grid shared by every database of the process (multiples of a

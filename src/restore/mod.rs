@@ -48,6 +48,9 @@ pub enum RestoreError {
     BadOutput { path: PathBuf, reason: String },
     #[error("no matching backups found")]
     NoMatchingBackups,
+    /// No readable replica holds a backup, and some could not be read (they may hold one).
+    #[error("no readable replica holds a backup, and these could not be read: {replicas}")]
+    Unreadable { replicas: String, retryable: bool },
     #[error("{replica}: generation {generation}: no snapshots available")]
     NoSnapshot { replica: String, generation: String },
     #[error("{key}: missing initial WAL segment (index {index:08x} has no segment at offset 0)")]
@@ -84,6 +87,18 @@ pub enum RestoreError {
     },
     #[error("{path}: integrity check failed: {message}")]
     Integrity { path: PathBuf, message: String },
+    #[error(
+        "{replica}: the replica path belongs to {owner}, but this database is lineage {expected}: it holds another database's backups"
+    )]
+    OtherLineage {
+        replica: String,
+        owner: String,
+        expected: String,
+    },
+    #[error(transparent)]
+    Lineage(#[from] crate::lineage::LineageError),
+    #[error(transparent)]
+    Meta(#[from] crate::db::DbError),
 }
 
 /// Restore progress, for the CLI and the dashboard.
@@ -112,6 +127,12 @@ pub struct RestoreOptions {
     pub progress: Option<ProgressFn>,
     /// Mode and owner of the restored file; None: the process's umask and user.
     pub ownership: Option<Ownership>,
+    /// The lineage the restored database must belong to (the configured database's, when its
+    /// host knows it): a replica path owned by another lineage is refused before downloading.
+    pub expect_lineage: Option<String>,
+    /// Record the lineage restored in this meta directory (a restore of a configured database
+    /// to its own path): the database continues that lineage (see `lineage`).
+    pub record_lineage: Option<crate::layout::MetaDir>,
 }
 
 impl RestoreOptions {
@@ -133,6 +154,8 @@ impl RestoreOptions {
             read_attempts: 5,
             progress: None,
             ownership: None,
+            expect_lineage: None,
+            record_lineage: None,
         }
     }
 }
@@ -162,6 +185,10 @@ pub struct RestoreSummary {
     /// Stale `-wal`/`-shm`/`-journal` files that lay beside the output, moved aside.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moved_aside: Vec<PathBuf>,
+    /// The lineage the replica path belongs to (None: the path has no owner record, e.g.
+    /// written by Litestream or an older litestreamd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Box<crate::lineage::Owner>>,
 }
 
 /// A replica to restore from: its name and client.
@@ -192,43 +219,33 @@ pub async fn plan(
 ) -> Result<Option<RestorePlan>, RestoreError> {
     // (updated-at, replica, generation, snapshots, segments) of the best candidate so far.
     let mut best: Option<Candidate> = None;
-    let mut last_err = None;
-    let mut any_ok = false;
+    let mut unreadable: Vec<(String, StoreError)> = Vec::new();
     for (ri, (name, client)) in replicas.iter().enumerate() {
-        let gens = match client.generations().await {
-            Ok(g) => g,
+        let cands = match candidates(client, opts).await {
+            Ok(c) => c,
             Err(e) => {
                 warn!(replica = %name, error = %e, "cannot list replica; trying the others");
-                last_err = Some(e);
+                unreadable.push((name.clone(), e));
                 continue;
             }
         };
-        any_ok = true;
-        for g in gens {
-            if opts.generation.as_ref().is_some_and(|want| *want != g) {
-                continue;
-            }
-            let snaps = client.snapshots(&g).await?;
-            let segs = client.wal_segments(&g).await?;
-            if snaps.is_empty() {
-                continue;
-            }
-            let times = snaps
-                .iter()
-                .map(|s| s.created_at)
-                .chain(segs.iter().map(|s| s.created_at));
-            let created = times.clone().min().expect("non-empty");
-            let updated = times.max().expect("non-empty");
-            if opts.timestamp.is_some_and(|ts| ts < created) {
-                continue;
-            }
+        for (updated, g, snaps, segs) in cands {
             if best.as_ref().is_none_or(|b| updated > b.0) {
                 best = Some((updated, ri, g, snaps, segs));
             }
         }
     }
-    if !any_ok && let Some(e) = last_err {
-        return Err(e.into());
+    // "No backup" only when every replica answered: a replica that could not be read may hold
+    // one, and a caller that starts empty on "no backup" (restore_on_start) must not.
+    if best.is_none() && !unreadable.is_empty() {
+        return Err(RestoreError::Unreadable {
+            retryable: unreadable.iter().any(|(_, e)| e.is_retryable()),
+            replicas: unreadable
+                .iter()
+                .map(|(n, e)| format!("{n}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
     }
     let Some((_, ri, generation, snaps, segs)) = best else {
         return Ok(None);
@@ -261,6 +278,35 @@ pub async fn plan(
         snapshot,
         segments,
     }))
+}
+
+/// The generations of one replica that the filters allow, with their objects.
+async fn candidates(
+    client: &ReplicaClient,
+    opts: &RestoreOptions,
+) -> Result<Vec<(SystemTime, String, Vec<SnapshotInfo>, Vec<WalSegmentInfo>)>, StoreError> {
+    let mut out = Vec::new();
+    for g in client.generations().await? {
+        if opts.generation.as_ref().is_some_and(|want| *want != g) {
+            continue;
+        }
+        let snaps = client.snapshots(&g).await?;
+        let segs = client.wal_segments(&g).await?;
+        if snaps.is_empty() {
+            continue;
+        }
+        let times = snaps
+            .iter()
+            .map(|s| s.created_at)
+            .chain(segs.iter().map(|s| s.created_at));
+        let created = times.clone().min().expect("non-empty");
+        let updated = times.max().expect("non-empty");
+        if opts.timestamp.is_some_and(|ts| ts < created) {
+            continue;
+        }
+        out.push((updated, g, snaps, segs));
+    }
+    Ok(out)
 }
 
 /// Runs a restore into `opts.output` (see [`output`] for how the output is protected).
@@ -297,7 +343,17 @@ pub async fn restore_to(
         return Err(RestoreError::NoMatchingBackups);
     };
     let (name, client) = &replicas[plan.replica];
-    info!(replica = %name, generation = %plan.generation, snapshot = plan.snapshot.index, segments = plan.segments.len(), output = %output.final_path().display(), "restoring");
+    let owner = crate::lineage::read(client.store()).await?.map(|(o, _)| o);
+    if let (Some(want), Some(o)) = (&opts.expect_lineage, &owner)
+        && o.lineage != *want
+    {
+        return Err(RestoreError::OtherLineage {
+            replica: client.url(),
+            owner: o.describe(),
+            expected: want.clone(),
+        });
+    }
+    info!(replica = %name, generation = %plan.generation, snapshot = plan.snapshot.index, segments = plan.segments.len(), output = %output.final_path().display(), lineage = owner.as_ref().map_or("-", |o| o.lineage.as_str()), "restoring");
     let scratch = Arc::new(output.scratch()?);
     let mut summary = match run_plan(name, client, &plan, opts, &scratch).await {
         Ok(s) => s,
@@ -319,6 +375,10 @@ pub async fn restore_to(
     summary.moved_aside = moved?;
     summary.output = output.final_path();
     drop(output);
+    if let (Some(meta), Some(o)) = (&opts.record_lineage, &owner) {
+        crate::db::write_lineage(meta, &o.lineage)?;
+    }
+    summary.lineage = owner.map(Box::new);
     info!(path = %summary.output.display(), bytes = summary.bytes, max_index = format!("{:08x}", summary.max_index), "restore complete");
     Ok(RestoreOutcome::Restored(summary))
 }
@@ -465,6 +525,7 @@ async fn run_plan(
         integrity_checked: opts.integrity_check,
         output: PathBuf::new(),
         moved_aside: Vec::new(),
+        lineage: None,
     })
 }
 
@@ -1061,6 +1122,7 @@ fn retryable(e: &RestoreError) -> bool {
     match e {
         RestoreError::Store(s) => s.is_retryable(),
         RestoreError::Read { .. } => true,
+        RestoreError::Unreadable { retryable, .. } => *retryable,
         _ => false,
     }
 }

@@ -183,6 +183,7 @@ pub fn start(db: &Path, replica_dirs: &[&Path], opts: (DbOptions, ReplicaOptions
         path: db.to_path_buf(),
         opts: opts.0,
         replicas,
+        restore_on_start: false,
     };
     let cancel = CancellationToken::new();
     let (handle, join) = worker::spawn(spec, cancel.clone());
