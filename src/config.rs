@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::crypt::{AgeKeys, KeySource};
 use crate::db::DbOptions;
-use crate::replica::{self, ReplicaClient};
+use crate::replica::{self, ReplicaClient, Target};
 use crate::replicator::{ReplicaOptions, RetryPolicy};
 use crate::worker::DbSpec;
 
@@ -328,40 +328,123 @@ pub struct Config {
     pub path: PathBuf,
     pub main: MainConfig,
     pub dbs: BTreeMap<String, DbConfig>,
-    /// Database files that failed to load or validate, by database name.
-    pub errors: BTreeMap<String, ConfigError>,
+    /// Database files that failed to load or validate, by database name: every error of each.
+    pub errors: BTreeMap<String, Vec<ConfigError>>,
+    /// What is worth knowing but stops nothing (a missing or empty `dbs_dir`).
+    pub warnings: Vec<String>,
 }
 
 impl Config {
-    /// Loads the main file and the per-database directory. A bad database file is recorded in
-    /// `errors` and skipped; a bad main file is an error.
-    pub async fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Loads the main file and the per-database directory, and validates everything that can
+    /// be checked without connecting anywhere (no client is built). A bad database file is
+    /// recorded in `errors` with every problem found in it, and skipped; a bad main file is an
+    /// error. Two files for one database, or two databases on one replica path, keep the first
+    /// file (by name) and reject the later ones, naming both.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let main = load_main(path)?;
         let mut cfg = Config {
             path: path.to_path_buf(),
             main,
             dbs: BTreeMap::new(),
             errors: BTreeMap::new(),
+            warnings: Vec::new(),
         };
-        for file in db_files(&cfg.main.dbs_dir)? {
-            let name = file
+        let files = db_files(&cfg.main.dbs_dir)?;
+        if !cfg.main.dbs_dir.exists() {
+            cfg.warnings.push(format!(
+                "dbs_dir {} does not exist: no database is replicated",
+                cfg.main.dbs_dir.display()
+            ));
+        } else if files.is_empty() {
+            cfg.warnings.push(format!(
+                "dbs_dir {} has no *.toml file: no database is replicated",
+                cfg.main.dbs_dir.display()
+            ));
+        }
+        // (database path, name) and (replica target, name, replica) of the files accepted so
+        // far, to find a database configured twice or a replica path shared.
+        let mut db_paths: Vec<(PathBuf, String)> = Vec::new();
+        let mut targets: Vec<(Target, String, String)> = Vec::new();
+        for f in files {
+            let name = f
+                .path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let loaded = match load_db_file(&file) {
-                Ok(_) if !valid_name(&name) => Err(invalid(
-                    &file,
+            let mut errors: Vec<ConfigError> = Vec::new();
+            if let Some(problem) = f.problem {
+                errors.push(invalid(&f.path, problem));
+            } else if !valid_name(&name) {
+                errors.push(invalid(
+                    &f.path,
                     "the file name must be the database name: letters, digits, '-', '_' or '.'",
-                )),
-                Ok(db) => cfg.resolve(&name, &db).await.map(|_| db),
-                Err(e) => Err(e),
+                ));
+            }
+            let (db, partial) = if errors.is_empty() {
+                match load_db_file(&f.path) {
+                    Ok(db) => (Some(db), None),
+                    Err(LoadError { errors: e, rest }) => {
+                        errors.extend(e);
+                        (None, rest)
+                    }
+                }
+            } else {
+                (None, None)
             };
-            match loaded {
-                Ok(db) => {
+            // What remains of a file with bad keys is checked too: every error at once.
+            if let Some(rest) = &partial {
+                let checked = check_db(rest, &cfg.main.defaults, &f.path);
+                errors.extend(
+                    checked
+                        .errors
+                        .into_iter()
+                        .filter(|m| !m.starts_with("path:"))
+                        .map(|m| invalid(&f.path, m)),
+                );
+            }
+            if let Some(db) = &db {
+                let checked = check_db(db, &cfg.main.defaults, &f.path);
+                errors.extend(checked.errors.into_iter().map(|m| invalid(&f.path, m)));
+                if errors.is_empty() {
+                    if let Some((_, other)) = db_paths.iter().find(|(p, _)| *p == checked.path) {
+                        errors.push(invalid(
+                            &f.path,
+                            format!(
+                                "path {}: the same database is configured in {}.toml too; one database has one file (this one is not started)",
+                                checked.path.display(),
+                                other
+                            ),
+                        ));
+                    }
+                    for (i, (t, rname)) in checked.targets.iter().enumerate() {
+                        if let Some((_, other, oname)) =
+                            targets.iter().find(|(o, _, _)| o.overlaps(t))
+                        {
+                            errors.push(invalid(
+                                &f.path,
+                                format!(
+                                    "replicas[{i}] ({rname}): its path is also (or overlaps) the path of replica {oname} of database {other} ({other}.toml); one replica path holds one database's backups (this database is not started)"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                if errors.is_empty() {
+                    db_paths.push((checked.path, name.clone()));
+                    targets.extend(
+                        checked
+                            .targets
+                            .into_iter()
+                            .map(|(t, r)| (t, name.clone(), r)),
+                    );
+                }
+            }
+            match (db, errors.is_empty()) {
+                (Some(db), true) => {
                     cfg.dbs.insert(name, db);
                 }
-                Err(e) => {
-                    cfg.errors.insert(name, e);
+                _ => {
+                    cfg.errors.insert(name, errors);
                 }
             }
         }
@@ -372,14 +455,6 @@ impl Config {
     pub async fn resolve(&self, name: &str, db: &DbConfig) -> Result<DbSpec, ConfigError> {
         let file = self.main.dbs_dir.join(format!("{name}.toml"));
         resolve_db(name, db, &self.main.defaults, &file).await
-    }
-
-    pub async fn specs(&self) -> Result<Vec<DbSpec>, ConfigError> {
-        let mut out = Vec::new();
-        for (n, d) in &self.dbs {
-            out.push(self.resolve(n, d).await?);
-        }
-        Ok(out)
     }
 
     /// Finds a database by name or by path.
@@ -435,8 +510,17 @@ pub fn load_main(path: &Path) -> Result<MainConfig, ConfigError> {
     Ok(main)
 }
 
-/// `*.toml` files of the directory, sorted; editor backups and dpkg leftovers are ignored.
-pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+/// One `*.toml` entry of `dbs_dir`, and why it cannot be read as a database file, if so.
+#[derive(Debug)]
+pub struct DbFile {
+    pub path: PathBuf,
+    pub problem: Option<String>,
+}
+
+/// `*.toml` entries of the directory, sorted; dotfiles, editor backups and dpkg leftovers
+/// (`*~`, `*.dpkg-dist`) are ignored. A symlink is followed; a dangling or looping one, a
+/// directory or a special file is reported, never skipped in silence.
+pub fn db_files(dir: &Path) -> Result<Vec<DbFile>, ConfigError> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -447,7 +531,7 @@ pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
             });
         }
     };
-    let mut files: Vec<PathBuf> = rd
+    let mut files: Vec<DbFile> = rd
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
@@ -455,17 +539,196 @@ pub fn db_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            n.ends_with(".toml") && !n.starts_with('.') && p.is_file()
+            n.ends_with(".toml") && !n.starts_with('.')
+        })
+        .map(|path| {
+            let link = std::fs::read_link(&path).ok();
+            let via = |what: &str| match &link {
+                Some(t) => format!("symbolic link to {}: {what}", t.display()),
+                None => what.to_string(),
+            };
+            let problem = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => None,
+                Ok(m) if m.is_dir() => Some(via("a directory, not a database file")),
+                Ok(_) => Some(via("not a regular file")),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Some(via("the target does not exist"))
+                }
+                Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+                    Some(via("a loop of symbolic links"))
+                }
+                Err(e) => Some(via(&e.to_string())),
+            };
+            DbFile { path, problem }
         })
         .collect();
-    files.sort();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(files)
 }
 
-pub fn load_db_file(path: &Path) -> Result<DbConfig, ConfigError> {
-    Figment::from(Toml::file_exact(path))
-        .extract()
-        .map_err(|e| parse_error(path, e))
+/// Why a database file could not be read, and what of it could (without the bad keys), so
+/// that its other problems can be reported too.
+#[derive(Debug)]
+pub struct LoadError {
+    pub errors: Vec<ConfigError>,
+    pub rest: Option<DbConfig>,
+}
+
+/// Reads a database file: a syntax error (with its line and column), or every key that does
+/// not fit (each with its line), not only the first.
+pub fn load_db_file(path: &Path) -> Result<DbConfig, LoadError> {
+    let fail = |errors| LoadError { errors, rest: None };
+    let text = std::fs::read_to_string(path).map_err(|source| {
+        fail(vec![ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        }])
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        fail(vec![invalid(
+            path,
+            e.message().to_string()
+                + &e.span()
+                    .map(|s| format!(" (line {})", line_of(&text, s.start)))
+                    .unwrap_or_default(),
+        )])
+    })?;
+    match toml::Value::Table(table.clone()).try_into::<DbConfig>() {
+        Ok(db) => Ok(db),
+        Err(_) => {
+            let (errors, bad) = key_errors(&table, &text, path);
+            let mut rest = table;
+            for (key, replica) in bad {
+                match replica {
+                    None => {
+                        rest.remove(&key);
+                    }
+                    Some(i) => {
+                        if let Some(t) = rest
+                            .get_mut("replicas")
+                            .and_then(|r| r.as_array_mut())
+                            .and_then(|a| a.get_mut(i))
+                            .and_then(|r| r.as_table_mut())
+                        {
+                            t.remove(&key);
+                        }
+                    }
+                }
+            }
+            if !rest.contains_key("path") {
+                rest.insert("path".into(), toml::Value::String(String::new()));
+            }
+            Err(LoadError {
+                errors,
+                rest: toml::Value::Table(rest).try_into::<DbConfig>().ok(),
+            })
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Every key of a database file that does not deserialize, each checked on its own (serde
+/// stops at the first), named as the user wrote it (`replicas[1].sync_interval`); and the bad
+/// keys (with their replica index).
+fn key_errors(
+    table: &toml::Table,
+    text: &str,
+    path: &Path,
+) -> (Vec<ConfigError>, Vec<(String, Option<usize>)>) {
+    let mut bad = Vec::new();
+    // A file holding just `key` (and the required `path`) shows that key's own error.
+    let probe = |t: toml::Table| toml::Value::Table(t).try_into::<DbConfig>().err();
+    let base = || {
+        let mut t = toml::Table::new();
+        t.insert("path".into(), toml::Value::String("/x".into()));
+        t
+    };
+    let mut out = Vec::new();
+    if !table.contains_key("path") {
+        out.push(invalid(path, "path: the database path is required"));
+    }
+    let mut report = |key: String, line: Option<usize>, e: toml::de::Error| {
+        let msg = e.message().to_string();
+        out.push(invalid(
+            path,
+            match line {
+                Some(l) => format!("line {l}: {key}: {msg}"),
+                None => format!("{key}: {msg}"),
+            },
+        ));
+    };
+    for (k, v) in table {
+        if k == "replicas" {
+            let Some(list) = v.as_array() else {
+                let mut t = base();
+                t.insert(k.clone(), v.clone());
+                if let Some(e) = probe(t) {
+                    report(k.clone(), key_line(text, None, k), e);
+                    bad.push((k.clone(), None));
+                }
+                continue;
+            };
+            for (i, r) in list.iter().enumerate() {
+                let Some(rt) = r.as_table() else {
+                    continue;
+                };
+                for (rk, rv) in rt {
+                    let mut one = toml::Table::new();
+                    one.insert(rk.clone(), rv.clone());
+                    let mut t = base();
+                    t.insert("replicas".into(), toml::Value::Array(vec![one.into()]));
+                    if let Some(e) = probe(t) {
+                        report(
+                            format!("replicas[{i}].{rk}"),
+                            key_line(text, Some(i), rk),
+                            e,
+                        );
+                        bad.push((rk.clone(), Some(i)));
+                    }
+                }
+            }
+            continue;
+        }
+        let mut t = base();
+        t.insert(k.clone(), v.clone());
+        if let Some(e) = probe(t) {
+            report(k.clone(), key_line(text, None, k), e);
+            bad.push((k.clone(), None));
+        }
+    }
+    if out.is_empty() {
+        out.push(invalid(path, "invalid database file"));
+    }
+    (out, bad)
+}
+
+/// The line of `key = ...` at the top level (`replica` None) or in the `replica`-th
+/// `[[replicas]]` table (its sub-tables included).
+fn key_line(text: &str, replica: Option<usize>, key: &str) -> Option<usize> {
+    let mut section: Option<usize> = None; // None: top level
+    let mut seen = 0;
+    for (n, l) in text.lines().enumerate() {
+        let t = l.trim();
+        if t.starts_with("[[replicas]]") {
+            section = Some(seen);
+            seen += 1;
+            continue;
+        }
+        if t.starts_with('[') && !t.starts_with("[replicas.") {
+            section = Some(usize::MAX);
+            continue;
+        }
+        if section == replica
+            && t.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// `LITESTREAMD_*` variables that override main-file keys (`LITESTREAMD_DEFAULTS__RETENTION`);
@@ -501,8 +764,10 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// A figment error with the line of the offending key, when it can be found in the file.
+/// A figment error of the main file, with the key as written (no `default.` profile prefix)
+/// and its line, when it can be found.
 fn parse_error(path: &Path, e: figment::Error) -> ConfigError {
+    let key = e.path.join(".");
     let line = e.path.last().and_then(|key| {
         let text = std::fs::read_to_string(path).ok()?;
         text.lines().position(|l| {
@@ -511,13 +776,18 @@ fn parse_error(path: &Path, e: figment::Error) -> ConfigError {
                 .is_some_and(|rest| rest.trim_start().starts_with('='))
         })
     });
-    match line {
-        Some(n) => invalid(path, format!("line {}: {e}", n + 1)),
-        None => ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(e),
+    let what = if key.is_empty() {
+        e.kind.to_string()
+    } else {
+        format!("{key}: {}", e.kind)
+    };
+    invalid(
+        path,
+        match line {
+            Some(n) => format!("line {}: {what}", n + 1),
+            None => what,
         },
-    }
+    )
 }
 
 /// Expands `${VAR}` (and `$VAR`) from the environment; `$$` is a literal `$`. An unset variable
@@ -578,19 +848,18 @@ pub fn expand_env(s: &str, file: &Path) -> Result<String, ConfigError> {
     Ok(out)
 }
 
-pub async fn resolve_db(
-    name: &str,
-    db: &DbConfig,
-    d: &Defaults,
-    file: &Path,
-) -> Result<DbSpec, ConfigError> {
-    let path = PathBuf::from(expand_env(&db.path.to_string_lossy(), file)?);
-    if path.as_os_str().is_empty() {
-        return Err(invalid(file, "path: the database path is required"));
-    }
-    // Relative paths are taken from the working directory, as Litestream does.
-    let path = absolute(&path);
-    let opts = DbOptions {
+/// What `check_db` found: the database's absolute path, its replica targets (with their
+/// names), and every problem.
+#[derive(Debug, Default)]
+pub struct CheckedDb {
+    pub path: PathBuf,
+    pub targets: Vec<(Target, String)>,
+    pub errors: Vec<String>,
+}
+
+/// The database's options with the defaults applied.
+fn db_options(db: &DbConfig, d: &Defaults) -> DbOptions {
+    DbOptions {
         meta_path: db.meta_path.clone(),
         monitor_interval: db.monitor_interval.unwrap_or(d.monitor_interval),
         checkpoint_interval: db.checkpoint_interval.unwrap_or(d.checkpoint_interval),
@@ -602,70 +871,136 @@ pub async fn resolve_db(
             .unwrap_or(d.max_checkpoint_page_count),
         truncate_page_count: db.truncate_page_count.unwrap_or(d.truncate_page_count),
         busy_timeout: db.busy_timeout.unwrap_or(d.busy_timeout),
-    };
+    }
+}
+
+/// One replica's options with the defaults applied.
+fn replica_options(r: &ReplicaConfig, name: String, d: &Defaults) -> ReplicaOptions {
+    ReplicaOptions {
+        name,
+        sync_interval: r.sync_interval.unwrap_or(d.sync_interval),
+        snapshot_interval: r.snapshot_interval.unwrap_or(d.snapshot_interval),
+        retention: r.retention.unwrap_or(d.retention),
+        retention_check_interval: r
+            .retention_check_interval
+            .unwrap_or(d.retention_check_interval),
+        retry: r.retry.clone().unwrap_or_else(|| d.retry.clone()),
+        lease_ttl: r.lease_ttl.unwrap_or(d.lease_ttl),
+        restorable_check_interval: r
+            .restorable_check_interval
+            .unwrap_or(d.restorable_check_interval),
+    }
+}
+
+/// Validates one database file without connecting anywhere: every problem, not only the
+/// first. `file` names the file in messages and for `${VAR}`.
+pub fn check_db(db: &DbConfig, d: &Defaults, file: &Path) -> CheckedDb {
+    let mut c = CheckedDb::default();
+    match expand_env(&db.path.to_string_lossy(), file) {
+        Ok(p) if p.is_empty() => c.errors.push("path: the database path is required".into()),
+        // Relative paths are taken from the working directory, as Litestream does.
+        Ok(p) => c.path = absolute(Path::new(&p)),
+        Err(e) => c.errors.push(format!("path: {}", strip_file(&e, file))),
+    }
+    let opts = db_options(db, d);
     if opts.min_checkpoint_page_count == 0 {
-        return Err(invalid(
-            file,
-            "min_checkpoint_page_count must be greater than 0",
-        ));
+        c.errors
+            .push("min_checkpoint_page_count must be greater than 0".into());
     }
     if opts.monitor_interval.is_zero() {
-        return Err(invalid(file, "monitor_interval must be greater than 0"));
+        c.errors
+            .push("monitor_interval must be greater than 0".into());
     }
     if db.replicas.is_empty() {
-        return Err(invalid(file, "replicas: at least one replica is required"));
+        c.errors
+            .push("replicas: at least one replica is required".into());
+    }
+    let mut names: Vec<String> = Vec::new();
+    for (i, r) in db.replicas.iter().enumerate() {
+        let target = replica_target(r, file);
+        let kind = match &target {
+            Ok(Target::File(_)) => "file",
+            Ok(Target::S3(_)) => "s3",
+            Ok(Target::Gcs(_)) => "gcs",
+            Err(_) => r.kind.as_deref().unwrap_or("file"),
+        };
+        let name = r.name.clone().unwrap_or_else(|| kind.to_string());
+        if names.contains(&name) {
+            c.errors
+                .push(format!("replicas[{i}]: duplicate replica name {name:?}"));
+        }
+        names.push(name.clone());
+        let ro = replica_options(r, name.clone(), d);
+        if ro.sync_interval.is_zero() {
+            c.errors.push(format!(
+                "replicas[{i}].sync_interval must be greater than 0"
+            ));
+        }
+        if let Some(a) = &r.age
+            && let Err(e) = a.keys(file)
+        {
+            c.errors.push(format!("replicas[{i}].age: {e}"));
+        }
+        match target {
+            Ok(t) => {
+                if let Some((_, other)) = c.targets.iter().find(|(o, _)| o.overlaps(&t)) {
+                    c.errors.push(format!(
+                        "replicas[{i}] ({name}): the same replica path as replica {other}"
+                    ));
+                }
+                c.targets.push((t, name));
+            }
+            Err(e) => c.errors.push(format!("replicas[{i}]: {e}")),
+        }
+    }
+    c
+}
+
+/// A `${VAR}` error's text without the file name (the caller names the file).
+fn strip_file(e: &ConfigError, file: &Path) -> String {
+    let s = e.to_string();
+    s.strip_prefix(&format!("{}: ", file.display()))
+        .map(str::to_string)
+        .unwrap_or(s)
+}
+
+/// Turns one database's config into a runnable spec: checks it (see [`check_db`]) and builds
+/// its replica clients.
+pub async fn resolve_db(
+    name: &str,
+    db: &DbConfig,
+    d: &Defaults,
+    file: &Path,
+) -> Result<DbSpec, ConfigError> {
+    let checked = check_db(db, d, file);
+    if let Some(first) = checked.errors.first() {
+        return Err(invalid(file, first.clone()));
     }
     let mut replicas = Vec::new();
-    for (i, r) in db.replicas.iter().enumerate() {
-        let client = replica_client(r, file)
+    for (i, (r, (target, rname))) in db.replicas.iter().zip(checked.targets).enumerate() {
+        let store = target
+            .open()
             .await
             .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
-        let name = r.name.clone().unwrap_or_else(|| client.kind().to_string());
-        if replicas
-            .iter()
-            .any(|(o, _): &(ReplicaOptions, ReplicaClient)| o.name == name)
-        {
-            return Err(invalid(
-                file,
-                format!("replicas[{i}]: duplicate replica name {name:?}"),
-            ));
-        }
-        let ro = ReplicaOptions {
-            name,
-            sync_interval: r.sync_interval.unwrap_or(d.sync_interval),
-            snapshot_interval: r.snapshot_interval.unwrap_or(d.snapshot_interval),
-            retention: r.retention.unwrap_or(d.retention),
-            retention_check_interval: r
-                .retention_check_interval
-                .unwrap_or(d.retention_check_interval),
-            retry: r.retry.clone().unwrap_or_else(|| d.retry.clone()),
-            lease_ttl: r.lease_ttl.unwrap_or(d.lease_ttl),
-            restorable_check_interval: r
-                .restorable_check_interval
-                .unwrap_or(d.restorable_check_interval),
-        };
-        if ro.sync_interval.is_zero() {
-            return Err(invalid(
-                file,
-                format!("replicas[{i}]: sync_interval must be greater than 0"),
-            ));
-        }
-        replicas.push((ro, client));
+        let client = with_age(ReplicaClient::new(store), r, file)
+            .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
+        replicas.push((replica_options(r, rname, d), client));
     }
     Ok(DbSpec {
         name: name.to_string(),
-        path,
-        opts,
+        path: checked.path,
+        opts: db_options(db, d),
         replicas,
         restore_on_start: db.restore_on_start == RestoreOnStart::IfMissing,
     })
 }
 
-/// Builds a replica client from its config entry.
-pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaClient, String> {
+/// The target a replica entry describes, checked (required fields, URL, endpoint scheme)
+/// without connecting.
+pub fn replica_target(r: &ReplicaConfig, file: &Path) -> Result<Target, String> {
     let env = |v: &Option<String>| -> Result<Option<String>, String> {
         v.as_deref()
-            .map(|s| expand_env(s, file).map_err(|e| e.to_string()))
+            .map(|s| expand_env(s, file).map_err(|e| strip_file(&e, file)))
             .transpose()
     };
     let path = env(&r.path.as_ref().map(|p| p.to_string_lossy().into_owned()))?;
@@ -673,50 +1008,47 @@ pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaCli
         if path.is_some() || r.bucket.is_some() {
             return Err("url cannot be combined with path or bucket".into());
         }
-        let url = expand_env(url, file).map_err(|e| e.to_string())?;
-        let store = replica::store_from_url(&url)
-            .await
-            .map_err(|e| e.to_string())?;
-        return with_age(ReplicaClient::new(store), r, file);
+        let url = expand_env(url, file).map_err(|e| strip_file(&e, file))?;
+        return Target::from_url(&url).map_err(|e| e.to_string());
     }
     if path.as_deref().is_some_and(replica::is_url) {
         return Err("path looks like a URL; use url = \"...\"".into());
     }
-    let store: std::sync::Arc<dyn replica::ObjectStore> = match r.kind.as_deref().unwrap_or("file")
-    {
+    let t = match r.kind.as_deref().unwrap_or("file") {
         "file" => {
             let p = path.ok_or("path: required for a file replica")?;
-            std::sync::Arc::new(replica::file::FileStore::new(absolute(Path::new(&p))))
+            Target::File(absolute(Path::new(&p)))
         }
-        "s3" => {
-            let cfg = replica::s3::S3Config {
-                bucket: env(&r.bucket)?.ok_or("bucket: required for an s3 replica")?,
-                path: path.unwrap_or_default(),
-                endpoint: env(&r.endpoint)?,
-                region: env(&r.region)?,
-                force_path_style: r.force_path_style,
-                access_key_id: env(&r.access_key_id)?,
-                secret_access_key: env(&r.secret_access_key)?,
-                part_size: r.part_size,
-                skip_verify: r.skip_verify.unwrap_or(false),
-            };
-            std::sync::Arc::new(replica::s3::S3Store::new(cfg).await?)
-        }
-        "gcs" | "gs" => {
-            let cfg = replica::gcs::GcsConfig {
-                bucket: env(&r.bucket)?.ok_or("bucket: required for a gcs replica")?,
-                path: path.unwrap_or_default(),
-                endpoint: env(&r.endpoint)?,
-                chunk_size: r.part_size,
-            };
-            std::sync::Arc::new(replica::gcs::GcsStore::new(cfg).await?)
-        }
+        "s3" => Target::S3(replica::s3::S3Config {
+            bucket: env(&r.bucket)?.ok_or("bucket: required for an s3 replica")?,
+            path: path.unwrap_or_default(),
+            endpoint: env(&r.endpoint)?,
+            region: env(&r.region)?,
+            force_path_style: r.force_path_style,
+            access_key_id: env(&r.access_key_id)?,
+            secret_access_key: env(&r.secret_access_key)?,
+            part_size: r.part_size,
+            skip_verify: r.skip_verify.unwrap_or(false),
+        }),
+        "gcs" | "gs" => Target::Gcs(replica::gcs::GcsConfig {
+            bucket: env(&r.bucket)?.ok_or("bucket: required for a gcs replica")?,
+            path: path.unwrap_or_default(),
+            endpoint: env(&r.endpoint)?,
+            chunk_size: r.part_size,
+        }),
         other => {
             return Err(format!(
                 "unsupported replica type {other:?} (supported: file, s3, gcs)"
             ));
         }
     };
+    t.check()?;
+    Ok(t)
+}
+
+/// Builds a replica client from its config entry.
+pub async fn replica_client(r: &ReplicaConfig, file: &Path) -> Result<ReplicaClient, String> {
+    let store = replica_target(r, file)?.open().await?;
     with_age(ReplicaClient::new(store), r, file)
 }
 

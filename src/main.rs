@@ -662,9 +662,10 @@ fn generate_docs(dir: &Path) -> Result<()> {
 }
 
 async fn config_check(path: &Path) -> Result<()> {
-    let cfg = Config::load(path)
-        .await
-        .with_context(|| format!("loading {}", path.display()))?;
+    let cfg = Config::load(path).with_context(|| format!("loading {}", path.display()))?;
+    for w in &cfg.warnings {
+        println!("warning {w}");
+    }
     for (name, db) in &cfg.dbs {
         println!(
             "ok     {name}: {} ({} replica(s))",
@@ -672,12 +673,16 @@ async fn config_check(path: &Path) -> Result<()> {
             db.replicas.len()
         );
     }
-    for e in cfg.errors.values() {
-        println!("error  {e}");
+    let mut count = 0;
+    for errs in cfg.errors.values() {
+        for e in errs {
+            println!("error  {e}");
+            count += 1;
+        }
     }
     if !cfg.errors.is_empty() {
         bail!(
-            "{} invalid database file(s) in {}",
+            "{count} error(s) in {} database file(s) in {}",
             cfg.errors.len(),
             cfg.main.dbs_dir.display()
         );
@@ -732,9 +737,7 @@ async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<DbSpec>
         let client = ReplicaClient::new(replica::store_from_url(&t.target).await?).with_age(keys);
         return Ok((vec![(client.kind().to_string(), client)], None));
     }
-    let cfg = Config::load(&t.config)
-        .await
-        .with_context(|| format!("loading {}", t.config.display()))?;
+    let cfg = Config::load(&t.config).with_context(|| format!("loading {}", t.config.display()))?;
     let (name, db) = cfg.find(&t.target).with_context(|| {
         format!(
             "database {:?} is not in the configuration {}",

@@ -73,7 +73,7 @@ impl Supervisor {
         config_path: &Path,
         shutdown: CancellationToken,
     ) -> Result<(Self, ReloadReport), ConfigError> {
-        let cfg = Config::load(config_path).await?;
+        let cfg = Config::load(config_path)?;
         let mut sup = Supervisor {
             config_path: config_path.to_path_buf(),
             main: cfg.main.clone(),
@@ -97,7 +97,7 @@ impl Supervisor {
 
     /// Re-reads the configuration directory and applies the difference.
     pub async fn reload(&mut self) -> ReloadReport {
-        match Config::load(&self.config_path).await {
+        match Config::load(&self.config_path) {
             Ok(cfg) => {
                 self.main = cfg.main.clone();
                 self.apply(cfg).await
@@ -117,14 +117,19 @@ impl Supervisor {
 
     async fn apply(&mut self, cfg: Config) -> ReloadReport {
         let mut report = ReloadReport::default();
-        for (name, e) in &cfg.errors {
+        for w in &cfg.warnings {
+            warn!("{w}");
+        }
+        for (name, errs) in &cfg.errors {
             let keeps = if self.running.contains_key(name) {
                 "; it keeps running on its last good config"
             } else {
                 "; it is not started"
             };
-            error!(db = %name, error = %e, "invalid database configuration{keeps}");
-            report.errors.push(e.to_string());
+            for e in errs {
+                error!(db = %name, error = %e, "invalid database configuration{keeps}");
+                report.errors.push(e.to_string());
+            }
         }
         // Removed: no file any more (a broken file is not a removal).
         let gone: Vec<String> = self

@@ -532,6 +532,89 @@ fn config_check_lists_every_error() {
     }
     assert!(text.contains("ftp"), "{text}");
     assert!(text.contains("ok     good"), "{text}");
+
+    // Every error of a file, keys as written; endpoint schemes; links and directories that
+    // are not database files; two files for one database or one replica path.
+    for f in ["bad1.toml", "bad2.toml", "bad3.toml"] {
+        std::fs::remove_file(d.join("dbs.d").join(f)).unwrap();
+    }
+    std::fs::write(
+        d.join("dbs.d/many.toml"),
+        "path = \"/m.db\"\nmonitor_interval = \"0s\"\n[[replicas]]\ntype = \"s3\"\nbucket = \"b\"\nendpoint = \"ftp://10.0.0.1\"\nsync_interval = \"forever\"\n[[replicas]]\ntype = \"gcs\"\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere.toml"), d.join("dbs.d/dangling.toml")).unwrap();
+    std::os::unix::fs::symlink(d.join("dbs.d/loop2.toml"), d.join("dbs.d/loop1.toml")).unwrap();
+    std::os::unix::fs::symlink(d.join("dbs.d/loop1.toml"), d.join("dbs.d/loop2.toml")).unwrap();
+    std::fs::create_dir(d.join("dbs.d/dir.toml")).unwrap();
+    // A copy-pasted file: another database, the same replica path as `good`.
+    std::fs::write(d.join("dbs.d/twin.toml"), db_file(d, "twin", &d.join("r"))).unwrap();
+    // The same database as `good`, in a second file.
+    std::fs::write(
+        d.join("dbs.d/zgood.toml"),
+        db_file(d, "good", &d.join("r2")),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&main)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines = |file: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("error") && l.contains(file))
+            .map(str::to_string)
+            .collect()
+    };
+    let many = lines("many.toml");
+    assert_eq!(many.len(), 4, "every error of many.toml:\n{text}");
+    for want in [
+        "monitor_interval must be greater than 0",
+        "line 7: replicas[0].sync_interval: invalid value",
+        "endpoint \"ftp://10.0.0.1\": must be an http:// or https:// URL",
+        "replicas[1]: bucket: required",
+    ] {
+        assert!(
+            many.iter().any(|l| l.contains(want)),
+            "{want:?} in {many:?}"
+        );
+    }
+    assert!(!text.contains("default."), "keys as written: {text}");
+    assert!(
+        lines("dangling.toml")[0].contains("does not exist"),
+        "{text}"
+    );
+    assert!(lines("loop1.toml")[0].contains("loop"), "{text}");
+    assert!(lines("dir.toml")[0].contains("directory"), "{text}");
+    let twin = lines("twin.toml");
+    assert!(
+        twin.len() == 1 && twin[0].contains("replica local of database good (good.toml)"),
+        "names both files: {text}"
+    );
+    let zgood = lines("zgood.toml");
+    assert!(
+        zgood.len() == 1 && zgood[0].contains("configured in good.toml too"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok     good"),
+        "the first file keeps running: {text}"
+    );
+
+    // A missing dbs_dir is said, not silent.
+    std::fs::rename(d.join("dbs.d"), d.join("dbs.d-away")).unwrap();
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&main)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning") && text.contains("does not exist"),
+        "{text}"
+    );
 }
 
 /// Sends raw lines to the control socket and returns what comes back until `n` final replies

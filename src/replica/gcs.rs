@@ -57,6 +57,25 @@ impl GcsConfig {
     }
 }
 
+impl GcsConfig {
+    /// What can be checked without a client: bucket, endpoint, chunk size.
+    pub fn check(&self) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err("bucket is required".into());
+        }
+        if let Some(ep) = &self.endpoint {
+            super::check_endpoint(ep)?;
+        }
+        if self
+            .chunk_size
+            .is_some_and(|c| c == 0 || !c.is_multiple_of(256 * 1024))
+        {
+            return Err("chunk_size must be a positive multiple of 256 KiB".into());
+        }
+        Ok(())
+    }
+}
+
 pub struct GcsStore {
     client: Client,
     cfg: GcsConfig,
@@ -73,13 +92,8 @@ impl std::fmt::Debug for GcsStore {
 
 impl GcsStore {
     pub async fn new(cfg: GcsConfig) -> Result<Self, String> {
-        if cfg.bucket.is_empty() {
-            return Err("bucket is required".into());
-        }
+        cfg.check()?;
         let chunk_size = cfg.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
-        if chunk_size == 0 || !chunk_size.is_multiple_of(256 * 1024) {
-            return Err("chunk_size must be a positive multiple of 256 KiB".into());
-        }
         let endpoint = cfg
             .endpoint
             .clone()

@@ -471,34 +471,119 @@ pub enum UrlError {
     UnsupportedScheme { scheme: String },
 }
 
-/// Opens a store from a replica URL: `file:///dir`, `s3://bucket/path?endpoint=..&region=..&
-/// force-path-style=true` (keys from the SDK's default chain, e.g. `AWS_ACCESS_KEY_ID`), or
-/// `gs://bucket/path` (also `gcs://`).
-pub async fn store_from_url(url: &str) -> Result<Arc<dyn ObjectStore>, UrlError> {
-    let invalid = |reason: String| UrlError::Invalid {
-        url: url.to_string(),
-        reason,
-    };
-    let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-    match parsed.scheme() {
-        "file" => {
-            let path = parsed
-                .to_file_path()
-                .map_err(|_| invalid("not an absolute local path".into()))?;
-            Ok(Arc::new(file::FileStore::new(path)))
-        }
-        "s3" => {
-            let cfg = s3::S3Config::from_url(&parsed).map_err(invalid)?;
-            Ok(Arc::new(s3::S3Store::new(cfg).await.map_err(invalid)?))
-        }
-        "gs" | "gcs" => {
-            let cfg = gcs::GcsConfig::from_url(&parsed).map_err(invalid)?;
-            Ok(Arc::new(gcs::GcsStore::new(cfg).await.map_err(invalid)?))
-        }
-        other => Err(UrlError::UnsupportedScheme {
-            scheme: other.to_string(),
-        }),
+/// A replica target as configured, checked but not connected: what `config check` validates
+/// (no client is built, no credential looked up, no request made) and what [`Target::open`]
+/// turns into a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    File(std::path::PathBuf),
+    S3(s3::S3Config),
+    Gcs(gcs::GcsConfig),
+}
+
+/// An S3 or GCS endpoint must be an `http://` or `https://` URL with a host.
+pub fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let u = url::Url::parse(endpoint).map_err(|e| format!("endpoint {endpoint:?}: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "endpoint {endpoint:?}: must be an http:// or https:// URL with a host"
+        ));
     }
+    Ok(())
+}
+
+impl Target {
+    /// Parses `file:///dir`, `s3://bucket/path?endpoint=..&region=..&force-path-style=true`, or
+    /// `gs://bucket/path` (also `gcs://`).
+    pub fn from_url(url: &str) -> Result<Target, UrlError> {
+        let invalid = |reason: String| UrlError::Invalid {
+            url: url.to_string(),
+            reason,
+        };
+        let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let t = match parsed.scheme() {
+            "file" => Target::File(
+                parsed
+                    .to_file_path()
+                    .map_err(|_| invalid("not an absolute local path".into()))?,
+            ),
+            "s3" => Target::S3(s3::S3Config::from_url(&parsed).map_err(invalid)?),
+            "gs" | "gcs" => Target::Gcs(gcs::GcsConfig::from_url(&parsed).map_err(invalid)?),
+            other => {
+                return Err(UrlError::UnsupportedScheme {
+                    scheme: other.to_string(),
+                });
+            }
+        };
+        t.check().map_err(invalid)?;
+        Ok(t)
+    }
+
+    /// Checks what can be checked without connecting: endpoints, part sizes.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Target::File(p) if !p.is_absolute() => {
+                Err(format!("{}: not an absolute path", p.display()))
+            }
+            Target::File(_) => Ok(()),
+            Target::S3(c) => c.check(),
+            Target::Gcs(c) => c.check(),
+        }
+    }
+
+    /// Where the objects live: the store (kind, endpoint, bucket) and the path in it, by
+    /// component. Two replicas overlap when their stores are equal and one path is a prefix of
+    /// the other (one would write into the other's tree).
+    pub fn location(&self) -> (String, Vec<String>) {
+        let parts = |p: &str| -> Vec<String> {
+            p.split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .map(str::to_string)
+                .collect()
+        };
+        match self {
+            Target::File(p) => ("file".into(), parts(&p.to_string_lossy())),
+            Target::S3(c) => (
+                format!("s3 {} {}", c.endpoint.as_deref().unwrap_or("aws"), c.bucket),
+                parts(&c.path),
+            ),
+            Target::Gcs(c) => (
+                format!(
+                    "gcs {} {}",
+                    c.endpoint.as_deref().unwrap_or("google"),
+                    c.bucket
+                ),
+                parts(&c.path),
+            ),
+        }
+    }
+
+    /// Whether two targets write into the same tree.
+    pub fn overlaps(&self, other: &Target) -> bool {
+        let ((a, pa), (b, pb)) = (self.location(), other.location());
+        a == b && (pa.starts_with(&pb) || pb.starts_with(&pa))
+    }
+
+    /// Builds the store (the S3 and GCS clients, their credentials).
+    pub async fn open(self) -> Result<Arc<dyn ObjectStore>, String> {
+        Ok(match self {
+            Target::File(p) => Arc::new(file::FileStore::new(p)),
+            Target::S3(c) => Arc::new(s3::S3Store::new(c).await?),
+            Target::Gcs(c) => Arc::new(gcs::GcsStore::new(c).await?),
+        })
+    }
+}
+
+/// Opens a store from a replica URL (see [`Target::from_url`]); keys come from the SDK's
+/// default chain (e.g. `AWS_ACCESS_KEY_ID`), GCS from Application Default Credentials.
+pub async fn store_from_url(url: &str) -> Result<Arc<dyn ObjectStore>, UrlError> {
+    Target::from_url(url)?
+        .open()
+        .await
+        .map_err(|reason| UrlError::Invalid {
+            url: url.to_string(),
+            reason,
+        })
 }
 
 /// Whether a string looks like a replica URL rather than a local path.

@@ -72,6 +72,27 @@ impl S3Config {
     }
 }
 
+impl S3Config {
+    /// What can be checked without a client: bucket, endpoint, part size.
+    pub fn check(&self) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err("bucket is required".into());
+        }
+        if let Some(ep) = &self.endpoint {
+            super::check_endpoint(ep)?;
+        }
+        if self.part_size.is_some_and(|p| p < MIN_PART_SIZE) {
+            return Err(format!("part_size must be at least {MIN_PART_SIZE} bytes"));
+        }
+        match (&self.access_key_id, &self.secret_access_key) {
+            (Some(_), None) | (None, Some(_)) => {
+                Err("access_key_id and secret_access_key must be set together".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 pub struct S3Store {
     client: Client,
     cfg: S3Config,
@@ -86,13 +107,8 @@ impl std::fmt::Debug for S3Store {
 
 impl S3Store {
     pub async fn new(cfg: S3Config) -> Result<Self, String> {
-        if cfg.bucket.is_empty() {
-            return Err("bucket is required".into());
-        }
+        cfg.check()?;
         let part_size = cfg.part_size.unwrap_or(DEFAULT_PART_SIZE);
-        if part_size < MIN_PART_SIZE {
-            return Err(format!("part_size must be at least {MIN_PART_SIZE} bytes"));
-        }
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         match (&cfg.region, &cfg.endpoint) {
             (Some(r), _) => loader = loader.region(Region::new(r.clone())),
