@@ -571,7 +571,7 @@ pub fn db_files(dir: &Path) -> Result<Vec<DbFile>, ConfigError> {
 #[derive(Debug)]
 pub struct LoadError {
     pub errors: Vec<ConfigError>,
-    pub rest: Option<DbConfig>,
+    pub rest: Option<Box<DbConfig>>,
 }
 
 /// Reads a database file: a syntax error (with its line and column), or every key that does
@@ -620,7 +620,10 @@ pub fn load_db_file(path: &Path) -> Result<DbConfig, LoadError> {
             }
             Err(LoadError {
                 errors,
-                rest: toml::Value::Table(rest).try_into::<DbConfig>().ok(),
+                rest: toml::Value::Table(rest)
+                    .try_into::<DbConfig>()
+                    .ok()
+                    .map(Box::new),
             })
         }
     }
