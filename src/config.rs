@@ -111,6 +111,11 @@ pub struct MainConfig {
     pub control_group: Option<String>,
     /// Octal mode of the control socket.
     pub control_mode: String,
+    /// Control connections served at once; more are refused with an error line.
+    pub control_max_connections: usize,
+    /// A control connection idle this long (no request, subscription or restore) is closed.
+    #[serde(with = "humantime_serde")]
+    pub control_idle_timeout: Duration,
     /// Who may restore over the control socket (the dashboard, scripts).
     pub control_restore: ControlRestore,
     /// Directories that restores requested over the control socket may write into (relative
@@ -140,6 +145,8 @@ impl Default for MainConfig {
             control_socket: PathBuf::from("/run/litestreamd/control.sock"),
             control_group: None,
             control_mode: "0660".into(),
+            control_max_connections: 64,
+            control_idle_timeout: Duration::from_secs(300),
             control_restore: ControlRestore::default(),
             restore_dirs: Vec::new(),
             restore_in_db_dir: false,
@@ -749,6 +756,8 @@ fn is_main_key(key: &figment::value::UncasedStr) -> bool {
             | "control_socket"
             | "control_group"
             | "control_mode"
+            | "control_max_connections"
+            | "control_idle_timeout"
             | "control_restore"
             | "restore_dirs"
             | "restore_in_db_dir"

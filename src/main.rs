@@ -394,8 +394,23 @@ async fn dispatch(cmd: Command) -> Result<()> {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit, as Go programs (Litestream among
+/// them) do at start: every database holds a few descriptors. The limits are logged.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
+}
+
 /// The daemon: supervisor, signals, systemd notifications, metrics.
 async fn run(config_path: &Path) -> Result<()> {
+    raise_nofile_limit();
     let main = config::load_main(config_path)?;
     if !main.metrics_addr.is_empty() {
         let addr = telemetry::install(&main.metrics_addr, main.metrics_idle_timeout)?;
@@ -436,9 +451,13 @@ async fn run(config_path: &Path) -> Result<()> {
             );
         }
         match control::server::serve(
-            &main.control_socket,
-            mode,
-            main.control_group.as_deref(),
+            control::server::Settings {
+                path: main.control_socket.clone(),
+                mode,
+                group: main.control_group.clone(),
+                max_connections: main.control_max_connections,
+                idle_timeout: main.control_idle_timeout,
+            },
             sup.registry(),
             policy.clone(),
             reload_tx,

@@ -27,6 +27,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, main: &Path, watchdog_usec: Option<u64>) -> Daemon {
+        Daemon::start_with(dir, main, watchdog_usec, |_| {})
+    }
+
+    /// `start`, with a last say over the command (limits, environment).
+    fn start_with(
+        dir: &Path,
+        main: &Path,
+        watchdog_usec: Option<u64>,
+        customize: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let sock = dir.join(format!("notify-{}.sock", rand_suffix()));
         let notify = UnixDatagram::bind(&sock).unwrap();
         notify
@@ -41,6 +51,7 @@ impl Daemon {
         if let Some(us) = watchdog_usec {
             cmd.env("WATCHDOG_USEC", us.to_string());
         }
+        customize(&mut cmd);
         let child = cmd
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -1600,6 +1611,87 @@ fn metrics_agree_with_the_socket_within_a_tick() {
     insert(&app, 1);
     std::thread::sleep(Duration::from_millis(30));
     caught_up_then_compare("after a single write");
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+}
+
+/// 2,000 idle control connections against a daemon limited to 256 open files: the connection
+/// cap keeps them from taking the databases' descriptors (they keep replicating), refusals are
+/// logged once a minute rather than once per attempt, and idle connections are closed.
+#[test]
+fn idle_control_connections_cannot_starve_the_databases() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard >= 4096,
+        "the test needs 2,000+ descriptors of its own (hard limit {hard})"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("control.sock");
+    let main = write_main(
+        d,
+        &format!(
+            "control_socket = \"{}\"\ncontrol_max_connections = 32\ncontrol_idle_timeout = \"3s\"\n",
+            sock.display()
+        ),
+    );
+    let mut apps = Vec::new();
+    for i in 0..8 {
+        let name = format!("db{i}");
+        std::fs::write(
+            d.join(format!("dbs.d/{name}.toml")),
+            db_file(d, &name, &d.join(format!("replica-{i}"))),
+        )
+        .unwrap();
+        let app = app_conn(&d.join(format!("{name}.db")));
+        insert(&app, 5);
+        apps.push(app);
+    }
+    let daemon = Daemon::start_with(d, &main, None, |cmd| {
+        // SAFETY: setrlimit only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                setrlimit(Resource::RLIMIT_NOFILE, 256, 256).map_err(std::io::Error::from)
+            });
+        }
+    });
+    daemon.expect("READY=1");
+    let conns: Vec<std::os::unix::net::UnixStream> = (0..2000)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+        .collect();
+    assert!(conns.len() > 1000, "connected {}", conns.len());
+    // The databases keep replicating: every one gets its new rows to its replica.
+    for app in &apps {
+        insert(app, 20);
+    }
+    for i in 0..8 {
+        wait_replica_rows(&d.join(format!("replica-{i}")), d, 25);
+    }
+    let log = daemon.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    let refusals = log.matches("connections refused").count();
+    assert!(
+        (1..=2).contains(&refusals),
+        "refusals logged once a minute, not per attempt: {refusals}"
+    );
+    // Those over the cap got a reason; the idle ones are closed after control_idle_timeout.
+    let mut reasons = 0;
+    for c in &conns[conns.len() - 10..] {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(c), &mut line);
+        reasons += usize::from(line.contains("too many control connections"));
+    }
+    assert_eq!(reasons, 10);
+    std::thread::sleep(Duration::from_secs(4));
+    let r = raw(&sock, b"{\"v\":1,\"id\":1,\"cmd\":\"status\"}\n", 1);
+    assert_eq!(
+        r[0]["type"], "ok",
+        "served again once the idle ones closed: {r:?}"
+    );
+    drop(conns);
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
 }

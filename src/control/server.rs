@@ -99,32 +99,71 @@ impl RestorePolicy {
 
 pub type SharedPolicy = Arc<RwLock<RestorePolicy>>;
 
-/// Binds the socket (mode `mode`, group `group`) and serves it until `shutdown`.
+/// How the socket is set up and how many clients it serves.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub path: PathBuf,
+    /// Octal mode of the socket file.
+    pub mode: u32,
+    /// Group allowed besides root and the daemon's user.
+    pub group: Option<String>,
+    /// Connections served at once; more are refused with an error line. Each costs a file
+    /// descriptor, so this keeps clients from eating the databases' descriptor budget.
+    pub max_connections: usize,
+    /// A connection with no request, no subscription and no restore for this long is closed;
+    /// zero: never.
+    pub idle_timeout: Duration,
+}
+
+/// Counts events and says when to log them: at most once per interval, with the count.
+struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Self {
+        Throttle {
+            every,
+            last: None,
+            count: 0,
+        }
+    }
+    /// Notes one event; Some(events since the last log) when it is time to log.
+    fn note(&mut self) -> Option<u64> {
+        self.count += 1;
+        if self.last.is_some_and(|t| t.elapsed() < self.every) {
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// Binds the socket and serves it until `shutdown`.
 pub fn serve(
-    path: &Path,
-    mode: u32,
-    group: Option<&str>,
+    settings: Settings,
     registry: Registry,
     policy: SharedPolicy,
     reload: mpsc::Sender<ReloadRequest>,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, ControlError> {
+    let path = settings.path.clone();
     let io_err = |source| ControlError::Io {
-        path: path.to_path_buf(),
+        path: path.clone(),
         source,
     };
-    match std::fs::symlink_metadata(path) {
+    match std::fs::symlink_metadata(&path) {
         // Only a leftover socket is removed, never another kind of file.
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io_err)?,
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(&path).map_err(io_err)?,
         Ok(_) => {
-            return Err(ControlError::NotASocket {
-                path: path.to_path_buf(),
-            });
+            return Err(ControlError::NotASocket { path: path.clone() });
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(e)),
     }
-    let gid = match group {
+    let gid = match &settings.group {
         Some(g) => Some(
             nix::unistd::Group::from_name(g)
                 .ok()
@@ -135,31 +174,60 @@ pub fn serve(
         ),
         None => None,
     };
-    let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
+    let listener = UnixListener::bind(&path).map_err(io_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(settings.mode))
+        .map_err(io_err)?;
     if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+        nix::unistd::chown(&path, None, Some(nix::unistd::Gid::from_raw(gid)))
             .map_err(|e| io_err(io::Error::from(e)))?;
     }
     let access = Access {
         uid: nix::unistd::geteuid().as_raw(),
         gid,
     };
-    info!(path = %path.display(), mode = format!("{mode:o}"), group = group.unwrap_or("-"), "control socket listening");
-    let path = path.to_path_buf();
+    info!(path = %path.display(), mode = format!("{:o}", settings.mode), group = settings.group.as_deref().unwrap_or("-"), max_connections = settings.max_connections, "control socket listening");
+    let permits = Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1)));
+    let idle = (!settings.idle_timeout.is_zero()).then_some(settings.idle_timeout);
     Ok(tokio::spawn(async move {
+        let mut refused = Throttle::new(Duration::from_secs(60));
+        let mut failed = Throttle::new(Duration::from_secs(60));
+        let mut backoff = Duration::from_millis(50);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        backoff = Duration::from_millis(50);
+                        let Ok(permit) = permits.clone().try_acquire_owned() else {
+                            if let Some(n) = refused.note() {
+                                warn!(refused = n, limit = settings.max_connections, "control socket: connections refused, too many open (control_max_connections); logged at most once a minute");
+                            }
+                            // The client gets a reason if its socket buffer takes it (never
+                            // waited for), and the descriptor goes back at once.
+                            let resp = Response::error(0, ErrorCode::Failed, "too many control connections; try again later");
+                            if let Ok(mut line) = serde_json::to_string(&resp) {
+                                line.push('\n');
+                                let _ = stream.try_write(line.as_bytes());
+                            }
+                            drop(stream);
+                            continue;
+                        };
                         let ctx = Ctx { access: access.clone(), registry: registry.clone(), policy: policy.clone(), reload: reload.clone() };
                         let shutdown = shutdown.clone();
-                        tokio::spawn(async move { connection(stream, ctx, shutdown).await });
+                        tokio::spawn(async move {
+                            connection(stream, ctx, shutdown, idle).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
-                        warn!(error = %e, "control socket accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Out of descriptors (EMFILE/ENFILE) or another accept failure: the
+                        // pending connection stays queued, so back off instead of spinning,
+                        // and say so once a minute, not once per attempt.
+                        if let Some(n) = failed.note() {
+                            warn!(error = %e, failures = n, "control socket accept failed; backing off (logged at most once a minute)");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
                 },
             }
@@ -177,7 +245,12 @@ struct Ctx {
     reload: mpsc::Sender<ReloadRequest>,
 }
 
-async fn connection(stream: UnixStream, ctx: Ctx, shutdown: CancellationToken) {
+async fn connection(
+    stream: UnixStream,
+    ctx: Ctx,
+    shutdown: CancellationToken,
+    idle: Option<Duration>,
+) {
     let peer = match Peer::of(&stream) {
         Ok(c) => c,
         Err(e) => {
@@ -215,11 +288,26 @@ async fn connection(stream: UnixStream, ctx: Ctx, shutdown: CancellationToken) {
     let mut tasks = JoinSet::new();
     let subscriptions = shutdown.child_token();
     let peer = Arc::new(peer);
+    let idle_deadline = || idle.map(|d| tokio::time::Instant::now() + d);
+    let mut deadline = idle_deadline();
     loop {
         let line = tokio::select! {
             _ = shutdown.cancelled() => break,
+            // A connection with nothing in flight and no request for `idle` is closed: an
+            // idle client cannot hold a descriptor (and a connection slot) forever.
+            _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() && tasks.is_empty() => {
+                debug!(uid = peer.uid, pid = ?peer.pid, "closing an idle control connection");
+                break;
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                if tasks.is_empty() {
+                    deadline = idle_deadline();
+                }
+                continue;
+            }
             l = lines.next() => l,
         };
+        deadline = idle_deadline();
         match line {
             None => break, // the client closed (or half-closed) its side
             Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
