@@ -25,6 +25,11 @@ use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
 /// upload buffer, so this bounds memory when many databases snapshot at once (Litestream #331).
 static SNAPSHOT_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
+/// Leftovers of interrupted uploads older than this are removed by retention (and at start when
+/// the replica has no lease to prove that no other writer is uploading): far longer than any
+/// upload takes, short enough that a killed snapshot upload does not linger for a day.
+const INCOMPLETE_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
+
 #[derive(Debug, Error)]
 pub enum ReplicaError {
     #[error(transparent)]
@@ -214,6 +219,8 @@ pub struct Replica {
     uploaded_since_check: bool,
     /// The replica path was found to belong to this database's lineage (see `lineage`).
     lineage_ok: bool,
+    /// What interrupted uploads of an earlier run left was removed (once, at the start).
+    cleaned: bool,
     status: Arc<Mutex<ReplicaStatus>>,
     attempt: u32,
 }
@@ -233,6 +240,7 @@ impl Replica {
             checked_at: None,
             uploaded_since_check: false,
             lineage_ok: false,
+            cleaned: false,
             status: Arc::new(Mutex::new(status)),
             attempt: 0,
         }
@@ -353,6 +361,17 @@ impl Replica {
         // (After the first listing, so a missing bucket is reported as such, not as a lease
         // write that some S3-compatible stores accept into a bucket that does not exist.)
         self.ensure_lease().await?;
+        if !self.cleaned {
+            // Holding the lease, no other writer uploads here: whatever an upload left is an
+            // earlier run's (killed mid-upload). Without a lease, only old leftovers.
+            let age = if self.lease.is_some() {
+                Duration::ZERO
+            } else {
+                INCOMPLETE_MAX_AGE
+            };
+            self.remove_incomplete(&shared.name, age).await;
+            self.cleaned = true;
+        }
         let mut pos = self.pos.clone().expect("position set above");
         if pos.generation != dpos.generation {
             return Ok(());
@@ -419,9 +438,20 @@ impl Replica {
         }
         let store = self.client.store().clone();
         let owner = lineage::read(&store).await?;
+        // Backups: a generation with a snapshot (leftovers of an interrupted first upload are
+        // not backups).
         let has_generations = match &owner {
             Some(_) => true,
-            None => !self.client.generations().await?.is_empty(),
+            None => {
+                let mut any = false;
+                for g in self.client.generations().await? {
+                    if !self.client.snapshots(&g).await?.is_empty() {
+                        any = true;
+                        break;
+                    }
+                }
+                any
+            }
         };
         let (sh, o) = (shared.clone(), owner.as_ref().map(|(o, _)| o.clone()));
         let settled = tokio::task::spawn_blocking(move || -> Result<_, ReplicaError> {
@@ -481,6 +511,20 @@ impl Replica {
         }
         self.lineage_ok = true;
         Ok(())
+    }
+
+    /// Removes leftovers of interrupted uploads (see `ObjectStore::remove_incomplete`); a
+    /// failure is logged, never fatal.
+    async fn remove_incomplete(&self, db: &str, older_than: Duration) {
+        match self.client.store().remove_incomplete(older_than).await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(db, replica = %self.opts.name, removed = n, "removed what interrupted uploads left on the replica")
+            }
+            Err(e) => {
+                debug!(db, replica = %self.opts.name, error = %e, "cannot clean up interrupted uploads")
+            }
+        }
     }
 
     fn restorable_check_due(&self) -> bool {
@@ -560,15 +604,7 @@ impl Replica {
             .client
             .encode(move |w| copy_shadow_range(&path2, start, end, w));
         let put = self.client.write_wal_segment(pos, body).await;
-        let produced = producer.await.map_err(|e| ReplicaError::Shadow {
-            path: path.to_path_buf(),
-            source: io::Error::other(e),
-        })?;
-        let n = produced.map_err(|source| ReplicaError::Shadow {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        put?;
+        let (_, n) = upload_outcome(put, producer.await, path)?;
         let labels = [("db", db.to_string()), ("replica", self.opts.name.clone())];
         metrics::counter!(telemetry::REPLICA_WAL_BYTES, &labels).increment(n);
         metrics::counter!(telemetry::REPLICA_UPLOADS, &labels).increment(1);
@@ -632,17 +668,7 @@ impl Replica {
             .client
             .write_snapshot(&pos.generation, pos.index, body)
             .await;
-        let n = producer
-            .await
-            .map_err(|e| ReplicaError::Shadow {
-                path: shared.db_path(),
-                source: io::Error::other(e),
-            })?
-            .map_err(|source| ReplicaError::Shadow {
-                path: shared.db_path(),
-                source,
-            })?;
-        let info = put?;
+        let (info, n) = upload_outcome(put, producer.await, &shared.db_path())?;
         metrics::counter!(telemetry::SNAPSHOTS, "db" => shared.name.clone(), "replica" => self.opts.name.clone()).increment(1);
         metrics::histogram!(telemetry::SNAPSHOT_DURATION, "db" => shared.name.clone(), "replica" => self.opts.name.clone()).record(started.elapsed().as_secs_f64());
         info!(db = %shared.name, replica = %self.opts.name, %pos, bytes = n, stored = info.size, "snapshot written");
@@ -688,6 +714,8 @@ impl Replica {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         // Deleting is writing: never delete under another replicator's lease.
         self.ensure_lease().await?;
+        self.remove_incomplete(&shared.name, INCOMPLETE_MAX_AGE)
+            .await;
         let generations = self.client.generations().await?;
         let current_kept = self
             .client
@@ -746,6 +774,27 @@ impl Replica {
 impl DbShared {
     pub fn db_path(&self) -> PathBuf {
         self.db.lock().expect("db lock").path().to_path_buf()
+    }
+}
+
+/// The result of an upload whose body a producer wrote: the upload's own error when it failed
+/// (the producer then only saw its channel close: "upload aborted"), else the producer's (a
+/// local read error, which made the upload fail too), so the message names the real cause.
+fn upload_outcome<T>(
+    put: Result<T, StoreError>,
+    produced: Result<io::Result<u64>, tokio::task::JoinError>,
+    source_path: &std::path::Path,
+) -> Result<(T, u64), ReplicaError> {
+    let local = |source| ReplicaError::Shadow {
+        path: source_path.to_path_buf(),
+        source,
+    };
+    match (put, produced) {
+        (Ok(v), Ok(Ok(n))) => Ok((v, n)),
+        (Err(e), Ok(Err(p))) if p.kind() == io::ErrorKind::BrokenPipe => Err(e.into()),
+        (Err(e), Ok(Ok(_))) => Err(e.into()),
+        (_, Ok(Err(p))) => Err(local(p)),
+        (_, Err(join)) => Err(local(io::Error::other(join))),
     }
 }
 

@@ -726,3 +726,31 @@ fn insert_blobs(c: &rusqlite::Connection, n: usize, size: i64) {
             .unwrap();
     }
 }
+
+/// A full replica directory is reported as such: one line naming the object and the disk
+/// error, not the upload pipe's "upload aborted" or an LZ4 debug dump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_replica_directory_is_reported_readably() {
+    let dir = tempfile::tempdir().unwrap();
+    let replica = dir.path().join("replica");
+    let _fs = Tmpfs::mount(&replica, "64k");
+    let db = dir.path().join("app.db");
+    let app = app_conn(&db);
+    insert_blobs(&app, 200, 3000);
+    let w = start(&db, &[&replica], fast_opts());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let st = w.handle.status();
+        if let Some(e) = st.replicas[0].last_error.clone() {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        !err.contains("upload aborted") && !err.contains("IoError(") && !err.contains('\n'),
+        "{err}"
+    );
+    w.stop().await;
+}

@@ -573,7 +573,15 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
                     litestreamd::replicator::ReplicaState::Retrying { .. }
                         | litestreamd::replicator::ReplicaState::Failed { .. }
                 ));
+                // One readable line, not the SDK's debug dump.
+                assert!(
+                    !e.contains('\n') && e.len() < 400 && !e.contains("ConnectorError {"),
+                    "{}: {e}",
+                    r.name
+                );
             }
+            let e = st.replicas[3].last_error.as_ref().unwrap();
+            assert!(e.contains("cannot reach the endpoint"), "{e}");
             assert!(
                 st.replicas[1]
                     .last_error
@@ -1311,4 +1319,122 @@ fn an_emptied_bucket_is_noticed_and_made_restorable_again() {
     assert!(sigterm(&mut daemon).success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("is gone"), "the loss is reported:\n{text}");
+}
+
+/// moto's S3 server (in memory) with bucket `litestream-bucket`.
+fn moto_server() -> Server {
+    let bin = deps_bin("MOTO_BIN", "moto/bin/moto_server");
+    let port = free_port();
+    let server = Server::start(
+        vec![
+            bin.display().to_string(),
+            "-H".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ],
+        port,
+    );
+    let py = bin.with_file_name("python");
+    let out = Command::new(py)
+        .args([
+            "-c",
+            &format!(
+                "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', region_name='us-east-1', aws_access_key_id='k', aws_secret_access_key='s').create_bucket(Bucket='litestream-bucket')"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    server
+}
+
+/// boto3 against moto: runs `code` with `s3` bound to a client; returns its stdout.
+fn boto3(port: u16, code: &str) -> String {
+    let py = deps_bin("MOTO_BIN", "moto/bin/moto_server").with_file_name("python");
+    let out = Command::new(py)
+        .args([
+            "-c",
+            &format!(
+                "import boto3\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', region_name='us-east-1', aws_access_key_id='k', aws_secret_access_key='s')\n{code}"
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What interrupted uploads leave (a snapshot's temporary file in a directory replica, an
+/// incomplete multipart upload on S3) is removed when replication starts; nothing outside the
+/// replica's own path is touched.
+#[test]
+fn leftovers_of_interrupted_uploads_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A directory replica with a killed snapshot upload's temporary file.
+    let replica = d.join("replica");
+    let snaps = replica.join("generations/0123456789abcdef/snapshots");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let tmp = snaps.join(".00000000.snapshot.lz4.deadbeef.tmp");
+    std::fs::write(&tmp, vec![7u8; 1 << 20]).unwrap();
+    let keep = snaps.join("notes.tmp");
+    std::fs::write(&keep, b"not ours").unwrap();
+    let db = d.join("app.db");
+    let app = app_conn(&db);
+    for _ in 0..5 {
+        app.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
+            .unwrap();
+    }
+    let url = format!("file://{}", replica.display());
+    let mut child = replicate(&db, &url);
+    let probes = d.join("probes");
+    std::fs::create_dir_all(&probes).unwrap();
+    wait_restorable(&url, &probes, |p| dump(p).len() == 5);
+    assert!(
+        !tmp.exists(),
+        "the interrupted upload's temporary file is gone"
+    );
+    assert!(keep.exists(), "a file that is not an upload's is kept");
+    assert!(sigterm(&mut child).success());
+
+    // S3 (moto; s3s-fs cannot list multipart uploads): an incomplete multipart upload under
+    // the replica's path is aborted, one under another path is not.
+    let server = moto_server();
+    let port = server.port;
+    let create = |key: &str| {
+        boto3(
+            port,
+            &format!(
+                "u = s3.create_multipart_upload(Bucket='litestream-bucket', Key='{key}')\ns3.upload_part(Bucket='litestream-bucket', Key='{key}', UploadId=u['UploadId'], PartNumber=1, Body=b'x' * (5 << 20))"
+            ),
+        )
+    };
+    create("s3app.db/generations/0123456789abcdef/snapshots/00000000.snapshot.lz4");
+    create("other/generations/0123456789abcdef/snapshots/00000000.snapshot.lz4");
+    let uploads = || {
+        boto3(
+            port,
+            "print(sorted(u['Key'] for u in s3.list_multipart_uploads(Bucket='litestream-bucket').get('Uploads', [])))",
+        )
+    };
+    assert!(uploads().contains("s3app.db/"), "{}", uploads());
+    let s3 = s3_url(port, "s3app.db");
+    let mut child = replicate(&db, &s3);
+    wait_restorable(&s3, &probes, |p| dump(p).len() == 5);
+    let left = uploads();
+    assert!(!left.contains("s3app.db/"), "aborted: {left}");
+    assert!(
+        left.contains("other/"),
+        "another path's upload is kept: {left}"
+    );
+    assert!(sigterm(&mut child).success());
 }

@@ -51,6 +51,15 @@ if [ ! -x "$DEPS/gcs/bin/fake-gcs-server" ]; then
 fi
 export FAKE_GCS_BIN="$DEPS/gcs/bin/fake-gcs-server"
 
+# moto's S3 server (Python): the S3 features s3s-fs lacks (listing multipart uploads, Object
+# Lock). In memory, so outage tests keep using s3s-fs.
+if [ ! -x "$DEPS/moto/bin/moto_server" ]; then
+  echo "installing moto[server] into $DEPS/moto"
+  python3 -m venv "$DEPS/moto"
+  "$DEPS/moto/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.1.*' boto3
+fi
+export MOTO_BIN="$DEPS/moto/bin/moto_server"
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked

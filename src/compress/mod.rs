@@ -32,7 +32,16 @@ pub fn encoder<W: Write>(w: W) -> FrameEncoder<W> {
 pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut enc = encoder(Vec::with_capacity(data.len() / 2 + 64));
     enc.write_all(data)?;
-    enc.finish().map_err(io::Error::other)
+    enc.finish().map_err(lz4_io)
+}
+
+/// An LZ4 frame error as an `io::Error`: the I/O error itself when it is one (a full disk, a
+/// closed upload), so messages say what happened rather than `IoError(Custom { .. })`.
+pub fn lz4_io(e: lz4_flex::frame::Error) -> io::Error {
+    match e {
+        lz4_flex::frame::Error::IoError(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
 }
 
 /// Decompresses one whole frame.
@@ -102,13 +111,13 @@ where
             None => {
                 let mut enc = encoder(sink);
                 let n = produce(&mut enc)?;
-                enc.finish().map_err(io::Error::other)?.finish();
+                enc.finish().map_err(lz4_io)?.finish();
                 n
             }
             Some(keys) => {
                 let mut enc = encoder(keys.encrypt_writer(sink)?);
                 let n = produce(&mut enc)?;
-                enc.finish().map_err(io::Error::other)?.finish()?.finish();
+                enc.finish().map_err(lz4_io)?.finish()?.finish();
                 n
             }
         };

@@ -101,6 +101,39 @@ fn put_if_blocking(path: &Path, data: &[u8], cond: &Precondition) -> io::Result<
     })
 }
 
+/// Removes `.NAME.XXXXXXXX.tmp` files (what `put` writes before its rename) older than
+/// `older_than` under `dir`, recursively, without following symlinks.
+fn remove_tmp_files(dir: &Path, older_than: std::time::Duration) -> io::Result<usize> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        if ft.is_dir() {
+            n += remove_tmp_files(&e.path(), older_than)?;
+        } else if ft.is_file()
+            && name.starts_with('.')
+            && name.ends_with(".tmp")
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= older_than)
+        {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => n += 1,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    Ok(n)
+}
+
 #[async_trait]
 impl ObjectStore for FileStore {
     fn kind(&self) -> &'static str {
@@ -185,6 +218,18 @@ impl ObjectStore for FileStore {
             .await
             .map_err(|e| self.io_err("get", key, e))?;
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, f)))
+    }
+
+    async fn remove_incomplete(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<usize, StoreError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || remove_tmp_files(&root, older_than))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| self.io_err("clean", "", e))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {

@@ -123,6 +123,17 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// object is gone).
     async fn delete_if(&self, key: &str, version: &str) -> Result<bool, StoreError>;
 
+    /// Removes what interrupted uploads left under the replica root and is older than
+    /// `older_than` (file: `.NAME.XXXXXXXX.tmp` files; S3: incomplete multipart uploads, which
+    /// are billed until aborted; GCS: nothing to do, its resumable sessions expire after a
+    /// week). Returns how many were removed.
+    async fn remove_incomplete(
+        &self,
+        _older_than: std::time::Duration,
+    ) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+
     /// Where the object lives on this machine, for stores that keep objects as plain files:
     /// restore reads big snapshots straight from there, without the async file layer's extra copy
     /// and thread hand-offs.

@@ -220,7 +220,7 @@ impl S3Store {
             store: self.url(),
             op,
             key: key.to_string(),
-            message: DisplayErrorContext(&e).to_string(),
+            message: describe(&e),
             retryable,
         }
     }
@@ -347,6 +347,45 @@ impl S3Store {
     }
 }
 
+/// One readable line for an SDK error: the service's code, message and HTTP status, or the
+/// innermost cause of a connection failure (not the SDK's multi-kilobyte debug dump).
+fn describe<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let innermost = |e: &dyn std::error::Error| {
+        let mut cur = e;
+        while let Some(next) = cur.source() {
+            cur = next;
+        }
+        cur.to_string()
+    };
+    match e {
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            match (e.code(), e.message()) {
+                (Some(c), Some(m)) => format!("{c}: {m} (HTTP {status})"),
+                (Some(c), None) => format!("{c} (HTTP {status})"),
+                _ => format!("HTTP {status}"),
+            }
+        }
+        SdkError::TimeoutError(_) => "request timed out".into(),
+        SdkError::DispatchFailure(d) => {
+            let why = d
+                .as_connector_error()
+                .map(|c| innermost(c))
+                .unwrap_or_else(|| DisplayErrorContext(e).to_string());
+            if d.is_timeout() {
+                format!("connection timed out: {why}")
+            } else {
+                format!("cannot reach the endpoint: {why}")
+            }
+        }
+        SdkError::ResponseError(_) => format!("invalid response: {}", innermost(e)),
+        other => innermost(other),
+    }
+}
+
 fn to_system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
     t.and_then(|t| SystemTime::try_from(*t).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH)
@@ -421,6 +460,55 @@ impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
         let out = self.get_object(key).await?;
         Ok(Box::pin(out.body.into_async_read()))
+    }
+
+    async fn remove_incomplete(&self, older_than: Duration) -> Result<usize, StoreError> {
+        let prefix = format!("{}/", self.key(""));
+        let prefix = prefix.trim_start_matches('/').to_string();
+        let cutoff = SystemTime::now()
+            .checked_sub(older_than)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let (mut key_marker, mut id_marker) = (None, None);
+        let mut n = 0;
+        loop {
+            let out = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.cfg.bucket)
+                .prefix(&prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| self.err("list uploads", "", e))?;
+            metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "LIST").increment(1);
+            for u in out.uploads() {
+                let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                    continue;
+                };
+                if to_system_time(u.initiated()) > cutoff {
+                    continue;
+                }
+                metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "DELETE").increment(1);
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.cfg.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                    .map_err(|e| self.err("abort upload", key, e))?;
+                n += 1;
+            }
+            if out.is_truncated() != Some(true) {
+                return Ok(n);
+            }
+            key_marker = out.next_key_marker().map(str::to_string);
+            id_marker = out.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                return Ok(n);
+            }
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
