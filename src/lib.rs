@@ -10,6 +10,7 @@
 //! * [`replicator`] — the replica side: segment and snapshot uploads, retention, status;
 //! * [`worker`] — one database's tasks and their shutdown;
 //! * [`restore`] — restore and point-in-time restore;
+//! * [`status`] — the status types of databases and replicas (protocol v1);
 //! * [`config`] — configuration files;
 //! * [`import`] — converting a Litestream 0.3 `litestream.yml` into per-database files;
 //! * [`supervisor`] — the daemon's workers, reloads and shutdown;
@@ -30,6 +31,7 @@ pub mod notify;
 pub mod replica;
 pub mod replicator;
 pub mod restore;
+pub mod status;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tui;

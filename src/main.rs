@@ -17,9 +17,10 @@ use litestreamd::notify;
 use litestreamd::replica::{self, ReplicaClient};
 use litestreamd::replicator::ReplicaOptions;
 use litestreamd::restore::{self, NamedReplica, RestoreOptions, RestoreOutcome};
+use litestreamd::status::{DbState, ReplicaStateName};
 use litestreamd::supervisor::Supervisor;
 use litestreamd::telemetry;
-use litestreamd::worker::{self, DbSpec};
+use litestreamd::worker::DbSpec;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
@@ -109,6 +110,9 @@ enum Command {
         /// Lease on each replica path so no second replicator writes there; 0s disables it.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
         lease_ttl: Duration,
+        /// Upper bound for the final sync on SIGTERM/SIGINT.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        shutdown_timeout: Duration,
         #[command(flatten)]
         age: AgeArgs,
     },
@@ -340,6 +344,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             snapshot_interval,
             retention,
             lease_ttl,
+            shutdown_timeout,
             age,
         } => {
             let keys = age.keys()?;
@@ -373,13 +378,16 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 monitor_interval,
                 ..Default::default()
             };
-            run_specs(vec![DbSpec {
-                name,
-                path,
-                opts,
-                replicas,
-                restore_on_start: false,
-            }])
+            run_specs(
+                vec![DbSpec {
+                    name,
+                    path,
+                    opts,
+                    replicas,
+                    restore_on_start: false,
+                }],
+                shutdown_timeout,
+            )
             .await
         }
         Command::Restore(a) => restore_cmd(a).await,
@@ -422,7 +430,7 @@ async fn run(config_path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
 
     let shutdown = CancellationToken::new();
-    let (mut sup, report) = Supervisor::start(config_path, shutdown.clone()).await?;
+    let (mut sup, report) = Supervisor::start(config_path, shutdown.clone())?;
     let (reload_tx, mut reload_rx) =
         tokio::sync::mpsc::channel::<control::server::ReloadRequest>(4);
     let policy: control::server::SharedPolicy = std::sync::Arc::new(std::sync::RwLock::new(
@@ -496,35 +504,28 @@ async fn run(config_path: &Path) -> Result<()> {
     let watchdog = notify::watchdog_interval().map(|d| d / 2);
     let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Every branch returns quickly (the supervisor never waits on a worker here), so the
+    // watchdog ping below is never held up, whatever a reload or a dead store does.
     loop {
         tokio::select! {
             Some(reply) = reload_rx.recv() => {
                 info!("reload requested over the control socket");
-                notify::reloading();
-                let r = sup.reload().await;
-                *policy.write().expect("policy") = control::server::RestorePolicy::from_config(sup.main_config());
+                let r = reload(&mut sup, &policy);
                 status = sup.summary();
-                notify::ready(&status);
                 let _ = reply.send(r);
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading configuration");
-                notify::reloading();
-                let r = sup.reload().await;
-                *policy.write().expect("policy") = control::server::RestorePolicy::from_config(sup.main_config());
-                info!(added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, unchanged = r.unchanged.len(), errors = r.errors.len(), "reload done");
+                reload(&mut sup, &policy);
                 status = sup.summary();
-                if !r.ok() {
-                    status = format!("{status}; last reload had {} error(s)", r.errors.len());
-                }
-                notify::ready(&status);
             }
+            p = sup.next_prepared() => sup.start_prepared(p),
             _ = term.recv() => { info!("SIGTERM: stopping"); break; }
             _ = int.recv() => { info!("SIGINT: stopping"); break; }
             _ = tick.tick() => {
-                sup.check_workers().await;
+                sup.check_workers();
                 let s = sup.summary();
-                if s != status && !status.contains("last reload had") {
+                if s != status {
                     notify::status(&s);
                     status = s;
                 }
@@ -547,6 +548,22 @@ async fn run(config_path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A reload (SIGHUP or the control socket, the same path): RELOADING=1 with MONOTONIC_USEC,
+/// the supervisor's diff applied (quick: stops and starts go on in the background), the
+/// restore policy refreshed, READY=1 with the new status.
+fn reload(
+    sup: &mut Supervisor,
+    policy: &control::server::SharedPolicy,
+) -> litestreamd::supervisor::ReloadReport {
+    notify::reloading();
+    let r = sup.reload();
+    *policy.write().expect("policy") =
+        control::server::RestorePolicy::from_config(sup.main_config());
+    info!(added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, unchanged = r.unchanged.len(), errors = r.errors.len(), "reload done");
+    notify::ready(&sup.summary());
+    r
+}
+
 /// `restore_on_start`: READY=1 waits until every database that needed a restore has it, or
 /// every replica answered that there is no backup; meanwhile systemd's start timeout is
 /// extended and STATUS= says what is awaited. A database whose `restore_on_start_timeout`
@@ -559,7 +576,7 @@ async fn wait_for_restores(
     let mut last_extend: Option<std::time::Instant> = None;
     loop {
         let restoring = sup.restoring();
-        if restoring.is_empty() {
+        if restoring.is_empty() && sup.starting() == 0 {
             return Ok(true);
         }
         if let Some(r) = restoring
@@ -574,7 +591,9 @@ async fn wait_for_restores(
                 r.last_error.as_deref().unwrap_or("no restore finished")
             );
         }
-        if last_extend.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+        if !restoring.is_empty()
+            && last_extend.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
             notify::extend_timeout(Duration::from_secs(15));
             let names: Vec<String> = restoring
                 .iter()
@@ -587,11 +606,12 @@ async fn wait_for_restores(
             last_extend = Some(std::time::Instant::now());
         }
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM while restoring: stopping"); return Ok(false); }
-            _ = int.recv() => { info!("SIGINT while restoring: stopping"); return Ok(false); }
+            _ = term.recv() => { info!("SIGTERM while starting: stopping"); return Ok(false); }
+            _ = int.recv() => { info!("SIGINT while starting: stopping"); return Ok(false); }
+            p = sup.next_prepared() => sup.start_prepared(p),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        sup.check_workers().await;
+        sup.check_workers();
     }
 }
 
@@ -620,7 +640,7 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
                 let err = r
                     .last_error
                     .as_deref()
-                    .filter(|_| r.state_name() != "healthy")
+                    .filter(|_| r.state.name() != ReplicaStateName::Healthy)
                     .unwrap_or("");
                 println!(
                     "{name:<20} {state:<12} {pos:<28} {:<10} {:<10} {:>9.1} {:>12}  {err}",
@@ -634,7 +654,7 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
     }
     let mut problems = Vec::new();
     for d in &dbs {
-        if d.state == "error" || d.state == "restoring" {
+        if matches!(d.state, DbState::Error | DbState::Restoring) {
             problems.push(format!(
                 "{}: {}{}",
                 d.name,
@@ -646,7 +666,7 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
             ));
         }
         for r in &d.replicas {
-            if matches!(r.state_name(), "failed" | "retrying" | "conflict") {
+            if r.state.name().is_problem() {
                 problems.push(format!("{}/{}: {}", d.name, r.name, r.state_name()));
             }
             if max_lag.is_some_and(|m| r.lag_seconds > m) {
@@ -710,37 +730,42 @@ async fn config_check(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs workers until SIGINT/SIGTERM, then gives them a bounded final sync.
-async fn run_specs(specs: Vec<DbSpec>) -> Result<()> {
+/// `replicate`: the workers under a supervisor (the daemon's bounded, parallel final sync)
+/// until SIGINT/SIGTERM. A worker that dies ends the command with an error (nothing restarts
+/// it here: whatever runs the command, systemd or a container, does).
+async fn run_specs(specs: Vec<DbSpec>, shutdown_timeout: Duration) -> Result<()> {
     let shutdown = CancellationToken::new();
-    let mut joins = Vec::new();
-    for spec in specs {
+    for spec in &specs {
         info!(db = %spec.name, path = %spec.path.display(), replicas = spec.replicas.len(), "starting worker");
-        let (_handle, join) = worker::spawn(spec, shutdown.child_token());
-        joins.push(join);
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut running: futures::stream::FuturesUnordered<_> = joins.into_iter().collect();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received; final sync"),
-        _ = term.recv() => info!("SIGTERM received; final sync"),
-        // Without a supervisor to restart it, a worker that dies (a panic) ends the command
-        // with an error, so whatever runs it (systemd, a container) can restart it.
-        Some(res) = futures::StreamExt::next(&mut running) => {
-            shutdown.cancel();
-            bail!("a database worker stopped unexpectedly: {}", match res {
-                Err(e) => e.to_string(),
-                Ok(()) => "it returned".into(),
-            });
+    let mut sup = Supervisor::for_specs(specs, shutdown_timeout, shutdown.clone());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let died = loop {
+        tokio::select! {
+            _ = int.recv() => { info!("SIGINT received; final sync"); break None; }
+            _ = term.recv() => { info!("SIGTERM received; final sync"); break None; }
+            _ = tick.tick() => {
+                let dead = sup.check_workers();
+                if !dead.is_empty() {
+                    break Some(dead);
+                }
+            }
         }
+    };
+    let stopped = sup.shutdown(|| {}).await;
+    if let Some(dead) = died {
+        bail!(
+            "a database worker stopped unexpectedly: {}",
+            dead.join(", ")
+        );
     }
-    shutdown.cancel();
-    let all = futures::StreamExt::collect::<Vec<_>>(running);
-    if tokio::time::timeout(Duration::from_secs(30), all)
-        .await
-        .is_err()
-    {
-        bail!("final sync did not finish within 30s");
+    if !stopped {
+        bail!(
+            "the final sync did not finish within {}",
+            humantime::format_duration(shutdown_timeout)
+        );
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 use tokio::io::AsyncReadExt;
+use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::compress;
@@ -18,6 +19,7 @@ use crate::layout::{MetaDir, Pos};
 use crate::lease::{self, Lease, LeaseError};
 use crate::lineage::{self, Decision, LineageError};
 use crate::replica::{ReplicaClient, StoreError};
+use crate::status::{ReplicaReport, ReplicaState};
 use crate::telemetry;
 use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
 
@@ -124,80 +126,6 @@ impl Default for ReplicaOptions {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum ReplicaState {
-    Starting,
-    Healthy,
-    Retrying {
-        attempt: u32,
-        error: String,
-    },
-    Failed {
-        attempt: u32,
-        error: String,
-    },
-    /// Another replicator holds the lease on this replica path; nothing is written until it
-    /// is released or expires.
-    Conflict {
-        attempt: u32,
-        error: String,
-    },
-}
-
-/// What a replica reports about itself.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ReplicaStatus {
-    pub name: String,
-    pub kind: String,
-    pub url: String,
-    #[serde(flatten)]
-    pub state: ReplicaState,
-    pub pos: Option<Pos>,
-    #[serde(with = "humantime_serde")]
-    pub last_sync: Option<SystemTime>,
-    pub last_error: Option<String>,
-    pub retries: u64,
-    pub uploaded_bytes: u64,
-    /// Seconds since the replica last had everything the database has (0 when caught up).
-    pub lag_seconds: f64,
-    /// Shadow WAL bytes not uploaded yet.
-    pub lag_bytes: u64,
-    /// When the replica last had everything the database has.
-    #[serde(with = "humantime_serde")]
-    pub caught_up_at: Option<SystemTime>,
-}
-
-impl ReplicaStatus {
-    /// A replica that has not synced yet (caught up as of now: it has no lag to report).
-    pub fn new(name: &str, kind: &str, url: &str) -> Self {
-        ReplicaStatus {
-            name: name.into(),
-            kind: kind.into(),
-            url: url.into(),
-            state: ReplicaState::Starting,
-            pos: None,
-            last_sync: None,
-            last_error: None,
-            retries: 0,
-            uploaded_bytes: 0,
-            lag_seconds: 0.0,
-            lag_bytes: 0,
-            caught_up_at: Some(SystemTime::now()),
-        }
-    }
-
-    pub fn state_name(&self) -> &'static str {
-        match self.state {
-            ReplicaState::Starting => "starting",
-            ReplicaState::Healthy => "healthy",
-            ReplicaState::Retrying { .. } => "retrying",
-            ReplicaState::Failed { .. } => "failed",
-            ReplicaState::Conflict { .. } => "conflict",
-        }
-    }
-}
-
 /// A database's shared engine state, handed to its replicas.
 pub struct DbShared {
     pub db: Mutex<Db>,
@@ -221,17 +149,26 @@ pub struct Replica {
     lineage_ok: bool,
     /// What interrupted uploads of an earlier run left was removed (once, at the start).
     cleaned: bool,
-    status: Arc<Mutex<ReplicaStatus>>,
+    /// What this replica reports to its worker, which writes the status (see `status`).
+    report: watch::Sender<ReplicaReport>,
+    /// Wakes the worker after each report.
+    wake: Arc<Notify>,
     attempt: u32,
 }
 
 impl Replica {
-    /// `database` (the database path) identifies this writer in the replica's lease.
-    pub fn new(opts: ReplicaOptions, client: ReplicaClient, database: &str) -> Self {
+    /// `database` (the database path) identifies this writer in the replica's lease; `wake` is
+    /// notified after every report (the receiver returned here).
+    pub fn new(
+        opts: ReplicaOptions,
+        client: ReplicaClient,
+        database: &str,
+        wake: Arc<Notify>,
+    ) -> (Self, watch::Receiver<ReplicaReport>) {
         let lease = (!opts.lease_ttl.is_zero())
             .then(|| Lease::new(client.store().clone(), opts.lease_ttl, database));
-        let status = ReplicaStatus::new(&opts.name, client.kind(), &client.url());
-        Replica {
+        let (report, rx) = watch::channel(ReplicaReport::default());
+        let r = Replica {
             opts,
             client,
             lease,
@@ -241,9 +178,17 @@ impl Replica {
             uploaded_since_check: false,
             lineage_ok: false,
             cleaned: false,
-            status: Arc::new(Mutex::new(status)),
+            report,
+            wake,
             attempt: 0,
-        }
+        };
+        (r, rx)
+    }
+
+    /// Changes what this replica reports, and wakes its worker.
+    fn report(&self, f: impl FnOnce(&mut ReplicaReport)) {
+        self.report.send_modify(f);
+        self.wake.notify_one();
     }
 
     pub fn client(&self) -> &ReplicaClient {
@@ -251,9 +196,6 @@ impl Replica {
     }
     pub fn pos(&self) -> Option<&Pos> {
         self.pos.as_ref()
-    }
-    pub fn status(&self) -> Arc<Mutex<ReplicaStatus>> {
-        self.status.clone()
     }
 
     /// Takes or renews the lease: before every write (no request while it is fresh), and on
@@ -279,45 +221,52 @@ impl Replica {
 
     /// Records the outcome of a sync attempt and returns the delay before the next retry.
     pub fn record(&mut self, db: &str, result: &Result<(), ReplicaError>) -> Option<Duration> {
-        let mut st = self.status.lock().expect("status lock");
-        st.pos = self.pos.clone();
         match result {
             Ok(()) => {
                 if self.attempt > 0 {
                     info!(db, replica = %self.opts.name, "replica recovered");
                 }
                 self.attempt = 0;
-                st.state = ReplicaState::Healthy;
-                st.last_sync = Some(SystemTime::now());
+                let pos = self.pos.clone();
+                self.report(|r| {
+                    r.pos = pos;
+                    r.state = ReplicaState::Healthy;
+                    r.last_sync = Some(SystemTime::now());
+                });
                 None
             }
             Err(e) => {
                 self.attempt += 1;
                 self.pos = None;
-                st.retries += 1;
-                st.last_error = Some(e.to_string());
                 let error = e.to_string();
                 let conflict = matches!(
                     e,
                     ReplicaError::Lease(LeaseError::Held { .. })
                         | ReplicaError::Lineage(LineageError::Conflict { .. })
                 );
-                st.state = if conflict {
+                let attempt = self.attempt;
+                let state = if conflict {
                     ReplicaState::Conflict {
-                        attempt: self.attempt,
-                        error,
+                        attempt,
+                        error: error.clone(),
                     }
-                } else if self.attempt >= self.opts.retry.failed_after {
+                } else if attempt >= self.opts.retry.failed_after {
                     ReplicaState::Failed {
-                        attempt: self.attempt,
-                        error,
+                        attempt,
+                        error: error.clone(),
                     }
                 } else {
                     ReplicaState::Retrying {
-                        attempt: self.attempt,
-                        error,
+                        attempt,
+                        error: error.clone(),
                     }
                 };
+                self.report(|r| {
+                    r.pos = None;
+                    r.retries += 1;
+                    r.last_error = Some(error);
+                    r.state = state;
+                });
                 let labels = [("db", db.to_string()), ("replica", self.opts.name.clone())];
                 metrics::counter!(telemetry::REPLICA_ERRORS, &labels).increment(1);
                 metrics::counter!(telemetry::REPLICA_RETRIES, &labels).increment(1);
@@ -419,9 +368,11 @@ impl Replica {
             pos.offset = end;
             self.pos = Some(pos.clone());
             self.uploaded_since_check = true;
-            let mut st = self.status.lock().expect("status lock");
-            st.uploaded_bytes += n;
-            st.pos = self.pos.clone();
+            let p = self.pos.clone();
+            self.report(|r| {
+                r.uploaded_bytes += n;
+                r.pos = p;
+            });
         }
         let vanished = self.lease.as_mut().is_some_and(|l| l.take_vanished());
         if vanished || self.restorable_check_due() {

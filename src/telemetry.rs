@@ -54,15 +54,51 @@ pub const REPLICA_COUNTERS: &[&str] = &[
     REPLICA_NOT_RESTORABLE,
     SNAPSHOTS,
 ];
-pub const REPLICA_STATES: &[&str] = &["starting", "healthy", "retrying", "failed", "conflict"];
-pub const DB_STATES: &[&str] = &[
-    "starting",
-    "restoring",
-    "waiting",
-    "replicating",
-    "error",
-    "stopped",
-];
+/// Writes every series of a database from its status (so `/metrics` shows what the control
+/// socket shows), plus the sync passes and shadow bytes counted since the last call. Every
+/// series is written, counters included (`increment(0)`), so the exporter's idle timeout only
+/// removes the series of databases that are gone.
+pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
+    use crate::status::ReplicaStateName;
+    let labels = [("db", st.name.clone())];
+    metrics::counter!(DB_SYNCS, &labels).increment(syncs);
+    metrics::counter!(SHADOW_WAL_WRITTEN, &labels).increment(wal_bytes);
+    metrics::gauge!(DB_SIZE, &labels).set(st.db_size as f64);
+    metrics::gauge!(WAL_SIZE, &labels).set(st.wal_size as f64);
+    metrics::gauge!(SHADOW_WAL_BYTES, &labels).set(st.shadow_bytes as f64);
+    metrics::gauge!(SHADOW_WAL_INDEX, &labels).set(st.pos.as_ref().map_or(0.0, |p| p.index as f64));
+    for c in DB_COUNTERS {
+        metrics::counter!(*c, &labels).increment(0);
+    }
+    for mode in ["PASSIVE", "RESTART", "TRUNCATE"] {
+        metrics::counter!(CHECKPOINTS, "db" => st.name.clone(), "mode" => mode).increment(0);
+    }
+    for rs in &st.replicas {
+        let rl = [("db", st.name.clone()), ("replica", rs.name.clone())];
+        metrics::gauge!(REPLICA_LAG_SECONDS, &rl).set(rs.lag_seconds);
+        metrics::gauge!(REPLICA_LAG_BYTES, &rl).set(rs.lag_bytes as f64);
+        metrics::gauge!(REPLICA_WAL_INDEX, &rl)
+            .set(rs.pos.as_ref().map_or(0.0, |p| p.index as f64));
+        metrics::gauge!(REPLICA_WAL_OFFSET, &rl)
+            .set(rs.pos.as_ref().map_or(0.0, |p| p.offset as f64));
+        if let Some(p) = &rs.pos {
+            metrics::gauge!(REPLICA_GENERATION, "db" => st.name.clone(), "replica" => rs.name.clone(), "generation" => p.generation.clone()).set(1.0);
+        }
+        let last = rs
+            .last_sync
+            .and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!(REPLICA_LAST_SYNC, &rl).set(last);
+        let current = rs.state.name();
+        for state in ReplicaStateName::ALL {
+            let v = if *state == current { 1.0 } else { 0.0 };
+            metrics::gauge!(REPLICA_STATE, "db" => st.name.clone(), "replica" => rs.name.clone(), "state" => state.as_str()).set(v);
+        }
+        for c in REPLICA_COUNTERS {
+            metrics::counter!(*c, &rl).increment(0);
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum TelemetryError {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 use crate::db::{CheckpointMode, Db, DbOptions, SyncReport};
 use crate::layout::{MetaDir, Pos};
 use crate::replica::ReplicaClient;
-use crate::replicator::{DbShared, Replica, ReplicaOptions, ReplicaStatus};
+use crate::replicator::{DbShared, Replica, ReplicaOptions};
+use crate::status::{DbState, DbStatus, ReplicaReport, ReplicaStatus};
 use crate::telemetry;
 
 /// Everything needed to replicate one database.
@@ -29,23 +30,6 @@ pub struct DbSpec {
     /// `restore_on_start = "if-missing"`: restore the database before replicating it when the
     /// file is missing, retrying until the replicas answer (see [`restore_missing`]).
     pub restore_on_start: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
-pub struct DbStatus {
-    pub name: String,
-    pub path: PathBuf,
-    /// `starting`, `restoring` (restore_on_start), `waiting` (no database file yet),
-    /// `replicating`, `error`, `stopped`.
-    pub state: String,
-    pub pos: Option<Pos>,
-    pub last_error: Option<String>,
-    pub db_size: u64,
-    pub wal_size: u64,
-    pub shadow_bytes: u64,
-    #[serde(with = "humantime_serde")]
-    pub last_sync: Option<SystemTime>,
-    pub replicas: Vec<ReplicaStatus>,
 }
 
 /// Requests a running worker accepts (the control socket and tests use them).
@@ -61,8 +45,8 @@ pub enum Command {
 /// Live view of a running worker, and its command channel.
 #[derive(Clone)]
 pub struct WorkerHandle {
+    /// Written by the worker only (see `status`).
     status: Arc<Mutex<DbStatus>>,
-    replicas: Arc<Vec<Arc<Mutex<ReplicaStatus>>>>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -95,13 +79,7 @@ impl WorkerHandle {
     }
 
     pub fn status(&self) -> DbStatus {
-        let mut s = self.status.lock().expect("status").clone();
-        s.replicas = self
-            .replicas
-            .iter()
-            .map(|r| r.lock().expect("status").clone())
-            .collect();
-        s
+        self.status.lock().expect("status").clone()
     }
 }
 
@@ -110,36 +88,63 @@ pub fn spawn(
     spec: DbSpec,
     shutdown: CancellationToken,
 ) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
-    let replicas: Vec<Replica> = spec
+    // Replica tasks report to the worker (a watch each, and a wake-up); the worker alone
+    // writes the status.
+    let wake = Arc::new(Notify::new());
+    let (replicas, reports): (Vec<Replica>, Vec<watch::Receiver<ReplicaReport>>) = spec
         .replicas
         .iter()
-        .map(|(o, c)| Replica::new(o.clone(), c.clone(), &spec.path.to_string_lossy()))
-        .collect();
+        .map(|(o, c)| {
+            Replica::new(
+                o.clone(),
+                c.clone(),
+                &spec.path.to_string_lossy(),
+                wake.clone(),
+            )
+        })
+        .unzip();
     let (tx, rx) = mpsc::channel(16);
     let handle = WorkerHandle {
         status: Arc::new(Mutex::new(DbStatus {
             name: spec.name.clone(),
             path: spec.path.clone(),
-            state: "starting".into(),
+            // Known before the task runs, so the daemon never sends READY=1 in between.
+            state: if spec.restore_on_start && !spec.path.exists() {
+                DbState::Restoring
+            } else {
+                DbState::Starting
+            },
+            replicas: spec
+                .replicas
+                .iter()
+                .map(|(o, c)| ReplicaStatus::new(&o.name, c.kind(), &c.url()))
+                .collect(),
             ..Default::default()
         })),
-        replicas: Arc::new(replicas.iter().map(|r| r.status()).collect()),
         commands: tx,
     };
     let h = handle.clone();
-    let join = tokio::spawn(async move { run(spec, replicas, shutdown, h, rx).await });
+    let reporting = Reporting { reports, wake };
+    let join = tokio::spawn(async move { run(spec, replicas, reporting, shutdown, h, rx).await });
     (handle, join)
+}
+
+/// What the replica tasks report, and the wake-up they send with every change.
+struct Reporting {
+    reports: Vec<watch::Receiver<ReplicaReport>>,
+    wake: Arc<Notify>,
 }
 
 async fn run(
     spec: DbSpec,
     replicas: Vec<Replica>,
+    reporting: Reporting,
     shutdown: CancellationToken,
     handle: WorkerHandle,
     mut commands: mpsc::Receiver<Command>,
 ) {
     if spec.restore_on_start && !restore_phase(&spec, &handle, &shutdown, &mut commands).await {
-        handle.status.lock().expect("status").state = "stopped".into();
+        handle.status.lock().expect("status").state = DbState::Stopped;
         return;
     }
     let meta = match &spec.opts.meta_path {
@@ -174,8 +179,10 @@ async fn run(
     let mut ps = PublishState {
         waiting_logged: false,
         syncs: 0,
+        wal_bytes: 0,
         refreshed: None,
         last: None,
+        caught_up_at: Vec::new(),
     };
     // Fixed-rate ticks (like Litestream's Go ticker): the period is the interval, not the
     // interval plus the time a pass takes, so a commit waits at most one interval.
@@ -190,9 +197,16 @@ async fn run(
     };
     loop {
         let report = db_sync(&shared, &positions).await;
-        publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
+        record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
+        publish(&handle, &shared.meta, &reporting, &mut ps);
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            // A replica reported something (an upload, an error): publish it now, not at the
+            // next tick, and without a sync pass.
+            _ = reporting.wake.notified() => {
+                publish(&handle, &shared.meta, &reporting, &mut ps);
+                continue;
+            }
             _ = sleep_until(next_tick) => {
                 next_tick += interval;
                 if next_tick <= Instant::now() {
@@ -205,7 +219,8 @@ async fn run(
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;
                     let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
-                    publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
+                    record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
+                    publish(&handle, &shared.meta, &reporting, &mut ps);
                     continue;
                 }
                 Command::Checkpoint(mode, reply) => {
@@ -240,7 +255,8 @@ async fn run(
 
     // Final sync: copy the last committed frames, then let every replica upload them.
     let report = db_sync(&shared, &positions).await;
-    publish(&spec, &handle, &shared.meta, &pos_tx, &report, &mut ps);
+    record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
+    publish(&handle, &shared.meta, &reporting, &mut ps);
     replica_stop.cancel();
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
@@ -249,7 +265,8 @@ async fn run(
     }
     let sh = shared.clone();
     let _ = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").close()).await;
-    handle.status.lock().expect("status").state = "stopped".into();
+    publish(&handle, &shared.meta, &reporting, &mut ps);
+    handle.status.lock().expect("status").state = DbState::Stopped;
     info!(db = %spec.name, "stopped");
 }
 
@@ -268,7 +285,7 @@ async fn restore_phase(
         .first()
         .map(|(o, _)| o.retry.clone())
         .unwrap_or_default();
-    handle.status.lock().expect("status").state = "restoring".into();
+    handle.status.lock().expect("status").state = DbState::Restoring;
     let mut attempt = 0;
     loop {
         let outcome = {
@@ -285,7 +302,7 @@ async fn restore_phase(
         match outcome {
             Ok(()) => {
                 let mut st = handle.status.lock().expect("status");
-                st.state = "starting".into();
+                st.state = DbState::Starting;
                 st.last_error = None;
                 return true;
             }
@@ -404,56 +421,56 @@ struct PublishState {
     waiting_logged: bool,
     /// Sync passes not yet added to the counter (added at each refresh).
     syncs: u64,
+    /// Shadow bytes written since the last refresh of the metrics.
+    wal_bytes: u64,
     /// When every series was last written (see `REFRESH`).
     refreshed: Option<std::time::Instant>,
     /// What the series showed when last written: the database's state and position and each
     /// replica's state, position, lag bytes and whether it lagged. Any change is written on the
     /// same tick, so `/metrics` and the control socket never disagree for longer than a tick.
     last: Option<PublishedKey>,
+    /// When each replica last had everything the database has.
+    caught_up_at: Vec<Option<SystemTime>>,
 }
 
 type PublishedKey = (
-    String,
+    DbState,
     Option<Pos>,
-    Vec<(&'static str, Option<Pos>, u64, bool)>,
+    Vec<(crate::status::ReplicaStateName, Option<Pos>, u64, bool)>,
 );
 
 /// How often the series of an unchanged, caught-up database are rewritten: well inside the
 /// exporter's idle timeout, and rare enough that a thousand idle databases cost nothing.
 const REFRESH: Duration = Duration::from_secs(15);
 
-fn publish(
+/// The database's part of the status after a sync pass, and its counters.
+fn record_sync(
     spec: &DbSpec,
     handle: &WorkerHandle,
-    meta: &MetaDir,
     pos_tx: &watch::Sender<Option<Pos>>,
     report: &Result<SyncReport, String>,
     ps: &mut PublishState,
 ) {
-    let waiting_logged = &mut ps.waiting_logged;
     let mut st = handle.status.lock().expect("status");
     ps.syncs += 1;
     match report {
         Ok(r) if r.pos.is_none() => {
-            if !*waiting_logged {
+            if !ps.waiting_logged {
                 info!(db = %spec.name, path = %spec.path.display(), "database file does not exist yet; waiting");
-                *waiting_logged = true;
+                ps.waiting_logged = true;
             }
-            st.state = "waiting".into();
+            st.state = DbState::Waiting;
         }
         Ok(r) => {
-            *waiting_logged = false;
-            st.state = "replicating".into();
+            ps.waiting_logged = false;
+            st.state = DbState::Replicating;
             st.pos = r.pos.clone();
             st.last_error = None;
             st.db_size = r.db_size;
             st.wal_size = r.wal_size;
             st.shadow_bytes = r.shadow_bytes;
             st.last_sync = Some(SystemTime::now());
-            if r.wal_bytes > 0 {
-                metrics::counter!(telemetry::SHADOW_WAL_WRITTEN, "db" => spec.name.clone())
-                    .increment(r.wal_bytes);
-            }
+            ps.wal_bytes += r.wal_bytes;
             pos_tx.send_if_modified(|cur| {
                 let changed = *cur != r.pos;
                 *cur = r.pos.clone();
@@ -465,40 +482,49 @@ fn publish(
                 error!(db = %spec.name, error = %e, "database sync failed");
             }
             metrics::counter!(telemetry::DB_SYNC_ERRORS, "db" => spec.name.clone()).increment(1);
-            st.state = "error".into();
+            st.state = DbState::Error;
             st.last_error = Some(e.clone());
         }
     }
+}
 
-    // Lag bookkeeping runs on every tick (the status shown by `status` and the dashboard).
+/// Takes in what every replica reported, computes the lag (the only place it is computed),
+/// and rewrites the metrics when anything they show changed (and at least every REFRESH).
+fn publish(handle: &WorkerHandle, meta: &MetaDir, reporting: &Reporting, ps: &mut PublishState) {
+    let mut st = handle.status.lock().expect("status");
     let now = SystemTime::now();
     let mut lagging = false;
-    for r in handle.replicas.iter() {
-        let mut rs = r.lock().expect("status");
-        let caught_up = st.pos.is_some() && rs.pos == st.pos;
-        lagging |= !caught_up && st.pos.is_some();
-        if caught_up || st.pos.is_none() {
-            rs.caught_up_at = Some(now);
+    ps.caught_up_at.resize(st.replicas.len(), Some(now));
+    let (dpos, shadow_bytes) = (st.pos.clone(), st.shadow_bytes);
+    for ((rs, rx), caught) in st
+        .replicas
+        .iter_mut()
+        .zip(&reporting.reports)
+        .zip(ps.caught_up_at.iter_mut())
+    {
+        rs.apply(&rx.borrow());
+        let caught_up = dpos.is_some() && rs.pos == dpos;
+        lagging |= !caught_up && dpos.is_some();
+        if caught_up || dpos.is_none() {
+            *caught = Some(now);
         }
-        rs.lag_seconds = rs
-            .caught_up_at
+        rs.caught_up_at = *caught;
+        rs.lag_seconds = caught
             .and_then(|t| now.duration_since(t).ok())
             .map_or(0.0, |d| d.as_secs_f64());
-        rs.lag_bytes = match &st.pos {
-            Some(d) if !caught_up => lag_bytes(meta, d, rs.pos.as_ref(), st.shadow_bytes),
+        rs.lag_bytes = match &dpos {
+            Some(d) if !caught_up => lag_bytes(meta, d, rs.pos.as_ref(), shadow_bytes),
             _ => 0,
         };
     }
     let now_key: PublishedKey = (
-        st.state.clone(),
+        st.state,
         st.pos.clone(),
-        handle
-            .replicas
+        st.replicas
             .iter()
-            .map(|r| {
-                let rs = r.lock().expect("status");
+            .map(|rs| {
                 (
-                    rs.state_name(),
+                    rs.state.name(),
                     rs.pos.clone(),
                     rs.lag_bytes,
                     rs.lag_seconds > 0.0,
@@ -507,60 +533,16 @@ fn publish(
             .collect(),
     );
     let due = ps.refreshed.is_none_or(|t| t.elapsed() >= REFRESH);
-    if !(due
-        || lagging
-        || ps.last.as_ref() != Some(&now_key)
-        || report.as_ref().is_ok_and(|r| r.wal_bytes > 0))
-    {
+    if !(due || lagging || ps.last.as_ref() != Some(&now_key) || ps.wal_bytes > 0) {
         return;
     }
     ps.refreshed = Some(std::time::Instant::now());
     ps.last = Some(now_key);
-    let labels = [("db", spec.name.clone())];
-    metrics::counter!(telemetry::DB_SYNCS, &labels).increment(std::mem::take(&mut ps.syncs));
-    // Every series of this database is rewritten at least every REFRESH, so the exporter's
-    // idle timeout only ever removes the series of databases that are gone (see `telemetry`).
-    metrics::gauge!(telemetry::DB_SIZE, &labels).set(st.db_size as f64);
-    metrics::gauge!(telemetry::WAL_SIZE, &labels).set(st.wal_size as f64);
-    metrics::gauge!(telemetry::SHADOW_WAL_BYTES, &labels).set(st.shadow_bytes as f64);
-    metrics::gauge!(telemetry::SHADOW_WAL_INDEX, &labels)
-        .set(st.pos.as_ref().map_or(0.0, |p| p.index as f64));
-    for c in telemetry::DB_COUNTERS {
-        metrics::counter!(*c, &labels).increment(0);
-    }
-    for mode in [
-        CheckpointMode::Passive,
-        CheckpointMode::Restart,
-        CheckpointMode::Truncate,
-    ] {
-        metrics::counter!(telemetry::CHECKPOINTS, "db" => spec.name.clone(), "mode" => mode.as_str()).increment(0);
-    }
-    for r in handle.replicas.iter() {
-        let rs = r.lock().expect("status");
-        let rl = [("db", spec.name.clone()), ("replica", rs.name.clone())];
-        metrics::gauge!(telemetry::REPLICA_LAG_SECONDS, &rl).set(rs.lag_seconds);
-        metrics::gauge!(telemetry::REPLICA_LAG_BYTES, &rl).set(rs.lag_bytes as f64);
-        metrics::gauge!(telemetry::REPLICA_WAL_INDEX, &rl)
-            .set(rs.pos.as_ref().map_or(0.0, |p| p.index as f64));
-        metrics::gauge!(telemetry::REPLICA_WAL_OFFSET, &rl)
-            .set(rs.pos.as_ref().map_or(0.0, |p| p.offset as f64));
-        if let Some(p) = &rs.pos {
-            metrics::gauge!(telemetry::REPLICA_GENERATION, "db" => spec.name.clone(), "replica" => rs.name.clone(), "generation" => p.generation.clone()).set(1.0);
-        }
-        let last = rs
-            .last_sync
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0.0, |d| d.as_secs_f64());
-        metrics::gauge!(telemetry::REPLICA_LAST_SYNC, &rl).set(last);
-        let current = rs.state_name();
-        for state in telemetry::REPLICA_STATES {
-            let v = if *state == current { 1.0 } else { 0.0 };
-            metrics::gauge!(telemetry::REPLICA_STATE, "db" => spec.name.clone(), "replica" => rs.name.clone(), "state" => *state).set(v);
-        }
-        for c in telemetry::REPLICA_COUNTERS {
-            metrics::counter!(*c, &rl).increment(0);
-        }
-    }
+    telemetry::publish_db(
+        &st,
+        std::mem::take(&mut ps.syncs),
+        std::mem::take(&mut ps.wal_bytes),
+    );
 }
 
 /// Bytes of shadow WAL between a replica's position and the database's.

@@ -145,7 +145,7 @@ fn wait_caught_up(socket: &Path) {
             {
                 let ok = dbs.iter().any(|d| {
                     d.name == "app"
-                        && d.state == "replicating"
+                        && d.state.as_str() == "replicating"
                         && d.pos.is_some()
                         && !d.replicas.is_empty()
                         && d.replicas

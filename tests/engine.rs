@@ -628,7 +628,7 @@ async fn a_database_replaced_or_recreated_under_the_replicator() {
     }
     w.settle().await;
     let st = w.handle.status();
-    assert_eq!(st.state, "replicating", "{st:?}");
+    assert_eq!(st.state.as_str(), "replicating", "{st:?}");
     let gen1 = st.pos.unwrap().generation;
     assert_ne!(gen0, gen1, "a new generation for the new file");
     let out = dir.path().join("after-mv.db");
@@ -658,7 +658,7 @@ async fn a_database_replaced_or_recreated_under_the_replicator() {
     assert!(!rows.contains(&1), "the recreated database is a new one");
     w.settle().await;
     let st = w.handle.status();
-    assert_eq!(st.state, "replicating", "{st:?}");
+    assert_eq!(st.state.as_str(), "replicating", "{st:?}");
     assert_ne!(st.pos.unwrap().generation, gen1);
     let out = dir.path().join("after-rm.db");
     restore_to(&replica, &out, |_| {}).await.unwrap();

@@ -153,14 +153,6 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn db_file(dir: &Path, name: &str, replica: &Path) -> String {
     format!(
         "path = \"{}\"\n\n[[replicas]]\nname = \"local\"\ntype = \"file\"\npath = \"{}\"\n",
@@ -1694,4 +1686,155 @@ fn idle_control_connections_cannot_starve_the_databases() {
     drop(conns);
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
+}
+
+/// Every datagram for `dur`, with when it arrived.
+fn datagrams_for(daemon: &Daemon, dur: Duration) -> Vec<(Instant, String)> {
+    let end = Instant::now() + dur;
+    let mut out = Vec::new();
+    while Instant::now() < end {
+        daemon
+            .notify
+            .set_read_timeout(Some((end - Instant::now()).max(Duration::from_millis(1))))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = daemon.notify.recv(&mut buf) {
+            out.push((
+                Instant::now(),
+                String::from_utf8_lossy(&buf[..n]).into_owned(),
+            ));
+        }
+    }
+    daemon
+        .notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    out
+}
+
+/// A reload that changes every database while their S3 server is stopped (connections
+/// refused) or hangs (accepts connections, never answers), and adds one with restore_on_start
+/// whose replica hangs: the final syncs, the new clients and the restore happen in the
+/// background, so the watchdog pings never stop for longer than the watchdog interval, and
+/// READY=1 follows RELOADING=1.
+#[test]
+fn a_reload_never_holds_up_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut server = s3_server(&d.join("s3"));
+    // A store that accepts connections and never answers.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_port = hang.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in hang.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let main = write_main(d, "shutdown_timeout = \"30s\"\n");
+    let db_toml = |name: &str, url: &str, extra: &str| {
+        format!(
+            "path = \"{}\"\n{extra}\n[[replicas]]\nname = \"s3\"\nurl = \"{url}\"\n",
+            d.join(format!("{name}.db")).display()
+        )
+    };
+    let mut apps = Vec::new();
+    for i in 0..4 {
+        let name = format!("db{i}");
+        std::fs::write(
+            d.join(format!("dbs.d/{name}.toml")),
+            db_toml(&name, &s3_url(server.port, &name), ""),
+        )
+        .unwrap();
+        let app = app_conn(&d.join(format!("{name}.db")));
+        insert(&app, 5);
+        apps.push(app);
+    }
+    std::fs::write(
+        d.join("dbs.d/stuck.toml"),
+        db_toml("stuck", &s3_url(hang_port, "stuck"), ""),
+    )
+    .unwrap();
+    apps.push(app_conn(&d.join("stuck.db")));
+    let daemon = Daemon::start_with(d, &main, Some(2_000_000), |cmd| {
+        cmd.env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET);
+    });
+    daemon.expect("READY=1");
+    // The S3 server goes away; the databases keep being written.
+    std::thread::sleep(Duration::from_secs(2));
+    server.down();
+    for app in &apps {
+        insert(app, 3);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // Every database changes; a new one, missing, with restore_on_start from the hanging store.
+    for i in 0..4 {
+        let name = format!("db{i}");
+        std::fs::write(
+            d.join(format!("dbs.d/{name}.toml")),
+            db_toml(
+                &name,
+                &s3_url(server.port, &name),
+                "monitor_interval = \"150ms\"",
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        d.join("dbs.d/stuck.toml"),
+        db_toml(
+            "stuck",
+            &s3_url(hang_port, "stuck"),
+            "monitor_interval = \"150ms\"",
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dbs.d/fresh.toml"),
+        db_toml(
+            "fresh",
+            &s3_url(hang_port, "fresh"),
+            "restore_on_start = \"if-missing\"",
+        ),
+    )
+    .unwrap();
+    let before = datagrams_for(&daemon, Duration::from_millis(1500));
+    send_signal(&daemon.child, SIGHUP);
+    let after = datagrams_for(&daemon, Duration::from_secs(10));
+    let all: Vec<&(Instant, String)> = before.iter().chain(&after).collect();
+    let pings: Vec<Instant> = all
+        .iter()
+        .filter(|(_, m)| m.lines().any(|l| l == "WATCHDOG=1"))
+        .map(|(t, _)| *t)
+        .collect();
+    let worst = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "{} watchdog pings over {:?}; the longest gap {worst:?}",
+        pings.len(),
+        pings.last().map(|l| *l - pings[0]).unwrap_or_default()
+    );
+    assert!(pings.len() >= 8, "{} pings: {all:?}", pings.len());
+    assert!(
+        worst <= Duration::from_secs(2),
+        "a gap of {worst:?} between watchdog pings (WATCHDOG_USEC=2s):\n{}",
+        daemon.log()
+    );
+    let reloading = after
+        .iter()
+        .position(|(_, m)| m.lines().any(|l| l == "RELOADING=1"))
+        .expect("RELOADING=1");
+    assert!(
+        after[reloading..]
+            .iter()
+            .any(|(_, m)| m.lines().any(|l| l == "READY=1")),
+        "READY=1 after RELOADING=1: {after:?}"
+    );
+    drop(apps);
+    let mut daemon = daemon;
+    let _ = daemon.child.kill();
 }

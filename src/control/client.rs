@@ -11,7 +11,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use super::protocol::{
     Body, Command, DbDetail, ErrorCode, MAX_LINE, Request, Response, RestoreRequest, VERSION,
 };
-use crate::worker::DbStatus;
+use crate::status::DbStatus;
 
 #[derive(Debug, Error)]
 pub enum ClientError {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::replica::SnapshotInfo;
-use crate::worker::DbStatus;
+use crate::status::DbStatus;
 
 pub const VERSION: u32 = 1;
 /// Longest accepted line (request or response), newline included.
@@ -215,4 +215,69 @@ mod tests {
         );
         assert!(serde_json::from_str::<Request>(r#"{"v":1,"cmd":"nope"}"#).is_err());
     }
+
+    /// Protocol v1's bytes for a status, captured from the types before they moved into
+    /// `status`: renaming or reordering a field of the engine's status changes the wire
+    /// format, and this test says so.
+    #[test]
+    fn status_bytes_of_protocol_v1_are_pinned() {
+        use crate::layout::Pos;
+        use crate::status::{DbState, ReplicaState, ReplicaStatus};
+        use std::time::{Duration, UNIX_EPOCH};
+        let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let rep = |name: &str, state| ReplicaStatus {
+            name: name.into(),
+            kind: "s3".into(),
+            url: format!("s3://b/{name}"),
+            state,
+            pos: Some(Pos::new("62fce60304a1d17f", 3, 4152)),
+            last_sync: Some(t),
+            last_error: Some("boom".into()),
+            retries: 3,
+            uploaded_bytes: 123,
+            lag_seconds: 4.5,
+            lag_bytes: 8304,
+            caught_up_at: Some(t),
+        };
+        let st = DbStatus {
+            name: "app".into(),
+            path: "/srv/app.db".into(),
+            state: DbState::Replicating,
+            pos: Some(Pos::new("62fce60304a1d17f", 3, 4152)),
+            last_error: None,
+            db_size: 8192,
+            wal_size: 4152,
+            shadow_bytes: 8304,
+            last_sync: Some(t),
+            replicas: vec![
+                rep("a", ReplicaState::Healthy),
+                rep(
+                    "b",
+                    ReplicaState::Retrying {
+                        attempt: 3,
+                        error: "boom".into(),
+                    },
+                ),
+                rep(
+                    "c",
+                    ReplicaState::Conflict {
+                        attempt: 1,
+                        error: "held".into(),
+                    },
+                ),
+            ],
+        };
+        let msg = Response::push(
+            9,
+            Body::Status {
+                databases: vec![st],
+            },
+        );
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(json, PINNED_STATUS);
+        let back: Response = serde_json::from_str(PINNED_STATUS).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    const PINNED_STATUS: &str = r#"{"v":1,"id":9,"type":"status","databases":[{"name":"app","path":"/srv/app.db","state":"replicating","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_error":null,"db_size":8192,"wal_size":4152,"shadow_bytes":8304,"last_sync":"2027-01-15T08:00:00Z","replicas":[{"name":"a","kind":"s3","url":"s3://b/a","state":"healthy","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z"},{"name":"b","kind":"s3","url":"s3://b/b","state":"retrying","attempt":3,"error":"boom","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z"},{"name":"c","kind":"s3","url":"s3://b/c","state":"conflict","attempt":1,"error":"held","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z"}]}]}"#;
 }

@@ -4,7 +4,6 @@
 //! restore or a subscription never blocks other requests, and a slow or silent client never
 //! blocks a worker (workers are only ever read through their status snapshots).
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -27,18 +26,8 @@ use super::protocol::{
     Response, RestoreRequest, VERSION,
 };
 use crate::restore::{self, Output, Ownership, RestoreOptions, RestoreOutcome};
-use crate::supervisor::ReloadReport;
-use crate::worker::{DbSpec, DbStatus, WorkerHandle};
-
-/// What the server can see of a running database.
-#[derive(Clone)]
-pub struct DbEntry {
-    pub handle: WorkerHandle,
-    pub spec: DbSpec,
-}
-
-/// The running databases, kept current by the supervisor.
-pub type Registry = Arc<RwLock<BTreeMap<String, DbEntry>>>;
+use crate::status::{DbState, DbStatus, ReplicaStateName};
+use crate::supervisor::{DbEntry, Registry, ReloadReport};
 
 /// A reload request to the supervisor loop, answered with its report.
 pub type ReloadRequest = oneshot::Sender<ReloadReport>;
@@ -791,7 +780,11 @@ fn events(old: &[DbStatus], new: &[DbStatus], first: bool) -> Vec<Body> {
             continue;
         };
         if o.state != n.state {
-            let level = if n.state == "error" { "error" } else { "info" };
+            let level = if n.state == DbState::Error {
+                "error"
+            } else {
+                "info"
+            };
             let why = n
                 .last_error
                 .as_deref()
@@ -819,11 +812,11 @@ fn events(old: &[DbStatus], new: &[DbStatus], first: bool) -> Vec<Body> {
                 .replicas
                 .iter()
                 .find(|x| x.name == r.name)
-                .map(|x| x.state_name());
-            if before != Some(r.state_name()) {
-                let level = match r.state_name() {
-                    "failed" | "conflict" => "error",
-                    "retrying" => "warn",
+                .map(|x| x.state.name());
+            if before != Some(r.state.name()) {
+                let level = match r.state.name() {
+                    ReplicaStateName::Failed | ReplicaStateName::Conflict => "error",
+                    ReplicaStateName::Retrying => "warn",
                     _ => "info",
                 };
                 let why = r

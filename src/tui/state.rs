@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::control::protocol::{DbDetail, RestoreRequest};
 use crate::restore::RestoreSummary;
-use crate::worker::DbStatus;
+use crate::status::{DbState, DbStatus, ReplicaStateName};
 
 use super::input::Action;
 
@@ -184,21 +184,21 @@ pub enum Health {
     Bad,
 }
 
-pub fn db_state_health(state: &str) -> Health {
+pub fn db_state_health(state: DbState) -> Health {
     match state {
-        "replicating" => Health::Ok,
-        "error" => Health::Bad,
-        "stopped" => Health::Idle,
-        _ => Health::Warn, // starting, waiting
+        DbState::Replicating => Health::Ok,
+        DbState::Error => Health::Bad,
+        DbState::Stopped => Health::Idle,
+        DbState::Starting | DbState::Restoring | DbState::Waiting => Health::Warn,
     }
 }
 
-pub fn replica_health(state: &str) -> Health {
+pub fn replica_health(state: ReplicaStateName) -> Health {
     match state {
-        "healthy" => Health::Ok,
-        "retrying" => Health::Warn,
-        "failed" | "conflict" => Health::Bad,
-        _ => Health::Idle, // starting
+        ReplicaStateName::Healthy => Health::Ok,
+        ReplicaStateName::Retrying => Health::Warn,
+        ReplicaStateName::Failed | ReplicaStateName::Conflict => Health::Bad,
+        ReplicaStateName::Starting => Health::Idle,
     }
 }
 
@@ -206,8 +206,8 @@ pub fn replica_health(state: &str) -> Health {
 pub fn db_health(db: &DbStatus) -> Health {
     db.replicas
         .iter()
-        .map(|r| replica_health(r.state_name()))
-        .fold(db_state_health(&db.state), Ord::max)
+        .map(|r| replica_health(r.state.name()))
+        .fold(db_state_health(db.state), Ord::max)
 }
 
 pub fn max_lag(db: &DbStatus) -> f64 {
@@ -575,7 +575,7 @@ impl State {
             .filter(|d| {
                 f.is_empty()
                     || d.name.to_lowercase().contains(&f)
-                    || d.state.to_lowercase().contains(&f)
+                    || d.state.as_str().contains(&f)
                     || d.path.to_string_lossy().to_lowercase().contains(&f)
                     || d.replicas.iter().any(|r| {
                         r.name.to_lowercase().contains(&f) || r.state_name().contains(f.as_str())

@@ -14,8 +14,7 @@ use super::view;
 use crate::control::protocol::{DbDetail, GenerationDetail, ReplicaDetail};
 use crate::layout::Pos;
 use crate::replica::SnapshotInfo;
-use crate::replicator::{ReplicaState, ReplicaStatus};
-use crate::worker::DbStatus;
+use crate::status::{DbState, DbStatus, ReplicaState, ReplicaStatus};
 
 const SIZES: [(u16, u16); 2] = [(80, 24), (120, 40)];
 const GEN_APP: &str = "a1b2c3d4e5f60718";
@@ -59,7 +58,7 @@ fn dbs() -> Vec<DbStatus> {
     let app = DbStatus {
         name: "app".into(),
         path: "/srv/app/app.db".into(),
-        state: "replicating".into(),
+        state: DbState::Replicating,
         pos: Some(Pos::new(GEN_APP, 3, 4152)),
         last_error: None,
         db_size: 12 * 1024 * 1024,
@@ -87,7 +86,7 @@ fn dbs() -> Vec<DbStatus> {
     let billing = DbStatus {
         name: "billing".into(),
         path: "/srv/billing/billing.db".into(),
-        state: "replicating".into(),
+        state: DbState::Replicating,
         pos: Some(Pos::new("77aa00bb11cc22dd", 0x1f, 1_048_608)),
         last_error: None,
         db_size: 300 * 1024 * 1024,
@@ -113,7 +112,7 @@ fn dbs() -> Vec<DbStatus> {
     let analytics = DbStatus {
         name: "analytics".into(),
         path: "/srv/analytics/analytics.db".into(),
-        state: "error".into(),
+        state: DbState::Error,
         pos: None,
         last_error: Some("database disk image is malformed".into()),
         db_size: 0,

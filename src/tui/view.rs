@@ -18,8 +18,7 @@ use super::state::{
     Conn, ConnFailure, Field, Health, Level, Mode, Phase, RestoreDialog, State, Target, db_health,
     db_state_health, replica_health,
 };
-use crate::replicator::{ReplicaState, ReplicaStatus};
-use crate::worker::DbStatus;
+use crate::status::{DbStatus, ReplicaState, ReplicaStatus};
 
 pub fn draw(f: &mut Frame, state: &State) {
     let area = f.area();
@@ -456,7 +455,7 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
     match col {
         Col::Db => Cell::from(Span::styled(truncate(&db.name, w), BOLD)),
         Col::State => Cell::from(Span::styled(
-            truncate(&db.state, w),
+            truncate(db.state.as_str(), w),
             health_style(db_health(db)),
         )),
         Col::Gen => Cell::from(
@@ -469,11 +468,11 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
         Col::Replica => per_replica(&|r| {
             Span::styled(
                 truncate(&r.name, w),
-                health_style(replica_health(r.state_name())),
+                health_style(replica_health(r.state.name())),
             )
         }),
         Col::Health => per_replica(&|r| {
-            Span::styled(r.state_name(), health_style(replica_health(r.state_name())))
+            Span::styled(r.state_name(), health_style(replica_health(r.state.name())))
         }),
         Col::Lag => per_replica(&|r| {
             let style = if r.lag_seconds >= 60.0 {
@@ -496,7 +495,7 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
         Col::Error => {
             let mut lines: Vec<Line> = Vec::new();
             for r in &db.replicas {
-                let h = replica_health(r.state_name());
+                let h = replica_health(r.state.name());
                 let text = replica_error(r).unwrap_or("");
                 let style = if h >= Health::Warn {
                     health_style(h)
@@ -519,7 +518,9 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
 
 /// The database's own error, shown while it is in the error state.
 fn db_error(db: &DbStatus) -> Option<&str> {
-    db.last_error.as_deref().filter(|_| db.state == "error")
+    db.last_error
+        .as_deref()
+        .filter(|_| db.state == crate::status::DbState::Error)
 }
 
 /// One line per replica, plus one for a database error.
@@ -642,8 +643,8 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
     l1.push(Span::raw("  "));
     l1.push(Span::styled("state ", DIM));
     l1.push(Span::styled(
-        db.state.clone(),
-        health_style(db_state_health(&db.state)),
+        db.state.as_str(),
+        health_style(db_state_health(db.state)),
     ));
     out.push(Line::from(l1));
     let mut l2 = kv(
@@ -698,7 +699,7 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
 
     for r in &db.replicas {
         out.push(Line::raw(""));
-        let h = replica_health(r.state_name());
+        let h = replica_health(r.state.name());
         let mut head = vec![
             Span::styled(format!("▸ {}", r.name), BOLD),
             Span::raw(" "),

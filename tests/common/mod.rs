@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -272,4 +273,120 @@ pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers on loopback that the tests start themselves.
+
+pub const KEY: &str = "litestreamd-test-key";
+pub const SECRET: &str = "litestreamd-test-secret";
+
+/// A test dependency that the README's test command installs (missing is a failure, never a
+/// skip).
+pub fn deps_bin(var: &str, default: &str) -> PathBuf {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap())
+            .join(".cache/litestreamd-deps")
+            .join(default)
+    });
+    assert!(
+        p.exists(),
+        "{var}: {} not found — run the README's test command (tests/run.sh), which installs it",
+        p.display()
+    );
+    p
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "server on port {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A loopback server process that can be stopped and started again on the same port and data.
+pub struct Server {
+    cmd: Vec<String>,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn start(cmd: Vec<String>, port: u16) -> Server {
+        let mut s = Server {
+            cmd,
+            port,
+            child: None,
+        };
+        s.up();
+        s
+    }
+    pub fn up(&mut self) {
+        let child = Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_port(self.port);
+    }
+    pub fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "server did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// s3s-fs with bucket `litestream-bucket`, data under `root`.
+pub fn s3_server(root: &Path) -> Server {
+    let bin = deps_bin("S3S_FS_BIN", "s3s-fs/bin/s3s-fs");
+    std::fs::create_dir_all(root.join("litestream-bucket")).unwrap();
+    let port = free_port();
+    let cmd = vec![
+        bin.display().to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--access-key".into(),
+        KEY.into(),
+        "--secret-key".into(),
+        SECRET.into(),
+        root.display().to_string(),
+    ];
+    Server::start(cmd, port)
+}
+
+pub fn s3_url(port: u16, path: &str) -> String {
+    format!(
+        "s3://litestream-bucket/{path}?endpoint=http://127.0.0.1:{port}&region=us-east-1&force-path-style=true"
+    )
 }
