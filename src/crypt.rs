@@ -10,7 +10,9 @@ use age::x25519;
 use thiserror::Error;
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::replica::ObjectReader;
+/// A streaming object body, as `replica::ObjectReader` (spelled out: `replica` builds on this
+/// module, not the other way round).
+type ObjectReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
 
 /// The first line of every age file; used to tell encrypted objects from plain LZ4 frames.
 pub const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";

@@ -1329,35 +1329,40 @@ struct ObjectUrl {
 
 impl ObjectUrl {
     fn parse(u: &str) -> Result<ObjectUrl, String> {
-        let (_, rest) = u.split_once("://").ok_or("not a URL")?;
-        if rest.contains(['?', '#']) {
+        if !u.contains("://") {
+            return Err("not a URL".into());
+        }
+        let url = url::Url::parse(u).map_err(|e| format!("{u:?}: {e}"))?;
+        if url.query().is_some() || url.fragment().is_some() {
             return Err(format!(
                 "{u:?}: Litestream 0.3 ignores URL query parameters and fragments; set \
                  endpoint, region or force-path-style as keys instead"
             ));
         }
-        let (authority, raw_path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if authority.contains('@') {
+        if !url.username().is_empty() || url.password().is_some() {
             return Err(format!("{u:?}: user information is not allowed here"));
         }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-                (h.to_string(), Some(p.to_string()))
-            }
-            _ => (authority.to_string(), None),
-        };
-        if host.is_empty() {
-            return Err(format!("{u:?}: the bucket (URL host) is missing"));
-        }
-        let decoded = percent_decode(raw_path).ok_or_else(|| format!("{u:?}: bad %-escape"))?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("{u:?}: the bucket (URL host) is missing"))?
+            .to_string();
+        let raw_path = url.path().to_string();
+        // Go's url.Parse rejects a malformed %-escape; percent_decode_str passes it through.
+        let bad_escape = raw_path
+            .split('%')
+            .skip(1)
+            .any(|rest| rest.len() < 2 || !rest.as_bytes()[..2].iter().all(u8::is_ascii_hexdigit));
+        let decoded = percent_encoding::percent_decode_str(&raw_path)
+            .decode_utf8()
+            .ok()
+            .filter(|_| !bad_escape)
+            .ok_or_else(|| format!("{u:?}: bad %-escape"))?;
         Ok(ObjectUrl {
             host,
-            port,
+            port: url.port().map(|p| p.to_string()),
             path: clean_path(&decoded),
-            raw_path: raw_path.to_string(),
+            raw_path,
         })
     }
 
@@ -1379,26 +1384,6 @@ impl ObjectUrl {
             && plain
             && (self.raw_path.is_empty() || self.raw_path == format!("/{}", self.path))
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    if !s.contains('%') {
-        return Some(s.to_string());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Go's `path.Clean` without the leading `/`; the root (or nothing) is "".

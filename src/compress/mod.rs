@@ -11,7 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
 
 use crate::crypt::AgeKeys;
-use crate::replica::ObjectReader;
+/// A streaming object body, as `replica::ObjectReader` (spelled out: `replica` builds on this
+/// module, not the other way round).
+type ObjectReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
 
 mod decode;
 pub use decode::{Scratch, decode, decode_parallel};

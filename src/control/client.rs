@@ -3,13 +3,15 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use futures::StreamExt;
 use thiserror::Error;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use super::protocol::{
-    Body, Command, DbDetail, ErrorCode, MAX_LINE, Request, Response, RestoreRequest, VERSION,
+    Body, Command, DbDetail, ErrorCode, MAX_RESPONSE, Request, Response, RestoreRequest, VERSION,
 };
 use crate::status::DbStatus;
 
@@ -37,7 +39,9 @@ pub enum ClientError {
 
 pub struct Client {
     path: PathBuf,
-    lines: tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    /// Lines of at most `MAX_RESPONSE` bytes: a daemon (or anything listening on the socket)
+    /// cannot make the client buffer without bound.
+    lines: FramedRead<OwnedReadHalf, LinesCodec>,
     writer: OwnedWriteHalf,
     next_id: u64,
 }
@@ -59,7 +63,7 @@ impl Client {
         let (r, w) = stream.into_split();
         Ok(Client {
             path: path.to_path_buf(),
-            lines: BufReader::new(r).lines(),
+            lines: FramedRead::new(r, LinesCodec::new_with_max_length(MAX_RESPONSE)),
             writer: w,
             next_id: 1,
         })
@@ -85,15 +89,16 @@ impl Client {
 
     /// The next message from the daemon.
     pub async fn next(&mut self) -> Result<Response, ClientError> {
-        let line = self
-            .lines
-            .next_line()
-            .await
-            .map_err(|e| self.io(e))?
-            .ok_or(ClientError::Closed)?;
-        if line.len() > MAX_LINE {
-            return Err(ClientError::Protocol("response too large".into()));
-        }
+        let line = match self.lines.next().await {
+            None => return Err(ClientError::Closed),
+            Some(Ok(l)) => l,
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                return Err(ClientError::Protocol(format!(
+                    "response longer than {MAX_RESPONSE} bytes"
+                )));
+            }
+            Some(Err(LinesCodecError::Io(e))) => return Err(self.io(e)),
+        };
         let resp: Response = serde_json::from_str(&line)
             .map_err(|e| ClientError::Protocol(format!("{e}: {line}")))?;
         if let Body::Error {

@@ -10,8 +10,11 @@ use crate::replica::SnapshotInfo;
 use crate::status::DbStatus;
 
 pub const VERSION: u32 = 1;
-/// Longest accepted line (request or response), newline included.
+/// Longest accepted request line, newline included.
 pub const MAX_LINE: usize = 64 * 1024;
+/// Longest response line a client accepts (a `detail` of a long history is larger than a
+/// request ever is).
+pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 
 /// A client request. `id` is echoed in every response to it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -546,53 +546,68 @@ async fn fetch_snapshot(
     tmp: &Path,
     key: &str,
 ) -> Result<u32, RestoreError> {
-    let mut attempt = 0;
+    with_retries(opts, key, "snapshot", || async {
+        let body = match open_local_snapshot(client, plan).await {
+            Some(local) => local.map_err(|e| read_error(key, e))?,
+            None => Box::new(SyncIoBridge::new(
+                client
+                    .open_snapshot(&plan.generation, plan.snapshot.index)
+                    .await?,
+            )),
+        };
+        let (tmp, key) = (tmp.to_path_buf(), key.to_string());
+        let out = out.try_clone().map_err(io_at(&tmp))?;
+        tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
+            // A retry starts from an empty file.
+            out.set_len(0).map_err(io_at(&tmp))?;
+            // Blocks decode on every core; the content is written here in order.
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+            let mut w = SnapshotWriter::new(&out);
+            let mut local = LocalErrors::default();
+            compress::decode_parallel(body, workers, |b| local.keep(w.write(b)))
+                .map_err(|e| local.or_read_error(&tmp, &key, e))?;
+            // No fsync here: the one after the WAL replay covers the snapshot too.
+            let mut hdr = [0u8; 100];
+            out.read_exact_at(&mut hdr, 0)
+                .map_err(|_| RestoreError::Corrupt {
+                    key: key.clone(),
+                    reason: "snapshot shorter than a database header".into(),
+                })?;
+            if &hdr[..16] != b"SQLite format 3\0" {
+                return Err(RestoreError::Corrupt {
+                    key,
+                    reason: "not a SQLite database".into(),
+                });
+            }
+            let ps = u16::from_be_bytes([hdr[16], hdr[17]]) as u32;
+            Ok(if ps == 1 { 65536 } else { ps })
+        })
+        .await
+        .expect("snapshot task")
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, fails with an error a retry cannot help (a damaged
+/// object, a local disk error), or has been tried `read_attempts` times, with the restore's
+/// backoff in between. `key` and `what` name the object in the log.
+async fn with_retries<T, F, Fut>(
+    opts: &RestoreOptions,
+    key: &str,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, RestoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RestoreError>>,
+{
+    let mut n = 0;
     loop {
-        attempt += 1;
-        let res = async {
-            let body = match open_local_snapshot(client, plan).await {
-                Some(local) => local.map_err(|e| read_error(key, e))?,
-                None => Box::new(SyncIoBridge::new(
-                    client
-                        .open_snapshot(&plan.generation, plan.snapshot.index)
-                        .await?,
-                )),
-            };
-            let (tmp, key) = (tmp.to_path_buf(), key.to_string());
-            let out = out.try_clone().map_err(io_at(&tmp))?;
-            tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
-                // A retry starts from an empty file.
-                out.set_len(0).map_err(io_at(&tmp))?;
-                // Blocks decode on every core; the content is written here in order.
-                let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-                let mut w = SnapshotWriter::new(&out);
-                let mut local = LocalErrors::default();
-                compress::decode_parallel(body, workers, |b| local.keep(w.write(b)))
-                    .map_err(|e| local.or_read_error(&tmp, &key, e))?;
-                // No fsync here: the one after the WAL replay covers the snapshot too.
-                let mut hdr = [0u8; 100];
-                out.read_exact_at(&mut hdr, 0)
-                    .map_err(|_| RestoreError::Corrupt {
-                        key: key.clone(),
-                        reason: "snapshot shorter than a database header".into(),
-                    })?;
-                if &hdr[..16] != b"SQLite format 3\0" {
-                    return Err(RestoreError::Corrupt {
-                        key,
-                        reason: "not a SQLite database".into(),
-                    });
-                }
-                let ps = u16::from_be_bytes([hdr[16], hdr[17]]) as u32;
-                Ok(if ps == 1 { 65536 } else { ps })
-            })
-            .await
-            .expect("snapshot task")
-        }
-        .await;
-        match res {
-            Err(e) if attempt < opts.read_attempts && retryable(&e) => {
-                let d = opts.retry.delay(attempt);
-                warn!(key, attempt, error = %e, retry_in = ?d, "snapshot download failed; retrying");
+        n += 1;
+        match attempt().await {
+            Err(e) if n < opts.read_attempts && retryable(&e) => {
+                let d = opts.retry.delay(n);
+                warn!(key, attempt = n, error = %e, retry_in = ?d, "{what} download failed; retrying");
                 tokio::time::sleep(d).await;
             }
             other => return other,
@@ -738,44 +753,29 @@ async fn fetch_index(
                 found: seg.offset,
             });
         }
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let res = async {
-                let body = client.open_wal_segment(&seg.pos()).await?;
-                let (key, f) = (key.clone(), out.try_clone().map_err(io_at(path))?);
-                let (scratch, path) = (scratch.clone(), path.to_path_buf());
-                tokio::task::spawn_blocking(move || {
-                    // A retry starts again where the previous segment ended.
-                    f.set_len(written).map_err(io_at(&path))?;
-                    let mut check = WalCheck::new(state, &f, &path, written, &key);
-                    compress::decode(SyncIoBridge::new(body), &scratch, |b| {
-                        check.feed(b).map_err(io::Error::other)
-                    })
-                    .map_err(|e| match e.downcast::<RestoreError>() {
-                        Ok(e) => e,
-                        Err(e) => read_error(&key, e),
-                    })?;
-                    check.finish()
+        let (st, end) = with_retries(opts, &key, "segment", || async {
+            let body = client.open_wal_segment(&seg.pos()).await?;
+            let (key, f) = (key.clone(), out.try_clone().map_err(io_at(path))?);
+            let (scratch, path) = (scratch.clone(), path.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                // A retry starts again where the previous segment ended.
+                f.set_len(written).map_err(io_at(&path))?;
+                let mut check = WalCheck::new(state, &f, &path, written, &key);
+                compress::decode(SyncIoBridge::new(body), &scratch, |b| {
+                    check.feed(b).map_err(io::Error::other)
                 })
-                .await
-                .expect("segment task")
-            }
-            .await;
-            match res {
-                Ok((st, end)) => {
-                    state = Some(st);
-                    written = end;
-                    break;
-                }
-                Err(e) if attempt < opts.read_attempts && retryable(&e) => {
-                    let d = opts.retry.delay(attempt);
-                    warn!(key, attempt, error = %e, retry_in = ?d, "segment download failed; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+                .map_err(|e| match e.downcast::<RestoreError>() {
+                    Ok(e) => e,
+                    Err(e) => read_error(&key, e),
+                })?;
+                check.finish()
+            })
+            .await
+            .expect("segment task")
+        })
+        .await?;
+        state = Some(st);
+        written = end;
     }
     let st = state.ok_or_else(|| RestoreError::Corrupt {
         key: first_key.clone(),

@@ -3,8 +3,6 @@
 
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 
-use super::state::Mode;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Quit,
@@ -31,6 +29,16 @@ pub enum Action {
     Sync,
     OpenRestore,
     Help,
+}
+
+/// Which keys mean what right now (the state decides: see `State::mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Typing the filter after `/`.
+    Filter,
+    Help,
+    Restore,
 }
 
 /// The action for a key press, if any. Releases and repeats are ignored (only presses count).

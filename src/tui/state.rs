@@ -11,7 +11,7 @@ use crate::control::protocol::{DbDetail, RestoreRequest};
 use crate::restore::RestoreSummary;
 use crate::status::{DbState, DbStatus, ReplicaStateName};
 
-use super::input::Action;
+use super::input::{Action, Mode};
 
 /// Log lines kept (the pane shows the newest that fit).
 pub const LOG_CAPACITY: usize = 500;
@@ -153,16 +153,6 @@ pub struct LogLine {
     pub level: Level,
     pub db: Option<String>,
     pub message: String,
-}
-
-/// Which keys mean what right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Normal,
-    /// Typing the filter after `/`.
-    Filter,
-    Help,
-    Restore,
 }
 
 /// The detail pane's data for one database.

@@ -8,7 +8,7 @@ use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use ratatui::style::Color;
 
-use super::input::Action;
+use super::input::{Action, Mode};
 use super::state::*;
 use super::view;
 use crate::control::protocol::{DbDetail, GenerationDetail, ReplicaDetail};

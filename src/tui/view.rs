@@ -13,9 +13,9 @@ use ratatui::widgets::{
     TableState, Wrap,
 };
 
-use super::input::{BINDINGS, DIALOG_BINDINGS};
+use super::input::{BINDINGS, DIALOG_BINDINGS, Mode};
 use super::state::{
-    Conn, ConnFailure, Field, Health, Level, Mode, Phase, RestoreDialog, State, Target, db_health,
+    Conn, ConnFailure, Field, Health, Level, Phase, RestoreDialog, State, Target, db_health,
     db_state_health, replica_health,
 };
 use crate::status::{DbStatus, ReplicaState, ReplicaStatus};
