@@ -7,7 +7,7 @@
 //! `spawn_blocking` with the [`Db`] behind a mutex, so one database never blocks another's thread.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +18,9 @@ use rusqlite::{Connection, OpenFlags};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::layout::{self, MAX_INDEX, MetaDir, Pos};
-use crate::wal::{self, FrameChain, FrameCheck, WAL_HEADER_SIZE, WalHeader};
+use crate::layout::{self, MAX_INDEX, Pos};
+use crate::shadow::{Shadow, read_header_bytes};
+use crate::wal::{self, WAL_HEADER_SIZE, WalHeader};
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -133,7 +134,7 @@ struct Open {
 pub struct Db {
     path: PathBuf,
     wal_path: PathBuf,
-    meta: MetaDir,
+    shadow: Shadow,
     opts: DbOptions,
     open: Option<Open>,
     /// Snapshots in progress; while non-zero our checkpoints are skipped so the read
@@ -178,16 +179,13 @@ struct Verify {
 impl Db {
     pub fn new(path: impl Into<PathBuf>, opts: DbOptions) -> Self {
         let path: PathBuf = path.into();
-        let meta = match &opts.meta_path {
-            Some(p) => MetaDir { root: p.clone() },
-            None => MetaDir::for_db(&path),
-        };
+        let shadow = Shadow::for_db(&path, opts.meta_path.as_deref());
         let mut wal_path = path.clone().into_os_string();
         wal_path.push("-wal");
         Db {
             wal_path: wal_path.into(),
             path,
-            meta,
+            shadow,
             opts,
             open: None,
             snapshotting: Arc::new(AtomicUsize::new(0)),
@@ -207,8 +205,8 @@ impl Db {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    pub fn meta(&self) -> &MetaDir {
-        &self.meta
+    pub fn shadow(&self) -> &Shadow {
+        &self.shadow
     }
     pub fn options(&self) -> &DbOptions {
         &self.opts
@@ -229,48 +227,20 @@ impl Db {
         move |source| DbError::Sqlite { path, source }
     }
 
-    /// The current generation id from `<meta>/generation`.
+    /// An I/O error of the shadow (its message names the file).
+    fn shadow_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> DbError + use<> {
+        let path = self.shadow.root().to_path_buf();
+        move |source| DbError::Io { path, op, source }
+    }
+
+    /// The current generation id.
     pub fn generation(&self) -> Result<Option<String>, DbError> {
-        let p = self.meta.generation_file();
-        match fs::read_to_string(&p) {
-            Ok(s) => {
-                let g = s.trim();
-                Ok(layout::is_generation(g).then(|| g.to_string()))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(&p, "read")(e)),
-        }
+        self.shadow.generation().map_err(self.shadow_err("read"))
     }
 
-    /// Highest shadow WAL index of a generation, if any file exists.
-    pub fn current_shadow_index(&self, generation: &str) -> Result<Option<u32>, DbError> {
-        let dir = self.meta.shadow_wal_dir(generation);
-        let rd = match fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(&dir, "read_dir")(e)),
-        };
-        let mut max = None;
-        for e in rd {
-            let e = e.map_err(self.io(&dir, "read_dir"))?;
-            if let Some(i) = layout::parse_shadow_wal_name(&e.file_name().to_string_lossy()) {
-                max = max.max(Some(i));
-            }
-        }
-        Ok(max)
-    }
-
-    /// The shadow position: generation, highest index, and that file's size.
+    /// The shadow position: generation, highest index, and that index's size.
     pub fn pos(&self) -> Result<Option<Pos>, DbError> {
-        let Some(generation) = self.generation()? else {
-            return Ok(None);
-        };
-        let Some(index) = self.current_shadow_index(&generation)? else {
-            return Ok(None);
-        };
-        let size = file_size(&self.meta.shadow_wal_path(&generation, index))
-            .map_err(self.io(&self.meta.shadow_wal_path(&generation, index), "stat"))?;
-        Ok(Some(Pos::new(generation, index, size)))
+        self.shadow.pos().map_err(self.shadow_err("stat"))
     }
 
     fn open_conn(&self) -> Result<Connection, DbError> {
@@ -304,17 +274,14 @@ impl Db {
 
     /// The lineage this host replicates the database in, from the meta directory.
     pub fn lineage(&self) -> Result<Option<String>, DbError> {
-        let p = self.meta.lineage_file();
-        match fs::read_to_string(&p) {
-            Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(&p, "read")(e)),
-        }
+        self.shadow.lineage().map_err(self.shadow_err("read"))
     }
 
     /// Records the lineage (after checking it against the replicas, a restore, or `adopt`).
     pub fn set_lineage(&self, lineage: &str) -> Result<(), DbError> {
-        write_lineage(&self.meta, lineage)
+        self.shadow
+            .set_lineage(lineage)
+            .map_err(self.shadow_err("write"))
     }
 
     /// Why the file at the database's path is no longer the one we have open, if it is not:
@@ -338,10 +305,11 @@ impl Db {
         warn!(db = %self.path.display(), reason = why, "the database file changed under the replicator; closing the old one and starting over on the new file");
         // The header of the WAL life we were copying: a -wal that still carries it is the old
         // file's, never the new one's.
-        let old_header =
-            self.pos().ok().flatten().and_then(|p| {
-                read_header_bytes(&self.meta.shadow_wal_path(&p.generation, p.index))
-            });
+        let old_header = self
+            .pos()
+            .ok()
+            .flatten()
+            .and_then(|p| self.shadow.header(&p.generation, p.index));
         self.close();
         self.idle = None;
         if why == "database file replaced"
@@ -418,17 +386,27 @@ impl Db {
         });
         self.acquire_read_lock()?;
 
-        fs::create_dir_all(&self.meta.root).map_err(self.io(&self.meta.root, "mkdir"))?;
-        remove_tmp_files(&self.meta.root);
+        self.shadow.prepare().map_err(self.shadow_err("prepare"))?;
 
         // Continuity at startup: the newest shadow must describe the same WAL life as the real
         // WAL, otherwise frames may have been lost while we were not running.
         if let Some(generation) = self.generation()? {
-            let keep = match self.current_shadow_index(&generation)? {
+            let index = self
+                .shadow
+                .max_index(&generation)
+                .map_err(self.shadow_err("read_dir"))?;
+            let keep = match index {
                 Some(index) => {
-                    let shadow = self.meta.shadow_wal_path(&generation, index);
-                    self.repair_shadow_tail(&shadow)?;
-                    let a = read_header_bytes(&shadow);
+                    // After a crash the newest index may end in frames of a transaction whose
+                    // commit frame was never copied, or in a partial frame.
+                    if let Some((from, to)) = self
+                        .shadow
+                        .repair_tail(&generation, index, page_size)
+                        .map_err(self.shadow_err("repair"))?
+                    {
+                        warn!(db = %self.path.display(), index, from, to, "cut the shadow WAL back to its last commit");
+                    }
+                    let a = self.shadow.header(&generation, index);
                     let b = read_header_bytes(&self.wal_path);
                     matches!((a, b), (Some(a), Some(b)) if a == b)
                 }
@@ -436,10 +414,9 @@ impl Db {
             };
             if !keep {
                 info!(db = %self.path.display(), "WAL header differs from the shadow WAL at start; a new generation will start");
-                let p = self.meta.generation_file();
-                fs::remove_file(&p)
-                    .or_else(ignore_not_found)
-                    .map_err(self.io(&p, "remove"))?;
+                self.shadow
+                    .clear_generation()
+                    .map_err(self.shadow_err("remove"))?;
             }
         }
         self.remove_other_generations()?;
@@ -605,7 +582,7 @@ impl Db {
         }
         let pos = self.pos()?.expect("a generation exists after sync");
         self.clean_shadow(&pos, min_replica)?;
-        report.shadow_bytes = dir_size(&self.meta.shadow_wal_dir(&pos.generation));
+        report.shadow_bytes = self.shadow.bytes(&pos.generation);
         report.pos = Some(pos);
         report.db_size = file_size(&self.path).unwrap_or(0);
         report.wal_size = file_size(&self.wal_path).unwrap_or(0);
@@ -650,15 +627,23 @@ impl Db {
         let Some(generation) = self.generation()? else {
             return lost("no generation exists");
         };
-        let Some(index) = self.current_shadow_index(&generation)? else {
+        let index = self
+            .shadow
+            .max_index(&generation)
+            .map_err(self.shadow_err("read_dir"))?;
+        let Some(index) = index else {
             return lost("no shadow wal");
         };
         if index >= MAX_INDEX {
             return lost("max index exceeded");
         }
         let page_size = self.conns().page_size;
-        let shadow_path = self.meta.shadow_wal_path(&generation, index);
-        let shadow_size = wal::align(file_size(&shadow_path).unwrap_or(0), page_size);
+        let shadow_size = wal::align(
+            self.shadow
+                .size(&generation, index)
+                .map_err(self.shadow_err("stat"))?,
+            page_size,
+        );
         if shadow_size < WAL_HEADER_SIZE as u64 {
             return lost("short shadow wal");
         }
@@ -666,16 +651,20 @@ impl Db {
         if shadow_size > wal_size {
             return lost("wal truncated by another process");
         }
-        let restart = read_header_bytes(&self.wal_path) != read_header_bytes(&shadow_path);
+        let restart = read_header_bytes(&self.wal_path) != self.shadow.header(&generation, index);
         if restart && shadow_size == WAL_HEADER_SIZE as u64 {
             return lost("wal header only, mismatched");
         }
         if shadow_size > WAL_HEADER_SIZE as u64 {
             let fs = wal::frame_size(page_size);
             let at = shadow_size - fs;
-            let a =
-                read_at(&shadow_path, at, fs as usize).map_err(self.io(&shadow_path, "read"))?;
-            let b = read_at(&self.wal_path, at, fs as usize)
+            let a = self
+                .shadow
+                .read_at(&generation, index, at, fs as usize)
+                .map_err(self.shadow_err("read"))?;
+            let mut b = vec![0u8; fs as usize];
+            File::open(&self.wal_path)
+                .and_then(|f| f.read_exact_at(&mut b, at))
                 .map_err(self.io(&self.wal_path, "read"))?;
             if a != b {
                 return lost("wal overwritten by another process");
@@ -692,15 +681,14 @@ impl Db {
     fn create_generation(&mut self, reason: &str) -> Result<(), DbError> {
         let generation = layout::new_generation();
         info!(db = %self.path.display(), generation, reason, "starting new generation");
-        let dir = self.meta.shadow_wal_dir(&generation);
-        fs::create_dir_all(&dir).map_err(self.io(&dir, "mkdir"))?;
         self.init_shadow(&generation, 0)?;
-        let p = self.meta.generation_file();
-        write_atomic(&p, format!("{generation}\n").as_bytes()).map_err(self.io(&p, "write"))?;
+        self.shadow
+            .set_generation(&generation)
+            .map_err(self.shadow_err("write"))?;
         self.remove_other_generations()
     }
 
-    /// Creates shadow file `index` from the real WAL's current header and copies its frames.
+    /// Creates shadow index `index` from the real WAL's current header and copies its frames.
     fn init_shadow(&mut self, generation: &str, index: u32) -> Result<u64, DbError> {
         let hdr = read_header_bytes(&self.wal_path).ok_or_else(|| DbError::Io {
             path: self.wal_path.clone(),
@@ -711,21 +699,10 @@ impl Db {
             path: self.wal_path.clone(),
             source,
         })?;
-        let path = self.meta.shadow_wal_path(generation, index);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)
-            .map_err(self.io(&path, "create"))?;
-        if let Err(e) = f.write_all(&hdr).and_then(|()| f.sync_all()) {
-            // No half-written shadow index: the next pass creates it again.
-            drop(f);
-            let _ = fs::remove_file(&path);
-            return Err(self.io(&path, "write")(e));
-        }
-        drop(f);
-        let copied = self.copy_frames(&path)?;
+        self.shadow
+            .create_index(generation, index, &hdr)
+            .map_err(self.shadow_err("create"))?;
+        let copied = self.copy_frames(generation, index)?;
         debug!(db = %self.path.display(), generation, index, copied, "shadow WAL started");
         Ok(copied)
     }
@@ -734,8 +711,7 @@ impl Db {
     /// next index (spec §2.3 step 5).
     fn sync_wal(&mut self, restart: bool) -> Result<u64, DbError> {
         let pos = self.pos()?.expect("verified generation");
-        let shadow = self.meta.shadow_wal_path(&pos.generation, pos.index);
-        let mut copied = self.copy_frames(&shadow)?;
+        let mut copied = self.copy_frames(&pos.generation, pos.index)?;
         if restart {
             info!(db = %self.path.display(), index = pos.index + 1, "WAL restarted; starting next shadow index");
             copied += self.init_shadow(&pos.generation, pos.index + 1)?;
@@ -743,35 +719,17 @@ impl Db {
         Ok(copied)
     }
 
-    /// Copies the real WAL's frames after the shadow's end, up to the last commit frame whose
-    /// salt and checksum chain is intact (spec §2.4). Two passes: the first validates and finds
-    /// the last commit, the second appends exactly those bytes, so a concurrent replica reader
-    /// never sees frames that are later taken back. Returns the bytes appended.
-    fn copy_frames(&mut self, shadow_path: &Path) -> Result<u64, DbError> {
+    /// Copies the real WAL's frames after the shadow index's end, up to the last commit frame
+    /// whose salt and checksum chain is intact (spec §2.4). Two passes: the first walks and
+    /// finds the last commit, the second appends exactly those bytes, so a concurrent replica
+    /// reader never sees frames that are later taken back. Returns the bytes appended.
+    fn copy_frames(&mut self, generation: &str, index: u32) -> Result<u64, DbError> {
         let page_size = self.conns().page_size;
-        let fsz = wal::frame_size(page_size);
-        let hdr_bytes = read_header_bytes(shadow_path).ok_or_else(|| DbError::Io {
-            path: shadow_path.to_path_buf(),
-            op: "read header",
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "shadow WAL has no header"),
-        })?;
-        let hdr = WalHeader::parse(&hdr_bytes).map_err(|source| DbError::BadWalHeader {
-            path: shadow_path.to_path_buf(),
-            source,
-        })?;
-        let start = wal::align(
-            file_size(shadow_path).map_err(self.io(shadow_path, "stat"))?,
-            page_size,
-        );
-        let mut chain = if start > WAL_HEADER_SIZE as u64 {
-            let last =
-                read_at(shadow_path, start - fsz, 24).map_err(self.io(shadow_path, "read"))?;
-            let fh = wal::FrameHeader::parse(&last);
-            FrameChain::resume(&hdr, fh.checksum)
-        } else {
-            FrameChain::new(&hdr)
-        };
-
+        let mut scanner = self
+            .shadow
+            .scanner_at_end(generation, index, page_size)
+            .map_err(self.shadow_err("read"))?;
+        let start = scanner.offset();
         let mut wal = match File::open(&self.wal_path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -781,109 +739,25 @@ impl Db {
             .metadata()
             .map_err(self.io(&self.wal_path, "stat"))?
             .len();
-        let mut frame = vec![0u8; fsz as usize];
-        let mut off = start;
-        let mut last_commit = start;
         let mut rd = io::BufReader::with_capacity(1 << 20, &mut wal);
         rd.seek(SeekFrom::Start(start))
             .map_err(self.io(&self.wal_path, "seek"))?;
-        while off + fsz <= wal_len {
-            if let Err(e) = rd.read_exact(&mut frame) {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    break;
-                }
-                return Err(self.io(&self.wal_path, "read")(e));
-            }
-            match chain.check(&frame) {
-                FrameCheck::Valid(fh) => {
-                    off += fsz;
-                    if fh.is_commit() {
-                        last_commit = off;
-                    }
-                }
-                FrameCheck::SaltMismatch | FrameCheck::ChecksumMismatch => break,
-            }
-        }
+        // Frames after the first that does not continue the chain belong to an older life
+        // of the WAL (or are being written): the copy ends there.
+        scanner
+            .scan(&mut rd, wal_len, |_, _| {})
+            .map_err(self.io(&self.wal_path, "read"))?;
         drop(rd);
-        let n = last_commit - start;
+        let n = scanner.last_commit() - start;
         if n == 0 {
             return Ok(0);
         }
-        let mut out = OpenOptions::new()
-            .append(true)
-            .open(shadow_path)
-            .map_err(self.io(shadow_path, "open"))?;
         wal.seek(SeekFrom::Start(start))
             .map_err(self.io(&self.wal_path, "seek"))?;
-        let appended = match io::copy(&mut (&mut wal).take(n), &mut out) {
-            Ok(copied) if copied != n => Err(DbError::Io {
-                path: self.wal_path.clone(),
-                op: "copy frames",
-                source: io::Error::new(io::ErrorKind::UnexpectedEof, "WAL shrank during copy"),
-            }),
-            Ok(_) => out.sync_data().map_err(self.io(shadow_path, "fsync")),
-            Err(e) => Err(self.io(shadow_path, "append")(e)),
-        };
-        if let Err(e) = appended {
-            // A full disk, the WAL shrinking under us, a failed fsync: cut the shadow back to
-            // its last whole commit, so the next pass appends again from there instead of
-            // finding a torn frame (which would look like lost continuity: a new generation).
-            if let Err(t) = out.set_len(start).and_then(|()| out.sync_data()) {
-                warn!(shadow = %shadow_path.display(), error = %t, "cannot cut the shadow WAL back after a failed append; it is repaired at the next start");
-            }
-            return Err(e);
-        }
+        self.shadow
+            .append(generation, index, start, &mut wal, n)
+            .map_err(self.shadow_err("append"))?;
         Ok(n)
-    }
-
-    /// After a crash the newest shadow may end in frames of a transaction that never got its
-    /// commit frame copied (or a partial frame); cut it back to its last commit.
-    fn repair_shadow_tail(&mut self, shadow: &Path) -> Result<(), DbError> {
-        let page_size = self.conns().page_size;
-        let Some(hdr) = read_header_bytes(shadow) else {
-            return Ok(());
-        };
-        let Ok(hdr) = WalHeader::parse(&hdr) else {
-            return Ok(());
-        };
-        if hdr.page_size != page_size {
-            return Ok(());
-        }
-        let fsz = wal::frame_size(page_size);
-        let len = file_size(shadow).map_err(self.io(shadow, "stat"))?;
-        let mut f = io::BufReader::with_capacity(
-            1 << 20,
-            File::open(shadow).map_err(self.io(shadow, "open"))?,
-        );
-        f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64))
-            .map_err(self.io(shadow, "seek"))?;
-        let mut chain = FrameChain::new(&hdr);
-        let mut frame = vec![0u8; fsz as usize];
-        let mut off = WAL_HEADER_SIZE as u64;
-        let mut last_commit = off;
-        while off + fsz <= len {
-            f.read_exact(&mut frame).map_err(self.io(shadow, "read"))?;
-            match chain.check(&frame) {
-                FrameCheck::Valid(fh) => {
-                    off += fsz;
-                    if fh.is_commit() {
-                        last_commit = off;
-                    }
-                }
-                _ => break,
-            }
-        }
-        if last_commit != len {
-            warn!(shadow = %shadow.display(), from = len, to = last_commit, "cutting shadow WAL back to its last commit");
-            let f = OpenOptions::new()
-                .write(true)
-                .open(shadow)
-                .map_err(self.io(shadow, "open"))?;
-            f.set_len(last_commit)
-                .map_err(self.io(shadow, "truncate"))?;
-            f.sync_all().map_err(self.io(shadow, "fsync"))?;
-        }
-        Ok(())
     }
 
     /// Runs a checkpoint (spec §2.5) and follows the WAL restart it causes.
@@ -932,15 +806,18 @@ impl Db {
         w.execute_batch("BEGIN; INSERT INTO _litestream_lock (id) VALUES (1);")
             .map_err(err)?;
         let result = (|| -> Result<(), DbError> {
-            let shadow = self.meta.shadow_wal_path(&pos.generation, pos.index);
-            outcome.copied += self.copy_frames(&shadow)?;
+            outcome.copied += self.copy_frames(&pos.generation, pos.index)?;
             // Improvement over Litestream: the checkpoint reported how many frames the old
             // life held. If the shadow has fewer, an application write restarted the WAL and
             // overwrote frames between our copy and the checkpoint; those frames are in the
             // database but not in the replica, so only a new generation is safe.
             let page_size = self.conns().page_size;
-            let shadow_frames = (file_size(&shadow).unwrap_or(0) - WAL_HEADER_SIZE as u64)
-                / wal::frame_size(page_size);
+            let shadow_size = self
+                .shadow
+                .size(&pos.generation, pos.index)
+                .map_err(self.shadow_err("stat"))?;
+            let shadow_frames =
+                (shadow_size.saturating_sub(WAL_HEADER_SIZE as u64)) / wal::frame_size(page_size);
             if log_frames >= 0 && shadow_frames < log_frames as u64 {
                 warn!(db = %self.path.display(), shadow_frames, log_frames, "frames lost around a WAL restart");
                 self.create_generation("frames lost during checkpoint")?;
@@ -964,37 +841,16 @@ impl Db {
         if min.generation != pos.generation || min.index < 2 {
             return Ok(());
         }
-        let dir = self.meta.shadow_wal_dir(&pos.generation);
-        let Ok(rd) = fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for e in rd.flatten() {
-            if let Some(i) = layout::parse_shadow_wal_name(&e.file_name().to_string_lossy())
-                && i < min.index - 1
-            {
-                fs::remove_file(e.path())
-                    .or_else(ignore_not_found)
-                    .map_err(self.io(&e.path(), "remove"))?;
-            }
-        }
-        Ok(())
+        self.shadow
+            .remove_below(&pos.generation, min.index - 1)
+            .map_err(self.shadow_err("remove"))
     }
 
     fn remove_other_generations(&self) -> Result<(), DbError> {
         let current = self.generation()?;
-        let dir = self.meta.generations_dir();
-        let Ok(rd) = fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if Some(&name) != current.as_ref() {
-                fs::remove_dir_all(e.path())
-                    .or_else(ignore_not_found)
-                    .map_err(self.io(&e.path(), "remove"))?;
-            }
-        }
-        Ok(())
+        self.shadow
+            .remove_other_generations(current.as_deref())
+            .map_err(self.shadow_err("remove"))
     }
 
     /// Prepares a snapshot (spec §2.7): a PASSIVE checkpoint to keep the replay short, then a
@@ -1099,13 +955,6 @@ pub(crate) fn file_size(p: &Path) -> io::Result<u64> {
     }
 }
 
-fn read_at(p: &Path, at: u64, len: usize) -> io::Result<Vec<u8>> {
-    let f = File::open(p)?;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, at)?;
-    Ok(buf)
-}
-
 /// Takes the replication lock: an open-file-description lock on one byte of the database file
 /// far from the bytes SQLite locks (PENDING_BYTE 0x40000000 and the 512 after it). It belongs
 /// to our own descriptor, so SQLite closing its descriptors never drops it, it needs no extra
@@ -1126,62 +975,6 @@ fn replication_lock(fd: &File) -> io::Result<bool> {
         Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Ok(false),
         Err(e) => Err(io::Error::from(e)),
     }
-}
-
-fn read_header_bytes(p: &Path) -> Option<[u8; WAL_HEADER_SIZE]> {
-    let f = File::open(p).ok()?;
-    let mut b = [0u8; WAL_HEADER_SIZE];
-    f.read_exact_at(&mut b, 0).ok()?;
-    Some(b)
-}
-
-fn dir_size(p: &Path) -> u64 {
-    fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-fn ignore_not_found(e: io::Error) -> io::Result<()> {
-    if e.kind() == io::ErrorKind::NotFound {
-        Ok(())
-    } else {
-        Err(e)
-    }
-}
-
-/// Writes a small file atomically: temporary, fsync, rename, fsync of the directory.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// Writes the lineage record of a meta directory (see `replica::owner`).
-pub fn write_lineage(meta: &MetaDir, lineage: &str) -> Result<(), DbError> {
-    let p = meta.lineage_file();
-    fs::create_dir_all(&meta.root).map_err(|source| DbError::Io {
-        path: meta.root.clone(),
-        op: "mkdir",
-        source,
-    })?;
-    write_atomic(&p, format!("{lineage}\n").as_bytes()).map_err(|source| DbError::Io {
-        path: p,
-        op: "write",
-        source,
-    })
 }
 
 /// SQLite's lock bytes (os_unix.c): PENDING_BYTE, RESERVED_BYTE and the 510-byte SHARED range.
@@ -1232,16 +1025,4 @@ fn remove_stale_sidecars(db: &Path, wal: &Path, old_header: &[u8; WAL_HEADER_SIZ
     // The OFD lock goes with the descriptor; we hold no POSIX locks on this new file yet, so
     // closing it releases nothing else.
     drop(f);
-}
-
-fn remove_tmp_files(dir: &Path) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            remove_tmp_files(&p);
-        } else if p.extension().is_some_and(|x| x == "tmp") {
-            let _ = fs::remove_file(&p);
-        }
-    }
 }

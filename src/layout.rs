@@ -1,8 +1,7 @@
 //! Names in the Litestream v0.3 replica layout: generations, positions, snapshot and WAL
-//! segment keys, and the local shadow-WAL files.
+//! segment keys. (The local shadow WAL's layout is `shadow`'s alone.)
 
 use std::fmt;
-use std::path::{Path, PathBuf};
 
 /// Highest WAL index; reaching it starts a new generation.
 pub const MAX_INDEX: u32 = 0x7fff_ffff;
@@ -110,48 +109,6 @@ pub fn parse_wal_segment_name(name: &str) -> Option<(u32, u64)> {
     let stem = name.strip_suffix(".wal.lz4")?;
     let (i, o) = stem.split_once('_')?;
     Some((hex8(i)?, hex8(o)? as u64))
-}
-
-/// Local shadow WAL paths under the meta directory `.<db>-litestream/`.
-#[derive(Debug, Clone)]
-pub struct MetaDir {
-    pub root: PathBuf,
-}
-
-impl MetaDir {
-    /// The default meta directory beside the database: `<dir>/.<name>-litestream`.
-    pub fn for_db(db: &Path) -> Self {
-        let name = db
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let dir = db.parent().unwrap_or(Path::new("."));
-        MetaDir {
-            root: dir.join(format!(".{name}-litestream")),
-        }
-    }
-    pub fn generation_file(&self) -> PathBuf {
-        self.root.join("generation")
-    }
-    /// The lineage this host replicates the database in (see `replica::owner`).
-    pub fn lineage_file(&self) -> PathBuf {
-        self.root.join("lineage")
-    }
-    pub fn generations_dir(&self) -> PathBuf {
-        self.root.join("generations")
-    }
-    pub fn shadow_wal_dir(&self, generation: &str) -> PathBuf {
-        self.generations_dir().join(generation).join("wal")
-    }
-    pub fn shadow_wal_path(&self, generation: &str, index: u32) -> PathBuf {
-        self.shadow_wal_dir(generation)
-            .join(format!("{index:08x}.wal"))
-    }
-}
-
-/// Parses a shadow WAL file name `NNNNNNNN.wal`.
-pub fn parse_shadow_wal_name(name: &str) -> Option<u32> {
-    hex8(name.strip_suffix(".wal")?)
 }
 
 #[cfg(test)]

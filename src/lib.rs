@@ -5,7 +5,8 @@
 //! * [`layout`] — generation, position and object names of the v0.3 layout;
 //! * [`compress`] — LZ4 frames and streaming uploads;
 //! * [`replica`] — replica targets (object stores) and the layout on top of them;
-//! * [`db`] — the database side of the engine: read lock, shadow WAL, checkpoints;
+//! * [`db`] — the database side of the engine: read lock, continuity, checkpoints;
+//! * [`shadow`] — the shadow WAL and the meta directory: the one owner of their layout;
 //! * [`lineage`] — which database a replica path belongs to;
 //! * [`replicator`] — the replica side: segment and snapshot uploads, retention, status;
 //! * [`worker`] — one database's tasks and their shutdown;
@@ -31,6 +32,7 @@ pub mod notify;
 pub mod replica;
 pub mod replicator;
 pub mod restore;
+pub mod shadow;
 pub mod status;
 pub mod supervisor;
 pub mod telemetry;

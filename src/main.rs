@@ -17,6 +17,7 @@ use litestreamd::notify;
 use litestreamd::replica::{self, ReplicaClient};
 use litestreamd::replicator::ReplicaOptions;
 use litestreamd::restore::{self, NamedReplica, RestoreOptions, RestoreOutcome};
+use litestreamd::shadow::Shadow;
 use litestreamd::status::{DbState, ReplicaStateName};
 use litestreamd::supervisor::Supervisor;
 use litestreamd::telemetry;
@@ -816,13 +817,13 @@ async fn restore_cmd(a: RestoreArgs) -> Result<()> {
     if let Some(spec) = &spec {
         // A configured database: never another database's backups, and a restore to its own
         // path continues the lineage it restored.
-        let meta = meta_dir(spec);
+        let shadow = Shadow::for_db(&spec.path, spec.opts.meta_path.as_deref());
         opts.expect_lineage = litestreamd::db::Db::new(&spec.path, spec.opts.clone())
             .lineage()
             .ok()
             .flatten();
         if std::path::absolute(&output).ok() == Some(spec.path.clone()) {
-            opts.record_lineage = Some(meta);
+            opts.record_lineage = Some(shadow);
         }
     }
     opts.generation = a.generation;
@@ -867,13 +868,6 @@ async fn restore_cmd(a: RestoreArgs) -> Result<()> {
     Ok(())
 }
 
-fn meta_dir(spec: &DbSpec) -> litestreamd::layout::MetaDir {
-    match &spec.opts.meta_path {
-        Some(p) => litestreamd::layout::MetaDir { root: p.clone() },
-        None => litestreamd::layout::MetaDir::for_db(&spec.path),
-    }
-}
-
 async fn adopt_cmd(db: &str, replica: Option<String>, config: &Path) -> Result<()> {
     use litestreamd::lineage;
     let (replicas, spec) = resolve_target(&Target {
@@ -886,7 +880,7 @@ async fn adopt_cmd(db: &str, replica: Option<String>, config: &Path) -> Result<(
     let spec = spec.with_context(|| format!("{db}: adopt needs a configured database"))?;
     // A new lineage for the file as it is now; the running daemon reads it at its next attempt.
     let l = lineage::new_lineage();
-    litestreamd::db::write_lineage(&meta_dir(&spec), &l)?;
+    Shadow::for_db(&spec.path, spec.opts.meta_path.as_deref()).set_lineage(&l)?;
     let owner = lineage::Owner::new(&l, &spec.path.display().to_string());
     for (name, client) in &replicas {
         let cond = match lineage::read(client.store()).await? {

@@ -2,8 +2,7 @@
 //! one target, recovers its position from the remote listing, enforces retention, and keeps a
 //! status (healthy / retrying / failed) that metrics and the dashboard show.
 
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -15,13 +14,13 @@ use tracing::{debug, info, warn};
 
 use crate::compress;
 use crate::db::{Db, DbError};
-use crate::layout::{MetaDir, Pos};
+use crate::layout::Pos;
 use crate::lease::{self, Lease, LeaseError};
 use crate::lineage::{self, Decision, LineageError};
 use crate::replica::{ReplicaClient, StoreError};
+use crate::shadow::{After, Shadow};
 use crate::status::{ReplicaReport, ReplicaState};
 use crate::telemetry;
-use crate::wal::{self, FrameHeader, WAL_HEADER_SIZE, WalHeader};
 
 /// Concurrent snapshot uploads across the whole process. Each holds an LZ4 block buffer and an
 /// upload buffer, so this bounds memory when many databases snapshot at once (Litestream #331).
@@ -129,7 +128,7 @@ impl Default for ReplicaOptions {
 /// A database's shared engine state, handed to its replicas.
 pub struct DbShared {
     pub db: Mutex<Db>,
-    pub meta: MetaDir,
+    pub shadow: Shadow,
     pub name: String,
 }
 
@@ -326,45 +325,40 @@ impl Replica {
             return Ok(());
         }
         loop {
-            let path = shared.meta.shadow_wal_path(&pos.generation, pos.index);
-            let size = match std::fs::metadata(&path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if pos.index < dpos.index {
-                        // The replica holds less than the local shadow still has (its position
-                        // was recomputed from an older remote state): it cannot catch up
-                        // segment by segment, so it starts again from a new snapshot.
-                        warn!(db = %shared.name, replica = %self.opts.name, %pos, shadow = %path.display(), "the shadow WAL this replica would continue from is gone; taking a new snapshot");
-                        self.pos = None;
-                        self.snapshot(shared).await?;
-                        return Ok(());
-                    }
-                    break;
-                }
-                Err(source) => return Err(ReplicaError::Shadow { path, source }),
-            };
-            let page_size = shadow_page_size(&path)?;
-            let end = wal::align(size, page_size);
-            if pos.offset == end {
-                if shared
-                    .meta
-                    .shadow_wal_path(&pos.generation, pos.index + 1)
-                    .exists()
-                {
+            let after =
+                shared
+                    .shadow
+                    .after(&pos, &dpos)
+                    .map_err(|source| ReplicaError::Shadow {
+                        path: shared.shadow.describe(&pos.generation, pos.index),
+                        source,
+                    })?;
+            let end = match after {
+                After::Frames(end) => end,
+                After::NextIndex => {
                     pos = Pos::new(pos.generation.clone(), pos.index + 1, 0);
                     self.pos = Some(pos.clone());
                     continue;
                 }
-                break;
-            }
-            if pos.offset > end {
-                // The remote holds more of this index than the local shadow (a crash cut the
-                // shadow back); the same frames will be copied again, so wait for them.
-                debug!(replica = %self.opts.name, %pos, end, "remote ahead of local shadow; waiting");
-                break;
-            }
+                After::UpToDate => break,
+                After::Behind(end) => {
+                    // The remote holds more of this index than the local shadow (a crash cut
+                    // the shadow back); the same frames will be copied again, so wait.
+                    debug!(replica = %self.opts.name, %pos, end, "remote ahead of local shadow; waiting");
+                    break;
+                }
+                After::Gone => {
+                    // The replica holds less than the local shadow still has (its position was
+                    // recomputed from an older remote state): it cannot catch up segment by
+                    // segment, so it starts again from a new snapshot.
+                    warn!(db = %shared.name, replica = %self.opts.name, %pos, "the shadow WAL this replica would continue from is gone; taking a new snapshot");
+                    self.pos = None;
+                    self.snapshot(shared).await?;
+                    return Ok(());
+                }
+            };
             self.ensure_lease().await?;
-            let n = self.upload_segment(&shared.name, &path, &pos, end).await?;
+            let n = self.upload_segment(shared, &pos, end).await?;
             pos.offset = end;
             self.pos = Some(pos.clone());
             self.uploaded_since_check = true;
@@ -545,17 +539,18 @@ impl Replica {
 
     async fn upload_segment(
         &self,
-        db: &str,
-        path: &std::path::Path,
+        shared: &Arc<DbShared>,
         pos: &Pos,
         end: u64,
     ) -> Result<u64, ReplicaError> {
-        let (path2, start) = (path.to_path_buf(), pos.offset);
+        let db = shared.name.as_str();
+        let (shadow, p, start) = (shared.shadow.clone(), pos.clone(), pos.offset);
         let (body, producer) = self
             .client
-            .encode(move |w| copy_shadow_range(&path2, start, end, w));
+            .encode(move |w| shadow.copy_range(&p.generation, p.index, start, end, w));
         let put = self.client.write_wal_segment(pos, body).await;
-        let (_, n) = upload_outcome(put, producer.await, path)?;
+        let path = shared.shadow.describe(&pos.generation, pos.index);
+        let (_, n) = upload_outcome(put, producer.await, &path)?;
         let labels = [("db", db.to_string()), ("replica", self.opts.name.clone())];
         metrics::counter!(telemetry::REPLICA_WAL_BYTES, &labels).increment(n);
         metrics::counter!(telemetry::REPLICA_UPLOADS, &labels).increment(1);
@@ -756,60 +751,4 @@ async fn db_pos(shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
             .await
             .expect("pos task")?,
     )
-}
-
-fn shadow_page_size(path: &std::path::Path) -> Result<u32, ReplicaError> {
-    let mut hdr = [0u8; WAL_HEADER_SIZE];
-    let mut f = File::open(path).map_err(|source| ReplicaError::Shadow {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    f.read_exact(&mut hdr)
-        .map_err(|source| ReplicaError::Shadow {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    WalHeader::parse(&hdr)
-        .map(|h| h.page_size)
-        .map_err(|e| ReplicaError::Shadow {
-            path: path.to_path_buf(),
-            source: io::Error::new(io::ErrorKind::InvalidData, e),
-        })
-}
-
-/// Streams shadow bytes `[start, end)` into `w`, checking that every frame carries the header's
-/// salt ("replica salt mismatch" in Litestream), so a shadow from another WAL life never goes up
-/// under this index.
-fn copy_shadow_range(
-    path: &std::path::Path,
-    start: u64,
-    end: u64,
-    w: &mut dyn Write,
-) -> io::Result<u64> {
-    let mut f = File::open(path)?;
-    let mut hdr = [0u8; WAL_HEADER_SIZE];
-    f.read_exact(&mut hdr)?;
-    let h = WalHeader::parse(&hdr).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    let fsz = h.frame_size() as usize;
-    let mut off = start;
-    if start == 0 {
-        w.write_all(&hdr)?;
-        off = WAL_HEADER_SIZE as u64;
-    }
-    f.seek(SeekFrom::Start(off))?;
-    let mut rd = io::BufReader::with_capacity(1 << 20, f);
-    let mut frame = vec![0u8; fsz];
-    while off < end {
-        rd.read_exact(&mut frame)?;
-        let fh = FrameHeader::parse(&frame);
-        if (fh.salt1, fh.salt2) != (h.salt1, h.salt2) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: replica salt mismatch at offset {off}", path.display()),
-            ));
-        }
-        w.write_all(&frame)?;
-        off += fsz as u64;
-    }
-    Ok(end - start)
 }

@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::db::{CheckpointMode, Db, DbOptions, SyncReport};
-use crate::layout::{MetaDir, Pos};
+use crate::layout::Pos;
 use crate::replica::ReplicaClient;
 use crate::replicator::{DbShared, Replica, ReplicaOptions};
+use crate::shadow::Shadow;
 use crate::status::{DbState, DbStatus, ReplicaReport, ReplicaStatus};
 use crate::telemetry;
 
@@ -147,13 +148,10 @@ async fn run(
         handle.status.lock().expect("status").state = DbState::Stopped;
         return;
     }
-    let meta = match &spec.opts.meta_path {
-        Some(p) => MetaDir { root: p.clone() },
-        None => MetaDir::for_db(&spec.path),
-    };
+    let db = Db::new(&spec.path, spec.opts.clone()).with_label(&spec.name);
     let shared = Arc::new(DbShared {
-        db: Mutex::new(Db::new(&spec.path, spec.opts.clone()).with_label(&spec.name)),
-        meta,
+        shadow: db.shadow().clone(),
+        db: Mutex::new(db),
         name: spec.name.clone(),
     });
     let (pos_tx, pos_rx) = watch::channel::<Option<Pos>>(None);
@@ -198,13 +196,13 @@ async fn run(
     loop {
         let report = db_sync(&shared, &positions).await;
         record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
-        publish(&handle, &shared.meta, &reporting, &mut ps);
+        publish(&handle, &shared.shadow, &reporting, &mut ps);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             // A replica reported something (an upload, an error): publish it now, not at the
             // next tick, and without a sync pass.
             _ = reporting.wake.notified() => {
-                publish(&handle, &shared.meta, &reporting, &mut ps);
+                publish(&handle, &shared.shadow, &reporting, &mut ps);
                 continue;
             }
             _ = sleep_until(next_tick) => {
@@ -220,7 +218,7 @@ async fn run(
                     let report = db_sync(&shared, &positions).await;
                     let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
                     record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
-                    publish(&handle, &shared.meta, &reporting, &mut ps);
+                    publish(&handle, &shared.shadow, &reporting, &mut ps);
                     continue;
                 }
                 Command::Checkpoint(mode, reply) => {
@@ -256,7 +254,7 @@ async fn run(
     // Final sync: copy the last committed frames, then let every replica upload them.
     let report = db_sync(&shared, &positions).await;
     record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
-    publish(&handle, &shared.meta, &reporting, &mut ps);
+    publish(&handle, &shared.shadow, &reporting, &mut ps);
     replica_stop.cancel();
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
@@ -265,7 +263,7 @@ async fn run(
     }
     let sh = shared.clone();
     let _ = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").close()).await;
-    publish(&handle, &shared.meta, &reporting, &mut ps);
+    publish(&handle, &shared.shadow, &reporting, &mut ps);
     handle.status.lock().expect("status").state = DbState::Stopped;
     info!(db = %spec.name, "stopped");
 }
@@ -353,10 +351,6 @@ pub async fn restore_missing(spec: &DbSpec) -> Result<(), crate::restore::Restor
         .iter()
         .map(|(o, c)| (o.name.clone(), c.clone()))
         .collect();
-    let meta = match &spec.opts.meta_path {
-        Some(p) => MetaDir { root: p.clone() },
-        None => MetaDir::for_db(&spec.path),
-    };
     let mut opts = RestoreOptions::new(&spec.path);
     opts.if_replica_exists = true;
     opts.if_db_not_exists = true;
@@ -364,7 +358,7 @@ pub async fn restore_missing(spec: &DbSpec) -> Result<(), crate::restore::Restor
         .lineage()
         .ok()
         .flatten();
-    opts.record_lineage = Some(meta);
+    opts.record_lineage = Some(Shadow::for_db(&spec.path, spec.opts.meta_path.as_deref()));
     match restore::restore(&replicas, &opts).await? {
         RestoreOutcome::Restored(s) => {
             info!(db = %spec.name, generation = %s.generation, bytes = s.bytes, lineage = s.lineage.as_ref().map_or("-", |o| o.lineage.as_str()), "restored on start")
@@ -490,7 +484,7 @@ fn record_sync(
 
 /// Takes in what every replica reported, computes the lag (the only place it is computed),
 /// and rewrites the metrics when anything they show changed (and at least every REFRESH).
-fn publish(handle: &WorkerHandle, meta: &MetaDir, reporting: &Reporting, ps: &mut PublishState) {
+fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &mut PublishState) {
     let mut st = handle.status.lock().expect("status");
     let now = SystemTime::now();
     let mut lagging = false;
@@ -513,7 +507,7 @@ fn publish(handle: &WorkerHandle, meta: &MetaDir, reporting: &Reporting, ps: &mu
             .and_then(|t| now.duration_since(t).ok())
             .map_or(0.0, |d| d.as_secs_f64());
         rs.lag_bytes = match &dpos {
-            Some(d) if !caught_up => lag_bytes(meta, d, rs.pos.as_ref(), shadow_bytes),
+            Some(d) if !caught_up => shadow.bytes_between(rs.pos.as_ref(), d, shadow_bytes),
             _ => 0,
         };
     }
@@ -543,26 +537,6 @@ fn publish(handle: &WorkerHandle, meta: &MetaDir, reporting: &Reporting, ps: &mu
         std::mem::take(&mut ps.syncs),
         std::mem::take(&mut ps.wal_bytes),
     );
-}
-
-/// Bytes of shadow WAL between a replica's position and the database's.
-fn lag_bytes(meta: &MetaDir, db: &Pos, replica: Option<&Pos>, shadow_total: u64) -> u64 {
-    let Some(r) = replica.filter(|r| r.generation == db.generation) else {
-        return shadow_total;
-    };
-    if (r.index, r.offset) >= (db.index, db.offset) {
-        return 0;
-    }
-    if r.index == db.index {
-        return db.offset - r.offset;
-    }
-    let size =
-        |i| std::fs::metadata(meta.shadow_wal_path(&db.generation, i)).map_or(0, |m| m.len());
-    let mut total = size(r.index).saturating_sub(r.offset);
-    for i in r.index + 1..db.index {
-        total += size(i);
-    }
-    total + db.offset
 }
 
 /// The lowest replica position, or None if any replica has none yet (then nothing is removed).

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::compress;
 use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
 use crate::replicator::RetryPolicy;
-use crate::wal::{self, FrameChain, FrameCheck, FrameHeader, WAL_HEADER_SIZE, WalHeader};
+use crate::wal::{self, FrameHeader, Scanner, WAL_HEADER_SIZE, WalHeader};
 
 mod output;
 use output::Scratch;
@@ -97,8 +97,6 @@ pub enum RestoreError {
     },
     #[error(transparent)]
     Lineage(#[from] crate::lineage::LineageError),
-    #[error(transparent)]
-    Meta(#[from] crate::db::DbError),
 }
 
 /// Restore progress, for the CLI and the dashboard.
@@ -130,9 +128,9 @@ pub struct RestoreOptions {
     /// The lineage the restored database must belong to (the configured database's, when its
     /// host knows it): a replica path owned by another lineage is refused before downloading.
     pub expect_lineage: Option<String>,
-    /// Record the lineage restored in this meta directory (a restore of a configured database
-    /// to its own path): the database continues that lineage (see `lineage`).
-    pub record_lineage: Option<crate::layout::MetaDir>,
+    /// Record the lineage restored in this database's meta directory (a restore of a
+    /// configured database to its own path): it continues that lineage (see `lineage`).
+    pub record_lineage: Option<crate::shadow::Shadow>,
 }
 
 impl RestoreOptions {
@@ -375,8 +373,13 @@ pub async fn restore_to(
     summary.moved_aside = moved?;
     summary.output = output.final_path();
     drop(output);
-    if let (Some(meta), Some(o)) = (&opts.record_lineage, &owner) {
-        crate::db::write_lineage(meta, &o.lineage)?;
+    if let (Some(shadow), Some(o)) = (&opts.record_lineage, &owner) {
+        shadow
+            .set_lineage(&o.lineage)
+            .map_err(|source| RestoreError::Io {
+                path: shadow.root().to_path_buf(),
+                source,
+            })?;
     }
     summary.lineage = owner.map(Box::new);
     info!(path = %summary.output.display(), bytes = summary.bytes, max_index = format!("{:08x}", summary.max_index), "restore complete");
@@ -782,21 +785,16 @@ async fn fetch_index(
         reason: "empty WAL index".into(),
     })?;
     Ok(IndexFile {
-        page_size: st.page_size,
-        last_commit: st.last_commit,
+        page_size: st.page_size(),
+        last_commit: st.last_commit(),
         segments: segs.len(),
         first_key,
     })
 }
 
-/// Validation state carried from one segment of an index to the next.
-#[derive(Debug, Clone, Copy)]
-struct ChainState {
-    chain: FrameChain,
-    page_size: u32,
-    offset: u64,
-    last_commit: u64,
-}
+/// Validation state carried from one segment of an index to the next: the crate's one frame
+/// walk (see `wal::Scanner`).
+type ChainState = Scanner;
 
 /// Checks one segment's decompressed content frame by frame as it arrives, and writes it into
 /// the index file from offset `start` on (positional writes: a retry of the segment rewrites
@@ -846,7 +844,7 @@ impl<'a> WalCheck<'a> {
         while !data.is_empty() {
             let need = match &self.state {
                 None => WAL_HEADER_SIZE,
-                Some(st) => wal::frame_size(st.page_size) as usize,
+                Some(st) => st.frame_size() as usize,
             };
             if self.partial.is_empty() && data.len() >= need {
                 let (unit, rest) = data.split_at(need);
@@ -872,27 +870,16 @@ impl<'a> WalCheck<'a> {
     fn check(&mut self, unit: &[u8]) -> Result<(), RestoreError> {
         let Some(st) = &mut self.state else {
             let h = WalHeader::parse(unit).map_err(|e| self.corrupt(format!("WAL header: {e}")))?;
-            self.state = Some(ChainState {
-                chain: FrameChain::new(&h),
-                page_size: h.page_size,
-                offset: WAL_HEADER_SIZE as u64,
-                last_commit: WAL_HEADER_SIZE as u64,
-            });
+            self.state = Some(Scanner::new(&h));
             return Ok(());
         };
-        let reason = match st.chain.check(unit) {
-            FrameCheck::Valid(fh) => {
-                st.offset += unit.len() as u64;
-                if fh.is_commit() {
-                    st.last_commit = st.offset;
-                }
-                return Ok(());
+        match st.push(unit) {
+            Ok(_) => Ok(()),
+            Err(stop) => {
+                let at = st.offset();
+                Err(self.corrupt(format!("{} at WAL offset {at}", stop.reason())))
             }
-            FrameCheck::SaltMismatch => "frame salt mismatch",
-            FrameCheck::ChecksumMismatch => "frame checksum mismatch",
-        };
-        let at = st.offset;
-        Err(self.corrupt(format!("{reason} at WAL offset {at}")))
+        }
     }
 
     fn write(&mut self, unit: &[u8]) -> Result<(), RestoreError> {
@@ -921,7 +908,7 @@ impl<'a> WalCheck<'a> {
             Some(st) => Err(self.corrupt(format!(
                 "partial frame of {} bytes at WAL offset {}",
                 self.partial.len(),
-                st.offset
+                st.offset()
             ))),
             None => Err(self.corrupt(format!(
                 "segment ends inside the WAL header ({} bytes)",
@@ -1172,7 +1159,7 @@ mod tests {
             let (st, end) = res.unwrap();
             assert_eq!(written, wal, "piece {piece}");
             assert_eq!(end, wal.len() as u64);
-            assert_eq!(st.last_commit, (WAL_HEADER_SIZE + 2 * fsz) as u64);
+            assert_eq!(st.last_commit(), (WAL_HEADER_SIZE + 2 * fsz) as u64);
         }
     }
 
@@ -1237,7 +1224,7 @@ mod tests {
                 let (st, _) = check.finish().unwrap();
                 let idx = IndexFile {
                     page_size: PS,
-                    last_commit: st.last_commit,
+                    last_commit: st.last_commit(),
                     segments: 1,
                     first_key: "k".into(),
                 };
