@@ -62,4 +62,5 @@ export MOTO_BIN="$DEPS/moto/bin/moto_server"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+python3 scripts/module-deps.py >/dev/null  # no import cycle; the shadow layout has one owner
 cargo test --all-targets --locked
