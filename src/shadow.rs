@@ -208,15 +208,7 @@ impl Shadow {
         index: u32,
         page_size: u32,
     ) -> io::Result<Scanner> {
-        let p = self.index_path(generation, index);
-        let hdr = read_header_bytes(&p).ok_or_else(|| {
-            io_at(
-                &p,
-                io::Error::new(io::ErrorKind::UnexpectedEof, "shadow WAL has no header"),
-            )
-        })?;
-        let hdr = WalHeader::parse(&hdr)
-            .map_err(|e| io_at(&p, io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        let hdr = self.parsed_header(generation, index)?;
         let end = wal::align(self.size(generation, index)?, page_size);
         if end > WAL_HEADER_SIZE as u64 {
             let last = self.read_at(generation, index, end - wal::frame_size(page_size), 24)?;
@@ -356,6 +348,11 @@ impl Shadow {
 
     /// The page size of an index (from its WAL header).
     pub fn page_size(&self, generation: &str, index: u32) -> io::Result<u32> {
+        Ok(self.parsed_header(generation, index)?.page_size)
+    }
+
+    /// An index's WAL header, parsed; an error names the file.
+    fn parsed_header(&self, generation: &str, index: u32) -> io::Result<WalHeader> {
         let p = self.index_path(generation, index);
         let hdr = read_header_bytes(&p).ok_or_else(|| {
             io_at(
@@ -363,9 +360,7 @@ impl Shadow {
                 io::Error::new(io::ErrorKind::UnexpectedEof, "shadow WAL has no header"),
             )
         })?;
-        WalHeader::parse(&hdr)
-            .map(|h| h.page_size)
-            .map_err(|e| io_at(&p, io::Error::new(io::ErrorKind::InvalidData, e)))
+        WalHeader::parse(&hdr).map_err(|e| io_at(&p, io::Error::new(io::ErrorKind::InvalidData, e)))
     }
 
     /// Streams the bytes `[start, end)` of an index into `w` (the WAL header first when

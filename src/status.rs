@@ -62,9 +62,10 @@ impl fmt::Display for DbState {
 }
 
 /// A replica's state, with the details of a problem.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ReplicaState {
+    #[default]
     Starting,
     Healthy,
     Retrying {
@@ -134,7 +135,7 @@ impl ReplicaState {
 }
 
 /// What a replica task reports about itself to its worker.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ReplicaReport {
     pub state: ReplicaState,
     /// The position the replica holds (None: not known yet, or being recomputed).
@@ -143,19 +144,6 @@ pub struct ReplicaReport {
     pub last_error: Option<String>,
     pub retries: u64,
     pub uploaded_bytes: u64,
-}
-
-impl Default for ReplicaReport {
-    fn default() -> Self {
-        ReplicaReport {
-            state: ReplicaState::Starting,
-            pos: None,
-            last_sync: None,
-            last_error: None,
-            retries: 0,
-            uploaded_bytes: 0,
-        }
-    }
 }
 
 /// A replica's status as the worker publishes it.

@@ -1224,21 +1224,7 @@ fn moto_server() -> Server {
         ],
         port,
     );
-    let py = bin.with_file_name("python");
-    let out = Command::new(py)
-        .args([
-            "-c",
-            &format!(
-                "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:{port}', region_name='us-east-1', aws_access_key_id='k', aws_secret_access_key='s').create_bucket(Bucket='litestream-bucket')"
-            ),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    boto3(port, "s3.create_bucket(Bucket='litestream-bucket')");
     server
 }
 

@@ -1336,31 +1336,10 @@ fn restores_to_one_output_are_exclusive_and_never_replay_a_stale_wal() {
 
 /// Every datagram until `deadline` (or until one holds `line`).
 fn datagrams_until(daemon: &Daemon, deadline: Duration, line: &str) -> Vec<String> {
-    let end = Instant::now() + deadline;
-    let mut seen = Vec::new();
-    while Instant::now() < end {
-        daemon
-            .notify
-            .set_read_timeout(Some((end - Instant::now()).max(Duration::from_millis(1))))
-            .unwrap();
-        let mut buf = [0u8; 4096];
-        match daemon.notify.recv(&mut buf) {
-            Ok(n) => {
-                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let hit = m.lines().any(|l| l == line);
-                seen.push(m);
-                if hit {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    daemon
-        .notify
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    seen
+    datagrams(daemon, deadline, |m| m.lines().any(|l| l == line))
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect()
 }
 
 /// restore_on_start on a fresh host whose replica cannot be read: no READY=1 (the start is
@@ -1690,6 +1669,15 @@ fn idle_control_connections_cannot_starve_the_databases() {
 
 /// Every datagram for `dur`, with when it arrived.
 fn datagrams_for(daemon: &Daemon, dur: Duration) -> Vec<(Instant, String)> {
+    datagrams(daemon, dur, |_| false)
+}
+
+/// Every datagram for `dur` or until one satisfies `last`, with when it arrived.
+fn datagrams(
+    daemon: &Daemon,
+    dur: Duration,
+    last: impl Fn(&str) -> bool,
+) -> Vec<(Instant, String)> {
     let end = Instant::now() + dur;
     let mut out = Vec::new();
     while Instant::now() < end {
@@ -1698,11 +1686,14 @@ fn datagrams_for(daemon: &Daemon, dur: Duration) -> Vec<(Instant, String)> {
             .set_read_timeout(Some((end - Instant::now()).max(Duration::from_millis(1))))
             .unwrap();
         let mut buf = [0u8; 4096];
-        if let Ok(n) = daemon.notify.recv(&mut buf) {
-            out.push((
-                Instant::now(),
-                String::from_utf8_lossy(&buf[..n]).into_owned(),
-            ));
+        let Ok(n) = daemon.notify.recv(&mut buf) else {
+            continue;
+        };
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let done = last(&m);
+        out.push((Instant::now(), m));
+        if done {
+            break;
         }
     }
     daemon
