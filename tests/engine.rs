@@ -164,6 +164,98 @@ async fn application_truncate_checkpoint_loses_nothing() {
     assert_eq!(integrity(&out1), "ok");
 }
 
+/// A database that shrank (rows deleted, then VACUUM, and a WAL index that ends smaller than
+/// it began) restores to its exact size and content, also at a point in time before the shrink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shrunk_database_restores_to_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let w = start(&db, &[&replica], fast_opts());
+    insert_blobs(&app, 300, 3000);
+    w.settle().await;
+    let big_pos = w.handle.status().pos.unwrap();
+    let big = dump_conn(&app);
+    // The shrink goes into the next WAL index.
+    w.handle.checkpoint(CheckpointMode::Restart).await.unwrap();
+    w.settle().await;
+    app.execute("DELETE FROM t WHERE id % 10 != 0", []).unwrap();
+    app.execute_batch("VACUUM").unwrap();
+    insert_blobs(&app, 5, 100);
+    w.settle().await;
+    w.handle.checkpoint(CheckpointMode::Truncate).await.unwrap();
+    w.settle().await;
+    let expect = dump_conn(&app);
+    w.stop().await;
+    let pages: i64 = app
+        .query_row("PRAGMA page_count", [], |r| r.get(0))
+        .unwrap();
+    let page_size: i64 = app.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+    assert!(pages < 300, "the database shrank to {pages} pages");
+
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(dump(&out), expect);
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().len() as i64,
+        pages * page_size,
+        "the restored file has the database's size after the shrink"
+    );
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&db).unwrap(),
+        "byte-identical to the checkpointed source"
+    );
+    let out = dir.path().join("before.db");
+    restore_to(&replica, &out, |o| o.index = Some(big_pos.index))
+        .await
+        .unwrap();
+    assert_eq!(integrity(&out), "ok");
+    assert_eq!(dump(&out), big, "the state before the shrink");
+}
+
+/// A restore refused for a missing age identity leaves nothing behind, every time: the
+/// background downloads it started are stopped and waited for before it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_restore_leaves_nothing_in_500_tries() {
+    use std::io::Write;
+    let (dir, replica, _) = small_replica().await;
+    // Encrypt every object in place: a restore without an identity must refuse.
+    let id = age::x25519::Identity::generate();
+    let keys = litestreamd::crypt::AgeKeys::parse(
+        &[litestreamd::crypt::KeySource::inline(
+            "test",
+            id.to_public().to_string(),
+        )],
+        &[litestreamd::crypt::KeySource::inline("test", {
+            use age::secrecy::ExposeSecret;
+            id.to_string().expose_secret().to_string()
+        })],
+    )
+    .unwrap()
+    .unwrap();
+    for obj in objects(&replica, ".lz4") {
+        let plain = std::fs::read(&obj).unwrap();
+        let mut enc = Vec::new();
+        let mut w = keys.encrypt_writer(&mut enc).unwrap();
+        w.write_all(&plain).unwrap();
+        w.finish().unwrap();
+        std::fs::write(&obj, enc).unwrap();
+    }
+    let before = names(dir.path());
+    for i in 0..500 {
+        let out = dir.path().join("out.db");
+        let err = restore_to(&replica, &out, |o| o.read_attempts = 1)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("identity"), "{err}");
+        assert_eq!(names(dir.path()), before, "try {i}: nothing left behind");
+    }
+}
+
 /// Replicates a little, then returns (dir, replica dir, expected rows).
 async fn small_replica() -> (tempfile::TempDir, std::path::PathBuf, Vec<(i64, Vec<u8>)>) {
     let dir = tempfile::tempdir().unwrap();
@@ -182,12 +274,16 @@ async fn small_replica() -> (tempfile::TempDir, std::path::PathBuf, Vec<(i64, Ve
     (dir, replica, expect)
 }
 
+/// A flipped byte in any object, the snapshot or any WAL segment (the merge reads the newest
+/// index first and the snapshot last, and still checks every one): the restore fails naming
+/// it, and leaves nothing behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_objects_fail_restore_and_name_the_object() {
     let (dir, replica, _) = small_replica().await;
-    for suffix in [".wal.lz4", ".snapshot.lz4"] {
-        let objs = objects(&replica, suffix);
-        let victim = objs.last().unwrap().clone();
+    let mut all = objects(&replica, ".wal.lz4");
+    all.extend(objects(&replica, ".snapshot.lz4"));
+    assert!(all.len() >= 4, "{all:?}");
+    for victim in all {
         let good = std::fs::read(&victim).unwrap();
         // Flip one byte in the middle of the compressed payload.
         let mut bad = good.clone();

@@ -220,6 +220,28 @@ impl ObjectStore for FileStore {
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, f)))
     }
 
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(key);
+        let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(path)?;
+            let mut buf = vec![0u8; end.saturating_sub(start) as usize];
+            let mut filled = 0;
+            while filled < buf.len() {
+                match f.read_at(&mut buf[filled..], start + filled as u64)? {
+                    0 => break,
+                    n => filled += n,
+                }
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        read.map_err(|e| self.io_err("get", key, e))
+    }
+
     async fn remove_incomplete(
         &self,
         older_than: std::time::Duration,

@@ -315,6 +315,24 @@ impl ObjectStore for GcsStore {
         Ok(Box::pin(StreamReader::new(stream)))
     }
 
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        let req = GetObjectRequest {
+            bucket: self.cfg.bucket.clone(),
+            object: self.key(key),
+            ..Default::default()
+        };
+        let data = self
+            .client
+            .download_object(&req, &Range(Some(start), Some(end - 1)))
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "GET").increment(1);
+        Ok(data)
+    }
+
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let req = GetObjectRequest {
             bucket: self.cfg.bucket.clone(),

@@ -5,6 +5,7 @@
 pub mod file;
 pub mod gcs;
 mod insecure_http;
+pub mod ranged;
 pub mod s3;
 
 use std::fmt;
@@ -99,6 +100,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// stream that ends in an error leaves nothing behind.
     async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// Bytes `start..end` of an object (fewer only if the object is shorter). The default
+    /// reads the object from its start; the buckets ask for the range.
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+        use tokio::io::AsyncReadExt;
+        let mut body = self.get(key).await?;
+        let io_err = |source| StoreError::Io {
+            store: self.url(),
+            op: "get",
+            key: key.to_string(),
+            source,
+        };
+        tokio::io::copy(&mut (&mut body).take(start), &mut tokio::io::sink())
+            .await
+            .map_err(io_err)?;
+        let mut buf = Vec::with_capacity((end - start) as usize);
+        body.take(end - start)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(io_err)?;
+        Ok(buf)
+    }
     /// Whether an object exists, and its size and time (S3 HEAD, GCS metadata, file stat):
     /// one small request, for checks that must stay cheap.
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError>;
@@ -234,8 +256,23 @@ impl ReplicaClient {
     /// Plain objects are accepted even when identities are configured, so encryption can be
     /// switched on for an existing replica without a new generation.
     async fn open(&self, key: &str) -> Result<ObjectReader, StoreError> {
+        self.open_with(key, None).await
+    }
+
+    /// [`Self::open`]; with `ranged` (the object's size from its listing, and how to read it),
+    /// an object in a bucket bigger than one range is read by parallel ranged GETs.
+    async fn open_with(
+        &self,
+        key: &str,
+        ranged: Option<(u64, ranged::RangeOpts)>,
+    ) -> Result<ObjectReader, StoreError> {
         use tokio::io::AsyncReadExt;
-        let mut body = self.store.get(key).await?;
+        let mut body = match ranged {
+            Some((size, opts)) if size > opts.chunk && self.store.local_path(key).is_none() => {
+                ranged::reader(self.store.clone(), key.to_string(), size, opts)
+            }
+            _ => self.store.get(key).await?,
+        };
         let mut head = Vec::with_capacity(AGE_MAGIC.len());
         (&mut body)
             .take(AGE_MAGIC.len() as u64)
@@ -371,6 +408,35 @@ impl ReplicaClient {
     ) -> Result<ObjectReader, StoreError> {
         self.open(&layout::snapshot_key("", generation, index))
             .await
+    }
+
+    /// A snapshot of `size` bytes (from its listing), big ones read by parallel ranges.
+    pub async fn open_snapshot_ranged(
+        &self,
+        generation: &str,
+        index: u32,
+        size: u64,
+        opts: ranged::RangeOpts,
+    ) -> Result<ObjectReader, StoreError> {
+        self.open_with(
+            &layout::snapshot_key("", generation, index),
+            Some((size, opts)),
+        )
+        .await
+    }
+
+    /// A WAL segment of `size` bytes (from its listing), big ones read by parallel ranges.
+    pub async fn open_wal_segment_ranged(
+        &self,
+        pos: &Pos,
+        size: u64,
+        opts: ranged::RangeOpts,
+    ) -> Result<ObjectReader, StoreError> {
+        self.open_with(
+            &layout::wal_segment_key("", &pos.generation, pos.index, pos.offset),
+            Some((size, opts)),
+        )
+        .await
     }
 
     pub async fn open_wal_segment(&self, pos: &Pos) -> Result<ObjectReader, StoreError> {

@@ -462,6 +462,29 @@ impl ObjectStore for S3Store {
         Ok(Box::pin(out.body.into_async_read()))
     }
 
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+        if end <= start {
+            return Ok(Vec::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.key(key))
+            .range(format!("bytes={start}-{}", end - 1))
+            .send()
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
+        let data = out.body.collect().await.map_err(|e| StoreError::Io {
+            store: self.url(),
+            op: "get",
+            key: key.to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(data.into_bytes().to_vec())
+    }
+
     async fn remove_incomplete(&self, older_than: Duration) -> Result<usize, StoreError> {
         let prefix = format!("{}/", self.key(""));
         let prefix = prefix.trim_start_matches('/').to_string();

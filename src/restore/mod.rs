@@ -16,9 +16,7 @@
 //!   output is refused at once, stale `-wal`/`-shm`/`-journal` files beside the output are moved
 //!   aside, and no temporary file is left behind, on success or failure (#528); see [`output`].
 
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -28,11 +26,13 @@ use tokio_util::io::SyncIoBridge;
 use tracing::{debug, info, warn};
 
 use crate::compress;
+use crate::replica::ranged::RangeOpts;
 use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
 use crate::replicator::RetryPolicy;
-use crate::wal::{self, FrameHeader, Scanner, WAL_HEADER_SIZE, WalHeader};
 
+mod merge;
 mod output;
+use merge::{Limits, Merge};
 use output::Scratch;
 pub use output::{Output, Ownership};
 
@@ -386,9 +386,16 @@ pub async fn restore_to(
     Ok(RestoreOutcome::Restored(summary))
 }
 
-/// Names inside a restore's private directory.
+/// The restored database's name inside the restore's private directory.
 const DB_FILE: &str = "db";
-const PAGES_FILE: &str = "pages-wal";
+
+/// Compressed WAL segments the prefetch may hold ahead of the merge.
+const PREFETCH_BYTES: u64 = 8 << 20;
+/// Segments bigger than this are not prefetched whole but streamed when the merge reaches
+/// them (by parallel ranges from a bucket) and decoded on every core.
+const STREAM_ABOVE: u64 = 4 << 20;
+/// Bytes per ranged GET of a big object.
+const RANGE_CHUNK: u64 = 4 << 20;
 
 async fn run_plan(
     name: &str,
@@ -433,79 +440,82 @@ async fn run_plan(
             }
         }
     }
+    let ranges = RangeOpts {
+        connections: opts.parallelism.max(1),
+        chunk: RANGE_CHUNK,
+        attempts: opts.read_attempts.max(1),
+        backoff: opts.retry.initial,
+    };
 
-    // WAL indexes download (and verify) in background tasks, up to `parallelism` at once,
-    // while the snapshot is decoded: on two cores the WAL work no longer waits for the snapshot.
-    // They are applied strictly in order below.
+    // The WAL indexes merge newest first (see `merge`), straight into the output file, while
+    // the segments after the one being merged download in the background.
+    let mut merge = Merge::new(scratch.create(DB_FILE)?, tmp.clone(), Limits::default());
+    by_index.reverse();
     let total = by_index.len() as u64;
-    let permits = Arc::new(tokio::sync::Semaphore::new(opts.parallelism.max(1)));
-    let mut fetches = AbortOnDrop(std::collections::VecDeque::new());
+    let mut prefetch = Prefetch::start(client, opts, &by_index);
     let pool = Arc::new(compress::Scratch::default());
-    for (index, segs) in by_index {
-        let file_name = format!("{index:08x}-wal");
-        let path = scratch.path(&file_name);
-        let file = scratch.create(&file_name)?;
-        let (client, opts, permits) = (client.clone(), opts.clone(), permits.clone());
-        let (pool, scratch) = (pool.clone(), scratch.clone());
-        fetches.0.push_back(tokio::spawn(async move {
-            let _permit = permits
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
-            fetch_index(&client, segs, &file, &path, &opts, pool)
-                .await
-                .map(|f| (f, file, file_name, scratch))
-        }));
-    }
-
-    // The snapshot decodes while the WAL indexes arrive and their pages are gathered.
-    let db = scratch.create(DB_FILE)?;
-    let snapshot = async {
-        progress("snapshot", 0, 1);
-        let snap_key = client.snapshot_key(&plan.generation, plan.snapshot.index);
-        let page_size = fetch_snapshot(client, plan, opts, &db, &tmp, &snap_key).await?;
-        progress("snapshot", 1, 1);
-        debug!(elapsed = ?started.elapsed(), "snapshot written");
-        Ok(page_size)
-    };
-    let wal = async {
-        let mut pages = WalPages::create(scratch.create(PAGES_FILE)?, scratch.path(PAGES_FILE));
-        let (mut segments, mut done) = (0, 0);
-        while let Some(task) = fetches.0.pop_front() {
-            let (idx, file, file_name, sc) = task.await.map_err(|e| RestoreError::Io {
-                path: tmp.clone(),
-                source: io::Error::other(e),
-            })??;
-            segments += idx.segments;
-            pages = tokio::task::spawn_blocking(move || {
-                let res = pages.add_index(&file, &sc.path(&file_name), &idx);
-                drop(file);
-                sc.remove(&file_name);
-                res.map(|_| pages)
-            })
-            .await
-            .expect("WAL gather task")?;
-            done += 1;
-            progress("wal", done, total);
+    for (done, (index, segs)) in by_index.iter().enumerate() {
+        merge.begin_index(*index);
+        let mut written = 0u64;
+        for seg in segs {
+            if seg.offset != written {
+                return Err(RestoreError::SegmentGap {
+                    key: client.wal_segment_key(&seg.pos()),
+                    expected: written,
+                    found: seg.offset,
+                });
+            }
+            let fetched = prefetch.next().await?;
+            let n;
+            (merge, n) = merge_segment(client, seg, fetched, merge, &pool, opts, ranges).await?;
+            written += n;
         }
-        debug!(elapsed = ?started.elapsed(), "WAL indexes gathered");
-        Ok::<_, RestoreError>((pages, segments))
-    };
-    let (page_size, (pages, segments)) = tokio::try_join!(snapshot, wal)?;
-    let db = tokio::task::spawn_blocking(move || pages.apply(&db, page_size).map(|()| db))
-        .await
-        .expect("WAL apply task")?;
-    scratch.remove(PAGES_FILE);
-    debug!(elapsed = ?started.elapsed(), "WAL pages applied");
-    db.sync_all().map_err(io_at(&tmp))?;
-    debug!(elapsed = ?started.elapsed(), "synced");
-    let bytes = db.metadata().map(|m| m.len()).unwrap_or(0);
+        let replay;
+        (merge, replay) = blocking(move || {
+            let r = merge.end_index()?;
+            Ok((merge, r))
+        })
+        .await?;
+        if let Some(r) = replay {
+            warn!(
+                index = format!("{index:08x}"),
+                "a transaction bigger than the merge buffer was never committed; reading the index again for the pages it overwrote"
+            );
+            merge.begin_replay(r);
+            for seg in segs {
+                (merge, _) =
+                    merge_segment(client, seg, Fetched::Stream, merge, &pool, opts, ranges).await?;
+            }
+            (merge, _) = blocking(move || {
+                let r = merge.end_index()?;
+                Ok((merge, r))
+            })
+            .await?;
+        }
+        progress("wal", done as u64 + 1, total);
+    }
+    prefetch.stop().await;
+    debug!(elapsed = ?started.elapsed(), "WAL indexes merged");
+
+    // The snapshot fills the pages nothing newer wrote.
+    progress("snapshot", 0, 1);
+    let snap_key = client.snapshot_key(&plan.generation, plan.snapshot.index);
+    let merge = merge_snapshot(client, plan, opts, merge, &snap_key, ranges).await?;
+    progress("snapshot", 1, 1);
+    let stats = merge.stats();
+    let (db, bytes) = blocking(move || {
+        let (db, bytes) = merge.finish()?;
+        db.sync_all().map_err(io_at(&tmp))?;
+        Ok((db, bytes))
+    })
+    .await?;
     drop(db);
+    debug!(elapsed = ?started.elapsed(), wal_pages = stats.wal_pages, snapshot_pages = stats.snapshot_pages, rewrites = stats.rewrites, "merged and synced");
 
     if opts.integrity_check {
         progress("integrity_check", 0, 1);
         let sc = scratch.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             sc.check_same(DB_FILE)?;
             let res = integrity_check(&sc.path(DB_FILE));
             sc.check_same(DB_FILE)?;
@@ -514,8 +524,7 @@ async fn run_plan(
             }
             res
         })
-        .await
-        .expect("integrity task")?;
+        .await?;
         progress("integrity_check", 1, 1);
     }
     Ok(RestoreSummary {
@@ -523,13 +532,22 @@ async fn run_plan(
         generation: plan.generation.clone(),
         snapshot_index: plan.snapshot.index,
         max_index,
-        segments,
+        segments: plan.segments.len(),
         bytes,
         integrity_checked: opts.integrity_check,
         output: PathBuf::new(),
         moved_aside: Vec::new(),
         lineage: None,
     })
+}
+
+/// Runs blocking work (file I/O, decoding) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RestoreError> + Send + 'static,
+) -> Result<T, RestoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("restore blocking task")
 }
 
 fn io_at(p: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
@@ -539,56 +557,202 @@ fn io_at(p: &Path) -> impl FnOnce(io::Error) -> RestoreError + '_ {
     }
 }
 
-/// Downloads and decompresses the snapshot into `out` (the file at `tmp`); returns the
-/// database page size.
-async fn fetch_snapshot(
+/// An error out of the LZ4 decoder: the merge's own error (a damaged frame, a local write
+/// error) if it came from the sink, else a problem with the object `key`.
+fn decode_error(key: &str, e: io::Error) -> RestoreError {
+    match e.downcast::<RestoreError>() {
+        Ok(e) => e,
+        Err(e) => read_error(key, e),
+    }
+}
+
+/// A WAL segment as the prefetch hands it over.
+enum Fetched {
+    /// The whole (decrypted) object, and its share of the prefetch budget.
+    Bytes(Vec<u8>, tokio::sync::OwnedSemaphorePermit),
+    /// Too big to hold: opened and streamed when the merge reaches it.
+    Stream,
+}
+
+/// Downloads WAL segments ahead of the merge, in the merge's order: up to `parallelism` at
+/// once and [`PREFETCH_BYTES`] held. The budget is taken in order by one driver task, so the
+/// segment the merge waits for always gets it first.
+struct Prefetch {
+    rx: tokio::sync::mpsc::Receiver<tokio::task::JoinHandle<Result<Fetched, RestoreError>>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Prefetch {
+    fn start(
+        client: &ReplicaClient,
+        opts: &RestoreOptions,
+        indexes: &[(u32, Vec<WalSegmentInfo>)],
+    ) -> Self {
+        let segs: Vec<WalSegmentInfo> = indexes.iter().flat_map(|(_, s)| s.clone()).collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(opts.parallelism.max(1));
+        let (client, opts) = (client.clone(), opts.clone());
+        let driver = tokio::spawn(async move {
+            let budget = Arc::new(tokio::sync::Semaphore::new(PREFETCH_BYTES as usize));
+            for seg in segs {
+                let h = if seg.size > STREAM_ABOVE {
+                    tokio::spawn(async { Ok(Fetched::Stream) })
+                } else {
+                    let cost = seg.size.max(1) as u32;
+                    let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                        return;
+                    };
+                    let (client, opts) = (client.clone(), opts.clone());
+                    tokio::spawn(async move {
+                        let key = client.wal_segment_key(&seg.pos());
+                        let data = with_retries(&opts, &key, "segment", || async {
+                            use tokio::io::AsyncReadExt;
+                            let mut body = client.open_wal_segment(&seg.pos()).await?;
+                            let mut data = Vec::with_capacity(seg.size as usize);
+                            body.read_to_end(&mut data)
+                                .await
+                                .map_err(|e| read_error(&key, e))?;
+                            Ok(data)
+                        })
+                        .await?;
+                        Ok(Fetched::Bytes(data, permit))
+                    })
+                };
+                if let Err(e) = tx.send(h).await {
+                    e.0.abort();
+                    return;
+                }
+            }
+        });
+        Prefetch { rx, driver }
+    }
+
+    async fn next(&mut self) -> Result<Fetched, RestoreError> {
+        let h = self.rx.recv().await.expect("one download per segment");
+        h.await.map_err(|e| {
+            RestoreError::Store(StoreError::Io {
+                store: String::new(),
+                op: "get",
+                key: String::new(),
+                source: io::Error::other(e),
+            })
+        })?
+    }
+
+    /// Stops every download and waits until they have stopped.
+    async fn stop(mut self) {
+        self.driver.abort();
+        let _ = (&mut self.driver).await;
+        self.rx.close();
+        while let Some(h) = self.rx.recv().await {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        // A restore that failed: the downloads hold nothing but memory; stop them.
+        self.driver.abort();
+        self.rx.close();
+        while let Ok(h) = self.rx.try_recv() {
+            h.abort();
+        }
+    }
+}
+
+/// Decodes one segment into the merge. Returns the merge and the segment's decoded length.
+async fn merge_segment(
+    client: &ReplicaClient,
+    seg: &WalSegmentInfo,
+    fetched: Fetched,
+    mut merge: Merge,
+    pool: &Arc<compress::Scratch>,
+    opts: &RestoreOptions,
+    ranges: RangeOpts,
+) -> Result<(Merge, u64), RestoreError> {
+    let key = client.wal_segment_key(&seg.pos());
+    let pool = pool.clone();
+    match fetched {
+        Fetched::Bytes(data, permit) => {
+            blocking(move || {
+                let n = compress::decode(io::Cursor::new(&data), &pool, |b| {
+                    merge.feed(&key, b).map_err(io::Error::other)
+                })
+                .map_err(|e| decode_error(&key, e))?;
+                merge.end_segment(&key)?;
+                drop(permit);
+                Ok((merge, n))
+            })
+            .await
+        }
+        Fetched::Stream => {
+            // The stream retries each range itself; only opening it is retried here.
+            let body = with_retries(opts, &key, "segment", || async {
+                Ok(client
+                    .open_wal_segment_ranged(&seg.pos(), seg.size, ranges)
+                    .await?)
+            })
+            .await?;
+            let workers = decode_workers();
+            blocking(move || {
+                let n = compress::decode_parallel(SyncIoBridge::new(body), workers, |b| {
+                    merge.feed(&key, b).map_err(io::Error::other)
+                })
+                .map_err(|e| decode_error(&key, e))?;
+                merge.end_segment(&key)?;
+                Ok((merge, n))
+            })
+            .await
+        }
+    }
+}
+
+fn decode_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+}
+
+/// Decodes the snapshot into the merge, which writes the pages nothing newer wrote. A
+/// retryable failure starts the snapshot again (the pages written are simply written again).
+async fn merge_snapshot(
     client: &ReplicaClient,
     plan: &RestorePlan,
     opts: &RestoreOptions,
-    out: &File,
-    tmp: &Path,
+    merge: Merge,
     key: &str,
-) -> Result<u32, RestoreError> {
+    ranges: RangeOpts,
+) -> Result<Merge, RestoreError> {
+    let slot = Arc::new(std::sync::Mutex::new(Some(merge)));
     with_retries(opts, key, "snapshot", || async {
         let body = match open_local_snapshot(client, plan).await {
             Some(local) => local.map_err(|e| read_error(key, e))?,
             None => Box::new(SyncIoBridge::new(
                 client
-                    .open_snapshot(&plan.generation, plan.snapshot.index)
+                    .open_snapshot_ranged(
+                        &plan.generation,
+                        plan.snapshot.index,
+                        plan.snapshot.size,
+                        ranges,
+                    )
                     .await?,
             )),
         };
-        let (tmp, key) = (tmp.to_path_buf(), key.to_string());
-        let out = out.try_clone().map_err(io_at(&tmp))?;
-        tokio::task::spawn_blocking(move || -> Result<u32, RestoreError> {
-            // A retry starts from an empty file.
-            out.set_len(0).map_err(io_at(&tmp))?;
-            // Blocks decode on every core; the content is written here in order.
-            let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
-            let mut w = SnapshotWriter::new(&out);
-            let mut local = LocalErrors::default();
-            compress::decode_parallel(body, workers, |b| local.keep(w.write(b)))
-                .map_err(|e| local.or_read_error(&tmp, &key, e))?;
-            // No fsync here: the one after the WAL replay covers the snapshot too.
-            let mut hdr = [0u8; 100];
-            out.read_exact_at(&mut hdr, 0)
-                .map_err(|_| RestoreError::Corrupt {
-                    key: key.clone(),
-                    reason: "snapshot shorter than a database header".into(),
-                })?;
-            if &hdr[..16] != b"SQLite format 3\0" {
-                return Err(RestoreError::Corrupt {
-                    key,
-                    reason: "not a SQLite database".into(),
-                });
-            }
-            let ps = u16::from_be_bytes([hdr[16], hdr[17]]) as u32;
-            Ok(if ps == 1 { 65536 } else { ps })
+        let (slot, key) = (slot.clone(), key.to_string());
+        blocking(move || {
+            let mut merge = slot.lock().expect("merge slot").take().expect("merge");
+            merge.restart_snapshot();
+            let res = compress::decode_parallel(body, decode_workers(), |b| {
+                merge.snapshot(&key, b).map_err(io::Error::other)
+            })
+            .map_err(|e| decode_error(&key, e));
+            *slot.lock().expect("merge slot") = Some(merge);
+            res.map(|_| ())
         })
         .await
-        .expect("snapshot task")
     })
-    .await
+    .await?;
+    let merge = slot.lock().expect("merge slot").take().expect("merge");
+    Ok(merge)
 }
 
 /// Runs `attempt` until it succeeds, fails with an error a retry cannot help (a damaged
@@ -618,31 +782,6 @@ where
     }
 }
 
-/// Keeps an error of the local file apart from errors of the object being decoded, which both
-/// come out of the decoder as `io::Error`: a full disk is then reported against the local file,
-/// never as a damaged replica object.
-#[derive(Default)]
-struct LocalErrors(Option<io::Error>);
-
-impl LocalErrors {
-    fn keep(&mut self, r: io::Result<()>) -> io::Result<()> {
-        r.map_err(|e| {
-            let kind = e.kind();
-            self.0 = Some(e);
-            io::Error::new(kind, "local write failed")
-        })
-    }
-    fn or_read_error(&mut self, path: &Path, key: &str, e: io::Error) -> RestoreError {
-        match self.0.take() {
-            Some(source) => RestoreError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-            None => read_error(key, e),
-        }
-    }
-}
-
 /// The snapshot's file, read with plain blocking reads (no async file layer in between), if the
 /// replica is a local directory and the snapshot is not encrypted; None to read it through the
 /// store. (`O_DIRECT` reads were tried: with one 4 MiB read in flight they ran at half the speed
@@ -667,403 +806,6 @@ async fn open_local_snapshot(
     })
     .await
     .expect("snapshot open task")
-}
-
-/// Writes a restored snapshot sequentially and starts its write-back every 32 MiB
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait). With plenty of RAM the
-/// kernel would otherwise keep the whole database dirty until the final fsync, leaving the disk
-/// idle while the snapshot decodes and then waiting for all of it at the end (1 GiB: 0.9–1.5 s
-/// instead of 2.5–3 s on the benchmark VM). `O_DIRECT` writes were tried too: slower there
-/// (1.3–1.5 s), since each write waits for the disk.
-struct SnapshotWriter<'a> {
-    file: &'a File,
-    written: u64,
-    writeback_from: u64,
-}
-
-impl<'a> SnapshotWriter<'a> {
-    const WRITEBACK_STEP: u64 = 32 << 20;
-
-    fn new(file: &'a File) -> Self {
-        SnapshotWriter {
-            file,
-            written: 0,
-            writeback_from: 0,
-        }
-    }
-
-    fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        self.file.write_all_at(data, self.written)?;
-        self.written += data.len() as u64;
-        let len = self.written - self.writeback_from;
-        if len >= Self::WRITEBACK_STEP {
-            // SAFETY: a plain system call on a descriptor that `self.file` keeps open. It is
-            // only a hint (the final fsync makes the file durable), so its result is ignored.
-            unsafe {
-                nix::libc::sync_file_range(
-                    self.file.as_raw_fd(),
-                    self.writeback_from as i64,
-                    len as i64,
-                    nix::libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-            self.writeback_from = self.written;
-        }
-        Ok(())
-    }
-}
-
-/// Background index downloads, aborted if the restore stops early (an error elsewhere).
-struct AbortOnDrop<T>(std::collections::VecDeque<tokio::task::JoinHandle<T>>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        for h in &self.0 {
-            h.abort();
-        }
-    }
-}
-
-/// A downloaded, verified WAL index.
-struct IndexFile {
-    page_size: u32,
-    /// Bytes from the start of the file up to the end of the last commit frame.
-    last_commit: u64,
-    segments: usize,
-    first_key: String,
-}
-
-/// Downloads every segment of one index into `path`, verifying offsets, salts and checksums.
-/// The file is scratch: it is not synced, and it is removed once applied.
-async fn fetch_index(
-    client: &ReplicaClient,
-    segs: Vec<WalSegmentInfo>,
-    out: &File,
-    path: &Path,
-    opts: &RestoreOptions,
-    scratch: Arc<compress::Scratch>,
-) -> Result<IndexFile, RestoreError> {
-    let first_key = client.wal_segment_key(&segs[0].pos());
-    let mut state: Option<ChainState> = None;
-    let mut written: u64 = 0;
-    for seg in &segs {
-        let key = client.wal_segment_key(&seg.pos());
-        if seg.offset != written {
-            return Err(RestoreError::SegmentGap {
-                key,
-                expected: written,
-                found: seg.offset,
-            });
-        }
-        let (st, end) = with_retries(opts, &key, "segment", || async {
-            let body = client.open_wal_segment(&seg.pos()).await?;
-            let (key, f) = (key.clone(), out.try_clone().map_err(io_at(path))?);
-            let (scratch, path) = (scratch.clone(), path.to_path_buf());
-            tokio::task::spawn_blocking(move || {
-                // A retry starts again where the previous segment ended.
-                f.set_len(written).map_err(io_at(&path))?;
-                let mut check = WalCheck::new(state, &f, &path, written, &key);
-                compress::decode(SyncIoBridge::new(body), &scratch, |b| {
-                    check.feed(b).map_err(io::Error::other)
-                })
-                .map_err(|e| match e.downcast::<RestoreError>() {
-                    Ok(e) => e,
-                    Err(e) => read_error(&key, e),
-                })?;
-                check.finish()
-            })
-            .await
-            .expect("segment task")
-        })
-        .await?;
-        state = Some(st);
-        written = end;
-    }
-    let st = state.ok_or_else(|| RestoreError::Corrupt {
-        key: first_key.clone(),
-        reason: "empty WAL index".into(),
-    })?;
-    Ok(IndexFile {
-        page_size: st.page_size(),
-        last_commit: st.last_commit(),
-        segments: segs.len(),
-        first_key,
-    })
-}
-
-/// Validation state carried from one segment of an index to the next: the crate's one frame
-/// walk (see `wal::Scanner`).
-type ChainState = Scanner;
-
-/// Checks one segment's decompressed content frame by frame as it arrives, and writes it into
-/// the index file from offset `start` on (positional writes: a retry of the segment rewrites
-/// the same range whatever the descriptor's offset). Frames (and the WAL header) may arrive
-/// split across pieces.
-struct WalCheck<'a> {
-    state: Option<ChainState>,
-    /// A header or frame that has not fully arrived yet.
-    partial: Vec<u8>,
-    out: &'a File,
-    path: &'a Path,
-    /// Checked bytes not yet written, which belong at `flushed`.
-    buf: Vec<u8>,
-    flushed: u64,
-    key: &'a str,
-}
-
-impl<'a> WalCheck<'a> {
-    const BUF: usize = 1 << 20;
-
-    fn new(
-        state: Option<ChainState>,
-        out: &'a File,
-        path: &'a Path,
-        start: u64,
-        key: &'a str,
-    ) -> Self {
-        WalCheck {
-            state,
-            partial: Vec::new(),
-            out,
-            path,
-            buf: Vec::new(),
-            flushed: start,
-            key,
-        }
-    }
-
-    fn corrupt(&self, reason: String) -> RestoreError {
-        RestoreError::Corrupt {
-            key: self.key.to_string(),
-            reason,
-        }
-    }
-
-    fn feed(&mut self, mut data: &[u8]) -> Result<(), RestoreError> {
-        while !data.is_empty() {
-            let need = match &self.state {
-                None => WAL_HEADER_SIZE,
-                Some(st) => st.frame_size() as usize,
-            };
-            if self.partial.is_empty() && data.len() >= need {
-                let (unit, rest) = data.split_at(need);
-                data = rest;
-                self.check(unit)?;
-                self.write(unit)?;
-                continue;
-            }
-            let take = (need - self.partial.len()).min(data.len());
-            self.partial.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.partial.len() == need {
-                let unit = std::mem::take(&mut self.partial);
-                self.check(&unit)?;
-                self.write(&unit)?;
-                self.partial = unit;
-                self.partial.clear();
-            }
-        }
-        Ok(())
-    }
-
-    fn check(&mut self, unit: &[u8]) -> Result<(), RestoreError> {
-        let Some(st) = &mut self.state else {
-            let h = WalHeader::parse(unit).map_err(|e| self.corrupt(format!("WAL header: {e}")))?;
-            self.state = Some(Scanner::new(&h));
-            return Ok(());
-        };
-        match st.push(unit) {
-            Ok(_) => Ok(()),
-            Err(stop) => {
-                let at = st.offset();
-                Err(self.corrupt(format!("{} at WAL offset {at}", stop.reason())))
-            }
-        }
-    }
-
-    fn write(&mut self, unit: &[u8]) -> Result<(), RestoreError> {
-        self.buf.extend_from_slice(unit);
-        if self.buf.len() >= Self::BUF {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), RestoreError> {
-        self.out
-            .write_all_at(&self.buf, self.flushed)
-            .map_err(io_at(self.path))?;
-        self.flushed += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
-    }
-
-    /// The segment's end: it must fall on a frame boundary. Returns the state for the next
-    /// segment and the file offset after this one.
-    fn finish(mut self) -> Result<(ChainState, u64), RestoreError> {
-        self.flush()?;
-        match self.state {
-            Some(st) if self.partial.is_empty() => Ok((st, self.flushed)),
-            Some(st) => Err(self.corrupt(format!(
-                "partial frame of {} bytes at WAL offset {}",
-                self.partial.len(),
-                st.offset()
-            ))),
-            None => Err(self.corrupt(format!(
-                "segment ends inside the WAL header ({} bytes)",
-                self.partial.len()
-            ))),
-        }
-    }
-}
-
-/// The last committed version of every page the WAL indexes change. Pages are gathered in WAL
-/// order into one scratch file, one slot per page (a newer version overwrites its slot, so the
-/// file never outgrows the pages the WAL touches, however long the history), then written into
-/// the database once each, in page order and in runs: the snapshot was written in large blocks,
-/// and a 4 KiB write into it costs ext4 a walk over a large folio's buffers, so one write per WAL
-/// frame cost more than the whole WAL.
-struct WalPages {
-    path: PathBuf,
-    file: File,
-    page_size: Option<u32>,
-    /// Page number → slot in the scratch file.
-    slots: std::collections::HashMap<u32, u32>,
-    /// Pages of the slots from `flushed` on, not yet written to the file.
-    pending: Vec<u8>,
-    flushed: u32,
-    /// Database size in pages after the last commit, if any.
-    db_pages: Option<u32>,
-    first_key: Option<String>,
-}
-
-impl WalPages {
-    /// The most bytes written at once, into the scratch file or the database.
-    const RUN: usize = 1 << 20;
-
-    fn create(file: File, path: PathBuf) -> Self {
-        WalPages {
-            file,
-            path,
-            page_size: None,
-            slots: Default::default(),
-            pending: Vec::new(),
-            flushed: 0,
-            db_pages: None,
-            first_key: None,
-        }
-    }
-
-    /// Takes the committed frames of one verified index (the next one in order), read from
-    /// `file` (at `path`).
-    fn add_index(&mut self, file: &File, path: &Path, idx: &IndexFile) -> Result<(), RestoreError> {
-        match self.page_size {
-            Some(ps) if ps != idx.page_size => {
-                return Err(RestoreError::Corrupt {
-                    key: idx.first_key.clone(),
-                    reason: format!("WAL page size {} differs from {ps}", idx.page_size),
-                });
-            }
-            _ => self.page_size = Some(idx.page_size),
-        }
-        self.first_key.get_or_insert_with(|| idx.first_key.clone());
-        let mut f = io::BufReader::with_capacity(1 << 20, file);
-        f.seek(SeekFrom::Start(WAL_HEADER_SIZE as u64))
-            .map_err(io_at(path))?;
-        let mut frame = vec![0u8; wal::frame_size(idx.page_size) as usize];
-        let mut off = WAL_HEADER_SIZE as u64;
-        while off < idx.last_commit {
-            f.read_exact(&mut frame).map_err(io_at(path))?;
-            let fh = FrameHeader::parse(&frame);
-            if fh.pgno == 0 {
-                return Err(RestoreError::Corrupt {
-                    key: idx.first_key.clone(),
-                    reason: format!("frame for page 0 at WAL offset {off}"),
-                });
-            }
-            self.put(fh.pgno, &frame[wal::FRAME_HEADER_SIZE..])
-                .map_err(io_at(&self.path))?;
-            if fh.is_commit() {
-                self.db_pages = Some(fh.commit_size);
-            }
-            off += frame.len() as u64;
-        }
-        Ok(())
-    }
-
-    fn put(&mut self, pgno: u32, page: &[u8]) -> io::Result<()> {
-        let ps = page.len();
-        match self.slots.get(&pgno) {
-            Some(&slot) if slot >= self.flushed => {
-                let at = (slot - self.flushed) as usize * ps;
-                self.pending[at..at + ps].copy_from_slice(page);
-            }
-            Some(&slot) => self.file.write_all_at(page, slot as u64 * ps as u64)?,
-            None => {
-                let slot = self.flushed + (self.pending.len() / ps) as u32;
-                self.slots.insert(pgno, slot);
-                self.pending.extend_from_slice(page);
-                if self.pending.len() >= Self::RUN {
-                    self.flush(ps)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, ps: usize) -> io::Result<()> {
-        self.file
-            .write_all_at(&self.pending, self.flushed as u64 * ps as u64)?;
-        self.flushed += (self.pending.len() / ps) as u32;
-        self.pending.clear();
-        Ok(())
-    }
-
-    /// Writes the pages into the database (whose page size is `page_size`) and truncates it to
-    /// the size of the last commit. The scratch file is removed.
-    fn apply(mut self, db: &File, page_size: u32) -> Result<(), RestoreError> {
-        let path = self.path.clone();
-        if let Some(ps) = self.page_size.filter(|&ps| ps != page_size) {
-            return Err(RestoreError::Corrupt {
-                key: self.first_key.unwrap_or_default(),
-                reason: format!("WAL page size {ps} differs from the snapshot's {page_size}"),
-            });
-        }
-        let ps = page_size as usize;
-        self.flush(ps).map_err(io_at(&path))?;
-        let mut list: Vec<(u32, u32)> = self.slots.drain().collect();
-        list.sort_unstable();
-        let mut run = Vec::with_capacity(Self::RUN);
-        let mut run_start = 0u32;
-        let write_run = |run: &mut Vec<u8>, start: u32| -> Result<(), RestoreError> {
-            db.write_all_at(run, (start as u64 - 1) * ps as u64)
-                .map_err(io_at(&path))?;
-            run.clear();
-            Ok(())
-        };
-        for (pgno, slot) in list {
-            let contiguous = pgno == run_start + (run.len() / ps) as u32;
-            if !run.is_empty() && (!contiguous || run.len() >= Self::RUN) {
-                write_run(&mut run, run_start)?;
-            }
-            if run.is_empty() {
-                run_start = pgno;
-            }
-            let at = run.len();
-            run.resize(at + ps, 0);
-            self.file
-                .read_exact_at(&mut run[at..], slot as u64 * ps as u64)
-                .map_err(io_at(&path))?;
-        }
-        if !run.is_empty() {
-            write_run(&mut run, run_start)?;
-        }
-        if let Some(n) = self.db_pages {
-            db.set_len(n as u64 * ps as u64).map_err(io_at(&path))?;
-        }
-        Ok(())
-    }
 }
 
 fn integrity_check(path: &Path) -> Result<(), RestoreError> {
@@ -1111,207 +853,5 @@ fn retryable(e: &RestoreError) -> bool {
         RestoreError::Read { .. } => true,
         RestoreError::Unreadable { retryable, .. } => *retryable,
         _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wal::tests::build_wal;
-    use std::fs::{self, OpenOptions};
-    use std::io::Write;
-
-    const PS: u32 = 512;
-
-    fn scratch_pages(dir: &Path, name: &str) -> WalPages {
-        let path = dir.join(name);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        WalPages::create(file, path)
-    }
-
-    /// Feeds `wal` to a `WalCheck` in pieces of `piece` bytes; returns the result and the file.
-    fn check_in_pieces(
-        wal: &[u8],
-        piece: usize,
-    ) -> (Result<(ChainState, u64), RestoreError>, Vec<u8>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("idx");
-        let f = File::create(&path).unwrap();
-        let mut check = WalCheck::new(None, &f, &path, 0, "seg.wal.lz4");
-        let res = wal
-            .chunks(piece)
-            .try_for_each(|c| check.feed(c))
-            .and_then(|()| check.finish());
-        (res, fs::read(&path).unwrap())
-    }
-
-    #[test]
-    fn wal_check_accepts_any_split_and_finds_the_last_commit() {
-        let wal = build_wal(false, PS, &[(1, 0, 1), (2, 3, 2), (3, 0, 3)]);
-        let fsz = wal::frame_size(PS) as usize;
-        for piece in [1, 7, 32, fsz - 1, fsz, fsz + 5, wal.len()] {
-            let (res, written) = check_in_pieces(&wal, piece);
-            let (st, end) = res.unwrap();
-            assert_eq!(written, wal, "piece {piece}");
-            assert_eq!(end, wal.len() as u64);
-            assert_eq!(st.last_commit(), (WAL_HEADER_SIZE + 2 * fsz) as u64);
-        }
-    }
-
-    #[test]
-    fn a_retried_segment_is_written_at_its_offset_not_the_descriptors() {
-        // A failed first attempt moved the shared descriptor offset past the segment's start;
-        // the retry must still write from `start`, leaving no hole.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("idx");
-        let mut f = File::create(&path).unwrap();
-        f.write_all(&[0xFF; 5000]).unwrap();
-        f.set_len(0).unwrap();
-        let wal = build_wal(false, PS, &[(1, 1, 1)]);
-        let mut check = WalCheck::new(None, &f, &path, 0, "k");
-        check.feed(&wal).unwrap();
-        let (_, end) = check.finish().unwrap();
-        assert_eq!(end, wal.len() as u64);
-        assert_eq!(fs::read(&path).unwrap(), wal);
-    }
-
-    #[test]
-    fn wal_check_rejects_damage_and_partial_frames() {
-        let wal = build_wal(false, PS, &[(1, 0, 1), (2, 3, 2)]);
-        let mut bad = wal.clone();
-        *bad.last_mut().unwrap() ^= 1;
-        let err = check_in_pieces(&bad, 100).0.unwrap_err().to_string();
-        assert!(
-            err.contains("seg.wal.lz4") && err.contains("checksum mismatch"),
-            "{err}"
-        );
-        let err = check_in_pieces(&wal[..wal.len() - 10], 100).0.unwrap_err();
-        assert!(err.to_string().contains("partial frame"), "{err}");
-        let err = check_in_pieces(&wal[..20], 7).0.unwrap_err();
-        assert!(err.to_string().contains("WAL header"), "{err}");
-    }
-
-    #[test]
-    fn wal_pages_write_the_last_committed_version_once_and_truncate() {
-        let dir = tempfile::tempdir().unwrap();
-        let db_path = dir.path().join("db");
-        // A 6-page "snapshot" of 0xEE bytes.
-        fs::write(&db_path, vec![0xEE; 6 * PS as usize]).unwrap();
-        let indexes = [
-            // Index 1: pages 2 and 3 (commit, db = 6 pages), then page 4 uncommitted.
-            build_wal(false, PS, &[(2, 0, 0x21), (3, 6, 0x31), (4, 0, 0x41)]),
-            // Index 2: page 2 again, and page 1 (commit, db shrinks to 4 pages).
-            build_wal(false, PS, &[(2, 0, 0x22), (1, 4, 0x12)]),
-        ];
-        let gather = |name: &str| {
-            let mut pages = scratch_pages(dir.path(), name);
-            for (i, wal) in indexes.iter().enumerate() {
-                let p = dir.path().join(format!("idx{i}"));
-                let f = File::options()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&p)
-                    .unwrap();
-                let mut check = WalCheck::new(None, &f, &p, 0, "k");
-                check.feed(wal).unwrap();
-                let (st, _) = check.finish().unwrap();
-                let idx = IndexFile {
-                    page_size: PS,
-                    last_commit: st.last_commit(),
-                    segments: 1,
-                    first_key: "k".into(),
-                };
-                pages.add_index(&f, &p, &idx).unwrap();
-            }
-            pages
-        };
-        let db = OpenOptions::new().write(true).open(&db_path).unwrap();
-        gather("pages").apply(&db, PS).unwrap();
-        let got = fs::read(&db_path).unwrap();
-        let fill: Vec<u8> = got.chunks(PS as usize).map(|p| p[0]).collect();
-        assert_eq!(
-            fill,
-            [0x12, 0x22, 0x31, 0xEE],
-            "page 4's uncommitted frame is not applied"
-        );
-
-        let err = gather("pages2").apply(&db, 1024).unwrap_err();
-        assert!(
-            err.to_string().contains("differs from the snapshot's 1024"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn wal_pages_rewrite_slots_already_flushed_to_the_scratch_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let db_path = dir.path().join("db");
-        let n = 3000u32; // more than one 1 MiB run of 512-byte pages
-        fs::write(&db_path, vec![0u8; n as usize * PS as usize]).unwrap();
-        let first: Vec<(u32, u32, u8)> = (1..=n).map(|p| (p, 0, (p % 200) as u8)).collect();
-        let mut second = vec![(1, 0, 0xA1), (2500, 0, 0xA2)];
-        second.push((3, n, 0xA3));
-        let mut pages = scratch_pages(dir.path(), "pages");
-        for (i, wal) in [build_wal(false, PS, &first), build_wal(false, PS, &second)]
-            .iter()
-            .enumerate()
-        {
-            let p = dir.path().join(format!("idx{i}"));
-            fs::write(&p, wal).unwrap();
-            let idx = IndexFile {
-                page_size: PS,
-                last_commit: wal.len() as u64,
-                segments: 1,
-                first_key: "k".into(),
-            };
-            pages.add_index(&File::open(&p).unwrap(), &p, &idx).unwrap();
-        }
-        assert_eq!(pages.slots.len(), n as usize, "one slot per page");
-        let db = OpenOptions::new().write(true).open(&db_path).unwrap();
-        pages.apply(&db, PS).unwrap();
-        let got = fs::read(&db_path).unwrap();
-        let fill: Vec<u8> = got.chunks(PS as usize).map(|p| p[0]).collect();
-        let mut want: Vec<u8> = (1..=n).map(|p| (p % 200) as u8).collect();
-        want[0] = 0xA1;
-        want[2] = 0xA3;
-        want[2499] = 0xA2;
-        assert_eq!(fill, want);
-    }
-
-    #[test]
-    fn wal_pages_reject_page_zero() {
-        let dir = tempfile::tempdir().unwrap();
-        let wal = build_wal(false, PS, &[(0, 1, 1)]);
-        let p = dir.path().join("idx");
-        fs::write(&p, &wal).unwrap();
-        let idx = IndexFile {
-            page_size: PS,
-            last_commit: wal.len() as u64,
-            segments: 1,
-            first_key: "k".into(),
-        };
-        let mut pages = scratch_pages(dir.path(), "pages");
-        let err = pages
-            .add_index(&File::open(&p).unwrap(), &p, &idx)
-            .unwrap_err();
-        assert!(err.to_string().contains("page 0"), "{err}");
-    }
-
-    #[test]
-    fn no_wal_pages_leave_the_snapshot_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let db_path = dir.path().join("db");
-        fs::write(&db_path, vec![7u8; 2 * PS as usize]).unwrap();
-        let db = OpenOptions::new().write(true).open(&db_path).unwrap();
-        let pages = scratch_pages(dir.path(), "p");
-        pages.apply(&db, PS).unwrap();
-        assert_eq!(fs::read(&db_path).unwrap(), vec![7u8; 2 * PS as usize]);
     }
 }
