@@ -41,11 +41,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchError,
+from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchError, start_launcher,
                     drop_caches, file_sha256, generations, integrity_check, log, med,
                     proc_cpu_seconds, proc_status_kib, ratio, rm_db, snapshot_files, spawn, stop,
                     stop_all_children, summary, system_busy_seconds, table, table_digest, tail,
                     timed_run, wait_for, wait_quiet, wal_indexes, writer_main)
+import restorebench
 import s3bench
 import scalebench
 from tools import FileTarget, Litestream, all_tools
@@ -726,7 +727,10 @@ def verdict(ok: bool | None) -> str:
 
 
 def render_targets(a, R: dict) -> list[str]:
-    out = ["## Targets (issue 6 'The bar', issue 3 performance, issue 7 scale)"]
+    out = ["## Targets (issue 16 restore, issue 6 'The bar', issue 3 performance, issue 7 scale)"]
+    if R.get("shapes"):
+        for text, ok in restorebench.targets(R["shapes"]):
+            out.append(f"- [issue 16] {text} — {verdict(ok)}")
     hist = next((r for r in R["restore"] if r["case"] == "history"), None)
     if hist:
         t = hist["tools"]
@@ -823,7 +827,11 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
                + (" — OTHER WORK WAS RUNNING, figures are noisy" if worst > 0.3 else ""))
     out.append("")
     labels = labels_for(a)
-    out += render_restore(a, R["restore"], R["replicas"], R["bounds"])
+    if R.get("shapes"):
+        out += restorebench.render(a, R["shapes"])
+        out.append("")
+    if R["restore"]:
+        out += render_restore(a, R["restore"], R["replicas"], R["bounds"])
     if R.get("snapshot"):
         out += s3bench.render_snapshot(a, R["snapshot"], labels, R["snapshot_db_mib"])
     if R.get("lag"):
@@ -842,8 +850,10 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
 
 # --------------------------------------------------------------------------------------------
 
-FIGURES = ["restore", "snapshot", "lag", "idle", "scale", "cpu-file"]
-DEFAULT_FIGURES = ["restore", "snapshot", "lag", "idle", "scale"]
+FIGURES = ["shapes", "restore", "snapshot", "lag", "idle", "scale", "cpu-file"]
+# `restore` (the older figure 1: directory only, cold, with 0.5.17 and the integrity-check
+# variant) runs when named; `shapes` is the restore figure of every run.
+DEFAULT_FIGURES = ["shapes", "snapshot", "lag", "idle", "scale"]
 
 
 def main() -> int:
@@ -861,6 +871,8 @@ def main() -> int:
                     help="Litestream 0.5.17 binary (figures show n/a without it)")
     ap.add_argument("--s3s-fs", default=os.environ.get("S3S_FS_BIN"),
                     help="s3s-fs binary (the loopback S3 server)")
+    ap.add_argument("--lz4-rate", default=os.environ.get("LZ4_RATE_BIN"),
+                    help="examples/lz4_decode_rate binary (the restore floor's LZ4 figure)")
     ap.add_argument("--bench-dir", type=Path,
                     default=Path(os.environ.get("BENCH_DIR", "/tmp/litestreamd-bench")))
     ap.add_argument("--reps", type=int)
@@ -883,13 +895,14 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     a = ap.parse_args()
+    start_launcher()
     if not a.litestreamd or not a.litestream:
         ap.error("--litestreamd and --litestream (or LITESTREAMD_BIN, LITESTREAM_BIN) are required")
     figures = a.only.split(",") if a.only else DEFAULT_FIGURES
     for f in figures:
         if f not in FIGURES:
             ap.error(f"unknown figure {f!r}; choose from {', '.join(FIGURES)}")
-    if not a.s3s_fs and set(figures) & {"snapshot", "lag", "idle"}:
+    if not a.s3s_fs and set(figures) & {"shapes", "snapshot", "lag", "idle"}:
         ap.error("the S3 figures need --s3s-fs (or S3S_FS_BIN)")
     a.litestreamd = str(Path(a.litestreamd).resolve())
     # Children must not see LITESTREAMD_* variables: `litestreamd run` merges every one of them
@@ -938,6 +951,15 @@ def main() -> int:
     try:
         R: dict = {"restore": [], "replicas": {}, "bounds": {}}
         big_db = None  # the snapshot figure's database
+        if set(figures) & {"shapes", "snapshot", "lag", "idle"}:
+            s3 = s3bench.S3Server(a.s3s_fs, work)
+        if "shapes" in figures:
+            if a.cold and not drop_caches():
+                log("cannot drop the page cache (no permission); cold restores run warm")
+            log(f"figure 1: restore on three shapes ({a.db_mib} MiB, {a.indexes} indexes), "
+                "directory and S3, cold and warm")
+            R["shapes"] = restorebench.bench_shapes(a, work, s3, build_history_replica,
+                                                    build_fresh_replica, make_restore_db)
         if "restore" in figures:
             if a.cold and not drop_caches():
                 log("cannot drop the page cache (no permission); restores run warm")
@@ -972,8 +994,6 @@ def main() -> int:
                     shutil.rmtree(r["replica"], ignore_errors=True)
                     if "replica05" in r:
                         shutil.rmtree(r["replica05"], ignore_errors=True)
-        if set(figures) & {"snapshot", "lag", "idle"}:
-            s3 = s3bench.S3Server(a.s3s_fs, work)
         if "snapshot" in figures:
             if big_db is None:
                 big_db = work / "big.db"

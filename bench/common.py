@@ -87,27 +87,66 @@ def tail(path: Path, n: int = 25) -> str:
     return "\n".join(lines[-n:])
 
 
+# A small Python process, started before the benchmark grows, that starts every timed command.
+# The kernel charges a child's peak RSS (ru_maxrss) with the peak of the process it was forked
+# or vforked from, up to the exec: started from this script (hundreds of MiB after building the
+# databases) every command would report at least that. The launcher stays at ~10 MiB.
+_LAUNCHER_CODE = r"""
+import json, os, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
+    out = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    null = os.open(os.devnull, os.O_RDONLY)
+    t0 = time.perf_counter()
+    pid = os.posix_spawnp(req["argv"][0], req["argv"], req["env"], file_actions=[
+        (os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+        (os.POSIX_SPAWN_DUP2, out, 2)])
+    os.close(out)
+    os.close(null)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status, ru = os.wait4(pid, 0)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "wall": time.perf_counter() - t0,
+                      "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss_kib": ru.ru_maxrss}),
+          flush=True)
+"""
+_launcher: subprocess.Popen | None = None
+
+
+def start_launcher() -> None:
+    """Starts the launcher (call it early, while this process is small)."""
+    global _launcher
+    if _launcher is None:
+        _launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER_CODE], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        CHILDREN[_launcher.pid] = _launcher
+
+
 def timed_run(argv, log_path: Path, env: dict | None = None) -> dict:
     """Runs a command to completion; wall time, and the child's own CPU and peak RSS (wait4)."""
-    out = open(log_path, "ab")
-    out.write(("\n$ " + " ".join(map(str, argv)) + "\n").encode())
-    out.flush()
-    b0, t0 = system_busy_seconds(), time.perf_counter()
-    p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         env=env)
-    CHILDREN[p.pid] = p
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
+    start_launcher()
+    with open(log_path, "ab") as out:
+        out.write(("\n$ " + " ".join(map(str, argv)) + "\n").encode())
+    b0 = system_busy_seconds()
+    _launcher.stdin.write(json.dumps({"argv": [str(x) for x in argv], "log": str(log_path),
+                                      "env": dict(os.environ if env is None else env)}) + "\n")
+    _launcher.stdin.flush()
+    pid = json.loads(_launcher.stdout.readline())["pid"]
+    try:
+        r = json.loads(_launcher.stdout.readline())
+    except BaseException:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise
     busy = system_busy_seconds() - b0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    CHILDREN.pop(p.pid, None)
-    out.close()
-    if p.returncode != 0:
-        raise BenchError(f"{argv[0]} exited with {p.returncode}:\n{tail(log_path)}")
-    cpu = ru.ru_utime + ru.ru_stime
+    if r["rc"] != 0:
+        raise BenchError(f"{argv[0]} exited with {r['rc']}:\n{tail(log_path)}")
+    cpu = r["user"] + r["sys"]
+    wall = r["wall"]
     # Busy cores not accounted to the command: other processes, and kernel threads (writeback).
-    return {"wall": wall, "cpu": cpu, "user": ru.ru_utime, "sys": ru.ru_stime,
-            "maxrss_kib": ru.ru_maxrss,
+    return {"wall": wall, "cpu": cpu, "user": r["user"], "sys": r["sys"],
+            "maxrss_kib": r["maxrss_kib"],
             "other_cores": max(0.0, busy - cpu) / wall}
 
 

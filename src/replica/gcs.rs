@@ -315,7 +315,12 @@ impl ObjectStore for GcsStore {
         Ok(Box::pin(StreamReader::new(stream)))
     }
 
-    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<bytes::Bytes>, StoreError> {
         if end <= start {
             return Ok(Vec::new());
         }
@@ -330,7 +335,7 @@ impl ObjectStore for GcsStore {
             .await
             .map_err(|e| self.err("get", key, e))?;
         metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "GET").increment(1);
-        Ok(data)
+        Ok(vec![data.into()])
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {

@@ -100,9 +100,15 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// stream that ends in an error leaves nothing behind.
     async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError>;
-    /// Bytes `start..end` of an object (fewer only if the object is shorter). The default
-    /// reads the object from its start; the buckets ask for the range.
-    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+    /// Bytes `start..end` of an object (fewer only if the object is shorter), in the pieces
+    /// they arrived in (not copied into one buffer). The default reads the object from its
+    /// start; the buckets ask for the range.
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<bytes::Bytes>, StoreError> {
         use tokio::io::AsyncReadExt;
         let mut body = self.get(key).await?;
         let io_err = |source| StoreError::Io {
@@ -119,7 +125,7 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
             .read_to_end(&mut buf)
             .await
             .map_err(io_err)?;
-        Ok(buf)
+        Ok(vec![buf.into()])
     }
     /// Whether an object exists, and its size and time (S3 HEAD, GCS metadata, file stat):
     /// one small request, for checks that must stay cheap.

@@ -3,8 +3,9 @@
 //! A single HTTP stream per object is what bounded an S3 restore (one GET for a 1 GiB snapshot
 //! ran at ~350 MiB/s on loopback). Here up to `connections` ranges of `chunk` bytes are in
 //! flight, each retried on its own; the consumer (decryption, then the LZ4 decoder) sees one
-//! ordered byte stream and never a transient error. Memory is at most `connections + 2` chunks:
-//! those in flight or waiting, one in the channel, one being read.
+//! ordered byte stream and never a transient error. Memory is at most `connections + 1` chunks:
+//! those in flight or waiting, and the one being read (its pieces are handed on as they
+//! arrived, never copied into one buffer).
 
 use std::collections::VecDeque;
 use std::io;
@@ -34,7 +35,7 @@ impl Default for RangeOpts {
     fn default() -> Self {
         RangeOpts {
             connections: 4,
-            chunk: 4 << 20,
+            chunk: 2 << 20,
             attempts: 5,
             backoff: Duration::from_millis(200),
         }
@@ -49,9 +50,9 @@ pub fn reader(
     size: u64,
     opts: RangeOpts,
 ) -> ObjectReader {
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
     tokio::spawn(async move {
-        let mut pending: VecDeque<tokio::task::JoinHandle<Result<Vec<u8>, StoreError>>> =
+        let mut pending: VecDeque<tokio::task::JoinHandle<Result<Vec<Bytes>, StoreError>>> =
             VecDeque::new();
         let mut next = 0u64;
         let abort = |p: &VecDeque<tokio::task::JoinHandle<_>>| p.iter().for_each(|h| h.abort());
@@ -65,15 +66,24 @@ pub fn reader(
                 next = end;
             }
             let Some(h) = pending.pop_front() else { break };
-            let item = match h.await {
-                Ok(Ok(data)) => Ok(Bytes::from(data)),
+            let pieces = match h.await {
+                Ok(Ok(pieces)) => Ok(pieces),
                 Ok(Err(e)) => Err(io::Error::other(e)),
                 Err(e) => Err(io::Error::other(e)),
             };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                abort(&pending);
-                return;
+            let pieces = match pieces {
+                Ok(pieces) => pieces,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    abort(&pending);
+                    return;
+                }
+            };
+            for piece in pieces {
+                if tx.send(Ok(piece)).await.is_err() {
+                    abort(&pending);
+                    return;
+                }
             }
         }
     });
@@ -86,13 +96,14 @@ async fn range_with_retries(
     start: u64,
     end: u64,
     opts: RangeOpts,
-) -> Result<Vec<u8>, StoreError> {
+) -> Result<Vec<Bytes>, StoreError> {
     let mut delay = opts.backoff;
     let mut attempt = 0;
     loop {
         attempt += 1;
         let res = store.get_range(&key, start, end).await.and_then(|data| {
-            if data.len() as u64 == end - start {
+            let len: usize = data.iter().map(Bytes::len).sum();
+            if len as u64 == end - start {
                 Ok(data)
             } else {
                 // The object is shorter than its listing said: it changed under the restore.
@@ -101,8 +112,7 @@ async fn range_with_retries(
                     op: "get",
                     key: key.clone(),
                     message: format!(
-                        "range {start}-{end} returned {} bytes; the object changed while it was read",
-                        data.len()
+                        "range {start}-{end} returned {len} bytes; the object changed while it was read"
                     ),
                     retryable: false,
                 })

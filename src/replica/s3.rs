@@ -462,7 +462,12 @@ impl ObjectStore for S3Store {
         Ok(Box::pin(out.body.into_async_read()))
     }
 
-    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Vec<u8>, StoreError> {
+    async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<bytes::Bytes>, StoreError> {
         if end <= start {
             return Ok(Vec::new());
         }
@@ -482,7 +487,7 @@ impl ObjectStore for S3Store {
             key: key.to_string(),
             source: std::io::Error::other(e),
         })?;
-        Ok(data.into_bytes().to_vec())
+        Ok(data.into_segments().collect())
     }
 
     async fn remove_incomplete(&self, older_than: Duration) -> Result<usize, StoreError> {

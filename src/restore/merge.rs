@@ -49,8 +49,8 @@ pub(crate) struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            batch: 8 << 20,
-            txn: 8 << 20,
+            batch: 4 << 20,
+            txn: 4 << 20,
         }
     }
 }
@@ -165,6 +165,9 @@ pub(crate) struct Merge {
     stats: MergeStats,
     written_since_writeback: u64,
     snap: Option<SnapshotFill>,
+    /// The transaction and batch buffers of the last index, reused by the next (allocated
+    /// once, at their limits: the merge's memory stays flat however long the history).
+    spare: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The snapshot's decoded stream, as it arrives.
@@ -195,6 +198,7 @@ impl Merge {
             stats: MergeStats::default(),
             written_since_writeback: 0,
             snap: None,
+            spare: None,
         }
     }
 
@@ -212,7 +216,14 @@ impl Merge {
     /// Starts the next index (each one older than the one before).
     pub fn begin_index(&mut self, index: u32) {
         debug_assert!(self.current.is_none(), "an index is still open");
-        self.current = Some(Index::new(index, None));
+        let mut ix = Index::new(index, None);
+        let (txn, batch) = self.spare.take().unwrap_or_else(|| {
+            // A frame past the limit at most (the largest page is 64 KiB).
+            let room = |limit: usize| Vec::with_capacity(limit + (64 << 10));
+            (room(self.limits.txn), room(self.limits.batch))
+        });
+        (ix.txn, ix.batch) = (txn, batch);
+        self.current = Some(ix);
     }
 
     /// Starts reading an index again for a [`Replay`].
@@ -422,7 +433,15 @@ impl Merge {
         if ix.replay.is_some() {
             return Ok(None);
         }
-        self.flush_batch(&mut ix)?;
+        let res = self.end_index_with(&mut ix);
+        ix.txn.clear();
+        ix.batch.clear();
+        self.spare = Some((std::mem::take(&mut ix.txn), std::mem::take(&mut ix.batch)));
+        res
+    }
+
+    fn end_index_with(&mut self, ix: &mut Index) -> Result<Option<Replay>, RestoreError> {
+        self.flush_batch(ix)?;
         let ps = self.page_size.as_ref().map_or(0, |(ps, _)| *ps as usize);
         // A transaction written tentatively that never committed: its pages are taken back.
         let zeros = vec![0u8; ps];
@@ -525,8 +544,11 @@ impl Merge {
         res
     }
 
-    /// Starts the snapshot again from its first byte (a retried download).
+    /// Starts the snapshot (again, for a retried download) from its first byte. The WAL
+    /// buffers are returned first: no index is merged after the snapshot begins, and the
+    /// snapshot's decoders need the memory.
     pub fn restart_snapshot(&mut self) {
+        self.spare = None;
         self.snap = None;
     }
 
