@@ -220,7 +220,7 @@ struct RestoreArgs {
     #[arg(long)]
     if_replica_exists: bool,
     /// Concurrent downloads: WAL segments, and ranged GETs of a big object in a bucket (at
-    /// most 8, 2 MiB each). Lower it on a small instance: 2 holds ~25 MiB less than 8.
+    /// most 8, 2 MiB each). Lower it on a small instance: 2 holds ~15 MiB less than 8.
     #[arg(long, default_value_t = 8)]
     parallelism: usize,
     /// Skip `PRAGMA integrity_check` of the result.
@@ -245,17 +245,20 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
 /// measured at 1,000 tx/s over S3, a third of litestreamd's CPU went to those page faults.
 /// Buffers under 8 MiB (the LZ4 block buffers) come from the heap, and up to 16 MiB of free
 /// heap is kept; the 16 MiB multipart buffers stay mmap'd, so peak memory while snapshotting is
-/// unchanged. A restore (`restore`, whose decoders and merge run on several blocking threads)
-/// also limits glibc to two arenas: with one per thread, each kept its own free heap and a
-/// WAL-heavy restore peaked at 110-150 MiB instead of 55-65 MiB (`/usr/bin/time`, 258 MiB
-/// database). Must run before any thread starts.
+/// unchanged. A restore (`restore`) is tuned the other way, for a low peak: its big buffers are
+/// recycled by their owners, and what it allocates and frees are the HTTP client's read
+/// buffers (tens of KiB each), which in the heap left fragments the kernel never got back. So
+/// anything from 32 KiB is mmap'd, and two arenas at most (with one per thread each kept its
+/// own free heap). Measured on 512 MiB shapes: from S3 62-72 MiB with a 1 MiB threshold, 55-63
+/// with 32 KiB; from a directory 65-73 MiB with the daemon's settings, 32-42 now. Must run
+/// before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc(restore: bool) {
     use nix::libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
     // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
     unsafe {
         if restore {
-            mallopt(M_MMAP_THRESHOLD, 1 << 20);
+            mallopt(M_MMAP_THRESHOLD, 32 << 10);
             mallopt(M_ARENA_MAX, 2);
         } else {
             mallopt(M_MMAP_THRESHOLD, 8 << 20);

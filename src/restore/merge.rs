@@ -49,8 +49,8 @@ pub(crate) struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            batch: 4 << 20,
-            txn: 4 << 20,
+            batch: 2 << 20,
+            txn: 2 << 20,
         }
     }
 }
