@@ -189,7 +189,7 @@ def bench_shapes(a, work: Path, s3, build_history, build_fresh, make_db) -> dict
                     if r % 2:
                         order.reverse()
                     for key, tool in order:
-                        out = work / f"shape-{name}-{tname}-{cache}-{key}.db"
+                        out = work / f"shape-{name}-{tname}-{cache}-{key}-{r}.db"
                         rm_db(out)
                         if a.quiet_wait:
                             wait_quiet(a.quiet_wait)

@@ -37,6 +37,7 @@ pub mod status;
 pub mod supervisor;
 pub mod telemetry;
 pub mod tui;
+pub mod verify;
 pub mod wal;
 pub mod watch;
 pub mod worker;

@@ -119,6 +119,10 @@ enum Command {
     },
     /// Restore a database from a replica, optionally to a point in time.
     Restore(RestoreArgs),
+    /// Check that a replica would restore, without writing a database: every generation graded
+    /// OK (exit 0), WARNING (1) or FAILURE (2), naming each object at fault; 3 when the replica
+    /// could not be read (never graded as damage).
+    Verify(VerifyArgs),
     /// Make the database file as it is now the one its replica paths belong to: a new lineage,
     /// its backups the latest from now on (after the application replaced the database with a
     /// new one on purpose). The older backups stay until retention removes them.
@@ -226,6 +230,22 @@ struct RestoreArgs {
     /// Skip `PRAGMA integrity_check` of the result.
     #[arg(long)]
     no_integrity_check: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Only this generation.
+    #[arg(long)]
+    generation: Option<String>,
+    /// Download and decode objects too: `none` (listings only), `all`, or a percentage
+    /// (`10%`: each snapshot and each WAL index drawn with that chance).
+    #[arg(long, default_value = "none", value_name = "none|all|N%")]
+    read_data: litestreamd::verify::ReadData,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -405,6 +425,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             .await
         }
         Command::Restore(a) => restore_cmd(a).await,
+        Command::Verify(a) => verify_cmd(a).await,
         Command::Adopt {
             db,
             replica,
@@ -817,6 +838,69 @@ async fn resolve_target(t: &Target) -> Result<(Vec<NamedReplica>, Option<DbSpec>
         );
     }
     Ok((replicas, Some(spec)))
+}
+
+/// Exits with the worst grade of all replicas (0, 1, 2), or 3 when one could not be read.
+async fn verify_cmd(a: VerifyArgs) -> Result<()> {
+    use litestreamd::verify::{self, Grade, VerifyOptions};
+    let (replicas, _) = resolve_target(&a.target).await?;
+    let opts = VerifyOptions {
+        generation: a.generation.clone(),
+        read_data: a.read_data,
+        ..Default::default()
+    };
+    let (mut reports, mut errors) = (Vec::new(), Vec::new());
+    for (name, client) in &replicas {
+        match verify::verify(name, client, &opts).await {
+            Ok(r) => reports.push(r),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let worst = reports.iter().map(|r| r.grade).max().unwrap_or(Grade::Ok);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "grade": worst, "replicas": reports, "errors": errors,
+            }))?
+        );
+    } else {
+        for r in &reports {
+            println!("replica {} ({}): {}", r.replica, r.url, r.grade.as_str());
+            for g in &r.generations {
+                let span = match (g.newest_snapshot, g.newest_index) {
+                    (Some(s), Some(i)) => format!("snapshot {s:08x} .. index {i:08x}"),
+                    (Some(s), None) => format!("snapshot {s:08x}"),
+                    _ => "no snapshot".into(),
+                };
+                println!(
+                    "  generation {}  {:<7}  {span}; {} snapshot(s), {} segment(s); read {} object(s), {} bytes",
+                    g.generation,
+                    g.grade.as_str(),
+                    g.snapshots,
+                    g.segments,
+                    g.objects_read,
+                    g.bytes_read
+                );
+                for f in &g.findings {
+                    match &f.object {
+                        Some(o) => println!("    {}: {o}: {}", f.grade.as_str(), f.message),
+                        None => println!("    {}: {}", f.grade.as_str(), f.message),
+                    }
+                }
+            }
+        }
+        for e in &errors {
+            eprintln!("error: {e}");
+        }
+    }
+    // A proven failure outranks a replica that could not be read.
+    let code = if worst == Grade::Failure || errors.is_empty() {
+        worst.exit_code()
+    } else {
+        3
+    };
+    std::process::exit(code);
 }
 
 async fn restore_cmd(a: RestoreArgs) -> Result<()> {

@@ -447,3 +447,175 @@ fn import_litestream_config_writes_valid_database_files() {
         .unwrap();
     assert!(!again.status.success());
 }
+
+/// Copies a replica directory (the files are small).
+fn copy_tree(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dst).unwrap();
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+/// `verify` and its exit code: 0 OK, 1 WARNING, 2 FAILURE, 3 unreadable.
+fn verify(replica: &str, read_data: &str) -> (i32, serde_json::Value) {
+    let out = Command::new(BIN)
+        .args(["verify", "--json", "--read-data", read_data, replica])
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify {replica}: {e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), json)
+}
+
+fn findings(v: &serde_json::Value) -> String {
+    v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["generations"].as_array().unwrap().clone())
+        .flat_map(|g| g["findings"].as_array().unwrap().clone())
+        .map(|f| format!("{} {} {}", f["grade"], f["object"], f["message"]))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_grades_each_generation_and_names_the_object_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_db, replica) = litestreamd_history(dir.path()).await;
+    let url = |p: &Path| format!("file://{}", p.display());
+
+    // A sound replica: OK with listings only and with every object read.
+    let (code, v) = verify(&url(&replica), "none");
+    assert_eq!(code, 0, "{v}");
+    let (code, v) = verify(&url(&replica), "all");
+    assert_eq!(code, 0, "{v}");
+    let read: u64 = v["replicas"][0]["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["objects_read"].as_u64().unwrap())
+        .sum();
+    let all = objects(&replica, ".lz4").len() as u64;
+    assert_eq!(read, all, "--read-data all reads every object: {v}");
+
+    let segs = objects(&replica, ".wal.lz4");
+    let gen_of = |p: &Path| {
+        let rel = p
+            .strip_prefix(&replica)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        rel.split('/').nth(1).unwrap().to_string()
+    };
+    let newest_gen = names(&replica.join("generations")).pop().unwrap();
+    let newest: Vec<&std::path::PathBuf> =
+        segs.iter().filter(|p| gen_of(p) == newest_gen).collect();
+    // v0.3 names: wal/IIIIIIII_OOOOOOOO.wal.lz4
+    let index_of = |p: &Path| p.file_name().unwrap().to_string_lossy()[..8].to_string();
+
+    // A flipped byte inside a WAL segment: the listing is fine, reading it is a FAILURE that
+    // names the object.
+    let damaged = dir.path().join("damaged");
+    copy_tree(&replica, {
+        std::fs::create_dir_all(&damaged).unwrap();
+        &damaged
+    });
+    let victim = newest[newest.len() / 2]
+        .strip_prefix(&replica)
+        .unwrap()
+        .to_path_buf();
+    let mut bytes = std::fs::read(damaged.join(&victim)).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    std::fs::write(damaged.join(&victim), bytes).unwrap();
+    assert_eq!(verify(&url(&damaged), "none").0, 0);
+    let (code, v) = verify(&url(&damaged), "all");
+    assert_eq!(code, 2, "{v}");
+    let f = findings(&v);
+    assert!(
+        f.contains(&*victim.to_string_lossy()),
+        "names {victim:?}: {f}"
+    );
+
+    // A missing WAL index between the newest snapshot and the newest index: FAILURE from the
+    // listing alone.
+    let gapped = dir.path().join("gapped");
+    std::fs::create_dir_all(&gapped).unwrap();
+    copy_tree(&replica, &gapped);
+    let mut idx: Vec<String> = newest.iter().map(|p| index_of(p)).collect();
+    idx.dedup();
+    assert!(idx.len() >= 3, "the history has indexes to remove: {idx:?}");
+    let gone = &idx[idx.len() - 2];
+    for p in &newest {
+        if index_of(p) == *gone {
+            std::fs::remove_file(gapped.join(p.strip_prefix(&replica).unwrap())).unwrap();
+        }
+    }
+    let (code, v) = verify(&url(&gapped), "none");
+    assert_eq!(code, 2, "{v}");
+    assert!(
+        findings(&v).contains(&format!("WAL index {gone} is missing")),
+        "{v}"
+    );
+
+    // A segment whose offset leaves a gap after the one before it (as if a segment were lost
+    // in between): the listing cannot tell, the decoded lengths can.
+    let i = idx
+        .iter()
+        .find(|i| newest.iter().filter(|p| index_of(p) == **i).count() >= 2)
+        .expect("an index with two segments");
+    let holed = dir.path().join("holed");
+    std::fs::create_dir_all(&holed).unwrap();
+    copy_tree(&replica, &holed);
+    let second = newest.iter().filter(|p| index_of(p) == *i).nth(1).unwrap();
+    let second = holed.join(second.strip_prefix(&replica).unwrap());
+    let name = second.file_name().unwrap().to_string_lossy().into_owned();
+    let offset = u64::from_str_radix(&name[9..17], 16).unwrap();
+    let moved = second.with_file_name(format!("{i}_{:08x}.wal.lz4", offset + 4096 + 24));
+    std::fs::rename(&second, &moved).unwrap();
+    assert_eq!(verify(&url(&holed), "none").0, 0);
+    let (code, v) = verify(&url(&holed), "all");
+    assert_eq!(code, 2, "{v}");
+    let f = findings(&v);
+    assert!(
+        f.contains(&*moved.file_name().unwrap().to_string_lossy()) && f.contains("a restore fails"),
+        "{f}"
+    );
+
+    // A generation that has WAL but no snapshot: a WARNING, not a failure.
+    let stray = dir.path().join("stray");
+    std::fs::create_dir_all(&stray).unwrap();
+    copy_tree(&replica, &stray);
+    let orphan = stray.join("generations/0123456789abcdef/wal");
+    std::fs::create_dir_all(&orphan).unwrap();
+    copy_tree(
+        &replica.join("generations").join(&newest_gen).join("wal"),
+        &orphan,
+    );
+    let (code, v) = verify(&url(&stray), "all");
+    assert_eq!(code, 1, "{v}");
+    assert!(findings(&v).contains("no snapshot"), "{v}");
+
+    // A store that cannot be reached is not graded: exit 3.
+    let port = free_port();
+    let (code, v) = verify(
+        &format!(
+            "s3://bucket/db?endpoint=http://127.0.0.1:{port}&region=us-east-1&force-path-style=true"
+        ),
+        "none",
+    );
+    assert_eq!(code, 3, "{v}");
+    assert!(v["errors"].as_array().unwrap().len() == 1, "{v}");
+}
