@@ -390,10 +390,10 @@ pub async fn restore_to(
 const DB_FILE: &str = "db";
 
 /// Compressed WAL segments the prefetch may hold ahead of the merge.
-const PREFETCH_BYTES: u64 = 8 << 20;
+const PREFETCH_BYTES: u64 = 4 << 20;
 /// Segments bigger than this are not prefetched whole but streamed when the merge reaches
 /// them (by parallel ranges from a bucket) and decoded on every core.
-const STREAM_ABOVE: u64 = 4 << 20;
+const STREAM_ABOVE: u64 = 2 << 20;
 /// Bytes per ranged GET of a big object, and how many are in flight at most (`--parallelism`,
 /// 8 by default, may lower it): at most 18 MiB held (see `replica::ranged`). Throughput
 /// follows the bytes in flight, since every GET first waits for the store (s3s-fs on loopback
@@ -700,7 +700,7 @@ async fn merge_segment(
                     .await?)
             })
             .await?;
-            let workers = decode_workers();
+            let workers = decode_workers(client);
             blocking(move || {
                 let n = compress::decode_parallel(SyncIoBridge::new(body), workers, |b| {
                     merge.feed(&key, b).map_err(io::Error::other)
@@ -714,9 +714,16 @@ async fn merge_segment(
     }
 }
 
-fn decode_workers() -> usize {
-    // Four cores decode LZ4 faster than any disk writes; each more one would hold 8 MiB.
-    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
+/// LZ4 decoders for a big object. Each holds 8 MiB (a compressed and a decoded block). From a
+/// local directory the disk is the bound, and four cores decode faster than any disk writes.
+/// From a bucket the network is: one decoder (~3 GB/s of mostly stored blocks) leaves the
+/// memory to the ranges in flight (512 MiB shapes from s3s-fs: 55-64 MiB peak with two
+/// decoders, 51-57 with one; times within the run-to-run noise).
+fn decode_workers(client: &ReplicaClient) -> usize {
+    match client.kind() {
+        "file" => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+        _ => 1,
+    }
 }
 
 /// Decodes the snapshot into the merge, which writes the pages nothing newer wrote. A
@@ -729,6 +736,7 @@ async fn merge_snapshot(
     key: &str,
     ranges: RangeOpts,
 ) -> Result<Merge, RestoreError> {
+    let workers = decode_workers(client);
     let slot = Arc::new(std::sync::Mutex::new(Some(merge)));
     with_retries(opts, key, "snapshot", || async {
         let body = match open_local_snapshot(client, plan).await {
@@ -748,7 +756,7 @@ async fn merge_snapshot(
         blocking(move || {
             let mut merge = slot.lock().expect("merge slot").take().expect("merge");
             merge.restart_snapshot();
-            let res = compress::decode_parallel(body, decode_workers(), |b| {
+            let res = compress::decode_parallel(body, workers, |b| {
                 merge.snapshot(&key, b).map_err(io::Error::other)
             })
             .map_err(|e| decode_error(&key, e));
