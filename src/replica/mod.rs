@@ -272,13 +272,40 @@ impl ReplicaClient {
         key: &str,
         ranged: Option<(u64, ranged::RangeOpts)>,
     ) -> Result<ObjectReader, StoreError> {
-        use tokio::io::AsyncReadExt;
-        let mut body = match ranged {
+        let body = match ranged {
             Some((size, opts)) if size > opts.chunk && self.store.local_path(key).is_none() => {
                 ranged::reader(self.store.clone(), key.to_string(), size, opts)
             }
             _ => self.store.get(key).await?,
         };
+        self.open_body(key, body).await
+    }
+
+    /// The WAL segments `segs` (positions and sizes from their listing) of a bucket, read back
+    /// to back by one schedule of parallel ranged GETs ([`ranged::readers`]); open each with
+    /// [`Self::open_body`], in order.
+    pub fn wal_segments_ranged(
+        &self,
+        segs: &[(Pos, u64)],
+        opts: ranged::RangeOpts,
+    ) -> Vec<ObjectReader> {
+        let objects = segs
+            .iter()
+            .map(|(pos, size)| {
+                let key = layout::wal_segment_key("", &pos.generation, pos.index, pos.offset);
+                (key, *size)
+            })
+            .collect();
+        ranged::readers(self.store.clone(), objects, opts)
+    }
+
+    /// The body of the object `key`, read elsewhere, decrypted as [`Self::open`] does.
+    pub async fn open_body(
+        &self,
+        key: &str,
+        mut body: ObjectReader,
+    ) -> Result<ObjectReader, StoreError> {
+        use tokio::io::AsyncReadExt;
         let mut head = Vec::with_capacity(AGE_MAGIC.len());
         (&mut body)
             .take(AGE_MAGIC.len() as u64)

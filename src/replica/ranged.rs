@@ -50,22 +50,68 @@ pub fn reader(
     size: u64,
     opts: RangeOpts,
 ) -> ObjectReader {
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+    readers(store, vec![(key, size)], opts)
+        .pop()
+        .expect("one reader per object")
+}
+
+/// Several objects read back to back by one schedule of ranges: the first ranges of an object
+/// are fetched while the last ones of the object before it are in flight, so a run of big WAL
+/// segments keeps `connections` GETs busy instead of draining at the end of every object (each
+/// GET first waits for the store). One reader per object, in order, each to be read to its end
+/// before the next one moves; memory is that of one [`reader`]. Everything stops when a reader
+/// still to be served is dropped.
+pub fn readers(
+    store: Arc<dyn ObjectStore>,
+    objects: Vec<(String, u64)>,
+    opts: RangeOpts,
+) -> Vec<ObjectReader> {
+    let mut txs = Vec::with_capacity(objects.len());
+    let mut out: Vec<ObjectReader> = Vec::with_capacity(objects.len());
+    for _ in &objects {
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+        txs.push(Some(tx));
+        out.push(Box::pin(StreamReader::new(ReceiverStream::new(rx))));
+    }
+    let chunk = opts.chunk.max(1);
+    // (object, start, end) of every range, in order.
+    let ranges: Vec<(usize, u64, u64)> = objects
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, size))| {
+            (0..size.div_ceil(chunk)).map(move |n| (i, n * chunk, ((n + 1) * chunk).min(*size)))
+        })
+        .collect();
     tokio::spawn(async move {
-        let mut pending: VecDeque<tokio::task::JoinHandle<Result<Vec<Bytes>, StoreError>>> =
-            VecDeque::new();
-        let mut next = 0u64;
-        let abort = |p: &VecDeque<tokio::task::JoinHandle<_>>| p.iter().for_each(|h| h.abort());
-        loop {
-            while pending.len() < opts.connections.max(1) && next < size {
-                let end = (next + opts.chunk.max(1)).min(size);
-                let (store, key) = (store.clone(), key.clone());
-                pending.push_back(tokio::spawn(range_with_retries(
-                    store, key, next, end, opts,
-                )));
-                next = end;
+        // Empty objects end at once.
+        for (i, (_, size)) in objects.iter().enumerate() {
+            if *size == 0 {
+                txs[i] = None;
             }
-            let Some(h) = pending.pop_front() else { break };
+        }
+        type Pending = (
+            usize,
+            u64,
+            tokio::task::JoinHandle<Result<Vec<Bytes>, StoreError>>,
+        );
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut next = ranges.into_iter();
+        let abort = |p: &VecDeque<Pending>| p.iter().for_each(|(_, _, h)| h.abort());
+        loop {
+            while pending.len() < opts.connections.max(1) {
+                let Some((i, start, end)) = next.next() else {
+                    break;
+                };
+                let (store, key) = (store.clone(), objects[i].0.clone());
+                let h = tokio::spawn(range_with_retries(store, key, start, end, opts));
+                pending.push_back((i, end, h));
+            }
+            let Some((i, end, h)) = pending.pop_front() else {
+                break;
+            };
+            let tx = txs[i]
+                .as_ref()
+                .expect("an object is served until its last range");
             let pieces = match h.await {
                 Ok(Ok(pieces)) => Ok(pieces),
                 Ok(Err(e)) => Err(io::Error::other(e)),
@@ -85,9 +131,13 @@ pub fn reader(
                     return;
                 }
             }
+            if end == objects[i].1 {
+                // Its last range: the reader sees the end of the object.
+                txs[i] = None;
+            }
         }
     });
-    Box::pin(StreamReader::new(ReceiverStream::new(rx)))
+    out
 }
 
 async fn range_with_retries(
@@ -150,6 +200,30 @@ mod tests {
             let mut got = Vec::new();
             r.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, data, "{conns} connections, chunks of {chunk}");
+        }
+        // Several objects on one schedule (ranges crossing from one object into the next, an
+        // empty one among them), read one after the other.
+        let sizes = [5000usize, 0, 1, 12_345, 4096];
+        let mut objects = Vec::new();
+        for (n, size) in sizes.iter().enumerate() {
+            let body: Vec<u8> = (0..*size).map(|i| (i * 31 + n * 7) as u8).collect();
+            std::fs::write(dir.path().join(format!("o{n}")), &body).unwrap();
+            objects.push((format!("o{n}"), body));
+        }
+        for (conns, chunk) in [(1, 4096), (3, 1000), (8, 7)] {
+            let opts = RangeOpts {
+                connections: conns,
+                chunk,
+                ..Default::default()
+            };
+            let list = objects.iter().map(|(k, b)| (k.clone(), b.len() as u64)).collect();
+            let rs = readers(store.clone(), list, opts);
+            assert_eq!(rs.len(), objects.len());
+            for (mut r, (key, body)) in rs.into_iter().zip(&objects) {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                assert!(got == *body, "{key}: {conns} connections, chunks of {chunk}");
+            }
         }
         // A size larger than the object: the read fails rather than return a short object.
         let mut r = reader(

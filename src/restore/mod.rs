@@ -458,7 +458,7 @@ async fn run_plan(
     let mut merge = Merge::new(scratch.create(DB_FILE)?, tmp.clone(), Limits::default());
     by_index.reverse();
     let total = by_index.len() as u64;
-    let mut prefetch = Prefetch::start(client, opts, &by_index);
+    let mut prefetch = Prefetch::start(client, opts, &by_index, ranges);
     let pool = Arc::new(compress::Scratch::default());
     for (done, (index, segs)) in by_index.iter().enumerate() {
         merge.begin_index(*index);
@@ -578,6 +578,9 @@ enum Fetched {
     Bytes(Vec<u8>, tokio::sync::OwnedSemaphorePermit),
     /// Too big to hold: opened and streamed when the merge reaches it.
     Stream,
+    /// Too big to hold, in a bucket: its ranges, fetched by the schedule that serves every
+    /// big segment of the restore back to back (see `ranged::readers`).
+    Ranged(crate::replica::ObjectReader),
 }
 
 /// Downloads WAL segments ahead of the merge, in the merge's order: up to `parallelism` at
@@ -593,15 +596,35 @@ impl Prefetch {
         client: &ReplicaClient,
         opts: &RestoreOptions,
         indexes: &[(u32, Vec<WalSegmentInfo>)],
+        ranges: RangeOpts,
     ) -> Self {
         let segs: Vec<WalSegmentInfo> = indexes.iter().flat_map(|(_, s)| s.clone()).collect();
+        // The big segments of a bucket are read by one schedule of ranges, so the next one's
+        // first ranges are in flight while the merge finishes the one before (each GET first
+        // waits for the store). A local directory streams them from the file instead.
+        let mut big = match client.kind() {
+            "file" => Vec::new(),
+            _ => {
+                let big: Vec<_> = segs
+                    .iter()
+                    .filter(|s| s.size > STREAM_ABOVE)
+                    .map(|s| (s.pos(), s.size))
+                    .collect();
+                client.wal_segments_ranged(&big, ranges)
+            }
+        }
+        .into_iter();
         let (tx, rx) = tokio::sync::mpsc::channel(opts.parallelism.max(1));
         let (client, opts) = (client.clone(), opts.clone());
         let driver = tokio::spawn(async move {
             let budget = Arc::new(tokio::sync::Semaphore::new(PREFETCH_BYTES as usize));
             for seg in segs {
                 let h = if seg.size > STREAM_ABOVE {
-                    tokio::spawn(async { Ok(Fetched::Stream) })
+                    let f = match big.next() {
+                        Some(body) => Fetched::Ranged(body),
+                        None => Fetched::Stream,
+                    };
+                    tokio::spawn(async { Ok(f) })
                 } else {
                     let cost = seg.size.max(1) as u32;
                     let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
@@ -692,14 +715,19 @@ async fn merge_segment(
             })
             .await
         }
-        Fetched::Stream => {
+        Fetched::Stream | Fetched::Ranged(_) => {
             // The stream retries each range itself; only opening it is retried here.
-            let body = with_retries(opts, &key, "segment", || async {
-                Ok(client
-                    .open_wal_segment_ranged(&seg.pos(), seg.size, ranges)
-                    .await?)
-            })
-            .await?;
+            let body = match fetched {
+                Fetched::Ranged(body) => client.open_body(&key, body).await?,
+                _ => {
+                    with_retries(opts, &key, "segment", || async {
+                        Ok(client
+                            .open_wal_segment_ranged(&seg.pos(), seg.size, ranges)
+                            .await?)
+                    })
+                    .await?
+                }
+            };
             let workers = decode_workers(client);
             blocking(move || {
                 let n = compress::decode_parallel(SyncIoBridge::new(body), workers, |b| {
