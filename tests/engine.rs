@@ -460,7 +460,10 @@ async fn retention_removes_old_generations_snapshots_and_segments() {
     // Retention runs every 300 ms: under load, the pass after the newest snapshot may still be
     // to come (the test failed once on a busy machine, with two segments left below it).
     let wal_dir = replica.join("generations").join(&generation).join("wal");
-    let snap_dir = replica.join("generations").join(&generation).join("snapshots");
+    let snap_dir = replica
+        .join("generations")
+        .join(&generation)
+        .join("snapshots");
     let index = |s: &String| u32::from_str_radix(&s[..8], 16).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {

@@ -216,13 +216,19 @@ mod tests {
                 chunk,
                 ..Default::default()
             };
-            let list = objects.iter().map(|(k, b)| (k.clone(), b.len() as u64)).collect();
+            let list = objects
+                .iter()
+                .map(|(k, b)| (k.clone(), b.len() as u64))
+                .collect();
             let rs = readers(store.clone(), list, opts);
             assert_eq!(rs.len(), objects.len());
             for (mut r, (key, body)) in rs.into_iter().zip(&objects) {
                 let mut got = Vec::new();
                 r.read_to_end(&mut got).await.unwrap();
-                assert!(got == *body, "{key}: {conns} connections, chunks of {chunk}");
+                assert!(
+                    got == *body,
+                    "{key}: {conns} connections, chunks of {chunk}"
+                );
             }
         }
         // A size larger than the object: the read fails rather than return a short object.
