@@ -45,7 +45,7 @@ from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchEr
                     drop_caches, file_sha256, generations, integrity_check, log, med,
                     proc_cpu_seconds, proc_status_kib, ratio, rm_db, snapshot_files, spawn, stop,
                     stop_all_children, summary, system_busy_seconds, table, table_digest, tail,
-                    timed_run, wait_for, wait_quiet, wal_indexes, writer_main)
+                    timed_run, wait_for, wait_quiet, wal_indexes, write_fsync_seconds, writer_main)
 import restorebench
 import s3bench
 import scalebench
@@ -457,22 +457,14 @@ def bound_measurements(a, work: Path, snap: Path, size: int, cold: bool) -> dict
     out["read_snapshot_mb_s"] = snap.stat().st_size / MB / (time.perf_counter() - t0)
 
     tmp = work / "bound.tmp"
-    buf = os.urandom(8 * MiB)
-    os.sync()
-    t0 = time.perf_counter()
-    with open(tmp, "wb", buffering=0) as f:
-        left = size
-        while left > 0:
-            left -= f.write(buf[:min(left, len(buf))])
-        os.fsync(f.fileno())
-    out["write_fsync_mb_s"] = size / MB / (time.perf_counter() - t0)
-    tmp.unlink()
+    out["write_fsync_mb_s"] = size / MB / write_fsync_seconds(tmp, size)
 
     # Latency of one small durable write (Litestream pays several per WAL index on restore).
     lat = []
+    page = os.urandom(PAGE_SIZE)
     with open(tmp, "wb", buffering=0) as f:
         for i in range(50):
-            f.write(buf[:PAGE_SIZE])
+            f.write(page)
             t0 = time.perf_counter()
             os.fsync(f.fileno())
             lat.append(time.perf_counter() - t0)

@@ -195,6 +195,22 @@ def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
 # --------------------------------------------------------------------------------------------
 # page cache
 
+def write_fsync_seconds(path: Path, size: int) -> float:
+    """Seconds to write `size` bytes of random data to a new file in 8 MiB writes and fsync it:
+    the disk's side of a restore's floor. The file is removed."""
+    buf = os.urandom(8 * MiB)
+    os.sync()
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = size
+        while left > 0:
+            left -= f.write(buf[:min(left, len(buf))])
+        os.fsync(f.fileno())
+    elapsed = time.perf_counter() - t0
+    path.unlink()
+    return elapsed
+
+
 def drop_caches() -> bool:
     """Writes back dirty pages and drops the page cache; False if not permitted."""
     os.sync()

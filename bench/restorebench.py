@@ -37,7 +37,7 @@ import statistics
 
 from common import (MB, MiB, BenchError, drop_caches, file_sha256, integrity_check, log, rm_db,
                     snapshot_files, spawn, stop, summary, table_digest, tail, timed_run,
-                    wait_for, wait_quiet, wal_indexes)
+                    wait_for, wait_quiet, wal_indexes, write_fsync_seconds)
 from tools import BUCKET, FileTarget, Litestream, Litestreamd, S3Target
 
 SHAPES = ("snapshot", "wal", "history")
@@ -107,17 +107,7 @@ def floor(a, work: Path, replica: Path, out_bytes: int, cold: bool) -> dict:
                     break
                 n += len(b)
     read_s = time.perf_counter() - t0
-    tmp = work / "floor.tmp"
-    buf = os.urandom(8 * MiB)
-    os.sync()
-    t0 = time.perf_counter()
-    with open(tmp, "wb", buffering=0) as f:
-        left = out_bytes
-        while left > 0:
-            left -= f.write(buf[:min(left, len(buf))])
-        os.fsync(f.fileno())
-    write_s = time.perf_counter() - t0
-    tmp.unlink()
+    write_s = write_fsync_seconds(work / "floor.tmp", out_bytes)
     res = {"read_s": read_s, "read_bytes": n, "write_s": write_s, "floor_s": read_s + write_s}
     if a.lz4_rate:
         out = subprocess.run([a.lz4_rate, str(replica)], check=True, capture_output=True,
