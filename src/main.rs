@@ -224,7 +224,8 @@ struct RestoreArgs {
     #[arg(long)]
     if_replica_exists: bool,
     /// Concurrent downloads: WAL segments, and ranged GETs of a big object in a bucket (at
-    /// most 8, 2 MiB each). Lower it on a small instance: 2 holds ~15 MiB less than 8.
+    /// most 8, 2 MiB each). Lower it on a small instance: 2 holds ~15 MiB less than 8. 1 reads
+    /// every object with one plain GET (for a store whose ranged GETs are slow).
     #[arg(long, default_value_t = 8)]
     parallelism: usize,
     /// Skip `PRAGMA integrity_check` of the result.

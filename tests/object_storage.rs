@@ -1365,9 +1365,9 @@ fn big_encrypted_objects_restore_by_ranges_from_s3_and_gcs() {
         let (first, last) = (indexes[0], *indexes.last().unwrap());
         assert!(last > first, "{label}: several WAL indexes: {indexes:?}");
 
-        let restore = |out: &Path, index: Option<u64>| {
+        let restore_with = |out: &Path, index: Option<u64>, parallelism: &str| {
             let mut c = cmd();
-            c.args(["restore", "-o"])
+            c.args(["restore", "--parallelism", parallelism, "-o"])
                 .arg(out)
                 .arg("--age-identity-file")
                 .arg(&key.identity_file);
@@ -1381,10 +1381,18 @@ fn big_encrypted_objects_restore_by_ranges_from_s3_and_gcs() {
                 String::from_utf8_lossy(&o.stderr)
             );
         };
+        let restore = |out: &Path, index: Option<u64>| restore_with(out, index, "8");
         let out = d.join(format!("{label}-restored.db"));
         restore(&out, None);
         assert_eq!(integrity(&out), "ok");
         assert_eq!(dump(&out), dump_conn(&app), "{label}: latest");
+        // One connection: every object by one plain GET, the same result.
+        let plain = d.join(format!("{label}-plain.db"));
+        restore_with(&plain, None, "1");
+        assert!(
+            std::fs::read(&plain).unwrap() == std::fs::read(&out).unwrap(),
+            "{label}: --parallelism 1 restores the same bytes"
+        );
         // The index before the TRUNCATE checkpoint holds the state after round 1.
         let before_truncate = segs
             .iter()

@@ -273,7 +273,13 @@ impl ReplicaClient {
         ranged: Option<(u64, ranged::RangeOpts)>,
     ) -> Result<ObjectReader, StoreError> {
         let body = match ranged {
-            Some((size, opts)) if size > opts.chunk && self.store.local_path(key).is_none() => {
+            // One connection: a plain GET (for a store that serves a range by reading the whole
+            // object, as moto does: 0.28 s per 2 MiB range of a 512 MiB object).
+            Some((size, opts))
+                if opts.connections > 1
+                    && size > opts.chunk
+                    && self.store.local_path(key).is_none() =>
+            {
                 ranged::reader(self.store.clone(), key.to_string(), size, opts)
             }
             _ => self.store.get(key).await?,

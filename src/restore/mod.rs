@@ -603,6 +603,7 @@ impl Prefetch {
         // first ranges are in flight while the merge finishes the one before (each GET first
         // waits for the store). A local directory streams them from the file instead.
         let mut big = match client.kind() {
+            _ if ranges.connections < 2 => Vec::new(),
             "file" => Vec::new(),
             _ => {
                 let big: Vec<_> = segs
