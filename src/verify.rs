@@ -27,7 +27,7 @@ use tracing::warn;
 
 use crate::compress;
 use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
-use crate::wal::{Scanner, WAL_HEADER_SIZE, WalHeader};
+use crate::wal::{StreamError, StreamWalk};
 
 /// How bad a generation (or a replica: its worst generation) is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -428,16 +428,10 @@ fn check_snapshot(r: impl Read + Send) -> io::Result<Result<(), String>> {
         head.extend_from_slice(&b[..take]);
         Ok(())
     })?;
-    if head.len() < 100 || &head[..16] != b"SQLite format 3\0" {
-        return Ok(Err("decodes, but is not an SQLite database".into()));
-    }
-    let page_size = match u16::from_be_bytes([head[16], head[17]]) {
-        1 => 65536,
-        n => u64::from(n),
+    let page_size = match crate::restore::database_page_size(&head) {
+        Ok(ps) => u64::from(ps),
+        Err(why) => return Ok(Err(format!("decodes, but {why}"))),
     };
-    if !page_size.is_power_of_two() || !(512..=65536).contains(&page_size) {
-        return Ok(Err(format!("database header has page size {page_size}")));
-    }
     if !len.is_multiple_of(page_size) {
         return Ok(Err(format!(
             "decodes to {len} bytes, not a whole number of {page_size}-byte pages"
@@ -446,55 +440,24 @@ fn check_snapshot(r: impl Read + Send) -> io::Result<Result<(), String>> {
     Ok(Ok(()))
 }
 
-/// One WAL index walked across its segments: header, salts, checksum chain.
+/// One WAL index walked across its segments ([`StreamWalk`]: header, salts, checksum chain,
+/// page 0).
 #[derive(Debug, Clone, Default)]
 struct IndexWalk {
     /// Decoded bytes so far (where the next segment must start).
     len: u64,
-    header: Option<WalHeader>,
-    scanner: Option<Scanner>,
-    partial: Vec<u8>,
+    walk: StreamWalk,
 }
 
 impl IndexWalk {
-    fn feed(&mut self, mut data: &[u8]) -> Result<(), String> {
+    fn feed(&mut self, data: &[u8]) -> Result<(), StreamError> {
         self.len += data.len() as u64;
-        while !data.is_empty() {
-            let need = match &self.scanner {
-                None => WAL_HEADER_SIZE,
-                Some(s) => s.frame_size() as usize,
-            };
-            let take = (need - self.partial.len()).min(data.len());
-            self.partial.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.partial.len() < need {
-                break;
-            }
-            match &mut self.scanner {
-                None => {
-                    let h =
-                        WalHeader::parse(&self.partial).map_err(|e| format!("WAL header: {e}"))?;
-                    self.scanner = Some(Scanner::new(&h));
-                    self.header = Some(h);
-                }
-                Some(s) => {
-                    let at = s.offset();
-                    s.push(&self.partial)
-                        .map_err(|stop| format!("frame at WAL offset {at}: {}", stop.reason()))?;
-                    let pgno = u32::from_be_bytes(self.partial[..4].try_into().expect("4"));
-                    if pgno == 0 {
-                        return Err(format!("frame at WAL offset {at} is for page 0"));
-                    }
-                }
-            }
-            self.partial.clear();
-        }
-        Ok(())
+        self.walk.feed(data, |_| Ok::<(), StreamError>(()))
     }
 
     /// What the end of the index says, if anything is wrong.
     fn finish(&self) -> Option<(Grade, String)> {
-        let Some(s) = &self.scanner else {
+        let Some(s) = self.walk.scanner() else {
             return Some((
                 Grade::Failure,
                 format!(
@@ -503,7 +466,7 @@ impl IndexWalk {
                 ),
             ));
         };
-        if !self.partial.is_empty() {
+        if self.walk.partial() > 0 {
             return Some((
                 Grade::Failure,
                 format!("the index ends inside a frame (at WAL offset {})", self.len),

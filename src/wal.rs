@@ -289,6 +289,96 @@ impl Scanner {
     }
 }
 
+/// Why a WAL read as a stream ([`StreamWalk`]) is rejected.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("WAL header: {0}")]
+    Header(WalError),
+    #[error("{} at WAL offset {at}", stop.reason())]
+    Frame { stop: Stop, at: u64 },
+    #[error("frame for page 0 at WAL offset {at}")]
+    PageZero { at: u64 },
+}
+
+/// What [`StreamWalk::feed`] hands on: the header, or a whole frame that continues the chain
+/// (with the walk after it, for its offset and last commit).
+pub enum Unit<'a> {
+    Header(&'a WalHeader),
+    Frame(&'a FrameHeader, &'a [u8], &'a Scanner),
+}
+
+/// A WAL arriving as a byte stream, in pieces of any size (the decoded segments of an index,
+/// in restore and in verify): cut into its header and whole frames, each checked (header,
+/// salts, checksum chain, no page 0) before it is handed on.
+#[derive(Debug, Clone, Default)]
+pub struct StreamWalk {
+    scanner: Option<Scanner>,
+    /// A header or frame split across pieces.
+    partial: Vec<u8>,
+}
+
+impl StreamWalk {
+    /// The walk so far; None before the whole header arrived.
+    pub fn scanner(&self) -> Option<&Scanner> {
+        self.scanner.as_ref()
+    }
+    /// Bytes of an unfinished header or frame held back.
+    pub fn partial(&self) -> usize {
+        self.partial.len()
+    }
+
+    pub fn feed<E: From<StreamError>>(
+        &mut self,
+        mut data: &[u8],
+        mut on: impl FnMut(Unit<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        while !data.is_empty() {
+            let need = match &self.scanner {
+                None => WAL_HEADER_SIZE,
+                Some(s) => s.frame_size() as usize,
+            };
+            if self.partial.is_empty() && data.len() >= need {
+                // Whole in this piece: no copy.
+                let (unit, rest) = data.split_at(need);
+                data = rest;
+                self.unit(unit, &mut on)?;
+                continue;
+            }
+            let take = (need - self.partial.len()).min(data.len());
+            self.partial.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.partial.len() == need {
+                let unit = std::mem::take(&mut self.partial);
+                let res = self.unit(&unit, &mut on);
+                self.partial = unit;
+                self.partial.clear();
+                res?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unit<E: From<StreamError>>(
+        &mut self,
+        unit: &[u8],
+        on: &mut impl FnMut(Unit<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(scanner) = &mut self.scanner else {
+            let h = WalHeader::parse(unit).map_err(StreamError::Header)?;
+            self.scanner = Some(Scanner::new(&h));
+            return on(Unit::Header(&h));
+        };
+        let at = scanner.offset();
+        let fh = scanner
+            .push(unit)
+            .map_err(|stop| StreamError::Frame { stop, at })?;
+        if fh.pgno == 0 {
+            return Err(StreamError::PageZero { at }.into());
+        }
+        on(Unit::Frame(&fh, unit, scanner))
+    }
+}
+
 /// SQLite's WAL checksum over `data` (a multiple of 8 bytes), continuing from `seed`.
 pub fn checksum(big_endian: bool, seed: (u32, u32), data: &[u8]) -> (u32, u32) {
     debug_assert!(data.len().is_multiple_of(8));

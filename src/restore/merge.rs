@@ -35,7 +35,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use super::RestoreError;
-use crate::wal::{FRAME_HEADER_SIZE, FrameHeader, Scanner, WAL_HEADER_SIZE, WalHeader};
+use crate::wal::{FRAME_HEADER_SIZE, FrameHeader, StreamError, StreamWalk, Unit, WAL_HEADER_SIZE};
 
 /// Buffer sizes of a merge.
 #[derive(Debug, Clone, Copy)]
@@ -128,9 +128,8 @@ pub(crate) struct MergeStats {
 /// The state of the index being merged.
 struct Index {
     index: u32,
-    scanner: Option<Scanner>,
-    /// A header or frame split across pieces of the decoded stream.
-    partial: Vec<u8>,
+    /// The index's frames, cut from the decoded stream and checked.
+    walk: StreamWalk,
     /// The uncommitted transaction's wanted frames: page numbers and pages.
     txn_pgnos: Vec<u32>,
     txn: Vec<u8>,
@@ -239,36 +238,18 @@ impl Merge {
         res
     }
 
-    fn feed_index(
-        &mut self,
-        ix: &mut Index,
-        key: &str,
-        mut data: &[u8],
-    ) -> Result<(), RestoreError> {
-        {
-            while !data.is_empty() {
-                let need = match &ix.scanner {
-                    None => WAL_HEADER_SIZE,
-                    Some(s) => s.frame_size() as usize,
-                };
-                if ix.partial.is_empty() && data.len() >= need {
-                    let (unit, rest) = data.split_at(need);
-                    data = rest;
-                    self.unit(ix, key, unit)?;
-                    continue;
-                }
-                let take = (need - ix.partial.len()).min(data.len());
-                ix.partial.extend_from_slice(&data[..take]);
-                data = &data[take..];
-                if ix.partial.len() == need {
-                    let unit = std::mem::take(&mut ix.partial);
-                    self.unit(ix, key, &unit)?;
-                    ix.partial = unit;
-                    ix.partial.clear();
-                }
-            }
-            Ok(())
-        }
+    fn feed_index(&mut self, ix: &mut Index, key: &str, data: &[u8]) -> Result<(), RestoreError> {
+        // The walk is taken out while it calls back into the index it belongs to.
+        let mut walk = std::mem::take(&mut ix.walk);
+        let res = walk.feed(data, |unit| self.unit(ix, key, unit));
+        ix.walk = walk;
+        res.map_err(|e| match e {
+            Fed::Wal(e) => RestoreError::Corrupt {
+                key: key.to_string(),
+                reason: e.to_string(),
+            },
+            Fed::Restore(e) => e,
+        })
     }
 
     /// The end of segment `key`: it must end on a frame boundary.
@@ -278,49 +259,44 @@ impl Merge {
             key: key.to_string(),
             reason,
         };
-        match &ix.scanner {
-            Some(_) if ix.partial.is_empty() => Ok(()),
+        match ix.walk.scanner() {
+            Some(_) if ix.walk.partial() == 0 => Ok(()),
             Some(s) => Err(corrupt(format!(
                 "partial frame of {} bytes at WAL offset {}",
-                ix.partial.len(),
+                ix.walk.partial(),
                 s.offset()
             ))),
             None => Err(corrupt(format!(
                 "segment ends inside the WAL header ({} bytes)",
-                ix.partial.len()
+                ix.walk.partial()
             ))),
         }
     }
 
-    /// One WAL header or whole frame.
-    fn unit(&mut self, ix: &mut Index, key: &str, unit: &[u8]) -> Result<(), RestoreError> {
+    /// One WAL header or whole frame, checked by the walk.
+    fn unit(&mut self, ix: &mut Index, key: &str, unit: Unit<'_>) -> Result<(), Fed> {
         let corrupt = |reason| RestoreError::Corrupt {
             key: key.to_string(),
             reason,
         };
-        let Some(scanner) = &mut ix.scanner else {
-            let h = WalHeader::parse(unit).map_err(|e| corrupt(format!("WAL header: {e}")))?;
-            match &self.page_size {
-                Some((ps, first)) if *ps != h.page_size => {
-                    return Err(corrupt(format!(
-                        "WAL page size {} differs from {ps} of {first}",
-                        h.page_size
-                    )));
+        let (fh, frame, scanner) = match unit {
+            Unit::Header(h) => {
+                match &self.page_size {
+                    Some((ps, first)) if *ps != h.page_size => {
+                        return Err(corrupt(format!(
+                            "WAL page size {} differs from {ps} of {first}",
+                            h.page_size
+                        ))
+                        .into());
+                    }
+                    Some(_) => {}
+                    None => self.page_size = Some((h.page_size, key.to_string())),
                 }
-                Some(_) => {}
-                None => self.page_size = Some((h.page_size, key.to_string())),
+                return Ok(());
             }
-            ix.scanner = Some(Scanner::new(&h));
-            return Ok(());
+            Unit::Frame(fh, frame, scanner) => (fh, frame, scanner),
         };
-        let at = scanner.offset();
-        let fh = scanner
-            .push(unit)
-            .map_err(|stop| corrupt(format!("{} at WAL offset {at}", stop.reason())))?;
-        if fh.pgno == 0 {
-            return Err(corrupt(format!("frame for page 0 at WAL offset {at}")));
-        }
-        let page = &unit[FRAME_HEADER_SIZE..];
+        let page = &frame[FRAME_HEADER_SIZE..];
         if let Some((pages, upto)) = &ix.replay {
             if scanner.offset() <= *upto && pages.contains(fh.pgno) {
                 self.write_pages(&[(fh.pgno, page)])?;
@@ -332,7 +308,7 @@ impl Merge {
             ix.txn.extend_from_slice(page);
         }
         if fh.is_commit() {
-            self.commit(ix, &fh, scanner_offset(ix))?;
+            self.commit(ix, fh, scanner.offset())?;
         } else if ix.txn.len() >= self.limits.txn {
             self.spill(ix)?;
         }
@@ -600,16 +576,7 @@ impl Merge {
             key: key.to_string(),
             reason,
         };
-        if &hdr[..16] != b"SQLite format 3\0" {
-            return Err(corrupt("not a SQLite database".into()));
-        }
-        let ps = match u16::from_be_bytes([hdr[16], hdr[17]]) as u32 {
-            1 => 65536,
-            ps => ps,
-        };
-        if !ps.is_power_of_two() || !(512..=65536).contains(&ps) {
-            return Err(corrupt(format!("invalid page size {ps}")));
-        }
+        let ps = database_page_size(hdr).map_err(corrupt)?;
         if let Some((wal_ps, first)) = &self.page_size
             && *wal_ps != ps
         {
@@ -684,16 +651,44 @@ impl Merge {
     }
 }
 
-fn scanner_offset(ix: &Index) -> u64 {
-    ix.scanner.as_ref().map_or(0, |s| s.offset())
+/// The page size in the 100-byte header of an SQLite database file; what is wrong otherwise.
+pub(crate) fn database_page_size(hdr: &[u8]) -> Result<u32, String> {
+    if hdr.len() < 100 || &hdr[..16] != b"SQLite format 3\0" {
+        return Err("not a SQLite database".into());
+    }
+    let ps = match u16::from_be_bytes([hdr[16], hdr[17]]) as u32 {
+        1 => 65536,
+        ps => ps,
+    };
+    if !ps.is_power_of_two() || !(512..=65536).contains(&ps) {
+        return Err(format!("invalid page size {ps}"));
+    }
+    Ok(ps)
+}
+
+/// An error while a segment is fed: the walk's (a damaged frame) or the merge's own.
+enum Fed {
+    Wal(StreamError),
+    Restore(RestoreError),
+}
+
+impl From<StreamError> for Fed {
+    fn from(e: StreamError) -> Self {
+        Fed::Wal(e)
+    }
+}
+
+impl From<RestoreError> for Fed {
+    fn from(e: RestoreError) -> Self {
+        Fed::Restore(e)
+    }
 }
 
 impl Index {
     fn new(index: u32, replay: Option<(PageSet, u64)>) -> Self {
         Index {
             index,
-            scanner: None,
-            partial: Vec::new(),
+            walk: StreamWalk::default(),
             txn_pgnos: Vec::new(),
             txn: Vec::new(),
             slots: HashMap::new(),

@@ -32,6 +32,7 @@ use crate::replicator::RetryPolicy;
 
 mod merge;
 mod output;
+pub(crate) use merge::database_page_size;
 use merge::{Limits, Merge};
 use output::Scratch;
 pub use output::{Output, Ownership};
