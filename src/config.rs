@@ -75,6 +75,17 @@ pub struct Defaults {
     /// or two HEAD requests); `0s` disables it.
     #[serde(with = "humantime_serde")]
     pub restorable_check_interval: Duration,
+    /// Scheduled restore drills (see `drill`): every this long, each replica is restored into
+    /// `drill_dir` and compared with the database; `0s` (the default) turns them off. A drill
+    /// downloads the whole database from every replica.
+    #[serde(with = "humantime_serde")]
+    pub drill_interval: Duration,
+    /// Longest a drill waits for a replica to reach the drill's position.
+    #[serde(with = "humantime_serde")]
+    pub drill_timeout: Duration,
+    /// Where drills restore (a private directory the daemon owns). Default:
+    /// `<state_dir>/drills`.
+    pub drill_dir: PathBuf,
 }
 
 impl Default for Defaults {
@@ -95,6 +106,9 @@ impl Default for Defaults {
             retry: r.retry,
             lease_ttl: r.lease_ttl,
             restorable_check_interval: r.restorable_check_interval,
+            drill_interval: Duration::ZERO,
+            drill_timeout: Duration::from_secs(600),
+            drill_dir: PathBuf::new(),
         }
     }
 }
@@ -325,6 +339,9 @@ pub struct DbConfig {
     /// cannot be read); `0s` or unset: wait as long as it takes.
     #[serde(default, with = "humantime_serde::option")]
     pub restore_on_start_timeout: Option<Duration>,
+    /// Restore drills of this database (overrides the default); `0s` turns them off.
+    #[serde(default, with = "humantime_serde::option")]
+    pub drill_interval: Option<Duration>,
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -508,6 +525,11 @@ pub fn load_main(path: &Path) -> Result<MainConfig, ConfigError> {
             .unwrap_or_else(|| PathBuf::from("/var/lib/litestreamd"));
     } else if main.state_dir.is_relative() {
         main.state_dir = base.join(&main.state_dir);
+    }
+    if main.defaults.drill_dir.as_os_str().is_empty() {
+        main.defaults.drill_dir = main.state_dir.join("drills");
+    } else if main.defaults.drill_dir.is_relative() {
+        main.defaults.drill_dir = base.join(&main.defaults.drill_dir);
     }
     for d in &mut main.restore_dirs {
         if d.is_relative() {
@@ -989,21 +1011,41 @@ pub async fn resolve_db(
         return Err(invalid(file, first.clone()));
     }
     let mut replicas = Vec::new();
+    let mut drill_replicas = Vec::new();
     for (i, (r, (target, rname))) in db.replicas.iter().zip(checked.targets).enumerate() {
         let store = target
+            .clone()
             .open()
             .await
             .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
         let client = with_age(ReplicaClient::new(store), r, file)
             .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
+        let age = match &r.age {
+            Some(a) => a
+                .keys(file)
+                .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?,
+            None => None,
+        };
+        drill_replicas.push(crate::drill::DrillReplica {
+            name: rname.clone(),
+            target,
+            age,
+        });
         replicas.push((replica_options(r, rname, d), client));
     }
+    let interval = db.drill_interval.unwrap_or(d.drill_interval);
     Ok(DbSpec {
         name: name.to_string(),
         path: checked.path,
         opts: db_options(db, d),
         replicas,
         restore_on_start: db.restore_on_start == RestoreOnStart::IfMissing,
+        drill: Some(crate::drill::DrillSpec {
+            interval: (!interval.is_zero()).then_some(interval),
+            dir: d.drill_dir.clone(),
+            timeout: d.drill_timeout,
+            replicas: drill_replicas,
+        }),
     })
 }
 

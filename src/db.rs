@@ -883,6 +883,35 @@ impl Db {
     }
 }
 
+impl Db {
+    /// Copies what is committed into the shadow, then holds the database at that position for
+    /// a restore drill (see [`DrillSource`]). None while the database does not exist.
+    pub fn drill_source(&mut self) -> Result<Option<DrillSource>, DbError> {
+        if !self.init()? {
+            return Ok(None);
+        }
+        self.sync(None)?;
+        // The read transaction begins before the position is taken (its mark is at or before
+        // the position), and with our checkpoints paused the second pass cannot move it.
+        self.acquire_read_lock()?;
+        let guard = SnapshotGuard(self.snapshotting.clone());
+        self.snapshotting.fetch_add(1, Ordering::SeqCst);
+        let Some(pos) = self.sync(None)?.pos else {
+            return Ok(None);
+        };
+        if !self.open.as_ref().is_some_and(|o| o.in_read_tx) {
+            return Ok(None);
+        }
+        Ok(Some(DrillSource {
+            pos,
+            taken_at: SystemTime::now(),
+            file: self.conns().fd.clone(),
+            shadow: self.shadow.clone(),
+            _guard: guard,
+        }))
+    }
+}
+
 impl Drop for Db {
     fn drop(&mut self) {
         self.close();
@@ -916,6 +945,73 @@ impl SnapshotSource {
             w.write_all(&buf[..n])?;
             off += n as u64;
         }
+    }
+}
+
+/// The database at a position, for a restore drill (see `drill`): the database file overlaid
+/// with the current shadow index's frames up to the position. While it lives our checkpoints
+/// are paused and the long read transaction is held, so SQLite can neither restart the WAL
+/// nor copy into the file a frame written after the position (a checkpoint only copies frames
+/// below every reader's mark; a reader of the file alone blocks copying altogether): the file
+/// holds the database at the start of the index with some of the index's frames, all of which
+/// the overlay replaces. No write lock, no forced checkpoint.
+pub struct DrillSource {
+    pos: Pos,
+    taken_at: SystemTime,
+    file: Arc<File>,
+    shadow: Shadow,
+    _guard: SnapshotGuard,
+}
+
+impl DrillSource {
+    pub fn pos(&self) -> &Pos {
+        &self.pos
+    }
+    /// When the position was the database's.
+    pub fn taken_at(&self) -> SystemTime {
+        self.taken_at
+    }
+
+    /// Calls `f` with every page of the database at the position, in order; returns the page
+    /// size. The size is the last commit's in the index, else the file's (a WAL life starts
+    /// after a complete checkpoint, which cuts the file to the database's size).
+    pub fn pages(&self, mut f: impl FnMut(&[u8])) -> io::Result<u32> {
+        let v = self
+            .shadow
+            .page_versions(&self.pos.generation, self.pos.index, self.pos.offset)?;
+        let ps = v.page_size as u64;
+        let n = match v.commit_size {
+            Some(n) => n as u64,
+            None => self.file.metadata()?.len().div_ceil(ps),
+        };
+        // The file is read 1 MiB at a time; pages the index wrote come from the shadow.
+        let per = ((1u64 << 20) / ps).max(1);
+        let mut chunk = vec![0u8; (per * ps) as usize];
+        let mut pgno = 1u64;
+        while pgno <= n {
+            let count = per.min(n - pgno + 1);
+            let buf = &mut chunk[..(count * ps) as usize];
+            let mut got = 0;
+            while got < buf.len() {
+                match self
+                    .file
+                    .read_at(&mut buf[got..], (pgno - 1) * ps + got as u64)?
+                {
+                    0 => break,
+                    k => got += k,
+                }
+            }
+            // Past the file's end SQLite reads zeros too.
+            buf[got..].fill(0);
+            for (k, page) in buf.chunks_mut(ps as usize).enumerate() {
+                if let Some(&off) = v.pages.get(&((pgno + k as u64) as u32)) {
+                    v.file.read_exact_at(page, off)?;
+                }
+                f(page);
+            }
+            pgno += count;
+        }
+        Ok(v.page_size)
     }
 }
 

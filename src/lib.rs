@@ -24,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod crypt;
 pub mod db;
+pub mod drill;
 pub mod import;
 pub mod layout;
 pub mod lease;

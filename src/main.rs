@@ -18,7 +18,7 @@ use litestreamd::replica::{self, ReplicaClient};
 use litestreamd::replicator::ReplicaOptions;
 use litestreamd::restore::{self, NamedReplica, RestoreOptions, RestoreOutcome};
 use litestreamd::shadow::Shadow;
-use litestreamd::status::{DbState, ReplicaStateName};
+use litestreamd::status::{DbState, DrillResult, DrillStatus, ReplicaStateName};
 use litestreamd::supervisor::Supervisor;
 use litestreamd::telemetry;
 use litestreamd::worker::DbSpec;
@@ -90,6 +90,26 @@ enum Command {
         /// Fail when any replica lags more than this many seconds.
         #[arg(long)]
         max_lag: Option<f64>,
+        /// Fail when a replica's last restore drill failed, or none passed within this long
+        /// (e.g. `2d`; drills run every `drill_interval`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_drill_age: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a restore drill of a database now (through the daemon): each replica is restored
+    /// into the drill directory at a position the daemon knows the database's content at,
+    /// checked with `PRAGMA integrity_check` and compared page by page (a checksum) with the
+    /// database. Exits 1 when a drill failed, 2 when one could not run.
+    Drill {
+        /// The database's name (its file in dbs.d without `.toml`).
+        db: String,
+        #[arg(
+            long,
+            env = "LITESTREAMD_SOCKET",
+            default_value = "/run/litestreamd/control.sock"
+        )]
+        socket: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -369,8 +389,10 @@ async fn dispatch(cmd: Command) -> Result<()> {
         Command::Status {
             socket,
             max_lag,
+            max_drill_age,
             json,
-        } => status_cmd(&socket, max_lag, json).await,
+        } => status_cmd(&socket, max_lag, max_drill_age, json).await,
+        Command::Drill { db, socket, json } => drill_cmd(&socket, &db, json).await,
         Command::Replicate {
             db,
             urls,
@@ -420,6 +442,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     opts,
                     replicas,
                     restore_on_start: false,
+                    drill: None,
                 }],
                 shutdown_timeout,
             )
@@ -651,15 +674,60 @@ async fn wait_for_restores(
     }
 }
 
-async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<()> {
+async fn drill_cmd(socket: &Path, db: &str, json: bool) -> Result<()> {
+    let mut client = control::client::Client::connect(socket).await?;
+    let st = client
+        .status()
+        .await?
+        .into_iter()
+        .find(|d| d.name == db)
+        .ok_or_else(|| anyhow::anyhow!("no database named {db:?}"))?;
+    let results = client.drill(db).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    let mut worst = DrillResult::Passed;
+    for (r, d) in st.replicas.iter().zip(&results) {
+        if !json {
+            println!(
+                "{db}/{}: {} in {:.1}s at {}{}",
+                r.name,
+                d.result.as_str(),
+                d.duration_seconds,
+                d.pos.as_ref().map_or("-".to_string(), |p| p.to_string()),
+                d.reason
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            );
+        }
+        worst = match (worst, d.result) {
+            (DrillResult::Failed, _) | (_, DrillResult::Failed) => DrillResult::Failed,
+            (DrillResult::Error, _) | (_, DrillResult::Error) => DrillResult::Error,
+            _ => DrillResult::Passed,
+        };
+    }
+    match worst {
+        DrillResult::Passed => Ok(()),
+        DrillResult::Failed => std::process::exit(1),
+        DrillResult::Error => std::process::exit(2),
+    }
+}
+
+async fn status_cmd(
+    socket: &Path,
+    max_lag: Option<f64>,
+    max_drill_age: Option<std::time::Duration>,
+    json: bool,
+) -> Result<()> {
     let mut client = control::client::Client::connect(socket).await?;
     let dbs = client.status().await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&dbs)?);
     } else {
         println!(
-            "{:<20} {:<12} {:<28} {:<10} {:<10} {:>9} {:>12}  error",
-            "database", "state", "position", "replica", "state", "lag (s)", "lag (bytes)"
+            "{:<20} {:<12} {:<28} {:<10} {:<10} {:>9} {:>12}  {:<12} error",
+            "database", "state", "position", "replica", "state", "lag (s)", "lag (bytes)", "drill"
         );
         for d in &dbs {
             let pos = d
@@ -678,8 +746,19 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
                     .as_deref()
                     .filter(|_| r.state.name() != ReplicaStateName::Healthy)
                     .unwrap_or("");
+                let drill = match (&d.drill, &r.drill) {
+                    (Some(run), _) if run.replica.as_deref().is_none_or(|n| n == r.name) => {
+                        format!("{}…", run.stage)
+                    }
+                    (_, Some(dr)) => dr.short(),
+                    _ => "-".into(),
+                };
+                let err = match r.drill.as_ref().filter(|d| d.result != DrillResult::Passed) {
+                    Some(dr) if err.is_empty() => dr.reason.as_deref().unwrap_or(""),
+                    _ => err,
+                };
                 println!(
-                    "{name:<20} {state:<12} {pos:<28} {:<10} {:<10} {:>9.1} {:>12}  {err}",
+                    "{name:<20} {state:<12} {pos:<28} {:<10} {:<10} {:>9.1} {:>12}  {drill:<12} {err}",
                     r.name,
                     r.state_name(),
                     r.lag_seconds,
@@ -707,6 +786,9 @@ async fn status_cmd(socket: &Path, max_lag: Option<f64>, json: bool) -> Result<(
             }
             if max_lag.is_some_and(|m| r.lag_seconds > m) {
                 problems.push(format!("{}/{}: lag {:.1}s", d.name, r.name, r.lag_seconds));
+            }
+            if let Some(p) = DrillStatus::problem(r.drill.as_ref(), max_drill_age) {
+                problems.push(format!("{}/{}: {p}", d.name, r.name));
             }
         }
     }

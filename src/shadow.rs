@@ -48,6 +48,18 @@ pub enum After {
     Gone,
 }
 
+/// The newest version of each page in part of an index (see [`Shadow::page_versions`]).
+#[derive(Debug)]
+pub struct PageVersions {
+    /// The index file, open.
+    pub file: File,
+    /// Page number → offset of its newest page data in `file`.
+    pub pages: std::collections::HashMap<u32, u64>,
+    /// The database size in pages after the last commit frame (None: no frame).
+    pub commit_size: Option<u32>,
+    pub page_size: u32,
+}
+
 fn io_at(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
@@ -427,6 +439,60 @@ impl Shadow {
             ));
         }
         Ok(end - start)
+    }
+
+    /// The newest version of every page among an index's frames before `end` (checked like
+    /// [`Shadow::copy_range`]): what a restore drill lays over the database file to get the
+    /// database at that position.
+    pub fn page_versions(
+        &self,
+        generation: &str,
+        index: u32,
+        end: u64,
+    ) -> io::Result<PageVersions> {
+        let p = self.index_path(generation, index);
+        let h = self.parsed_header(generation, index)?;
+        let file = File::open(&p).map_err(|e| io_at(&p, e))?;
+        let mut sc = Scanner::new(&h);
+        let (fsz, mut at) = (h.frame_size(), WAL_HEADER_SIZE as u64);
+        let mut pages = std::collections::HashMap::new();
+        let mut commit_size = None;
+        let mut rd = io::BufReader::with_capacity(1 << 20, &file);
+        rd.seek(SeekFrom::Start(at)).map_err(|e| io_at(&p, e))?;
+        let stop = sc
+            .scan(&mut rd, end, |fh, _| {
+                pages.insert(fh.pgno, at + wal::FRAME_HEADER_SIZE as u64);
+                if fh.is_commit() {
+                    commit_size = Some(fh.commit_size);
+                }
+                at += fsz;
+            })
+            .map_err(|e| io_at(&p, e))?;
+        if let Some(stop) = stop {
+            return Err(io_at(
+                &p,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} at offset {}", stop.reason(), sc.offset()),
+                ),
+            ));
+        }
+        if sc.offset() != end {
+            return Err(io_at(
+                &p,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("shadow WAL ends at {} before {end}", sc.offset()),
+                ),
+            ));
+        }
+        drop(rd);
+        Ok(PageVersions {
+            file,
+            pages,
+            commit_size,
+            page_size: h.page_size,
+        })
     }
 
     /// Bytes on disk of a generation's shadow WAL.

@@ -134,6 +134,106 @@ impl ReplicaState {
     }
 }
 
+/// How a restore drill of a replica ended (see `drill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrillResult {
+    /// The replica restored to the source's exact content at the drill's position.
+    Passed,
+    /// It did not: the restore failed, the restored database is damaged or not the source.
+    Failed,
+    /// The drill could not run (the replica could not be read, no space, a new generation).
+    Error,
+}
+
+impl DrillResult {
+    pub const ALL: &'static [DrillResult] =
+        &[DrillResult::Passed, DrillResult::Failed, DrillResult::Error];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrillResult::Passed => "passed",
+            DrillResult::Failed => "failed",
+            DrillResult::Error => "error",
+        }
+    }
+}
+
+/// A replica's last restore drill.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillStatus {
+    pub result: DrillResult,
+    #[serde(with = "humantime_serde")]
+    pub finished_at: Option<SystemTime>,
+    /// The last drill that passed (this one or an earlier one).
+    #[serde(with = "humantime_serde")]
+    pub last_success: Option<SystemTime>,
+    pub duration_seconds: f64,
+    /// Bytes of the restored database (0 unless it passed).
+    pub restored_bytes: u64,
+    /// The position the drill restored to.
+    pub pos: Option<Pos>,
+    /// Why it did not pass.
+    pub reason: Option<String>,
+}
+
+impl DrillStatus {
+    /// What is wrong with a replica's drills, if anything: its last drill failed, or (with
+    /// `max_age`) none passed within that long (none since the daemon started included).
+    pub fn problem(
+        d: Option<&DrillStatus>,
+        max_age: Option<std::time::Duration>,
+    ) -> Option<String> {
+        if let Some(d) = d
+            && d.result == DrillResult::Failed
+        {
+            return Some(format!(
+                "last drill failed: {}",
+                d.reason.as_deref().unwrap_or("no reason recorded")
+            ));
+        }
+        let max = max_age?;
+        let passed = d.and_then(|d| d.last_success);
+        match passed.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+            Some(age) if age <= max => None,
+            Some(age) => Some(format!(
+                "no drill passed for {}s (max {}s)",
+                age.as_secs(),
+                max.as_secs()
+            )),
+            None if passed.is_some() => None,
+            None => Some(format!("no drill passed (max age {}s)", max.as_secs())),
+        }
+    }
+
+    /// Short form for tables: `passed 3m`, `failed 10s`, `error 1h`.
+    pub fn short(&self) -> String {
+        let age = self
+            .finished_at
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .map(|a| {
+                let s = a.as_secs();
+                match s {
+                    0..60 => format!("{s}s"),
+                    60..3600 => format!("{}m", s / 60),
+                    3600..86400 => format!("{}h", s / 3600),
+                    _ => format!("{}d", s / 86400),
+                }
+            })
+            .unwrap_or_default();
+        format!("{} {age}", self.result.as_str())
+    }
+}
+
+/// A drill in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrillRun {
+    pub replica: Option<String>,
+    pub stage: String,
+    pub done: u64,
+    pub total: u64,
+}
+
 /// What a replica task reports about itself to its worker.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ReplicaReport {
@@ -167,6 +267,9 @@ pub struct ReplicaStatus {
     /// When the replica last had everything the database has.
     #[serde(with = "humantime_serde")]
     pub caught_up_at: Option<SystemTime>,
+    /// The last restore drill (none yet, or drills are off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillStatus>,
 }
 
 impl ReplicaStatus {
@@ -185,6 +288,7 @@ impl ReplicaStatus {
             lag_seconds: 0.0,
             lag_bytes: 0,
             caught_up_at: Some(SystemTime::now()),
+            drill: None,
         }
     }
 
@@ -217,4 +321,14 @@ pub struct DbStatus {
     #[serde(with = "humantime_serde")]
     pub last_sync: Option<SystemTime>,
     pub replicas: Vec<ReplicaStatus>,
+    /// A restore drill in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<DrillRun>,
+    /// How often drills run (None: off).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub drill_interval: Option<std::time::Duration>,
 }

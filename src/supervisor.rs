@@ -514,6 +514,19 @@ impl Supervisor {
         if failed > 0 {
             parts.push(format!("{failed} failing"));
         }
+        let drills_failed = st
+            .iter()
+            .filter(|s| {
+                s.replicas.iter().any(|r| {
+                    r.drill
+                        .as_ref()
+                        .is_some_and(|d| d.result == crate::status::DrillResult::Failed)
+                })
+            })
+            .count();
+        if drills_failed > 0 {
+            parts.push(format!("{drills_failed} with a failed restore drill"));
+        }
         if conflict > 0 {
             parts.push(format!(
                 "{conflict} blocked (another replicator's lease or another database's path)"

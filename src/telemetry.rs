@@ -37,6 +37,13 @@ pub const REPLICA_LEASE_CONFLICTS: &str = "litestreamd_replica_lease_conflicts_t
 pub const REPLICA_NOT_RESTORABLE: &str = "litestreamd_replica_not_restorable_total";
 pub const REPLICA_OPERATIONS: &str = "litestreamd_replica_operations_total";
 pub const REPLICA_OPERATION_BYTES: &str = "litestreamd_replica_operation_bytes_total";
+pub const DRILL_LAST_SUCCESS: &str = "litestreamd_drill_last_success_timestamp_seconds";
+pub const DRILL_LAST_RUN: &str = "litestreamd_drill_last_run_timestamp_seconds";
+pub const DRILL_DURATION: &str = "litestreamd_drill_duration_seconds";
+pub const DRILL_RESTORED_BYTES: &str = "litestreamd_drill_restored_bytes";
+pub const DRILL_RESULT: &str = "litestreamd_drill_result";
+pub const DRILL_RUNNING: &str = "litestreamd_drill_running";
+pub const DRILL_INTERVAL: &str = "litestreamd_drill_interval_seconds";
 pub const DATABASES: &str = "litestreamd_databases";
 pub const RELOADS: &str = "litestreamd_reloads_total";
 pub const RELOAD_OK: &str = "litestreamd_config_last_reload_successful";
@@ -97,7 +104,24 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         for c in REPLICA_COUNTERS {
             metrics::counter!(*c, &rl).increment(0);
         }
+        if let Some(d) = &rs.drill {
+            let secs = |t: Option<std::time::SystemTime>| {
+                t.and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64())
+            };
+            metrics::gauge!(DRILL_LAST_SUCCESS, &rl).set(secs(d.last_success));
+            metrics::gauge!(DRILL_LAST_RUN, &rl).set(secs(d.finished_at));
+            metrics::gauge!(DRILL_DURATION, &rl).set(d.duration_seconds);
+            metrics::gauge!(DRILL_RESTORED_BYTES, &rl).set(d.restored_bytes as f64);
+            for r in crate::status::DrillResult::ALL {
+                let v = if *r == d.result { 1.0 } else { 0.0 };
+                metrics::gauge!(DRILL_RESULT, "db" => st.name.clone(), "replica" => rs.name.clone(), "result" => r.as_str()).set(v);
+            }
+        }
     }
+    metrics::gauge!(DRILL_RUNNING, &labels).set(if st.drill.is_some() { 1.0 } else { 0.0 });
+    metrics::gauge!(DRILL_INTERVAL, &labels)
+        .set(st.drill_interval.map_or(0.0, |d| d.as_secs_f64()));
 }
 
 #[derive(Debug, Error)]
@@ -141,6 +165,39 @@ pub fn install(addr: &str, idle_timeout: Duration) -> Result<SocketAddr, Telemet
 
 fn describe() {
     describe_gauge!(DB_SIZE, Unit::Bytes, "Size of the database file.");
+    describe_gauge!(
+        DRILL_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the replica's last restore drill that passed (0: none since the daemon started)."
+    );
+    describe_gauge!(
+        DRILL_LAST_RUN,
+        Unit::Seconds,
+        "Unix time the replica's last restore drill finished, whatever its result."
+    );
+    describe_gauge!(
+        DRILL_DURATION,
+        Unit::Seconds,
+        "Duration of the replica's last restore drill."
+    );
+    describe_gauge!(
+        DRILL_RESTORED_BYTES,
+        Unit::Bytes,
+        "Size of the database the replica's last passing drill restored."
+    );
+    describe_gauge!(
+        DRILL_RESULT,
+        "1 for the result of the replica's last restore drill (label result: passed, failed, error)."
+    );
+    describe_gauge!(
+        DRILL_RUNNING,
+        "1 while a restore drill of the database runs."
+    );
+    describe_gauge!(
+        DRILL_INTERVAL,
+        Unit::Seconds,
+        "The database's drill_interval (0: scheduled drills are off)."
+    );
     describe_gauge!(WAL_SIZE, Unit::Bytes, "Size of the database's -wal file.");
     describe_gauge!(
         SHADOW_WAL_BYTES,

@@ -14,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::db::{CheckpointMode, Db, DbOptions, SyncReport};
+use crate::drill::DrillSpec;
 use crate::layout::Pos;
 use crate::replica::ReplicaClient;
 use crate::replicator::{DbShared, Replica, ReplicaOptions};
 use crate::shadow::Shadow;
-use crate::status::{DbState, DbStatus, ReplicaReport, ReplicaStatus};
+use crate::status::{DbState, DbStatus, DrillRun, DrillStatus, ReplicaReport, ReplicaStatus};
 use crate::telemetry;
 
 /// Everything needed to replicate one database.
@@ -31,6 +32,9 @@ pub struct DbSpec {
     /// `restore_on_start = "if-missing"`: restore the database before replicating it when the
     /// file is missing, retrying until the replicas answer (see [`restore_missing`]).
     pub restore_on_start: bool,
+    /// Restore drills (scheduled when it has an interval; on request otherwise). None: this
+    /// database cannot be drilled (built without its replicas' targets).
+    pub drill: Option<DrillSpec>,
 }
 
 /// Requests a running worker accepts (the control socket and tests use them).
@@ -41,6 +45,8 @@ pub enum Command {
     Checkpoint(CheckpointMode, oneshot::Sender<Result<(), String>>),
     /// Every replica takes a snapshot now.
     Snapshot(oneshot::Sender<Result<(), String>>),
+    /// Run a restore drill of every replica now; replies when it is done.
+    Drill(oneshot::Sender<Result<Vec<DrillStatus>, String>>),
 }
 
 /// Live view of a running worker, and its command channel.
@@ -69,6 +75,11 @@ impl WorkerHandle {
     }
     pub async fn checkpoint(&self, mode: CheckpointMode) -> Result<(), String> {
         self.request(|tx| Command::Checkpoint(mode, tx)).await
+    }
+    /// Runs a restore drill of every replica now (after a drill already running, and one at
+    /// a time in the process); the result for each replica, in order.
+    pub async fn drill_now(&self) -> Result<Vec<DrillStatus>, String> {
+        self.request(Command::Drill).await
     }
     pub async fn snapshot_now(&self) -> Result<(), String> {
         self.request(Command::Snapshot).await
@@ -120,12 +131,17 @@ pub fn spawn(
                 .iter()
                 .map(|(o, c)| ReplicaStatus::new(&o.name, c.kind(), &c.url()))
                 .collect(),
+            drill_interval: spec.drill.as_ref().and_then(|d| d.interval),
             ..Default::default()
         })),
         commands: tx,
     };
     let h = handle.clone();
-    let reporting = Reporting { reports, wake };
+    let reporting = Reporting {
+        reports,
+        wake,
+        drills: Arc::default(),
+    };
     let join = tokio::spawn(async move { run(spec, replicas, reporting, shutdown, h, rx).await });
     (handle, join)
 }
@@ -134,6 +150,14 @@ pub fn spawn(
 struct Reporting {
     reports: Vec<watch::Receiver<ReplicaReport>>,
     wake: Arc<Notify>,
+    drills: Arc<Mutex<Drills>>,
+}
+
+/// What the drill task reports: each replica's last drill, and the drill running.
+#[derive(Default)]
+struct Drills {
+    last: Vec<Option<DrillStatus>>,
+    running: Option<DrillRun>,
 }
 
 async fn run(
@@ -170,6 +194,20 @@ async fn run(
             i,
             replica_stop.clone(),
             srx,
+        ));
+    }
+
+    let (drill_tx, drill_rx) = mpsc::channel(4);
+    let drill_stop = CancellationToken::new();
+    if let Some(d) = &spec.drill {
+        tasks.spawn(drill_loop(
+            d.clone(),
+            shared.clone(),
+            positions.clone(),
+            reporting.drills.clone(),
+            reporting.wake.clone(),
+            drill_rx,
+            drill_stop.clone(),
         ));
     }
 
@@ -229,6 +267,13 @@ async fn run(
                         .and_then(|r| r.map_err(|e| e.to_string()));
                     let _ = reply.send(res);
                 }
+                Command::Drill(reply) => {
+                    if spec.drill.is_none() {
+                        let _ = reply.send(Err("restore drills are not available for this database".into()));
+                    } else if let Err(mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r)) = drill_tx.try_send(reply) {
+                        let _ = r.send(Err("too many drills requested; try again later".into()));
+                    }
+                }
                 Command::Snapshot(reply) => {
                     let mut waits = Vec::new();
                     for tx in &snapshot_txs {
@@ -256,6 +301,7 @@ async fn run(
     record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
     publish(&handle, &shared.shadow, &reporting, &mut ps);
     replica_stop.cancel();
+    drill_stop.cancel();
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             error!(db = %spec.name, error = %e, "replica task panicked");
@@ -331,6 +377,9 @@ fn refuse_while_restoring(cmd: Command) {
             let _ = r.send(Err(msg()));
         }
         Command::Checkpoint(_, r) | Command::Snapshot(r) => {
+            let _ = r.send(Err(msg()));
+        }
+        Command::Drill(r) => {
             let _ = r.send(Err(msg()));
         }
     }
@@ -430,7 +479,14 @@ struct PublishState {
 type PublishedKey = (
     DbState,
     Option<Pos>,
-    Vec<(crate::status::ReplicaStateName, Option<Pos>, u64, bool)>,
+    Vec<(
+        crate::status::ReplicaStateName,
+        Option<Pos>,
+        u64,
+        bool,
+        Option<SystemTime>,
+    )>,
+    bool,
 );
 
 /// How often the series of an unchanged, caught-up database are rewritten: well inside the
@@ -511,6 +567,13 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
             _ => 0,
         };
     }
+    {
+        let d = reporting.drills.lock().expect("drills");
+        for (rs, last) in st.replicas.iter_mut().zip(&d.last) {
+            rs.drill = last.clone();
+        }
+        st.drill = d.running.clone();
+    }
     let now_key: PublishedKey = (
         st.state,
         st.pos.clone(),
@@ -522,9 +585,11 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
                     rs.pos.clone(),
                     rs.lag_bytes,
                     rs.lag_seconds > 0.0,
+                    rs.drill.as_ref().and_then(|d| d.finished_at),
                 )
             })
             .collect(),
+        st.drill.is_some(),
     );
     let due = ps.refreshed.is_none_or(|t| t.elapsed() >= REFRESH);
     if !(due || lagging || ps.last.as_ref() != Some(&now_key) || ps.wal_bytes > 0) {
@@ -537,6 +602,137 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
         std::mem::take(&mut ps.syncs),
         std::mem::take(&mut ps.wal_bytes),
     );
+}
+
+/// Runs the database's restore drills: every `interval` (the first one interval after the
+/// start, at most an hour), and on request. One drill at a time here, and in the process (see
+/// `drill`); the results go to the worker, which publishes them.
+async fn drill_loop(
+    spec: DrillSpec,
+    shared: Arc<DbShared>,
+    positions: Arc<Mutex<Vec<Option<Pos>>>>,
+    drills: Arc<Mutex<Drills>>,
+    wake: Arc<Notify>,
+    mut requests: mpsc::Receiver<oneshot::Sender<Result<Vec<DrillStatus>, String>>>,
+    stop: CancellationToken,
+) {
+    let history = spec.dir.join(format!(".{}.drills.json", shared.name));
+    let names: Vec<String> = spec.replicas.iter().map(|r| r.name.clone()).collect();
+    {
+        let last = crate::drill::load_history(&history, &names);
+        let mut d = drills.lock().expect("drills");
+        // The next drill is due one interval after the last one, whenever that was.
+        d.last = last;
+    }
+    wake.notify_one();
+    let last_run = drills
+        .lock()
+        .expect("drills")
+        .last
+        .iter()
+        .flatten()
+        .filter_map(|d| d.finished_at)
+        .max();
+    // The first drill: when the last one saved is an interval old, but not before replication
+    // has settled (a minute, or the interval if shorter) nor more than an hour after the start.
+    let first = |i: Duration| {
+        let since = last_run.and_then(|t| SystemTime::now().duration_since(t).ok());
+        let wait = since.map_or(i, |s| i.saturating_sub(s));
+        Instant::now()
+            + wait
+                .min(Duration::from_secs(3600))
+                .max(i.min(Duration::from_secs(60)))
+    };
+    let mut next = spec.interval.map(first);
+    let progress: Arc<Mutex<Option<DrillRun>>> = Arc::default();
+    loop {
+        let due = async {
+            match next {
+                Some(t) => sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let reply = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = due => None,
+            Some(r) = requests.recv() => Some(r),
+        };
+        let sh = shared.clone();
+        let source =
+            tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").drill_source())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        let results: Result<Vec<DrillStatus>, String> = match source {
+            Ok(Some(src)) => {
+                drills.lock().expect("drills").running = Some(DrillRun {
+                    replica: None,
+                    stage: "queued".into(),
+                    done: 0,
+                    total: 1,
+                });
+                wake.notify_one();
+                let run = crate::drill::run(
+                    shared.name.clone(),
+                    src,
+                    spec.clone(),
+                    positions.clone(),
+                    progress.clone(),
+                );
+                tokio::pin!(run);
+                // Progress reaches the status every second while the drill runs.
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = &mut run => break Ok(r),
+                        _ = tick.tick() => {
+                            if let Some(p) = progress.lock().expect("drill progress").clone() {
+                                drills.lock().expect("drills").running = Some(p);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(None) => Ok(crate::drill::not_run(
+                spec.replicas.len(),
+                "the database does not exist yet",
+            )),
+            Err(e) => Ok(crate::drill::not_run(
+                spec.replicas.len(),
+                &format!("cannot take the drill's position: {e}"),
+            )),
+        };
+        {
+            let mut d = drills.lock().expect("drills");
+            d.running = None;
+            if let Ok(results) = &results {
+                d.last.resize(results.len(), None);
+                for (slot, mut r) in d.last.iter_mut().zip(results.iter().cloned()) {
+                    if r.last_success.is_none() {
+                        r.last_success = slot.as_ref().and_then(|s| s.last_success);
+                    }
+                    *slot = Some(r);
+                }
+                crate::drill::save_history(&history, &names, &d.last);
+            }
+        }
+        wake.notify_one();
+        if let Some(reply) = reply {
+            let results = results.map(|_| {
+                drills
+                    .lock()
+                    .expect("drills")
+                    .last
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .collect()
+            });
+            let _ = reply.send(results);
+        }
+        next = spec.interval.map(|i| Instant::now() + i);
+    }
 }
 
 /// The lowest replica position, or None if any replica has none yet (then nothing is removed).

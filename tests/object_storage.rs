@@ -327,6 +327,7 @@ async fn s3_multipart_snapshot_restores_byte_identical() {
         opts: fast_opts().0,
         replicas,
         restore_on_start: false,
+        drill: None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let (handle, join) = litestreamd::worker::spawn(spec, cancel.clone());
@@ -439,6 +440,7 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
         opts: dbo,
         replicas,
         restore_on_start: false,
+        drill: None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let (handle, join) = litestreamd::worker::spawn(spec, cancel.clone());

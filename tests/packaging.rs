@@ -178,6 +178,10 @@ fn expected_files() -> Vec<(String, &'static str)> {
             "/usr/share/doc/litestreamd/examples/alerts.yml".into(),
             "-rw-r--r--",
         ),
+        (
+            "/usr/share/doc/litestreamd/examples/grafana-dashboard.json".into(),
+            "-rw-r--r--",
+        ),
     ];
     for unit in UNITS {
         files.push((format!("/usr/lib/systemd/system/{unit}"), "-rw-r--r--"));
@@ -700,4 +704,110 @@ fn debian_package() {
     check_units(&root, &bin, scratch.path());
     check_docs(&root, &bin, scratch.path());
     check_maintainer_scripts(&deb, scratch.path());
+}
+
+/// Every `litestreamd_*` series named in `text` (a metric name followed by anything but a
+/// name character).
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("litestreamd_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The shipped Grafana dashboard and alert rules are well-formed and use only series the
+/// daemon exports (no grafana or promtool installs from a registry here, so this is the
+/// structural check: the JSON model's required fields, unique panel ids and refIds, a query in
+/// every panel, the rules' required fields).
+#[test]
+fn monitoring_files_are_well_formed_and_name_only_exported_series() {
+    let telemetry = std::fs::read_to_string(Path::new(ROOT).join("src/telemetry.rs")).unwrap();
+    let exported: BTreeSet<String> = metric_names(&telemetry)
+        .into_iter()
+        .filter(|n| telemetry.contains(&format!("\"{n}\"")))
+        .collect();
+    assert!(
+        exported.contains("litestreamd_drill_result"),
+        "{exported:?}"
+    );
+
+    let path = Path::new(ROOT).join("config/grafana-dashboard.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for key in [
+        "uid",
+        "title",
+        "schemaVersion",
+        "panels",
+        "templating",
+        "time",
+    ] {
+        assert!(dash.get(key).is_some(), "dashboard lacks {key}");
+    }
+    assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
+    let mut ids = BTreeSet::new();
+    let mut drill_panels = 0;
+    for p in dash["panels"].as_array().unwrap() {
+        let id = p["id"].as_u64().expect("panel id");
+        assert!(ids.insert(id), "duplicate panel id {id}");
+        let g = &p["gridPos"];
+        for k in ["h", "w", "x", "y"] {
+            assert!(g[k].is_u64(), "panel {id}: gridPos.{k}");
+        }
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "panel {id} is wider than the grid"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {id} has no query");
+        let mut refs = BTreeSet::new();
+        for t in targets {
+            assert!(refs.insert(t["refId"].as_str().unwrap().to_string()));
+            let expr = t["expr"].as_str().unwrap();
+            assert!(!metric_names(expr).is_empty(), "panel {id}: {expr}");
+            drill_panels += expr.contains("litestreamd_drill_") as usize;
+        }
+    }
+    assert!(drill_panels >= 3, "the dashboard shows drills");
+    let used = metric_names(&text);
+    let unknown: Vec<_> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard names series the daemon does not export: {unknown:?}"
+    );
+
+    let path = Path::new(ROOT).join("config/alerts.yml");
+    use figment::providers::Format;
+    let rules: serde_json::Value = figment::Figment::from(figment::providers::Yaml::file(&path))
+        .extract()
+        .unwrap();
+    let mut alerts = BTreeSet::new();
+    for group in rules["groups"].as_array().unwrap() {
+        for r in group["rules"].as_array().unwrap() {
+            let name = r["alert"].as_str().expect("alert name");
+            assert!(alerts.insert(name.to_string()), "duplicate alert {name}");
+            assert!(r["expr"].is_string(), "{name}: expr");
+            assert!(r["labels"]["severity"].is_string(), "{name}: severity");
+            assert!(r["annotations"]["summary"].is_string(), "{name}: summary");
+        }
+    }
+    for want in ["LitestreamdDrillFailed", "LitestreamdNoRecentDrill"] {
+        assert!(alerts.contains(want), "alerts.yml lacks {want}");
+    }
+    let text = std::fs::read_to_string(&path).unwrap();
+    let unknown: Vec<_> = metric_names(&text).difference(&exported).cloned().collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts.yml names series the daemon does not export: {unknown:?}"
+    );
 }

@@ -1829,3 +1829,269 @@ fn a_reload_never_holds_up_the_watchdog() {
     let mut daemon = daemon;
     let _ = daemon.child.kill();
 }
+
+/// `litestreamd drill NAME`: its output and exit code.
+fn drill(sock: &Path, db: &str) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["drill", db, "--socket"])
+        .arg(sock)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn status_exit(sock: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["status", "--socket"])
+        .arg(sock)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The WAL segments of a file replica's only generation: (index, offset, path), in order.
+fn segments(replica: &Path) -> Vec<(u32, u64, PathBuf)> {
+    let mut out = Vec::new();
+    for p in objects(replica, ".wal.lz4") {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        let (i, o) = name.trim_end_matches(".wal.lz4").split_once('_').unwrap();
+        out.push((
+            u32::from_str_radix(i, 16).unwrap(),
+            u64::from_str_radix(o, 16).unwrap(),
+            p,
+        ));
+    }
+    out.sort();
+    out
+}
+
+/// Restore drills: one passes on a busy database while a writer commits throughout (its longest
+/// commit stall is printed); a replica that still restores to a valid database but not to this
+/// one (the last segment of a middle index removed) fails, and so does one with a segment
+/// replaced by an older one of the same database; `status`, its exit code and the metrics
+/// follow; results survive a restart; a scheduled drill runs on its own.
+#[test]
+fn restore_drills_prove_the_content_and_catch_a_replica_that_restores_other_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let drills = d.join("drills");
+    let main = write_main(d, "");
+    let main_text = std::fs::read_to_string(&main).unwrap().replace(
+        "[defaults]\n",
+        &format!("[defaults]\ndrill_dir = \"{}\"\n", drills.display()),
+    );
+    std::fs::write(&main, main_text).unwrap();
+    let sock = d.join("control.sock");
+    let replica = d.join("replica");
+    std::fs::write(
+        d.join("dbs.d/app.toml"),
+        format!(
+            "checkpoint_interval = \"1s\"\n{}",
+            db_file(d, "app", &replica)
+        ),
+    )
+    .unwrap();
+    let tiny_replica = d.join("tiny-replica");
+    std::fs::write(
+        d.join("dbs.d/tiny.toml"),
+        format!(
+            "drill_interval = \"2s\"\n{}",
+            db_file(d, "tiny", &tiny_replica)
+        ),
+    )
+    .unwrap();
+    let app = app_conn(&d.join("app.db"));
+    insert(&app, 200);
+    let tiny = app_conn(&d.join("tiny.db"));
+    insert(&tiny, 3);
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+
+    // A busy database: a writer commits throughout the drill.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (d.join("app.db"), stop.clone());
+        std::thread::spawn(move || {
+            let c = app_conn(&path);
+            let (mut worst, mut n) = (Duration::ZERO, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                c.execute("INSERT INTO t (v) VALUES (randomblob(3000))", [])
+                    .unwrap();
+                worst = worst.max(t.elapsed());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (worst, n)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let (code, out) = drill(&sock, "app");
+    let took = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (worst, commits) = writer.join().unwrap();
+    println!(
+        "drill on a busy database: {took:?}; the writer committed {commits} times, longest commit {worst:?}"
+    );
+    assert_eq!(code, 0, "{out}\n{}", daemon.log());
+    assert!(out.contains("app/local: passed"), "{out}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "a commit stalled {worst:?} during the drill"
+    );
+
+    // Tamper: the last segment of a middle index goes. Here that segment is one UPDATE of a
+    // row no later index touches (the index ends after it: the database is idle for the
+    // checkpoint_interval of 1 s, and the checkpoint restarts the WAL), so the replica still
+    // restores to a valid database, with the row's old value: restore exits 0 and
+    // integrity_check passes; only the drill's checksum sees it.
+    insert(&app, 20);
+    std::thread::sleep(Duration::from_millis(400));
+    app.execute("UPDATE t SET v = zeroblob(100) WHERE id = 5", [])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let middle = segments(&replica).iter().map(|s| s.0).max().unwrap() - 1;
+    insert(&app, 20);
+    std::thread::sleep(Duration::from_millis(600));
+    let segs = segments(&replica);
+    let in_middle: Vec<_> = segs.iter().filter(|s| s.0 == middle).collect();
+    assert!(
+        in_middle.len() >= 2,
+        "index {middle:08x} should have several segments: {segs:?}"
+    );
+    let victim = in_middle.last().unwrap().2.clone();
+    let kept = d.join("victim");
+    std::fs::rename(&victim, &kept).unwrap();
+    let plain = d.join("plain-restore.db");
+    let out = Command::new(BIN)
+        .args(["restore", "-o"])
+        .arg(&plain)
+        .arg(format!("file://{}", replica.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(integrity(&plain), "ok");
+    let v5: Vec<u8> = rusqlite::Connection::open(&plain)
+        .unwrap()
+        .query_row("SELECT v FROM t WHERE id = 5", [], |r| r.get(0))
+        .unwrap();
+    assert_ne!(
+        v5,
+        vec![0u8; 100],
+        "the restore should have missed the UPDATE"
+    );
+    let (code, out) = drill(&sock, "app");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("app/local: failed"), "{out}");
+    assert!(out.contains("restores to other content"), "{out}");
+    println!("drill with the last segment of index {middle:08x} removed: {out}");
+    let (code, out) = status_exit(&sock, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("last drill failed"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = daemon.metrics();
+        if metric(
+            &m,
+            "litestreamd_drill_result{db=\"app\",replica=\"local\",result=\"failed\"}",
+        ) == Some(1.0)
+        {
+            assert_eq!(
+                metric(
+                    &m,
+                    "litestreamd_drill_result{db=\"app\",replica=\"local\",result=\"passed\"}"
+                ),
+                Some(0.0)
+            );
+            assert!(
+                metric(
+                    &m,
+                    "litestreamd_drill_last_success_timestamp_seconds{db=\"app\",replica=\"local\"}"
+                )
+                .unwrap()
+                    > 0.0,
+                "the earlier pass is still the last success"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed the failed drill:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::rename(&kept, &victim).unwrap();
+
+    // Tamper: a segment replaced by an older one of the same database.
+    let segs = segments(&replica);
+    let (older, newer) = (
+        &segs[0].2,
+        &segs
+            .iter()
+            .rev()
+            .find(|s| s.1 == 0 && s.0 > segs[0].0)
+            .unwrap()
+            .2,
+    );
+    let saved = std::fs::read(newer).unwrap();
+    std::fs::copy(older, newer).unwrap();
+    let (code, out) = drill(&sock, "app");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("app/local: failed"), "{out}");
+    println!("drill with a segment replaced by an older one: {out}");
+    std::fs::write(newer, saved).unwrap();
+
+    let (code, out) = drill(&sock, "app");
+    assert_eq!(code, 0, "{out}");
+
+    // The scheduled drill of tiny (every 2 s) has passed by now.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, out) = status_exit(&sock, &["--max-drill-age", "1h"]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled drill passed: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let m = daemon.metrics();
+    assert_eq!(
+        metric(&m, "litestreamd_drill_interval_seconds{db=\"tiny\"}"),
+        Some(2.0)
+    );
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+    assert!(
+        std::fs::read_dir(&drills).unwrap().flatten().all(|e| !e
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".litestreamd-drill")),
+        "a drill left its database behind"
+    );
+
+    // The results survive a restart: status is good at once.
+    let daemon = Daemon::start(d, &main, None);
+    daemon.expect("READY=1");
+    let (code, out) = status_exit(&sock, &["--max-drill-age", "1h"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("passed"), "{out}");
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+}

@@ -13,7 +13,7 @@ use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use super::protocol::{
     Body, Command, DbDetail, ErrorCode, MAX_RESPONSE, Request, Response, RestoreRequest, VERSION,
 };
-use crate::status::DbStatus;
+use crate::status::{DbStatus, DrillStatus};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -138,6 +138,12 @@ impl Client {
 
     pub async fn detail(&mut self, db: &str) -> Result<DbDetail, ClientError> {
         let v = self.call(Command::Detail { db: db.into() }, |_| {}).await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Runs a restore drill of every replica of `db` now and waits for it.
+    pub async fn drill(&mut self, db: &str) -> Result<Vec<DrillStatus>, ClientError> {
+        let v = self.call(Command::Drill { db: db.into() }, |_| {}).await?;
         serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 

@@ -41,6 +41,9 @@ pub enum Command {
     Snapshot { db: String },
     /// Copy new WAL frames and upload them now.
     Sync { db: String },
+    /// Run a restore drill of every replica of the database now; replies when it is done
+    /// with each replica's `DrillStatus`.
+    Drill { db: String },
     /// Re-read the configuration, as SIGHUP does.
     Reload,
 }
@@ -241,6 +244,7 @@ mod tests {
             lag_seconds: 4.5,
             lag_bytes: 8304,
             caught_up_at: Some(t),
+            drill: None,
         };
         let st = DbStatus {
             name: "app".into(),
@@ -252,6 +256,8 @@ mod tests {
             wal_size: 4152,
             shadow_bytes: 8304,
             last_sync: Some(t),
+            drill: None,
+            drill_interval: None,
             replicas: vec![
                 rep("a", ReplicaState::Healthy),
                 rep(

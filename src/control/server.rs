@@ -360,6 +360,7 @@ const COMMANDS: &[&str] = &[
     "restore",
     "snapshot",
     "sync",
+    "drill",
     "reload",
 ];
 
@@ -446,6 +447,13 @@ async fn handle(
         Command::Snapshot { db } => match entry(registry, &db) {
             Some(e) => match e.handle.snapshot_now().await {
                 Ok(()) => Response::ok(id, "snapshot written"),
+                Err(m) => Response::error(id, ErrorCode::Failed, m),
+            },
+            None => not_found(&db),
+        },
+        Command::Drill { db } => match entry(registry, &db) {
+            Some(e) => match e.handle.drill_now().await {
+                Ok(results) => Response::ok(id, results),
                 Err(m) => Response::error(id, ErrorCode::Failed, m),
             },
             None => not_found(&db),

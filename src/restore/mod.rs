@@ -26,6 +26,7 @@ use tokio_util::io::SyncIoBridge;
 use tracing::{debug, info, warn};
 
 use crate::compress;
+use crate::layout::Pos;
 use crate::replica::ranged::RangeOpts;
 use crate::replica::{ReplicaClient, SnapshotInfo, StoreError, WalSegmentInfo};
 use crate::replicator::RetryPolicy;
@@ -67,6 +68,16 @@ pub enum RestoreError {
         key: String,
         expected: u64,
         found: u64,
+    },
+    #[error(
+        "{replica}: generation {generation} index {index:08x} ends at offset {have}, before the position asked for (offset {want})"
+    )]
+    ShortOfPosition {
+        replica: String,
+        generation: String,
+        index: u32,
+        have: u64,
+        want: u64,
     },
     #[error("{key}: corrupt object: {reason}")]
     Corrupt { key: String, reason: String },
@@ -132,6 +143,18 @@ pub struct RestoreOptions {
     /// Record the lineage restored in this database's meta directory (a restore of a
     /// configured database to its own path): it continues that lineage (see `lineage`).
     pub record_lineage: Option<crate::shadow::Shadow>,
+    /// Restore exactly to this position (a restore drill): its generation, every index up to
+    /// its index, and that index only up to its offset, which the replica must reach.
+    pub until: Option<Until>,
+}
+
+/// A restore to an exact position (see [`RestoreOptions::until`]).
+#[derive(Debug, Clone)]
+pub struct Until {
+    pub pos: Pos,
+    /// When the position was the database's: a snapshot of the position's index taken later
+    /// may hold pages written after it, so only earlier ones are used.
+    pub taken_at: SystemTime,
 }
 
 impl RestoreOptions {
@@ -155,6 +178,7 @@ impl RestoreOptions {
             ownership: None,
             expect_lineage: None,
             record_lineage: None,
+            until: None,
         }
     }
 }
@@ -250,9 +274,15 @@ pub async fn plan(
         return Ok(None);
     };
     let replica_name = &replicas[ri].0;
+    let max_index = opts.until.as_ref().map(|u| u.pos.index).or(opts.index);
     let snapshot = snaps
         .into_iter()
-        .filter(|s| opts.index.is_none_or(|i| s.index <= i))
+        .filter(|s| max_index.is_none_or(|i| s.index <= i))
+        .filter(|s| {
+            opts.until
+                .as_ref()
+                .is_none_or(|u| s.index < u.pos.index || s.created_at <= u.taken_at)
+        })
         .filter(|s| opts.timestamp.is_none_or(|ts| s.created_at <= ts))
         .max_by_key(|s| s.index)
         .ok_or_else(|| RestoreError::NoSnapshot {
@@ -264,8 +294,15 @@ pub async fn plan(
         if s.index < snapshot.index {
             continue;
         }
-        if opts.index.is_some_and(|i| s.index > i)
+        if max_index.is_some_and(|i| s.index > i)
             || opts.timestamp.is_some_and(|ts| s.created_at > ts)
+        {
+            break;
+        }
+        if opts
+            .until
+            .as_ref()
+            .is_some_and(|u| s.index == u.pos.index && s.offset >= u.pos.offset)
         {
             break;
         }
@@ -286,7 +323,12 @@ async fn candidates(
 ) -> Result<Vec<(SystemTime, String, Vec<SnapshotInfo>, Vec<WalSegmentInfo>)>, StoreError> {
     let mut out = Vec::new();
     for g in client.generations().await? {
-        if opts.generation.as_ref().is_some_and(|want| *want != g) {
+        let want = opts
+            .until
+            .as_ref()
+            .map(|u| &u.pos.generation)
+            .or(opts.generation.as_ref());
+        if want.is_some_and(|want| *want != g) {
             continue;
         }
         let snaps = client.snapshots(&g).await?;
@@ -474,8 +516,25 @@ async fn run_plan(
             }
             let fetched = prefetch.next().await?;
             let n;
-            (merge, n) = merge_segment(client, seg, fetched, merge, &pool, opts, ranges).await?;
+            let cut = cut_at(opts, seg);
+            (merge, n) =
+                merge_segment(client, seg, fetched, merge, &pool, opts, ranges, cut).await?;
             written += n;
+        }
+        if let Some(p) = opts
+            .until
+            .as_ref()
+            .map(|u| &u.pos)
+            .filter(|p| p.index == *index)
+            && written < p.offset
+        {
+            return Err(RestoreError::ShortOfPosition {
+                replica: name.to_string(),
+                generation: plan.generation.clone(),
+                index: *index,
+                have: written,
+                want: p.offset,
+            });
         }
         let replay;
         (merge, replay) = blocking(move || {
@@ -490,8 +549,18 @@ async fn run_plan(
             );
             merge.begin_replay(r);
             for seg in segs {
-                (merge, _) =
-                    merge_segment(client, seg, Fetched::Stream, merge, &pool, opts, ranges).await?;
+                let cut = cut_at(opts, seg);
+                (merge, _) = merge_segment(
+                    client,
+                    seg,
+                    Fetched::Stream,
+                    merge,
+                    &pool,
+                    opts,
+                    ranges,
+                    cut,
+                )
+                .await?;
             }
             (merge, _) = blocking(move || {
                 let r = merge.end_index()?;
@@ -692,7 +761,32 @@ impl Drop for Prefetch {
     }
 }
 
-/// Decodes one segment into the merge. Returns the merge and the segment's decoded length.
+/// How many decoded bytes of `seg` the merge takes: all, except in the index of
+/// `RestoreOptions::until`, which ends at its offset.
+fn cut_at(opts: &RestoreOptions, seg: &WalSegmentInfo) -> Option<u64> {
+    opts.until
+        .as_ref()
+        .map(|u| &u.pos)
+        .filter(|p| p.index == seg.index)
+        .map(|p| p.offset.saturating_sub(seg.offset))
+}
+
+/// Feeds decoded bytes to `feed`, no more than `cut` in all (None: everything).
+fn take(
+    cut: Option<u64>,
+    mut feed: impl FnMut(&[u8]) -> io::Result<()>,
+) -> impl FnMut(&[u8]) -> io::Result<()> {
+    let mut left = cut.unwrap_or(u64::MAX);
+    move |b| {
+        let n = (b.len() as u64).min(left) as usize;
+        left -= n as u64;
+        if n == 0 { Ok(()) } else { feed(&b[..n]) }
+    }
+}
+
+/// Decodes one segment into the merge (up to `cut` bytes of it, see [`cut_at`]). Returns the
+/// merge and the segment's decoded length.
+#[allow(clippy::too_many_arguments)]
 async fn merge_segment(
     client: &ReplicaClient,
     seg: &WalSegmentInfo,
@@ -701,15 +795,18 @@ async fn merge_segment(
     pool: &Arc<compress::Scratch>,
     opts: &RestoreOptions,
     ranges: RangeOpts,
+    cut: Option<u64>,
 ) -> Result<(Merge, u64), RestoreError> {
     let key = client.wal_segment_key(&seg.pos());
     let pool = pool.clone();
     match fetched {
         Fetched::Bytes(data, permit) => {
             blocking(move || {
-                let n = compress::decode(io::Cursor::new(&data), &pool, |b| {
-                    merge.feed(&key, b).map_err(io::Error::other)
-                })
+                let n = compress::decode(
+                    io::Cursor::new(&data),
+                    &pool,
+                    take(cut, |b| merge.feed(&key, b).map_err(io::Error::other)),
+                )
                 .map_err(|e| decode_error(&key, e))?;
                 merge.end_segment(&key)?;
                 drop(permit);
@@ -732,9 +829,11 @@ async fn merge_segment(
             };
             let workers = decode_workers(client);
             blocking(move || {
-                let n = compress::decode_parallel(SyncIoBridge::new(body), workers, |b| {
-                    merge.feed(&key, b).map_err(io::Error::other)
-                })
+                let n = compress::decode_parallel(
+                    SyncIoBridge::new(body),
+                    workers,
+                    take(cut, |b| merge.feed(&key, b).map_err(io::Error::other)),
+                )
                 .map_err(|e| decode_error(&key, e))?;
                 merge.end_segment(&key)?;
                 Ok((merge, n))
@@ -887,6 +986,14 @@ fn read_error(key: &str, e: io::Error) -> RestoreError {
             key: key.to_string(),
             source: e,
         }
+    }
+}
+
+impl RestoreError {
+    /// Whether the restore failed because a replica could not be read (the network, the
+    /// store), not because of what it holds.
+    pub fn is_transient(&self) -> bool {
+        retryable(self)
     }
 }
 

@@ -284,7 +284,10 @@ fn spawn_detail(socket: &Path, db: String, tx: &UnboundedSender<Msg>) {
         let result = one_call(&socket, Command::Detail { db: db.clone() })
             .await
             .and_then(|v| serde_json::from_value(v).map_err(|e| format!("bad detail reply: {e}")));
-        let _ = tx.send(Msg::Detail { db, result });
+        let _ = tx.send(Msg::Detail {
+            db,
+            result: Box::new(result),
+        });
     });
 }
 

@@ -57,7 +57,7 @@ pub enum Msg {
     },
     Detail {
         db: String,
-        result: Result<DbDetail, String>,
+        result: Box<Result<DbDetail, String>>,
     },
     /// The reply to a snapshot or sync request.
     ActionDone {
@@ -730,6 +730,7 @@ impl State {
                 Vec::new()
             }
             Msg::Detail { db, result } => {
+                let result = *result;
                 if let Some(dialog) = &mut self.dialog
                     && dialog.db == db
                     && let Ok(d) = &result

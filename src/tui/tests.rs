@@ -65,6 +65,8 @@ fn dbs() -> Vec<DbStatus> {
         wal_size: 4152,
         shadow_bytes: 70_000,
         last_sync: Some(ago(1)),
+        drill: None,
+        drill_interval: None,
         replicas: vec![local, s3],
     };
 
@@ -93,6 +95,8 @@ fn dbs() -> Vec<DbStatus> {
         wal_size: 4 * 1024 * 1024,
         shadow_bytes: 2 * 1024 * 1024,
         last_sync: Some(ago(1)),
+        drill: None,
+        drill_interval: None,
         replicas: vec![s3b],
     };
 
@@ -119,6 +123,8 @@ fn dbs() -> Vec<DbStatus> {
         wal_size: 0,
         shadow_bytes: 0,
         last_sync: None,
+        drill: None,
+        drill_interval: None,
         replicas: vec![gcs],
     };
     vec![app, billing, analytics]
@@ -255,7 +261,7 @@ fn detail_pane() {
     s.handle(Action::Down);
     s.apply(Msg::Detail {
         db: "app".into(),
-        result: Ok(app_detail()),
+        result: Box::new(Ok(app_detail())),
     });
     assert_eq!(s.selected.as_deref(), Some("app"));
     snap_all("detail", &s);
@@ -266,7 +272,7 @@ fn restore_state() -> State {
     s.handle(Action::Down); // app
     s.apply(Msg::Detail {
         db: "app".into(),
-        result: Ok(app_detail()),
+        result: Box::new(Ok(app_detail())),
     });
     let e = s.handle(Action::OpenRestore);
     assert_eq!(e, vec![Effect::FetchDetail("app".into())]);
@@ -509,7 +515,7 @@ fn detail_follows_selection_and_refreshes() {
     );
     s.apply(Msg::Detail {
         db: "app".into(),
-        result: Ok(app_detail()),
+        result: Box::new(Ok(app_detail())),
     });
     assert!(s.tick(now() + Duration::from_secs(1)).is_empty());
     assert_eq!(

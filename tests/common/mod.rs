@@ -185,6 +185,7 @@ pub fn start(db: &Path, replica_dirs: &[&Path], opts: (DbOptions, ReplicaOptions
         opts: opts.0,
         replicas,
         restore_on_start: false,
+        drill: None,
     };
     let cancel = CancellationToken::new();
     let (handle, join) = worker::spawn(spec, cancel.clone());
