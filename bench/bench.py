@@ -46,6 +46,7 @@ from common import (BLOB, CHILDREN, MB, MiB, PAGE_SIZE, SEG_RE, SNAP_RE, BenchEr
                     proc_cpu_seconds, proc_status_kib, ratio, rm_db, snapshot_files, spawn, stop,
                     stop_all_children, summary, system_busy_seconds, table, table_digest, tail,
                     timed_run, wait_for, wait_quiet, wal_indexes, write_fsync_seconds, writer_main)
+import drillbench
 import restorebench
 import s3bench
 import scalebench
@@ -821,6 +822,8 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
     labels = labels_for(a)
     if R.get("shapes"):
         out += restorebench.render(a, R["shapes"])
+    if R.get("drill"):
+        out += drillbench.render(R["drill"])
         out.append("")
     if R["restore"]:
         out += render_restore(a, R["restore"], R["replicas"], R["bounds"])
@@ -842,10 +845,10 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
 
 # --------------------------------------------------------------------------------------------
 
-FIGURES = ["shapes", "restore", "snapshot", "lag", "idle", "scale", "cpu-file"]
+FIGURES = ["shapes", "restore", "snapshot", "lag", "idle", "scale", "drill", "cpu-file"]
 # `restore` (the older figure 1: directory only, cold, with 0.5.17 and the integrity-check
 # variant) runs when named; `shapes` is the restore figure of every run.
-DEFAULT_FIGURES = ["shapes", "snapshot", "lag", "idle", "scale"]
+DEFAULT_FIGURES = ["shapes", "snapshot", "lag", "idle", "scale", "drill"]
 
 
 def main() -> int:
@@ -943,7 +946,7 @@ def main() -> int:
     try:
         R: dict = {"restore": [], "replicas": {}, "bounds": {}}
         big_db = None  # the snapshot figure's database
-        if set(figures) & {"shapes", "snapshot", "lag", "idle"}:
+        if set(figures) & {"shapes", "snapshot", "lag", "idle", "drill"}:
             s3 = s3bench.S3Server(a.s3s_fs, work)
         if "shapes" in figures:
             if a.cold and not drop_caches():
@@ -1003,6 +1006,9 @@ def main() -> int:
         if "idle" in figures:
             log(f"figure 5: requests of an idle database, {a.idle_seconds}s")
             R["idle"] = s3bench.bench_idle(a, work, s3, tools)
+        if "drill" in figures:
+            log(f"figure 8: restore drill of a {a.db_mib} MiB database, directory and S3")
+            R["drill"] = drillbench.bench_drill(a, work, s3, make_restore_db)
         if s3:
             s3.close()
             s3 = None

@@ -134,13 +134,16 @@ pub async fn run(
     positions: Arc<Mutex<Vec<Option<Pos>>>>,
     progress: Arc<Mutex<Option<DrillRun>>>,
 ) -> Vec<DrillStatus> {
-    let _slot = SLOT.acquire().await.expect("drill slot never closed");
+    // The permit goes with the thread: a drill abandoned by its worker (a reload, a stop)
+    // still holds it until its thread is done.
+    let slot = SLOT.acquire().await.expect("drill slot never closed");
     let started = SystemTime::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let names: Vec<String> = spec.replicas.iter().map(|r| r.name.clone()).collect();
     let spawned = std::thread::Builder::new()
         .name(format!("drill-{db_name}"))
         .spawn(move || {
+            let _slot = slot;
             lower_priority();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -413,6 +416,11 @@ async fn drill_replica(
     };
     let _ = fs::remove_file(&out_path);
     result
+}
+
+/// Where the last drill of each replica of database `db` is kept.
+pub fn history_path(spec: &DrillSpec, db: &str) -> PathBuf {
+    spec.dir.join(format!(".{}.drills.json", sanitize(db)))
 }
 
 /// The last drill of each replica as saved by [`save_history`], so a restart neither forgets

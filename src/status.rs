@@ -225,6 +225,51 @@ impl DrillStatus {
     }
 }
 
+/// How a `verify` of a replica requested through the daemon ended (see `verify`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyResult {
+    Ok,
+    Warning,
+    Failure,
+    /// The replica could not be read (never a grade).
+    Error,
+}
+
+impl VerifyResult {
+    pub const ALL: &'static [VerifyResult] = &[
+        VerifyResult::Ok,
+        VerifyResult::Warning,
+        VerifyResult::Failure,
+        VerifyResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyResult::Ok => "ok",
+            VerifyResult::Warning => "warning",
+            VerifyResult::Failure => "failure",
+            VerifyResult::Error => "error",
+        }
+    }
+}
+
+/// A replica's last verify run through the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    pub result: VerifyResult,
+    #[serde(with = "humantime_serde")]
+    pub finished_at: Option<SystemTime>,
+    /// The last verify graded OK or WARNING (the newest state restores).
+    #[serde(with = "humantime_serde")]
+    pub last_success: Option<SystemTime>,
+    pub duration_seconds: f64,
+    /// What was read: none, all, or a percentage.
+    pub read_data: String,
+    /// The first FAILURE (or the error), naming the object.
+    pub message: Option<String>,
+}
+
 /// A drill in progress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrillRun {
@@ -270,6 +315,9 @@ pub struct ReplicaStatus {
     /// The last restore drill (none yet, or drills are off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill: Option<DrillStatus>,
+    /// The last verify requested through the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyStatus>,
 }
 
 impl ReplicaStatus {
@@ -289,6 +337,7 @@ impl ReplicaStatus {
             lag_bytes: 0,
             caught_up_at: Some(SystemTime::now()),
             drill: None,
+            verify: None,
         }
     }
 

@@ -44,6 +44,10 @@ pub const DRILL_RESTORED_BYTES: &str = "litestreamd_drill_restored_bytes";
 pub const DRILL_RESULT: &str = "litestreamd_drill_result";
 pub const DRILL_RUNNING: &str = "litestreamd_drill_running";
 pub const DRILL_INTERVAL: &str = "litestreamd_drill_interval_seconds";
+pub const VERIFY_RESULT: &str = "litestreamd_verify_result";
+pub const VERIFY_LAST_SUCCESS: &str = "litestreamd_verify_last_success_timestamp_seconds";
+pub const VERIFY_LAST_RUN: &str = "litestreamd_verify_last_run_timestamp_seconds";
+pub const VERIFY_DURATION: &str = "litestreamd_verify_duration_seconds";
 pub const DATABASES: &str = "litestreamd_databases";
 pub const RELOADS: &str = "litestreamd_reloads_total";
 pub const RELOAD_OK: &str = "litestreamd_config_last_reload_successful";
@@ -104,11 +108,20 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         for c in REPLICA_COUNTERS {
             metrics::counter!(*c, &rl).increment(0);
         }
+        let secs = |t: Option<std::time::SystemTime>| {
+            t.and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        if let Some(v) = &rs.verify {
+            metrics::gauge!(VERIFY_LAST_SUCCESS, &rl).set(secs(v.last_success));
+            metrics::gauge!(VERIFY_LAST_RUN, &rl).set(secs(v.finished_at));
+            metrics::gauge!(VERIFY_DURATION, &rl).set(v.duration_seconds);
+            for r in crate::status::VerifyResult::ALL {
+                let x = if *r == v.result { 1.0 } else { 0.0 };
+                metrics::gauge!(VERIFY_RESULT, "db" => st.name.clone(), "replica" => rs.name.clone(), "result" => r.as_str()).set(x);
+            }
+        }
         if let Some(d) = &rs.drill {
-            let secs = |t: Option<std::time::SystemTime>| {
-                t.and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
-                    .map_or(0.0, |d| d.as_secs_f64())
-            };
             metrics::gauge!(DRILL_LAST_SUCCESS, &rl).set(secs(d.last_success));
             metrics::gauge!(DRILL_LAST_RUN, &rl).set(secs(d.finished_at));
             metrics::gauge!(DRILL_DURATION, &rl).set(d.duration_seconds);
@@ -192,6 +205,25 @@ fn describe() {
     describe_gauge!(
         DRILL_RUNNING,
         "1 while a restore drill of the database runs."
+    );
+    describe_gauge!(
+        VERIFY_RESULT,
+        "1 for the grade of the replica's last verify run through the daemon (label result: ok, warning, failure, error)."
+    );
+    describe_gauge!(
+        VERIFY_LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the replica's last verify graded ok or warning (0: none since the daemon started)."
+    );
+    describe_gauge!(
+        VERIFY_LAST_RUN,
+        Unit::Seconds,
+        "Unix time the replica's last verify ended."
+    );
+    describe_gauge!(
+        VERIFY_DURATION,
+        Unit::Seconds,
+        "Duration of the replica's last verify."
     );
     describe_gauge!(
         DRILL_INTERVAL,

@@ -19,7 +19,9 @@ use crate::layout::Pos;
 use crate::replica::ReplicaClient;
 use crate::replicator::{DbShared, Replica, ReplicaOptions};
 use crate::shadow::Shadow;
-use crate::status::{DbState, DbStatus, DrillRun, DrillStatus, ReplicaReport, ReplicaStatus};
+use crate::status::{
+    DbState, DbStatus, DrillRun, DrillStatus, ReplicaReport, ReplicaStatus, VerifyStatus,
+};
 use crate::telemetry;
 
 /// Everything needed to replicate one database.
@@ -47,6 +49,8 @@ pub enum Command {
     Snapshot(oneshot::Sender<Result<(), String>>),
     /// Run a restore drill of every replica now; replies when it is done.
     Drill(oneshot::Sender<Result<Vec<DrillStatus>, String>>),
+    /// Record verify results (replica index, result) for the status and the metrics.
+    RecordVerify(Vec<(usize, VerifyStatus)>),
 }
 
 /// Live view of a running worker, and its command channel.
@@ -80,6 +84,10 @@ impl WorkerHandle {
     /// a time in the process); the result for each replica, in order.
     pub async fn drill_now(&self) -> Result<Vec<DrillStatus>, String> {
         self.request(Command::Drill).await
+    }
+    /// Records the results of a verify run through the daemon (by replica index).
+    pub async fn record_verify(&self, results: Vec<(usize, VerifyStatus)>) {
+        let _ = self.commands.send(Command::RecordVerify(results)).await;
     }
     pub async fn snapshot_now(&self) -> Result<(), String> {
         self.request(Command::Snapshot).await
@@ -137,10 +145,22 @@ pub fn spawn(
         commands: tx,
     };
     let h = handle.clone();
+    // The last drills are known from the start (a restart does not make a database look
+    // undrilled, nor forget a failed drill).
+    let mut drills = Drills::default();
+    if let Some(d) = &spec.drill {
+        let names: Vec<String> = d.replicas.iter().map(|r| r.name.clone()).collect();
+        drills.last =
+            crate::drill::load_history(&crate::drill::history_path(d, &spec.name), &names);
+        let mut st = handle.status.lock().expect("status");
+        for (rs, last) in st.replicas.iter_mut().zip(&drills.last) {
+            rs.drill = last.clone();
+        }
+    }
     let reporting = Reporting {
         reports,
         wake,
-        drills: Arc::default(),
+        drills: Arc::new(Mutex::new(drills)),
     };
     let join = tokio::spawn(async move { run(spec, replicas, reporting, shutdown, h, rx).await });
     (handle, join)
@@ -158,6 +178,8 @@ struct Reporting {
 struct Drills {
     last: Vec<Option<DrillStatus>>,
     running: Option<DrillRun>,
+    /// Each replica's last verify run through the daemon.
+    verify: Vec<Option<VerifyStatus>>,
 }
 
 async fn run(
@@ -274,6 +296,20 @@ async fn run(
                         let _ = r.send(Err("too many drills requested; try again later".into()));
                     }
                 }
+                Command::RecordVerify(results) => {
+                    let mut d = reporting.drills.lock().expect("drills");
+                    d.verify.resize(spec.replicas.len(), None);
+                    for (i, mut v) in results {
+                        if let Some(slot) = d.verify.get_mut(i) {
+                            if v.last_success.is_none() {
+                                v.last_success = slot.as_ref().and_then(|s| s.last_success);
+                            }
+                            *slot = Some(v);
+                        }
+                    }
+                    drop(d);
+                    publish(&handle, &shared.shadow, &reporting, &mut ps);
+                }
                 Command::Snapshot(reply) => {
                     let mut waits = Vec::new();
                     for tx in &snapshot_txs {
@@ -382,6 +418,7 @@ fn refuse_while_restoring(cmd: Command) {
         Command::Drill(r) => {
             let _ = r.send(Err(msg()));
         }
+        Command::RecordVerify(_) => {}
     }
 }
 
@@ -485,6 +522,7 @@ type PublishedKey = (
         u64,
         bool,
         Option<SystemTime>,
+        Option<SystemTime>,
     )>,
     bool,
 );
@@ -572,6 +610,9 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
         for (rs, last) in st.replicas.iter_mut().zip(&d.last) {
             rs.drill = last.clone();
         }
+        for (rs, v) in st.replicas.iter_mut().zip(&d.verify) {
+            rs.verify = v.clone();
+        }
         st.drill = d.running.clone();
     }
     let now_key: PublishedKey = (
@@ -586,6 +627,7 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
                     rs.lag_bytes,
                     rs.lag_seconds > 0.0,
                     rs.drill.as_ref().and_then(|d| d.finished_at),
+                    rs.verify.as_ref().and_then(|v| v.finished_at),
                 )
             })
             .collect(),
@@ -616,15 +658,9 @@ async fn drill_loop(
     mut requests: mpsc::Receiver<oneshot::Sender<Result<Vec<DrillStatus>, String>>>,
     stop: CancellationToken,
 ) {
-    let history = spec.dir.join(format!(".{}.drills.json", shared.name));
+    let history = crate::drill::history_path(&spec, &shared.name);
     let names: Vec<String> = spec.replicas.iter().map(|r| r.name.clone()).collect();
-    {
-        let last = crate::drill::load_history(&history, &names);
-        let mut d = drills.lock().expect("drills");
-        // The next drill is due one interval after the last one, whenever that was.
-        d.last = last;
-    }
-    wake.notify_one();
+    // The next drill is due one interval after the last one, whenever that was.
     let last_run = drills
         .lock()
         .expect("drills")

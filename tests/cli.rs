@@ -321,6 +321,25 @@ fn litestreamd_restores_what_litestream_0_3_13_wrote() {
         dump_conn(&app),
         "litestreamd's restore equals the source"
     );
+
+    // verify grades Litestream's replica OK, from the directory and from S3 (the same objects
+    // served by s3s-fs, which stores objects as files).
+    let (code, v) = verify(&format!("file://{}", replica.display()), "all");
+    assert_eq!(code, 0, "{v}");
+    let root = dir.path().join("s3");
+    let server = s3_server(&root);
+    let in_bucket = root.join("litestream-bucket/ls");
+    std::fs::create_dir_all(&in_bucket).unwrap();
+    copy_tree(&replica, &in_bucket);
+    let (code, v) = verify(&s3_url(server.port, "ls"), "all");
+    assert_eq!(code, 0, "{v}");
+    let read: u64 = v["replicas"][0]["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["objects_read"].as_u64().unwrap())
+        .sum();
+    assert!(read > 0, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -466,6 +485,8 @@ fn copy_tree(from: &Path, to: &Path) {
 fn verify(replica: &str, read_data: &str) -> (i32, serde_json::Value) {
     let out = Command::new(BIN)
         .args(["verify", "--json", "--read-data", read_data, replica])
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
         .output()
         .unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -524,6 +545,10 @@ async fn verify_grades_each_generation_and_names_the_object_at_fault() {
         segs.iter().filter(|p| gen_of(p) == newest_gen).collect();
     // v0.3 names: wal/IIIIIIII_OOOOOOOO.wal.lz4
     let index_of = |p: &Path| p.file_name().unwrap().to_string_lossy()[..8].to_string();
+    let gen_of_in = |root: &Path, p: &Path| {
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        rel.split('/').nth(1).unwrap().to_string()
+    };
 
     // A flipped byte inside a WAL segment: the listing is fine, reading it is a FAILURE that
     // names the object.
@@ -607,6 +632,56 @@ async fn verify_grades_each_generation_and_names_the_object_at_fault() {
     let (code, v) = verify(&url(&stray), "all");
     assert_eq!(code, 1, "{v}");
     assert!(findings(&v).contains("no snapshot"), "{v}");
+
+    // A truncated snapshot: FAILURE naming it.
+    let truncated = dir.path().join("truncated");
+    std::fs::create_dir_all(&truncated).unwrap();
+    copy_tree(&replica, &truncated);
+    let snap = objects(&truncated, ".snapshot.lz4")
+        .into_iter()
+        .find(|p| gen_of_in(&truncated, p) == newest_gen)
+        .unwrap();
+    let len = std::fs::metadata(&snap).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&snap)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (code, v) = verify(&url(&truncated), "all");
+    assert_eq!(code, 2, "{v}");
+    let name = snap.file_name().unwrap().to_string_lossy().to_string();
+    assert!(findings(&v).contains(&name), "names {name}: {v}");
+
+    // A segment whose LZ4 frame is sound but whose WAL frames break the checksum chain (one
+    // page byte changed, the frame re-compressed): FAILURE naming it.
+    let chain = dir.path().join("chain");
+    std::fs::create_dir_all(&chain).unwrap();
+    copy_tree(&replica, &chain);
+    let victim = chain.join(newest[newest.len() / 2].strip_prefix(&replica).unwrap());
+    let mut wal = Vec::new();
+    std::io::Read::read_to_end(
+        &mut lz4_flex::frame::FrameDecoder::new(std::fs::File::open(&victim).unwrap()),
+        &mut wal,
+    )
+    .unwrap();
+    // v0.3 names: IIIIIIII_OOOOOOOO.wal.lz4; the segment at offset 0 starts with the header.
+    let first = &victim.file_name().unwrap().to_string_lossy()[9..17] == "00000000";
+    let at = if first { 32 + 24 + 100 } else { 24 + 100 };
+    wal[at] ^= 0xff;
+    let mut info = lz4_flex::frame::FrameInfo::new();
+    info.content_checksum = true;
+    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::new());
+    std::io::Write::write_all(&mut enc, &wal).unwrap();
+    std::fs::write(&victim, enc.finish().unwrap()).unwrap();
+    let (code, v) = verify(&url(&chain), "all");
+    assert_eq!(code, 2, "{v}");
+    let name = victim.file_name().unwrap().to_string_lossy().to_string();
+    let f = findings(&v);
+    assert!(
+        f.contains(&name) && f.contains("checksum"),
+        "names {name}: {f}"
+    );
 
     // A store that cannot be reached is not graded: exit 3.
     let port = free_port();

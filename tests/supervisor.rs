@@ -2058,6 +2058,29 @@ fn restore_drills_prove_the_content_and_catch_a_replica_that_restores_other_data
     let (code, out) = drill(&sock, "app");
     assert_eq!(code, 0, "{out}");
 
+    // verify through the daemon: graded, in the status and the metrics.
+    let r = raw(
+        &sock,
+        b"{\"v\":1,\"id\":1,\"cmd\":\"verify\",\"db\":\"app\",\"read_data\":\"all\"}\n",
+        1,
+    );
+    assert_eq!(r[0]["result"]["grade"], "ok", "{r:?}");
+    let r = raw(
+        &sock,
+        b"{\"v\":1,\"id\":2,\"cmd\":\"verify\",\"db\":\"app\",\"read_data\":\"lots\"}\n",
+        1,
+    );
+    assert_eq!(r[0]["code"], "bad_request", "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        &daemon.metrics(),
+        "litestreamd_verify_result{db=\"app\",replica=\"local\",result=\"ok\"}",
+    ) != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "no verify in the metrics");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // The scheduled drill of tiny (every 2 s) has passed by now.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -44,6 +44,8 @@ pub enum Command {
     /// Run a restore drill of every replica of the database now; replies when it is done
     /// with each replica's `DrillStatus`.
     Drill { db: String },
+    /// Check the database's replicas without restoring (`litestreamd verify`).
+    Verify(VerifyRequest),
     /// Re-read the configuration, as SIGHUP does.
     Reload,
 }
@@ -67,6 +69,20 @@ pub struct RestoreRequest {
     pub output: PathBuf,
     #[serde(default = "yes")]
     pub integrity_check: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    pub db: String,
+    /// Only this replica (by name); default: every one.
+    #[serde(default)]
+    pub replica: Option<String>,
+    #[serde(default)]
+    pub generation: Option<String>,
+    /// `none` (listings, the default), `all`, or a percentage such as `10%`.
+    #[serde(default)]
+    pub read_data: Option<String>,
 }
 
 fn yes() -> bool {
@@ -245,6 +261,7 @@ mod tests {
             lag_bytes: 8304,
             caught_up_at: Some(t),
             drill: None,
+            verify: None,
         };
         let st = DbStatus {
             name: "app".into(),

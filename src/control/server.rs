@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::peer::{Peer, Want};
 use super::protocol::{
     Body, Command, DbDetail, ErrorCode, GenerationDetail, MAX_LINE, ReplicaDetail, Request,
-    Response, RestoreRequest, VERSION,
+    Response, RestoreRequest, VERSION, VerifyRequest,
 };
 use crate::restore::{self, Output, Ownership, RestoreOptions, RestoreOutcome};
 use crate::status::{DbState, DbStatus, ReplicaStateName};
@@ -361,6 +361,7 @@ const COMMANDS: &[&str] = &[
     "snapshot",
     "sync",
     "drill",
+    "verify",
     "reload",
 ];
 
@@ -458,6 +459,13 @@ async fn handle(
             },
             None => not_found(&db),
         },
+        Command::Verify(r) => match entry(registry, &r.db) {
+            Some(e) => match run_verify(&e, &r).await {
+                Ok(v) => Response::ok(id, v),
+                Err(m) => Response::error(id, ErrorCode::BadRequest, m),
+            },
+            None => not_found(&r.db),
+        },
         Command::Sync { db } => match entry(registry, &db) {
             Some(e) => match e.handle.sync_now().await {
                 Ok(pos) => Response::ok(id, pos),
@@ -485,6 +493,71 @@ async fn handle(
         }
     };
     let _ = tx.send(resp).await;
+}
+
+/// A verify requested over the socket: every replica (or the one named) with the worker's own
+/// clients; each replica's result goes to the worker for the status and the metrics. The reply
+/// is what `litestreamd verify --json` prints.
+async fn run_verify(e: &DbEntry, r: &VerifyRequest) -> Result<serde_json::Value, String> {
+    use crate::status::{VerifyResult, VerifyStatus};
+    use crate::verify::{self, Grade, ReadData, VerifyOptions};
+    let read_data: ReadData = r.read_data.as_deref().unwrap_or("none").parse()?;
+    let opts = VerifyOptions {
+        generation: r.generation.clone(),
+        read_data,
+        ..Default::default()
+    };
+    if let Some(want) = &r.replica
+        && !e.spec.replicas.iter().any(|(o, _)| o.name == *want)
+    {
+        return Err(format!("{}: no replica named {want:?}", e.spec.name));
+    }
+    let (mut reports, mut errors, mut results) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (o, client)) in e.spec.replicas.iter().enumerate() {
+        if r.replica.as_ref().is_some_and(|w| *w != o.name) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let res = verify::verify(&o.name, client, &opts).await;
+        let (result, message) = match &res {
+            Ok(rep) => (
+                match rep.grade {
+                    Grade::Ok => VerifyResult::Ok,
+                    Grade::Warning => VerifyResult::Warning,
+                    Grade::Failure => VerifyResult::Failure,
+                },
+                rep.generations
+                    .iter()
+                    .flat_map(|g| &g.findings)
+                    .find(|f| f.grade == rep.grade && rep.grade != Grade::Ok)
+                    .map(|f| match &f.object {
+                        Some(obj) => format!("{obj}: {}", f.message),
+                        None => f.message.clone(),
+                    }),
+            ),
+            Err(err) => (VerifyResult::Error, Some(err.to_string())),
+        };
+        let now = std::time::SystemTime::now();
+        results.push((
+            i,
+            VerifyStatus {
+                result,
+                finished_at: Some(now),
+                last_success: matches!(result, VerifyResult::Ok | VerifyResult::Warning)
+                    .then_some(now),
+                duration_seconds: started.elapsed().as_secs_f64(),
+                read_data: r.read_data.clone().unwrap_or_else(|| "none".into()),
+                message,
+            },
+        ));
+        match res {
+            Ok(rep) => reports.push(rep),
+            Err(err) => errors.push(err.to_string()),
+        }
+    }
+    e.handle.record_verify(results).await;
+    let worst = reports.iter().map(|r| r.grade).max().unwrap_or(Grade::Ok);
+    Ok(serde_json::json!({"grade": worst, "replicas": reports, "errors": errors}))
 }
 
 async fn detail(e: &DbEntry) -> DbDetail {

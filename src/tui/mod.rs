@@ -172,6 +172,8 @@ pub async fn run(socket: PathBuf) -> Result<(), TuiError> {
                 Effect::FetchDetail(db) => spawn_detail(&socket, db, &msg_tx),
                 Effect::Snapshot(db) => spawn_action(&socket, ActionKind::Snapshot, db, &msg_tx),
                 Effect::Sync(db) => spawn_action(&socket, ActionKind::Sync, db, &msg_tx),
+                Effect::Drill(db) => spawn_action(&socket, ActionKind::Drill, db, &msg_tx),
+                Effect::Verify(db) => spawn_action(&socket, ActionKind::Verify, db, &msg_tx),
                 Effect::Restore(req) => spawn_restore(&socket, req, &msg_tx),
             }
         }
@@ -297,6 +299,13 @@ fn spawn_action(socket: &Path, action: ActionKind, db: String, tx: &UnboundedSen
         let cmd = match action {
             ActionKind::Snapshot => Command::Snapshot { db: db.clone() },
             ActionKind::Sync => Command::Sync { db: db.clone() },
+            ActionKind::Drill => Command::Drill { db: db.clone() },
+            ActionKind::Verify => Command::Verify(crate::control::protocol::VerifyRequest {
+                db: db.clone(),
+                replica: None,
+                generation: None,
+                read_data: None,
+            }),
         };
         let result = one_call(&socket, cmd).await;
         let _ = tx.send(Msg::ActionDone { action, db, result });

@@ -78,6 +78,8 @@ pub enum Msg {
 pub enum ActionKind {
     Snapshot,
     Sync,
+    Drill,
+    Verify,
 }
 
 impl ActionKind {
@@ -85,6 +87,8 @@ impl ActionKind {
         match self {
             ActionKind::Snapshot => "snapshot",
             ActionKind::Sync => "sync",
+            ActionKind::Drill => "drill",
+            ActionKind::Verify => "verify",
         }
     }
 }
@@ -96,6 +100,8 @@ pub enum Effect {
     FetchDetail(String),
     Snapshot(String),
     Sync(String),
+    Drill(String),
+    Verify(String),
     Restore(RestoreRequest),
 }
 
@@ -779,6 +785,8 @@ impl State {
                                     Err(_) => format!("done: {v}"),
                                 }
                             }
+                            (ActionKind::Drill, v) => drill_summary(v),
+                            (ActionKind::Verify, v) => verify_summary(v),
                             (_, serde_json::Value::String(s)) => s.clone(),
                             (_, v) => format!("done: {v}"),
                         };
@@ -958,11 +966,12 @@ impl State {
                 self.help = true;
                 Vec::new()
             }
-            Action::Snapshot | Action::Sync => {
-                let kind = if action == Action::Snapshot {
-                    ActionKind::Snapshot
-                } else {
-                    ActionKind::Sync
+            Action::Snapshot | Action::Sync | Action::Drill | Action::Verify => {
+                let kind = match action {
+                    Action::Snapshot => ActionKind::Snapshot,
+                    Action::Drill => ActionKind::Drill,
+                    Action::Verify => ActionKind::Verify,
+                    _ => ActionKind::Sync,
                 };
                 let Some(db) = self.selected_db().map(|d| d.name.clone()) else {
                     self.log(
@@ -984,6 +993,8 @@ impl State {
                 vec![match kind {
                     ActionKind::Snapshot => Effect::Snapshot(db),
                     ActionKind::Sync => Effect::Sync(db),
+                    ActionKind::Drill => Effect::Drill(db),
+                    ActionKind::Verify => Effect::Verify(db),
                 }]
             }
             Action::OpenRestore => self.open_restore(),
@@ -1129,5 +1140,58 @@ impl State {
         }
         d.phase = Phase::Editing { error: None };
         Vec::new()
+    }
+}
+
+/// A drill reply (one `DrillStatus` per replica) in one log line.
+fn drill_summary(v: &serde_json::Value) -> String {
+    let Ok(list) = serde_json::from_value::<Vec<crate::status::DrillStatus>>(v.clone()) else {
+        return format!("done: {v}");
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let mut s = format!(
+                "#{} {} in {:.1}s",
+                i + 1,
+                d.result.as_str(),
+                d.duration_seconds
+            );
+            if let Some(r) = &d.reason {
+                s.push_str(&format!(": {r}"));
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A verify reply (`{"grade", "replicas": [{"replica", "grade", ...}], "errors"}`) in one line.
+fn verify_summary(v: &serde_json::Value) -> String {
+    let mut parts: Vec<String> = v["replicas"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    format!(
+                        "{} {}",
+                        r["replica"].as_str().unwrap_or("?"),
+                        r["grade"].as_str().unwrap_or("?").to_uppercase()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(errs) = v["errors"].as_array() {
+        parts.extend(
+            errs.iter()
+                .filter_map(|e| e.as_str())
+                .map(|e| format!("error: {e}")),
+        );
+    }
+    if parts.is_empty() {
+        format!("done: {v}")
+    } else {
+        parts.join("; ")
     }
 }

@@ -14,7 +14,9 @@ use super::view;
 use crate::control::protocol::{DbDetail, GenerationDetail, ReplicaDetail};
 use crate::layout::Pos;
 use crate::replica::SnapshotInfo;
-use crate::status::{DbState, DbStatus, ReplicaState, ReplicaStatus};
+use crate::status::{
+    DbState, DbStatus, DrillResult, DrillRun, DrillStatus, ReplicaState, ReplicaStatus,
+};
 
 const SIZES: [(u16, u16); 2] = [(80, 24), (120, 40)];
 const GEN_APP: &str = "a1b2c3d4e5f60718";
@@ -27,6 +29,18 @@ fn now() -> SystemTime {
 
 fn ago(secs: u64) -> SystemTime {
     now() - Duration::from_secs(secs)
+}
+
+fn drill(result: DrillResult, secs_ago: u64, reason: Option<&str>) -> DrillStatus {
+    DrillStatus {
+        result,
+        finished_at: Some(ago(secs_ago)),
+        last_success: Some(ago(secs_ago)),
+        duration_seconds: 12.5,
+        restored_bytes: 12 << 20,
+        pos: Some(Pos::new(GEN_APP, 3, 4152)),
+        reason: reason.map(str::to_string),
+    }
 }
 
 fn replica(name: &str, kind: &str, url: &str, state: ReplicaState) -> ReplicaStatus {
@@ -55,6 +69,12 @@ fn dbs() -> Vec<DbStatus> {
     s3.uploaded_bytes = 3 * 1024 * 1024;
     s3.lag_seconds = 1.2;
     s3.lag_bytes = 4120;
+    local.drill = Some(drill(DrillResult::Passed, 3 * 3600, None));
+    s3.drill = Some(drill(
+        DrillResult::Failed,
+        600,
+        Some("the restored database is not the source at a1b2c3d4e5f60718/00000003:4152"),
+    ));
     let app = DbStatus {
         name: "app".into(),
         path: "/srv/app/app.db".into(),
@@ -66,7 +86,7 @@ fn dbs() -> Vec<DbStatus> {
         shadow_bytes: 70_000,
         last_sync: Some(ago(1)),
         drill: None,
-        drill_interval: None,
+        drill_interval: Some(Duration::from_secs(86400)),
         replicas: vec![local, s3],
     };
 
@@ -95,7 +115,12 @@ fn dbs() -> Vec<DbStatus> {
         wal_size: 4 * 1024 * 1024,
         shadow_bytes: 2 * 1024 * 1024,
         last_sync: Some(ago(1)),
-        drill: None,
+        drill: Some(DrillRun {
+            replica: Some("s3".into()),
+            stage: "wal".into(),
+            done: 3,
+            total: 12,
+        }),
         drill_interval: None,
         replicas: vec![s3b],
     };
@@ -398,7 +423,7 @@ fn columns_degrade_at_80() {
             "{col} missing at 80 columns:\n{narrow}"
         );
     }
-    for col in ["GEN", "HEALTH", "LAG BYTES"] {
+    for col in ["GEN", "HEALTH", "LAG BYTES", "DRILL"] {
         assert!(wide.contains(col), "{col} missing at 120 columns:\n{wide}");
     }
     assert!(wide.contains("00000003:4152"), "{wide}");
@@ -535,6 +560,20 @@ fn snapshot_and_sync_results_are_logged() {
         vec![Effect::Snapshot("app".into())]
     );
     assert_eq!(s.handle(Action::Sync), vec![Effect::Sync("app".into())]);
+    assert_eq!(s.handle(Action::Drill), vec![Effect::Drill("app".into())]);
+    s.apply(Msg::ActionDone {
+        action: ActionKind::Drill,
+        db: "app".into(),
+        result: Ok(serde_json::to_value(vec![
+            drill(DrillResult::Passed, 0, None),
+            drill(DrillResult::Failed, 0, Some("restore failed: boom")),
+        ])
+        .unwrap()),
+    });
+    assert_eq!(
+        s.log.back().unwrap().message,
+        "drill: #1 passed in 12.5s; #2 failed in 12.5s: restore failed: boom"
+    );
     s.apply(Msg::ActionDone {
         action: ActionKind::Snapshot,
         db: "app".into(),

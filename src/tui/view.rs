@@ -183,7 +183,43 @@ fn replica_error(r: &ReplicaStatus) -> Option<&str> {
         ReplicaState::Retrying { error, .. }
         | ReplicaState::Failed { error, .. }
         | ReplicaState::Conflict { error, .. } => Some(error.as_str()),
-        _ => r.last_error.as_deref(),
+        _ => r.last_error.as_deref().or_else(|| {
+            r.drill
+                .as_ref()
+                .filter(|d| d.result != crate::status::DrillResult::Passed)
+                .and_then(|d| d.reason.as_deref())
+        }),
+    }
+}
+
+/// A replica's drill: the stage of the one running, else the last result (with its age when
+/// it passed: `ok 3h`).
+fn drill_cell(db: &DbStatus, r: &ReplicaStatus, state: &State, w: usize) -> Span<'static> {
+    use crate::status::DrillResult;
+    if let Some(run) = &db.drill
+        && run.replica.as_deref().is_none_or(|n| n == r.name)
+    {
+        return Span::styled(
+            truncate(&format!("{}…", run.stage), w),
+            Style::new().fg(Color::Cyan),
+        );
+    }
+    match &r.drill {
+        None => Span::styled("-", DIM),
+        Some(d) => {
+            let (text, style) = match d.result {
+                DrillResult::Passed => (
+                    format!("ok {}", fmt_age(state.now, d.finished_at)),
+                    Style::new().fg(Color::Green),
+                ),
+                DrillResult::Failed => (
+                    "FAILED".to_string(),
+                    Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+                ),
+                DrillResult::Error => ("error".to_string(), Style::new().fg(Color::Yellow)),
+            };
+            Span::styled(truncate(&text, w), style)
+        }
     }
 }
 
@@ -343,6 +379,7 @@ enum Col {
     LagBytes,
     Synced,
     Retries,
+    Drill,
     Error,
 }
 
@@ -359,12 +396,13 @@ impl Col {
             Col::LagBytes => "LAG BYTES",
             Col::Synced => "SYNCED",
             Col::Retries => "RETRY",
+            Col::Drill => "DRILL",
             Col::Error => "LAST ERROR",
         }
     }
 }
 
-const DISPLAY_ORDER: [Col; 11] = [
+const DISPLAY_ORDER: [Col; 12] = [
     Col::Db,
     Col::State,
     Col::Gen,
@@ -375,6 +413,7 @@ const DISPLAY_ORDER: [Col; 11] = [
     Col::LagBytes,
     Col::Synced,
     Col::Retries,
+    Col::Drill,
     Col::Error,
 ];
 
@@ -393,7 +432,7 @@ fn columns(width: u16, state: &State) -> Vec<(Col, u16)> {
             .flat_map(|d| d.replicas.iter().map(|r| r.name.chars().count())),
     )
     .clamp(7, 12);
-    let priority: [(Col, u16); 11] = [
+    let priority: [(Col, u16); 12] = [
         (Col::Db, db_w),
         (Col::State, 11),
         (Col::Replica, rep_w),
@@ -405,6 +444,7 @@ fn columns(width: u16, state: &State) -> Vec<(Col, u16)> {
         (Col::Health, 8),
         (Col::Gen, 8),
         (Col::LagBytes, 9),
+        (Col::Drill, 7),
     ];
     let mut chosen: Vec<(Col, u16)> = Vec::new();
     let mut used: u16 = 0;
@@ -483,6 +523,7 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
             Span::styled(fmt_lag(r.lag_seconds), style)
         }),
         Col::LagBytes => per_replica(&|r| Span::raw(fmt_bytes(r.lag_bytes))),
+        Col::Drill => per_replica(&|r| drill_cell(db, r, state, w)),
         Col::Synced => per_replica(&|r| Span::raw(fmt_age(state.now, r.last_sync))),
         Col::Retries => per_replica(&|r| {
             let style = if r.retries > 0 {

@@ -1,0 +1,197 @@
+"""Figure 8: what a restore drill costs, from a directory and from S3 (s3s-fs), in the same run.
+
+A --db-mib database is replicated by `litestreamd run` while a writer commits 50 small
+transactions a second. Then, per target:
+  drill     `litestreamd drill app` (wall time: source checksum, waiting for the replica to reach
+            the drill's position, restore, integrity_check, checksum of the restored file)
+  restore   `litestreamd restore` of the same replica to a new file (the same binary, the same
+            page cache state), the main part of a drill
+  read      reading the database file once (`dd bs=1M` to /dev/null): one checksum pass is
+            bounded by it (xxh3 runs at memory speed); a drill makes two (source and restored)
+  lag       the replica's lag (`status --json`, sampled every 100 ms) before and during the drill
+  commit    the writer's longest commit before and during the drill
+Claim checked: drill <= restore + 2 x read (+ the wait for the replica, at most a sync interval
+of 100 ms here), and the lag during a drill stays at its usual level.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import tools
+from common import BenchError, fmt_s, ratio, rm_db, spawn, stop, table, tail, wait_for
+
+
+def status(a, sock: Path) -> list[dict]:
+    out = subprocess.run([a.litestreamd, "status", "--json", "--socket", str(sock)],
+                         capture_output=True, text=True, timeout=30)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:
+        return []
+
+
+def caught_up(a, sock: Path) -> bool:
+    st = status(a, sock)
+    return bool(st) and all(r.get("pos") == st[0].get("pos") and r.get("pos") is not None
+                            for r in st[0]["replicas"])
+
+
+class Writer:
+    """Small commits at a fixed rate in a thread; the longest commit of each phase."""
+
+    def __init__(self, db: Path, rate: float):
+        self.db, self.rate = db, rate
+        self.worst = {"before": 0.0, "during": 0.0, "after": 0.0}
+        self.phase = "before"
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self) -> None:
+        con = sqlite3.connect(self.db, isolation_level=None, timeout=30)
+        con.execute("PRAGMA busy_timeout=30000")
+        con.execute("CREATE TABLE IF NOT EXISTS w(id INTEGER PRIMARY KEY, v BLOB)")
+        i = 0
+        t0 = time.monotonic()
+        while not self.stop.is_set():
+            due = t0 + i / self.rate
+            now = time.monotonic()
+            if due > now:
+                time.sleep(due - now)
+            s = time.monotonic()
+            con.execute("INSERT INTO w(v) VALUES (randomblob(200))")
+            self.worst[self.phase] = max(self.worst[self.phase], time.monotonic() - s)
+            i += 1
+        con.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join()
+
+
+def lag_sampler(a, sock: Path, out: list, done: threading.Event) -> threading.Thread:
+    def run():
+        while not done.is_set():
+            st = status(a, sock)
+            if st:
+                out.append(max(r.get("lag_seconds", 0.0) for r in st[0]["replicas"]))
+            time.sleep(0.1)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def read_seconds(path: Path) -> float:
+    t = time.monotonic()
+    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True,
+                   capture_output=True)
+    return time.monotonic() - t
+
+
+def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
+               env: dict) -> dict:
+    d = work / f"drill-{name}"
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "dbs.d").mkdir(parents=True)
+    sock = d / "control.sock"
+    (d / "litestreamd.toml").write_text(
+        f'dbs_dir = "dbs.d"\nmetrics_addr = ""\ncontrol_socket = "{sock}"\n'
+        f'state_dir = "{d / "state"}"\n[defaults]\ndrill_dir = "{d / "drills"}"\n'
+        'monitor_interval = "100ms"\nsync_interval = "100ms"\n')
+    (d / "dbs.d" / "app.toml").write_text(f'path = "{db}"\n' + replica_toml)
+    lg = d / "daemon.log"
+    p = spawn([a.litestreamd, "--log-level", "info", "run", "--config",
+               str(d / "litestreamd.toml")], lg, env=env)
+    try:
+        wait_for(lambda: caught_up(a, sock), 600, f"{name}: the first snapshot", p, lg)
+        w = Writer(db, 50)
+        lags_before: list[float] = []
+        done = threading.Event()
+        th = lag_sampler(a, sock, lags_before, done)
+        time.sleep(1 if a.quick else 5)
+        done.set()
+        th.join()
+        lags_during: list[float] = []
+        done = threading.Event()
+        w.phase = "during"
+        th = lag_sampler(a, sock, lags_during, done)
+        t = time.monotonic()
+        out = subprocess.run([a.litestreamd, "drill", "app", "--json", "--socket", str(sock)],
+                             capture_output=True, text=True, env=env)
+        drill_s = time.monotonic() - t
+        done.set()
+        th.join()
+        w.phase = "after"
+        w.close()
+        if out.returncode != 0:
+            raise BenchError(f"{name}: drill exited {out.returncode}: {out.stdout}{out.stderr}"
+                             f"\n{tail(lg)}")
+        res = json.loads(out.stdout)[0]
+        if res["result"] != "passed":
+            raise BenchError(f"{name}: drill {res}")
+    finally:
+        stop(p)
+    restored = d / "restored.db"
+    t = time.monotonic()
+    r = subprocess.run([a.litestreamd, "--log-level", "warn", "restore", "-o", str(restored),
+                        url], capture_output=True, text=True, env=env)
+    restore_s = time.monotonic() - t
+    if r.returncode != 0:
+        raise BenchError(f"{name}: restore failed: {r.stderr}")
+    read_s = read_seconds(db)
+    rm_db(restored)
+    return {
+        "target": name, "drill_s": drill_s, "drill_inner_s": res["duration_seconds"],
+        "restore_s": restore_s, "read_s": read_s, "bytes": res["restored_bytes"],
+        "lag_before_max": max(lags_before, default=0.0),
+        "lag_during_max": max(lags_during, default=0.0),
+        "commit_before_ms": w.worst["before"] * 1000,
+        "commit_during_ms": w.worst["during"] * 1000,
+    }
+
+
+def bench_drill(a, work: Path, s3, make_db) -> dict:
+    db = work / "drill.db"
+    rm_db(db)
+    make_db(db, a.db_mib)
+    env = tools.Litestreamd(a.litestreamd).env()
+    rows = []
+    replica = work / "drill-replica"
+    shutil.rmtree(replica, ignore_errors=True)
+    file_toml = f'[[replicas]]\nname = "dir"\ntype = "file"\npath = "{replica}"\n'
+    rows.append(one_target(a, work, "directory", db, file_toml, f"file://{replica}", env))
+    shutil.rmtree(replica, ignore_errors=True)
+    shutil.rmtree(work / f".{db.name}-litestream", ignore_errors=True)
+    if s3 is not None:
+        target = tools.S3Target(s3.port, "drill")
+        url = tools.Litestreamd.url(target)
+        s3_toml = f'[[replicas]]\nname = "s3"\nurl = "{url}"\n'
+        rows.append(one_target(a, work, "S3 (s3s-fs)", db, s3_toml, url, env))
+        s3.remove("drill")
+    rm_db(db)
+    shutil.rmtree(work / f".{db.name}-litestream", ignore_errors=True)
+    return {"db_mib": a.db_mib, "rows": rows}
+
+
+def render(R: dict) -> list[str]:
+    out = [f"### Restore drill of a {R['db_mib']} MiB database (writer: 50 commits/s)", ""]
+    rows = []
+    for r in R["rows"]:
+        bound = r["restore_s"] + 2 * r["read_s"]
+        rows.append([
+            r["target"], fmt_s(r["drill_s"]), fmt_s(r["restore_s"]), fmt_s(r["read_s"]),
+            fmt_s(bound), ratio(r["drill_s"], bound),
+            f"{r['lag_before_max']:.1f} s", f"{r['lag_during_max']:.1f} s",
+            f"{r['commit_before_ms']:.0f} ms", f"{r['commit_during_ms']:.0f} ms",
+        ])
+    out.append(table(["target", "drill", "restore", "read db", "restore + 2 reads",
+                      "drill / that", "lag max before", "lag max during",
+                      "commit max before", "commit max during"], rows))
+    return out
