@@ -971,6 +971,10 @@ impl DrillSource {
     pub fn taken_at(&self) -> SystemTime {
         self.taken_at
     }
+    /// The database file's length now (an estimate of the restored size, for free space).
+    pub fn file_len(&self) -> u64 {
+        self.file.metadata().map_or(0, |m| m.len())
+    }
 
     /// Calls `f` with every page of the database at the position, in order; returns the page
     /// size. The size is the last commit's in the index, else the file's (a WAL life starts

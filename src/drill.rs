@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::FutureExt;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 use twox_hash::XxHash3_64;
@@ -238,7 +239,6 @@ async fn drill(
     positions: &Mutex<Vec<Option<Pos>>>,
     progress: &Arc<Mutex<Option<DrillRun>>>,
 ) -> Vec<DrillStatus> {
-    let started = SystemTime::now();
     let set_progress = |replica: Option<&str>, stage: &'static str, done: u64, total: u64| {
         *progress.lock().expect("drill progress") = Some(DrillRun {
             replica: replica.map(str::to_string),
@@ -247,27 +247,25 @@ async fn drill(
             total,
         });
     };
-    set_progress(None, "checksum", 0, 1);
+    set_progress(None, "waiting", 0, 1);
     let (pos, taken_at) = (source.pos().clone(), source.taken_at());
+    let size = source.file_len();
+    // The source's checksum is taken while the replica catches up and restores (they read
+    // different files); it is awaited only for the comparison. Our checkpoints wait for it
+    // alone, not for the restore.
     let t = Instant::now();
+    let (name, p) = (db_name.to_string(), pos.clone());
     let sum = tokio::task::spawn_blocking(move || {
         let s = source_sum(&source);
         drop(source);
-        s
-    })
-    .await
-    .expect("checksum task");
-    let sum = match sum {
-        Ok(s) => s,
-        Err(e) => {
-            return error_all(
-                spec,
-                started,
-                format!("cannot read the source at {pos}: {e}"),
-            );
+        if let Ok(s) = &s {
+            info!(db = name, pos = %p, pages = s.pages, elapsed = ?t.elapsed(), "drill: source checksum taken");
         }
-    };
-    info!(db = db_name, pos = %pos, pages = sum.pages, elapsed = ?t.elapsed(), "drill: source checksum taken");
+        s.map_err(|e| format!("cannot read the source at {p}: {e}"))
+    })
+    .map(|r| r.unwrap_or_else(|e| Err(format!("the checksum task failed: {e}"))))
+    .boxed()
+    .shared();
 
     let mut out = Vec::new();
     for (i, r) in spec.replicas.iter().enumerate() {
@@ -279,7 +277,7 @@ async fn drill(
             i,
             r,
             (&pos, taken_at),
-            sum,
+            (size, sum.clone()),
             positions,
             progress,
         )
@@ -301,6 +299,10 @@ async fn drill(
 
 type Outcome = Result<u64, (DrillResult, String)>;
 
+/// The source's checksum, being taken (see [`drill`]).
+type SourceSum =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<PageSum, String>>>;
+
 #[allow(clippy::too_many_arguments)]
 async fn drill_replica(
     db_name: &str,
@@ -308,7 +310,7 @@ async fn drill_replica(
     i: usize,
     r: &DrillReplica,
     (pos, taken_at): (&Pos, SystemTime),
-    sum: PageSum,
+    (size, sum): (u64, SourceSum),
     positions: &Mutex<Vec<Option<Pos>>>,
     progress: &Arc<Mutex<Option<DrillRun>>>,
 ) -> Outcome {
@@ -350,7 +352,7 @@ async fn drill_replica(
     }
 
     let dir = spec.dir.clone();
-    let need = sum.pages * sum.page_size as u64 + FREE_MARGIN;
+    let need = size + FREE_MARGIN;
     // A name no application database is likely to have, should drill_dir be misconfigured.
     let out_path = spec
         .dir
@@ -387,6 +389,13 @@ async fn drill_replica(
     let restored = restore::restore(&replicas, &opts).await;
     let result = match restored {
         Ok(RestoreOutcome::Restored(s)) => {
+            let sum = match sum.await {
+                Ok(sum) => sum,
+                Err(e) => {
+                    let _ = fs::remove_file(&out_path);
+                    return Err(err(e));
+                }
+            };
             let (path, ps) = (s.output.clone(), sum.page_size);
             let got = tokio::task::spawn_blocking(move || file_sum(&path, ps))
                 .await
