@@ -2002,6 +2002,14 @@ fn restore_drills_prove_the_content_and_catch_a_replica_that_restores_other_data
     let (code, out) = status_exit(&sock, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("last drill failed"), "{out}");
+    // systemd's STATUS= says so (the summary is re-sent within a second when it changes).
+    let seen = datagrams(&daemon, Duration::from_secs(10), |m| {
+        m.contains("1 with a failed restore drill")
+    });
+    assert!(
+        seen.iter().any(|(_, m)| m.contains("1 with a failed restore drill")),
+        "{seen:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = daemon.metrics();
