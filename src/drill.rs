@@ -266,6 +266,17 @@ async fn drill(
     .map(|r| r.unwrap_or_else(|e| Err(format!("the checksum task failed: {e}"))))
     .boxed()
     .shared();
+    // From a local directory the restore reads the same kind of disk as the checksum: taking
+    // both at once made cold 1 GiB drills slower (5.5-8.8 s against 4.7 s one after the
+    // other), so there the checksum comes first. From a bucket the restore waits on the
+    // network, and overlapping saved 16 % (13.8 -> 11.6 s).
+    if spec
+        .replicas
+        .iter()
+        .any(|r| matches!(r.target, Target::File(_)))
+    {
+        let _ = sum.clone().await;
+    }
 
     let mut out = Vec::new();
     for (i, r) in spec.replicas.iter().enumerate() {

@@ -2007,7 +2007,8 @@ fn restore_drills_prove_the_content_and_catch_a_replica_that_restores_other_data
         m.contains("1 with a failed restore drill")
     });
     assert!(
-        seen.iter().any(|(_, m)| m.contains("1 with a failed restore drill")),
+        seen.iter()
+            .any(|(_, m)| m.contains("1 with a failed restore drill")),
         "{seen:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
