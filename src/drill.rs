@@ -250,9 +250,8 @@ async fn drill(
     set_progress(None, "waiting", 0, 1);
     let (pos, taken_at) = (source.pos().clone(), source.taken_at());
     let size = source.file_len();
-    // The source's checksum is taken while the replica catches up and restores (they read
-    // different files); it is awaited only for the comparison. Our checkpoints wait for it
-    // alone, not for the restore.
+    // The source's checksum is awaited only for the comparison, so it can run while the
+    // replica catches up and restores (but see below). Our checkpoints wait for it alone.
     let t = Instant::now();
     let (name, p) = (db_name.to_string(), pos.clone());
     let sum = tokio::task::spawn_blocking(move || {
