@@ -140,7 +140,7 @@ pub async fn run(
     let slot = SLOT.acquire().await.expect("drill slot never closed");
     let started = SystemTime::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let names: Vec<String> = spec.replicas.iter().map(|r| r.name.clone()).collect();
+    let n = spec.replicas.len();
     let spawned = std::thread::Builder::new()
         .name(format!("drill-{db_name}"))
         .spawn(move || {
@@ -155,43 +155,20 @@ pub async fn run(
                 .build();
             let out = match rt {
                 Ok(rt) => rt.block_on(drill(&db_name, source, &spec, &positions, &progress)),
-                Err(e) => error_all(
-                    &spec,
+                Err(e) => not_run_since(
                     started,
-                    format!("cannot start the drill's runtime: {e}"),
+                    spec.replicas.len(),
+                    &format!("cannot start the drill's runtime: {e}"),
                 ),
             };
             *progress.lock().expect("drill progress") = None;
             let _ = tx.send(out);
         });
     if let Err(e) = spawned {
-        return names
-            .iter()
-            .map(|_| {
-                finished(
-                    started,
-                    DrillResult::Error,
-                    Some(format!("cannot start the drill thread: {e}")),
-                    None,
-                    0,
-                )
-            })
-            .collect();
+        return not_run_since(started, n, &format!("cannot start the drill thread: {e}"));
     }
-    rx.await.unwrap_or_else(|_| {
-        names
-            .iter()
-            .map(|_| {
-                finished(
-                    started,
-                    DrillResult::Error,
-                    Some("the drill thread panicked".into()),
-                    None,
-                    0,
-                )
-            })
-            .collect()
-    })
+    rx.await
+        .unwrap_or_else(|_| not_run_since(started, n, "the drill thread panicked"))
 }
 
 fn finished(
@@ -218,17 +195,21 @@ fn finished(
 
 /// The status of a drill that could not start, for each of `n` replicas.
 pub fn not_run(n: usize, reason: &str) -> Vec<DrillStatus> {
-    warn!(reason, "restore drill could not run");
-    let now = SystemTime::now();
-    (0..n)
-        .map(|_| finished(now, DrillResult::Error, Some(reason.to_string()), None, 0))
-        .collect()
+    not_run_since(SystemTime::now(), n, reason)
 }
 
-fn error_all(spec: &DrillSpec, started: SystemTime, reason: String) -> Vec<DrillStatus> {
-    spec.replicas
-        .iter()
-        .map(|_| finished(started, DrillResult::Error, Some(reason.clone()), None, 0))
+fn not_run_since(started: SystemTime, n: usize, reason: &str) -> Vec<DrillStatus> {
+    warn!(reason, "restore drill could not run");
+    (0..n)
+        .map(|_| {
+            finished(
+                started,
+                DrillResult::Error,
+                Some(reason.to_string()),
+                None,
+                0,
+            )
+        })
         .collect()
 }
 

@@ -750,7 +750,14 @@ async fn status_cmd(
                     (Some(run), _) if run.replica.as_deref().is_none_or(|n| n == r.name) => {
                         format!("{}…", run.stage)
                     }
-                    (_, Some(dr)) => dr.short(),
+                    (_, Some(dr)) => format!(
+                        "{} {}",
+                        dr.result.as_str(),
+                        litestreamd::tui::view::fmt_age(
+                            std::time::SystemTime::now(),
+                            dr.finished_at
+                        )
+                    ),
                     _ => "-".into(),
                 };
                 let err = match r.drill.as_ref().filter(|d| d.result != DrillResult::Passed) {

@@ -205,24 +205,6 @@ impl DrillStatus {
             None => Some(format!("no drill passed (max age {}s)", max.as_secs())),
         }
     }
-
-    /// Short form for tables: `passed 3m`, `failed 10s`, `error 1h`.
-    pub fn short(&self) -> String {
-        let age = self
-            .finished_at
-            .and_then(|t| SystemTime::now().duration_since(t).ok())
-            .map(|a| {
-                let s = a.as_secs();
-                match s {
-                    0..60 => format!("{s}s"),
-                    60..3600 => format!("{}m", s / 60),
-                    3600..86400 => format!("{}h", s / 3600),
-                    _ => format!("{}d", s / 86400),
-                }
-            })
-            .unwrap_or_default();
-        format!("{} {age}", self.result.as_str())
-    }
 }
 
 /// How a `verify` of a replica requested through the daemon ended (see `verify`).

@@ -69,6 +69,12 @@ pub const REPLICA_COUNTERS: &[&str] = &[
 /// socket shows), plus the sync passes and shadow bytes counted since the last call. Every
 /// series is written, counters included (`increment(0)`), so the exporter's idle timeout only
 /// removes the series of databases that are gone.
+/// Unix time in seconds, 0 for never.
+fn unix_secs(t: Option<std::time::SystemTime>) -> f64 {
+    t.and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
     use crate::status::ReplicaStateName;
     let labels = [("db", st.name.clone())];
@@ -95,11 +101,7 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         if let Some(p) = &rs.pos {
             metrics::gauge!(REPLICA_GENERATION, "db" => st.name.clone(), "replica" => rs.name.clone(), "generation" => p.generation.clone()).set(1.0);
         }
-        let last = rs
-            .last_sync
-            .and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
-            .map_or(0.0, |d| d.as_secs_f64());
-        metrics::gauge!(REPLICA_LAST_SYNC, &rl).set(last);
+        metrics::gauge!(REPLICA_LAST_SYNC, &rl).set(unix_secs(rs.last_sync));
         let current = rs.state.name();
         for state in ReplicaStateName::ALL {
             let v = if *state == current { 1.0 } else { 0.0 };
@@ -108,13 +110,9 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         for c in REPLICA_COUNTERS {
             metrics::counter!(*c, &rl).increment(0);
         }
-        let secs = |t: Option<std::time::SystemTime>| {
-            t.and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
-                .map_or(0.0, |d| d.as_secs_f64())
-        };
         if let Some(v) = &rs.verify {
-            metrics::gauge!(VERIFY_LAST_SUCCESS, &rl).set(secs(v.last_success));
-            metrics::gauge!(VERIFY_LAST_RUN, &rl).set(secs(v.finished_at));
+            metrics::gauge!(VERIFY_LAST_SUCCESS, &rl).set(unix_secs(v.last_success));
+            metrics::gauge!(VERIFY_LAST_RUN, &rl).set(unix_secs(v.finished_at));
             metrics::gauge!(VERIFY_DURATION, &rl).set(v.duration_seconds);
             for r in crate::status::VerifyResult::ALL {
                 let x = if *r == v.result { 1.0 } else { 0.0 };
@@ -122,8 +120,8 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
             }
         }
         if let Some(d) = &rs.drill {
-            metrics::gauge!(DRILL_LAST_SUCCESS, &rl).set(secs(d.last_success));
-            metrics::gauge!(DRILL_LAST_RUN, &rl).set(secs(d.finished_at));
+            metrics::gauge!(DRILL_LAST_SUCCESS, &rl).set(unix_secs(d.last_success));
+            metrics::gauge!(DRILL_LAST_RUN, &rl).set(unix_secs(d.finished_at));
             metrics::gauge!(DRILL_DURATION, &rl).set(d.duration_seconds);
             metrics::gauge!(DRILL_RESTORED_BYTES, &rl).set(d.restored_bytes as f64);
             for r in crate::status::DrillResult::ALL {

@@ -333,12 +333,7 @@ fn litestreamd_restores_what_litestream_0_3_13_wrote() {
     copy_tree(&replica, &in_bucket);
     let (code, v) = verify(&s3_url(server.port, "ls"), "all");
     assert_eq!(code, 0, "{v}");
-    let read: u64 = v["replicas"][0]["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["objects_read"].as_u64().unwrap())
-        .sum();
+    let read = objects_read(&v);
     assert!(read > 0, "{v}");
 }
 
@@ -499,6 +494,16 @@ fn verify(replica: &str, read_data: &str) -> (i32, serde_json::Value) {
     (out.status.code().unwrap(), json)
 }
 
+/// Objects a verify report read, over the generations of its first replica.
+fn objects_read(v: &serde_json::Value) -> u64 {
+    v["replicas"][0]["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["objects_read"].as_u64().unwrap())
+        .sum()
+}
+
 fn findings(v: &serde_json::Value) -> String {
     v["replicas"]
         .as_array()
@@ -522,12 +527,7 @@ async fn verify_grades_each_generation_and_names_the_object_at_fault() {
     assert_eq!(code, 0, "{v}");
     let (code, v) = verify(&url(&replica), "all");
     assert_eq!(code, 0, "{v}");
-    let read: u64 = v["replicas"][0]["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["objects_read"].as_u64().unwrap())
-        .sum();
+    let read = objects_read(&v);
     let all = objects(&replica, ".lz4").len() as u64;
     assert_eq!(read, all, "--read-data all reads every object: {v}");
 
