@@ -1030,6 +1030,7 @@ pub async fn resolve_db(
             name: rname.clone(),
             target,
             age,
+            meter: client.meter().clone(),
         });
         replicas.push((replica_options(r, rname, d), client));
     }

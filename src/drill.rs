@@ -57,6 +57,8 @@ pub struct DrillReplica {
     pub name: String,
     pub target: Target,
     pub age: Option<AgeKeys>,
+    /// The replica's request counters: a drill's downloads are billed like any other.
+    pub meter: std::sync::Arc<crate::replica::meter::RequestMeter>,
 }
 
 impl std::fmt::Debug for DrillSpec {
@@ -360,7 +362,7 @@ async fn drill_replica(
         .open()
         .await
         .map_err(|e| err(format!("cannot open the replica: {e}")))?;
-    let client = ReplicaClient::new(store).with_age(r.age.clone());
+    let client = ReplicaClient::metered(store, r.meter.clone()).with_age(r.age.clone());
     let mut opts = RestoreOptions::new(&out_path);
     opts.until = Some(restore::Until {
         pos: pos.clone(),

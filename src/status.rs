@@ -13,6 +13,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::Pos;
+pub use crate::replica::meter::RequestCounts;
 
 /// A database's state.
 #[derive(
@@ -300,6 +301,12 @@ pub struct ReplicaStatus {
     /// The last verify requested through the daemon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyStatus>,
+    /// Requests to the replica's store since the database started, by kind.
+    #[serde(default)]
+    pub requests: RequestCounts,
+    /// A 30-day month of requests at the last hour's rate, by kind.
+    #[serde(default)]
+    pub requests_per_month: RequestCounts,
 }
 
 impl ReplicaStatus {
@@ -320,6 +327,8 @@ impl ReplicaStatus {
             caught_up_at: Some(SystemTime::now()),
             drill: None,
             verify: None,
+            requests: RequestCounts::default(),
+            requests_per_month: RequestCounts::default(),
         }
     }
 

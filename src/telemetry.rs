@@ -37,6 +37,7 @@ pub const REPLICA_LEASE_CONFLICTS: &str = "litestreamd_replica_lease_conflicts_t
 pub const REPLICA_NOT_RESTORABLE: &str = "litestreamd_replica_not_restorable_total";
 pub const REPLICA_OPERATIONS: &str = "litestreamd_replica_operations_total";
 pub const REPLICA_OPERATION_BYTES: &str = "litestreamd_replica_operation_bytes_total";
+pub const REPLICA_REQUESTS: &str = "litestreamd_replica_requests_total";
 pub const DRILL_LAST_SUCCESS: &str = "litestreamd_drill_last_success_timestamp_seconds";
 pub const DRILL_LAST_RUN: &str = "litestreamd_drill_last_run_timestamp_seconds";
 pub const DRILL_DURATION: &str = "litestreamd_drill_duration_seconds";
@@ -109,6 +110,9 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         }
         for c in REPLICA_COUNTERS {
             metrics::counter!(*c, &rl).increment(0);
+        }
+        for kind in crate::replica::meter::RequestKind::ALL {
+            metrics::counter!(REPLICA_REQUESTS, "db" => st.name.clone(), "replica" => rs.name.clone(), "kind" => kind.as_str()).absolute(rs.requests.get(kind));
         }
         if let Some(v) = &rs.verify {
             metrics::gauge!(VERIFY_LAST_SUCCESS, &rl).set(unix_secs(v.last_success));
@@ -306,6 +310,10 @@ fn describe() {
     describe_counter!(
         REPLICA_OPERATIONS,
         "Object store requests by backend type and operation (GET, PUT, LIST, DELETE, HEAD)."
+    );
+    describe_counter!(
+        REPLICA_REQUESTS,
+        "Requests to one replica's store by kind (put, get, list, delete, head), drills included."
     );
     describe_counter!(
         REPLICA_OPERATION_BYTES,

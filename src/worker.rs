@@ -159,6 +159,11 @@ pub fn spawn(
     }
     let reporting = Reporting {
         reports,
+        meters: spec
+            .replicas
+            .iter()
+            .map(|(_, c)| c.meter().clone())
+            .collect(),
         wake,
         drills: Arc::new(Mutex::new(drills)),
     };
@@ -169,6 +174,8 @@ pub fn spawn(
 /// What the replica tasks report, and the wake-up they send with every change.
 struct Reporting {
     reports: Vec<watch::Receiver<ReplicaReport>>,
+    /// Each replica's request counters (shared with its store and its drills).
+    meters: Vec<Arc<crate::replica::meter::RequestMeter>>,
     wake: Arc<Notify>,
     drills: Arc<Mutex<Drills>>,
 }
@@ -523,6 +530,7 @@ type PublishedKey = (
         bool,
         Option<SystemTime>,
         Option<SystemTime>,
+        u64,
     )>,
     bool,
 );
@@ -584,13 +592,16 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
     let mut lagging = false;
     ps.caught_up_at.resize(st.replicas.len(), Some(now));
     let (dpos, shadow_bytes) = (st.pos.clone(), st.shadow_bytes);
-    for ((rs, rx), caught) in st
+    for (((rs, rx), caught), meter) in st
         .replicas
         .iter_mut()
         .zip(&reporting.reports)
         .zip(ps.caught_up_at.iter_mut())
+        .zip(&reporting.meters)
     {
         rs.apply(&rx.borrow());
+        rs.requests = meter.totals();
+        rs.requests_per_month = meter.per_month();
         let caught_up = dpos.is_some() && rs.pos == dpos;
         lagging |= !caught_up && dpos.is_some();
         if caught_up || dpos.is_none() {
@@ -628,6 +639,7 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
                     rs.lag_seconds > 0.0,
                     rs.drill.as_ref().and_then(|d| d.finished_at),
                     rs.verify.as_ref().and_then(|v| v.finished_at),
+                    rs.requests.total(),
                 )
             })
             .collect(),

@@ -262,6 +262,15 @@ mod tests {
             caught_up_at: Some(t),
             drill: None,
             verify: None,
+            requests: crate::status::RequestCounts {
+                put: 5,
+                list: 2,
+                ..Default::default()
+            },
+            requests_per_month: crate::status::RequestCounts {
+                put: 3600,
+                ..Default::default()
+            },
         };
         let st = DbStatus {
             name: "app".into(),
@@ -305,5 +314,5 @@ mod tests {
         assert_eq!(back, msg);
     }
 
-    const PINNED_STATUS: &str = r#"{"v":1,"id":9,"type":"status","databases":[{"name":"app","path":"/srv/app.db","state":"replicating","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_error":null,"db_size":8192,"wal_size":4152,"shadow_bytes":8304,"last_sync":"2027-01-15T08:00:00Z","replicas":[{"name":"a","kind":"s3","url":"s3://b/a","state":"healthy","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z"},{"name":"b","kind":"s3","url":"s3://b/b","state":"retrying","attempt":3,"error":"boom","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z"},{"name":"c","kind":"s3","url":"s3://b/c","state":"conflict","attempt":1,"error":"held","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z"}]}]}"#;
+    const PINNED_STATUS: &str = r#"{"v":1,"id":9,"type":"status","databases":[{"name":"app","path":"/srv/app.db","state":"replicating","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_error":null,"db_size":8192,"wal_size":4152,"shadow_bytes":8304,"last_sync":"2027-01-15T08:00:00Z","replicas":[{"name":"a","kind":"s3","url":"s3://b/a","state":"healthy","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z","requests":{"put":5,"get":0,"list":2,"delete":0,"head":0},"requests_per_month":{"put":3600,"get":0,"list":0,"delete":0,"head":0}},{"name":"b","kind":"s3","url":"s3://b/b","state":"retrying","attempt":3,"error":"boom","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z","requests":{"put":5,"get":0,"list":2,"delete":0,"head":0},"requests_per_month":{"put":3600,"get":0,"list":0,"delete":0,"head":0}},{"name":"c","kind":"s3","url":"s3://b/c","state":"conflict","attempt":1,"error":"held","pos":{"generation":"62fce60304a1d17f","index":3,"offset":4152},"last_sync":"2027-01-15T08:00:00Z","last_error":"boom","retries":3,"uploaded_bytes":123,"lag_seconds":4.5,"lag_bytes":8304,"caught_up_at":"2027-01-15T08:00:00Z","requests":{"put":5,"get":0,"list":2,"delete":0,"head":0},"requests_per_month":{"put":3600,"get":0,"list":0,"delete":0,"head":0}}]}]}"#;
 }

@@ -5,6 +5,7 @@
 pub mod file;
 pub mod gcs;
 mod insecure_http;
+pub mod meter;
 pub mod ranged;
 pub mod s3;
 
@@ -234,13 +235,28 @@ pub(crate) async fn read_up_to(body: &mut ObjectReader, size: usize) -> io::Resu
 /// every object opened is decrypted when it carries an age header.
 #[derive(Debug, Clone)]
 pub struct ReplicaClient {
+    /// The store, wrapped in [`meter::Metered`]: every request is counted in `meter`.
     store: Arc<dyn ObjectStore>,
+    meter: Arc<meter::RequestMeter>,
     age: Option<Arc<AgeKeys>>,
 }
 
 impl ReplicaClient {
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        ReplicaClient { store, age: None }
+        Self::metered(store, Arc::default())
+    }
+    /// A client whose requests count in `meter` (shared with other clients of one replica,
+    /// such as a restore drill's).
+    pub fn metered(store: Arc<dyn ObjectStore>, meter: Arc<meter::RequestMeter>) -> Self {
+        let store = Arc::new(meter::Metered::new(store, meter.clone()));
+        ReplicaClient {
+            store,
+            meter,
+            age: None,
+        }
+    }
+    pub fn meter(&self) -> &Arc<meter::RequestMeter> {
+        &self.meter
     }
     pub fn with_age(mut self, keys: Option<AgeKeys>) -> Self {
         self.age = keys.map(Arc::new);

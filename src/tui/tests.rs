@@ -63,6 +63,16 @@ fn dbs() -> Vec<DbStatus> {
     local.last_sync = Some(ago(1));
     local.uploaded_bytes = 3 * 1024 * 1024 + 200_000;
     local.lag_seconds = 0.4;
+    local.requests = crate::status::RequestCounts {
+        put: 1234,
+        list: 3,
+        head: 2,
+        ..Default::default()
+    };
+    local.requests_per_month = crate::status::RequestCounts {
+        put: 1_296_000,
+        ..Default::default()
+    };
     let mut s3 = replica("s3", "s3", "s3://backups/app", ReplicaState::Healthy);
     s3.pos = Some(Pos::new(GEN_APP, 3, 4152));
     s3.last_sync = Some(ago(2));

@@ -139,6 +139,49 @@ pub fn fmt_bytes(n: u64) -> String {
     }
 }
 
+/// A count for people: `950`, `12.3k`, `4.1M`.
+fn fmt_count(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}k", n as f64 / 1e3),
+        _ => format!("{:.1}M", n as f64 / 1e6),
+    }
+}
+
+/// The replica's requests since the start and a month at the last hour's rate, by kind.
+fn request_line(
+    total: &crate::status::RequestCounts,
+    month: &crate::status::RequestCounts,
+) -> Vec<Span<'static>> {
+    use crate::replica::meter::RequestKind;
+    let by_kind = |c: &crate::status::RequestCounts| {
+        RequestKind::ALL
+            .iter()
+            .filter(|k| c.get(**k) > 0)
+            .map(|k| format!("{} {}", fmt_count(c.get(*k)), k.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut l = kv(
+        "  requests",
+        if total.total() == 0 {
+            "none".into()
+        } else {
+            by_kind(total)
+        },
+    );
+    l.push(Span::raw("  "));
+    l.extend(kv(
+        "a month at this rate",
+        if month.total() == 0 {
+            "0".into()
+        } else {
+            format!("{} ({})", fmt_count(month.total()), by_kind(month))
+        },
+    ));
+    l
+}
+
 fn fmt_time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -783,6 +826,7 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
         l.push(Span::raw("  "));
         l.extend(kv("retries", r.retries.to_string()));
         out.push(Line::from(l));
+        out.push(Line::from(request_line(&r.requests, &r.requests_per_month)));
         if let Some(e) = replica_error(r) {
             let style = if h >= Health::Warn {
                 health_style(h)
