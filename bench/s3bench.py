@@ -287,6 +287,15 @@ def bench_lag(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
 # --------------------------------------------------------------------------------------------
 # figure 5: an idle database
 
+def idle_timers(a) -> dict:
+    """Every periodic timer, scaled so the idle window holds several of each: a lease TTL of a
+    quarter of the window (renewals every eighth if they ran), a retention check every ninth,
+    an interval snapshot every third (of an unchanged database)."""
+    w = a.idle_seconds
+    return {"lease": f"{max(w / 4, 2):.0f}s", "retention_check": f"{max(w / 9, 1):.0f}s",
+            "snapshot": f"{max(w / 3, 2):.0f}s"}
+
+
 def bench_idle(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
     """All replicators at once (they are idle, so they do not disturb each other), each with its
     own database, proxy and prefix. After the first snapshot and a settling time, the window is
@@ -301,7 +310,8 @@ def bench_idle(a, work: Path, s3: S3Server, tools: list[Tool]) -> dict:
             new_wal_db(db, rows=100)
             proxy = Proxy(s3, name)
             lg = d / "replicator.log"
-            p = spawn(tool.replicate_argv(d, db, S3Target(proxy.port, name)), lg,
+            p = spawn(tool.replicate_argv(d, db, S3Target(proxy.port, name),
+                                          timers=idle_timers(a)), lg,
                       env=tool.env())
             procs[tool.key] = (tool, name, proxy, p, lg)
         for tool, name, proxy, p, lg in procs.values():
@@ -448,6 +458,10 @@ def render_requests(a, lag: dict, idle: dict | None, labels: dict[str, str]) -> 
                           "DELETE/min", "HEAD/min", "PUT/h", "LIST/h"], rows))
     if idle:
         w = next(iter(idle.values()))["window_s"]
+        t = idle_timers(a)
+        out.append(f"timers scaled into the window: lease TTL {t['lease']} (litestreamd), "
+                   f"retention check every {t['retention_check']}, interval snapshot every "
+                   f"{t['snapshot']} (litestreamd and 0.3.13; 0.5.17 at its defaults)")
         out.append(f"idle: window {w:.0f} s after the first snapshot and {a.idle_settle:.0f} s of "
                    f"settling, split into {a.reps} parts (per minute: median [min–max] over the "
                    f"parts; per hour: the whole window's total scaled); "

@@ -92,7 +92,9 @@ class Tool:
 
     # --- configuration ----------------------------------------------------------------------
     def replicate_argv(self, d: Path, db: Path, target: Target, monitor: str = "1s",
-                       sync: str = "1s") -> list[str]:
+                       sync: str = "1s", timers: dict | None = None) -> list[str]:
+        """`timers`: {"lease", "retention_check", "snapshot"} durations, for the idle figure
+        (a tool without such a timer ignores it)."""
         raise NotImplementedError
 
     def multi_argv(self, d: Path, dbs: list[tuple[Path, Path]]) -> list[str]:
@@ -120,9 +122,14 @@ class Litestreamd(Tool):
         return (f"s3://{BUCKET}/{target.prefix}?endpoint=http://127.0.0.1:{target.port}"
                 f"&region={REGION}&force-path-style=true")
 
-    def replicate_argv(self, d, db, target, monitor="1s", sync="1s"):
-        return [self.bin, "--log-level", "warn", "replicate", str(db), self.url(target),
+    def replicate_argv(self, d, db, target, monitor="1s", sync="1s", timers=None):
+        argv = [self.bin, "--log-level", "warn", "replicate", str(db), self.url(target),
                 "--monitor-interval", monitor, "--sync-interval", sync]
+        if timers:
+            argv += ["--lease-ttl", timers["lease"],
+                     "--retention-check-interval", timers["retention_check"],
+                     "--snapshot-interval", timers["snapshot"]]
+        return argv
 
     def multi_argv(self, d, dbs):
         (d / "dbs.d").mkdir(parents=True, exist_ok=True)
@@ -183,8 +190,12 @@ class Litestream(Tool):
         p.write_text("dbs:\n" + body)
         return p
 
-    def replicate_argv(self, d, db, target, monitor="1s", sync="1s"):
-        cfg = self.config(d, db.stem, self.db_yaml(db, target, monitor, sync))
+    def replicate_argv(self, d, db, target, monitor="1s", sync="1s", timers=None):
+        body = self.db_yaml(db, target, monitor, sync)
+        if timers and self.layout == "v03":
+            body += (f"        retention-check-interval: {timers['retention_check']}\n"
+                     f"        snapshot-interval: {timers['snapshot']}\n")
+        cfg = self.config(d, db.stem, body)
         return [self.bin, "replicate", "-config", str(cfg)]
 
     def multi_argv(self, d, dbs):

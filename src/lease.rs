@@ -8,10 +8,20 @@
 //! if-unchanged to renew or to take over an expired one. Of two racing replicators exactly one
 //! wins; the other reads who holds it and waits.
 //!
-//! A holder renews when less than half the TTL is left, both before it writes and on a timer
-//! while it runs. An expired lease is free. So is a lease left by an earlier process of the same
-//! database on this host (its pid is gone, or it is our own pid again, as in a container whose
-//! process is always pid 1), so a `kill -9` and restart does not wait out the TTL.
+//! A holder renews before it writes when less than half the TTL is left, and only then: an idle
+//! database makes no request, and its lease lapses one TTL after its last write. Its next write
+//! renews the lapsed lease with the same conditional write, which succeeds only if nobody wrote
+//! the lease object in between, that is, if no other replicator took the path meanwhile (every
+//! writer takes the lease before it writes). If one did, the replica is told
+//! ([`Lease::take_interrupted`]) and reads the replica again before it writes anything; if that
+//! other replicator still holds the lease, this one waits (conflict) as before. So two writers
+//! never write at the same time, and a writer never continues from a view of the replica that
+//! another writer changed; what is given up is that an idle holder keeps others out (see
+//! `docs/ARCHITECTURE.md`).
+//!
+//! An expired lease is free. So is a lease left by an earlier process of the same database on
+//! this host (its pid is gone, or it is our own pid again, as in a container whose process is
+//! always pid 1), so a `kill -9` and restart does not wait out the TTL.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -110,6 +120,8 @@ pub struct Lease {
     /// Our lease object disappeared while we held it (not taken over: gone), which is what an
     /// emptied bucket looks like; the replica checks its backups at once (`take_vanished`).
     vanished: bool,
+    /// Another replicator wrote the lease after ours lapsed (see the module comment).
+    interrupted: bool,
 }
 
 impl std::fmt::Debug for Lease {
@@ -137,12 +149,8 @@ impl Lease {
             database: database.to_string(),
             held: None,
             vanished: false,
+            interrupted: false,
         }
-    }
-
-    /// When the next renewal is due (None when not held).
-    pub fn renew_at(&self) -> Option<Instant> {
-        self.held.as_ref().map(|(_, exp)| *exp - self.ttl / 2)
     }
 
     fn doc(&self) -> Vec<u8> {
@@ -173,11 +181,17 @@ impl Lease {
                 self.held = Some((v, started + self.ttl));
                 return Ok(());
             }
+            let lapsed = *exp <= started;
             self.held = None;
             let current = self.store.get_versioned(LEASE_KEY).await?;
-            if current.is_none() {
+            if current.is_none() && !lapsed {
                 warn!(url = %self.store.url(), "our lease object vanished from the replica path (was the bucket emptied?); taking it again and checking that the backups are still there");
                 self.vanished = true;
+            } else if lapsed {
+                // Taken (and perhaps released) by another replicator while we were idle, or
+                // the bucket was emptied: either way, what we knew of the replica is stale.
+                warn!(url = %self.store.url(), "the lease lapsed while this replicator was idle and another one took the path meanwhile; reading the replica again before writing");
+                self.interrupted = true;
             } else {
                 warn!(url = %self.store.url(), "lease was taken by another replicator");
             }
@@ -190,6 +204,11 @@ impl Lease {
     /// Whether the lease object vanished since the last call (see `vanished`).
     pub fn take_vanished(&mut self) -> bool {
         std::mem::take(&mut self.vanished)
+    }
+
+    /// Whether another replicator held the path since our lease lapsed (since the last call).
+    pub fn take_interrupted(&mut self) -> bool {
+        std::mem::take(&mut self.interrupted)
     }
 
     /// Takes the lease given the object's current content (None: absent).
@@ -333,6 +352,33 @@ mod tests {
         c.ensure().await.unwrap();
         let mut d = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/b.db");
         assert!(d.ensure().await.is_err(), "c holds it and is alive");
+    }
+
+    #[tokio::test]
+    async fn a_lapsed_lease_is_renewed_unless_another_replicator_took_it_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_millis(100);
+        let mut a = Lease::new(store(dir.path()), ttl, "/data/a.db");
+        a.ensure().await.unwrap();
+        // Idle past the TTL, nobody else: the next write renews it, nothing to re-read.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        a.ensure().await.unwrap();
+        assert!(!a.take_interrupted());
+
+        // Idle again; meanwhile another replicator takes the path, writes, stops cleanly.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut b = Lease::new(store(dir.path()), ttl, "/data/a-on-another-host.db");
+        b.ensure().await.unwrap();
+        b.release().await;
+        a.ensure().await.unwrap();
+        assert!(a.take_interrupted(), "a must read the replica again");
+        assert!(!a.take_vanished());
+
+        // And while the other one still holds it, a waits.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut c = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/c.db");
+        c.ensure().await.unwrap();
+        assert!(matches!(a.ensure().await, Err(LeaseError::Held { .. })));
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ pub mod control;
 pub mod crypt;
 pub mod db;
 pub mod drill;
+pub mod fdlimit;
 pub mod import;
 pub mod layout;
 pub mod lease;

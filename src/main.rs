@@ -128,6 +128,10 @@ enum Command {
         snapshot_interval: Duration,
         #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
         retention: Duration,
+        /// How often retention runs while the database changes (an idle one: only when a
+        /// snapshot leaves the window).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        retention_check_interval: Duration,
         /// Lease on each replica path so no second replicator writes there; 0s disables it.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
         lease_ttl: Duration,
@@ -336,6 +340,7 @@ fn main() {
     init_logging(&level, json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(litestreamd::compress::BLOCKING_THREADS)
         .build()
         .expect("tokio runtime");
     if let Err(e) = rt.block_on(dispatch(cli.cmd)) {
@@ -400,6 +405,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
             monitor_interval,
             snapshot_interval,
             retention,
+            retention_check_interval,
             lease_ttl,
             shutdown_timeout,
             age,
@@ -421,6 +427,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     sync_interval,
                     snapshot_interval,
                     retention,
+                    retention_check_interval,
                     lease_ttl,
                     ..Default::default()
                 };

@@ -58,6 +58,11 @@ pub enum ReplicaError {
     /// Objects the current generation needs are gone from the replica: a restore would fail.
     #[error("{0}")]
     NotRestorable(String),
+    /// Another replicator held the replica path while this one was idle (see `lease`).
+    #[error(
+        "{0}: another replicator held this replica path while this database was idle; reading the replica again before writing"
+    )]
+    LeaseInterrupted(String),
 }
 
 /// Capped exponential backoff with full jitter.
@@ -148,6 +153,11 @@ pub struct Replica {
     lineage_ok: bool,
     /// What interrupted uploads of an earlier run left was removed (once, at the start).
     cleaned: bool,
+    /// Objects written (segments and snapshots), for the retention schedule.
+    writes: u64,
+    /// The database position of the last snapshot this replica wrote: while the database is
+    /// still there, a new snapshot would be the same database.
+    snapshot_pos: Option<Pos>,
     /// What this replica reports to its worker, which writes the status (see `status`).
     report: watch::Sender<ReplicaReport>,
     /// Wakes the worker after each report.
@@ -177,6 +187,8 @@ impl Replica {
             uploaded_since_check: false,
             lineage_ok: false,
             cleaned: false,
+            writes: 0,
+            snapshot_pos: None,
             report,
             wake,
             attempt: 0,
@@ -193,22 +205,36 @@ impl Replica {
     pub fn client(&self) -> &ReplicaClient {
         &self.client
     }
+
+    /// Objects this replica has written since it started.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Whether the newest snapshot of this replica holds the database at `dpos` (it wrote one
+    /// there and the database has not changed since): another would be the same bytes.
+    pub fn snapshot_is_current(&self, dpos: Option<&Pos>) -> bool {
+        dpos.is_some() && self.snapshot_pos.as_ref() == dpos
+    }
     pub fn pos(&self) -> Option<&Pos> {
         self.pos.as_ref()
     }
 
-    /// Takes or renews the lease: before every write (no request while it is fresh), and on
-    /// the worker's timer, so an idle database keeps its replica path.
+    /// Takes or renews the lease before a write (no request while it is fresh). An idle
+    /// replica lets it lapse; when another replicator held the path meanwhile, what this one
+    /// knew of the replica is stale, so the sync fails once and the retry reads it again.
     pub async fn ensure_lease(&mut self) -> Result<(), ReplicaError> {
-        if let Some(l) = &mut self.lease {
-            l.ensure().await?;
+        let Some(l) = &mut self.lease else {
+            return Ok(());
+        };
+        let res = l.ensure().await;
+        if l.take_interrupted() {
+            self.pos = None;
+            self.lineage_ok = false;
+            res?;
+            return Err(ReplicaError::LeaseInterrupted(self.client.url()));
         }
-        Ok(())
-    }
-
-    /// When the lease must be renewed even if nothing is written (None: not held or disabled).
-    pub fn lease_renew_at(&self) -> Option<tokio::time::Instant> {
-        self.lease.as_ref().and_then(|l| l.renew_at())
+        Ok(res?)
     }
 
     /// Gives the lease up at a clean stop, so another replicator can take over at once.
@@ -238,6 +264,7 @@ impl Replica {
                 self.attempt += 1;
                 self.pos = None;
                 let error = e.to_string();
+                let out_of_files = crate::fdlimit::exhausted(&error);
                 let conflict = matches!(
                     e,
                     ReplicaError::Lease(LeaseError::Held { .. })
@@ -275,7 +302,11 @@ impl Replica {
                     delay = delay.min((self.opts.lease_ttl / 10).max(Duration::from_secs(1)));
                     metrics::counter!(telemetry::REPLICA_LEASE_CONFLICTS, &labels).increment(1);
                 }
-                warn!(db, replica = %self.opts.name, attempt = self.attempt, retry_in = ?delay, error = %e, "replica sync failed");
+                if out_of_files {
+                    debug!(db, replica = %self.opts.name, attempt = self.attempt, retry_in = ?delay, error = %e, "replica sync failed");
+                } else {
+                    warn!(db, replica = %self.opts.name, attempt = self.attempt, retry_in = ?delay, error = %e, "replica sync failed");
+                }
                 Some(delay)
             }
         }
@@ -304,11 +335,13 @@ impl Replica {
             }
             self.pos = Some(self.calc_pos(&dpos.generation).await?);
             debug!(db = %shared.name, replica = %self.opts.name, pos = %self.pos.as_ref().expect("set"), "replica position from remote");
+            // At the start and after a failure, also when there is nothing to upload: a replica
+            // whose path another replicator holds says so at once (and a conflict does not
+            // look healthy while the database is idle). After the first listing, so a missing
+            // bucket is reported as such, not as a lease write that some S3-compatible stores
+            // accept into a bucket that does not exist. Otherwise only writes take it.
+            self.ensure_lease().await?;
         }
-        // Also when there is nothing to upload: a replica without the lease is not healthy.
-        // (After the first listing, so a missing bucket is reported as such, not as a lease
-        // write that some S3-compatible stores accept into a bucket that does not exist.)
-        self.ensure_lease().await?;
         if !self.cleaned {
             // Holding the lease, no other writer uploads here: whatever an upload left is an
             // earlier run's (killed mid-upload). Without a lease, only old leftovers.
@@ -362,6 +395,7 @@ impl Replica {
             pos.offset = end;
             self.pos = Some(pos.clone());
             self.uploaded_since_check = true;
+            self.writes += 1;
             let p = self.pos.clone();
             self.report(|r| {
                 r.uploaded_bytes += n;
@@ -618,6 +652,8 @@ impl Replica {
         metrics::counter!(telemetry::SNAPSHOTS, "db" => shared.name.clone(), "replica" => self.opts.name.clone()).increment(1);
         metrics::histogram!(telemetry::SNAPSHOT_DURATION, "db" => shared.name.clone(), "replica" => self.opts.name.clone()).record(started.elapsed().as_secs_f64());
         info!(db = %shared.name, replica = %self.opts.name, %pos, bytes = n, stored = info.size, "snapshot written");
+        self.writes += 1;
+        self.snapshot_pos = Some(pos.clone());
         if self
             .pos
             .as_ref()
@@ -647,38 +683,54 @@ impl Replica {
 
     /// Retention (spec §2.8): drops generations, snapshots and segments older than the oldest
     /// snapshot that must be kept. The current generation always keeps a recent snapshot (taken
-    /// here if needed) and is never deleted whole.
-    pub async fn enforce_retention(&mut self, shared: &Arc<DbShared>) -> Result<(), ReplicaError> {
+    /// here if needed) and is never deleted whole. A database unchanged since this replica's
+    /// last snapshot is not snapshotted again (the same bytes): that snapshot counts as recent.
+    ///
+    /// Returns when the next kept snapshot leaves the window: until then, and while nothing is
+    /// uploaded, another pass would find nothing to do (see the worker's schedule).
+    pub async fn enforce_retention(
+        &mut self,
+        shared: &Arc<DbShared>,
+    ) -> Result<Option<SystemTime>, ReplicaError> {
         if self.opts.retention.is_zero() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(dpos) = db_pos(shared).await? else {
-            return Ok(());
+            return Ok(None);
         };
         let cutoff = SystemTime::now()
             .checked_sub(self.opts.retention)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        // Deleting is writing: never delete under another replicator's lease.
-        self.ensure_lease().await?;
+        // Deleting is writing: never delete under another replicator's lease. The lease is
+        // taken before each deletion, not here: a pass that deletes nothing writes nothing.
+        // (Leftovers of uploads older than INCOMPLETE_MAX_AGE are nobody's, lease or not.)
         self.remove_incomplete(&shared.name, INCOMPLETE_MAX_AGE)
             .await;
         let generations = self.client.generations().await?;
-        let current_kept = self
-            .client
-            .snapshots(&dpos.generation)
-            .await?
-            .iter()
-            .any(|s| s.created_at >= cutoff);
-        if !current_kept {
+        let current = self.client.snapshots(&dpos.generation).await?;
+        let current_kept = current.iter().any(|s| s.created_at >= cutoff);
+        // The snapshot that stands for the database as it is now, if old (and still there).
+        let unchanged = (!current_kept
+            && self.snapshot_is_current(Some(&dpos))
+            && current.iter().any(|s| s.index == dpos.index))
+        .then_some(dpos.index);
+        let mut next_change = None;
+        if !current_kept && unchanged.is_none() {
             self.snapshot(shared).await?;
+            next_change = Some(SystemTime::now() + self.opts.retention);
         }
         for generation in generations {
             let snaps = self.client.snapshots(&generation).await?;
-            let kept_min = snaps
-                .iter()
-                .filter(|s| s.created_at >= cutoff)
-                .map(|s| s.index)
+            let kept = snaps.iter().filter(|s| s.created_at >= cutoff);
+            next_change = kept
+                .clone()
+                .map(|s| s.created_at + self.opts.retention)
+                .chain(next_change)
                 .min();
+            let mut kept_min = kept.map(|s| s.index).min();
+            if generation == dpos.generation && kept_min.is_none() {
+                kept_min = unchanged;
+            }
             match kept_min {
                 None if generation != dpos.generation => {
                     info!(db = %shared.name, replica = %self.opts.name, generation, "retention: deleting generation");
@@ -707,13 +759,16 @@ impl Replica {
                         self.ensure_lease().await?;
                         self.client.delete_wal_segments(chunk).await?;
                     }
-                    self.client
-                        .delete_snapshots(&generation, &old_snaps)
-                        .await?;
+                    if !old_snaps.is_empty() {
+                        self.ensure_lease().await?;
+                        self.client
+                            .delete_snapshots(&generation, &old_snaps)
+                            .await?;
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(next_change)
     }
 }
 

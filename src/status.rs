@@ -13,7 +13,6 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::Pos;
-pub use crate::replica::meter::RequestCounts;
 
 /// A database's state.
 #[derive(
@@ -371,4 +370,67 @@ pub struct DbStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub drill_interval: Option<std::time::Duration>,
+}
+
+/// What a request is billed as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Put,
+    Get,
+    List,
+    Delete,
+    Head,
+}
+
+impl RequestKind {
+    pub const ALL: [RequestKind; 5] = [
+        RequestKind::Put,
+        RequestKind::Get,
+        RequestKind::List,
+        RequestKind::Delete,
+        RequestKind::Head,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Put => "put",
+            RequestKind::Get => "get",
+            RequestKind::List => "list",
+            RequestKind::Delete => "delete",
+            RequestKind::Head => "head",
+        }
+    }
+}
+
+/// Requests by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounts {
+    pub put: u64,
+    pub get: u64,
+    pub list: u64,
+    pub delete: u64,
+    pub head: u64,
+}
+
+impl RequestCounts {
+    pub fn get(&self, kind: RequestKind) -> u64 {
+        match kind {
+            RequestKind::Put => self.put,
+            RequestKind::Get => self.get,
+            RequestKind::List => self.list,
+            RequestKind::Delete => self.delete,
+            RequestKind::Head => self.head,
+        }
+    }
+    pub(crate) fn slot_mut(&mut self, kind: RequestKind) -> &mut u64 {
+        match kind {
+            RequestKind::Put => &mut self.put,
+            RequestKind::Get => &mut self.get,
+            RequestKind::List => &mut self.list,
+            RequestKind::Delete => &mut self.delete,
+            RequestKind::Head => &mut self.head,
+        }
+    }
+    pub fn total(&self) -> u64 {
+        RequestKind::ALL.iter().map(|k| self.get(*k)).sum()
+    }
 }

@@ -276,6 +276,7 @@ impl Supervisor {
                 report.errors.push(e.to_string());
             }
         }
+        crate::fdlimit::check_budget(cfg.dbs.len());
         let d = diff(&current, &cfg);
         for name in &d.remove {
             info!(db = %name, "removed from the configuration; stopping after a final sync");

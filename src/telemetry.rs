@@ -111,7 +111,7 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         for c in REPLICA_COUNTERS {
             metrics::counter!(*c, &rl).increment(0);
         }
-        for kind in crate::replica::meter::RequestKind::ALL {
+        for kind in crate::status::RequestKind::ALL {
             metrics::counter!(REPLICA_REQUESTS, "db" => st.name.clone(), "replica" => rs.name.clone(), "kind" => kind.as_str()).absolute(rs.requests.get(kind));
         }
         if let Some(v) = &rs.verify {

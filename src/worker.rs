@@ -575,7 +575,11 @@ fn record_sync(
         }
         Err(e) => {
             if st.last_error.as_deref() != Some(e) {
-                error!(db = %spec.name, error = %e, "database sync failed");
+                if crate::fdlimit::exhausted(e) {
+                    tracing::debug!(db = %spec.name, error = %e, "database sync failed");
+                } else {
+                    error!(db = %spec.name, error = %e, "database sync failed");
+                }
             }
             metrics::counter!(telemetry::DB_SYNC_ERRORS, "db" => spec.name.clone()).increment(1);
             st.state = DbState::Error;
@@ -810,11 +814,7 @@ async fn replica_loop(
     let mut last_attempt: Option<Instant> = None;
     let mut retry_at: Option<Instant> = None;
     let far = || Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let mut next_retention = if r.opts.retention.is_zero() {
-        far()
-    } else {
-        Instant::now() + r.opts.retention_check_interval.min(r.opts.retention)
-    };
+    let mut retention = RetentionSchedule::new();
     let mut next_snapshot: Option<Instant> = None;
 
     loop {
@@ -826,12 +826,7 @@ async fn replica_loop(
             (None, false) => far(),
         };
         let snapshot_due = next_snapshot.unwrap_or_else(far);
-        // While a retry is pending, the retry's sync renews the lease (no busy loop on a
-        // renewal that keeps failing).
-        let lease_due = r
-            .lease_renew_at()
-            .map(|t| retry_at.map_or(t, |rt| t.max(rt)))
-            .unwrap_or_else(far);
+        let next_retention = retention.due(&r).unwrap_or_else(far);
         tokio::select! {
             _ = stop.cancelled() => {
                 // Re-read the position: the worker's final DB sync ran after `dpos` was taken.
@@ -870,20 +865,18 @@ async fn replica_loop(
                 }
             }
             _ = sleep_until(next_retention) => {
-                next_retention = Instant::now() + r.opts.retention_check_interval.min(r.opts.retention);
                 let res = r.enforce_retention(&shared).await;
                 if let Err(e) = &res {
                     warn!(db = %name, replica = %r.opts.name, error = %e, "retention check failed");
                 }
-            }
-            _ = sleep_until(lease_due) => {
-                // An idle replica keeps its lease; a failure shows in the state like any other.
-                if let Err(e) = r.ensure_lease().await {
-                    retry_at = r.record(&name, &Err(e)).map(|d| Instant::now() + d);
-                }
+                retention.ran(&r, res.ok());
             }
             _ = sleep_until(snapshot_due) => {
                 next_snapshot = Some(Instant::now() + r.opts.snapshot_interval);
+                if r.snapshot_is_current(pos_rx.borrow().as_ref()) {
+                    tracing::debug!(db = %name, replica = %r.opts.name, "interval snapshot skipped: the database has not changed since the last one");
+                    continue;
+                }
                 let res = r.snapshot(&shared).await.map(|_| ());
                 if let Err(e) = &res {
                     warn!(db = %name, replica = %r.opts.name, error = %e, "interval snapshot failed");
@@ -895,6 +888,51 @@ async fn replica_loop(
     }
     positions.lock().expect("positions")[slot] = r.pos().cloned();
     r.release_lease().await;
+}
+
+/// When retention runs: every check interval while the replica writes (or after a failed
+/// pass), and while it is idle only when a kept snapshot leaves the window, since until then a
+/// pass would find nothing new to delete. An idle database makes no retention requests.
+struct RetentionSchedule {
+    last: Instant,
+    /// When the next kept snapshot leaves the window (None: none does).
+    change: Option<Instant>,
+    /// The replica's writes at the last pass; None until a pass succeeded.
+    writes: Option<u64>,
+}
+
+impl RetentionSchedule {
+    fn new() -> Self {
+        RetentionSchedule {
+            last: Instant::now(),
+            change: None,
+            writes: None,
+        }
+    }
+
+    fn due(&self, r: &Replica) -> Option<Instant> {
+        if r.opts.retention.is_zero() {
+            return None;
+        }
+        let every = self.last + r.opts.retention_check_interval.min(r.opts.retention);
+        if self.writes != Some(r.writes()) {
+            return Some(self.change.map_or(every, |c| c.min(every)));
+        }
+        self.change
+    }
+
+    /// After a pass: `next_change` is what it returned (None when it failed).
+    fn ran(&mut self, r: &Replica, next_change: Option<Option<SystemTime>>) {
+        self.last = Instant::now();
+        self.writes = next_change.is_some().then(|| r.writes());
+        // Object times come from the store's clock: a time already past (skew) waits a check
+        // interval (at most a minute) rather than running pass after pass.
+        let floor = r.opts.retention_check_interval.min(Duration::from_secs(60));
+        self.change = next_change.flatten().map(|t| {
+            let wait = t.duration_since(SystemTime::now()).unwrap_or_default();
+            self.last + wait.max(floor)
+        });
+    }
 }
 
 /// When the first interval snapshot is due: the newest snapshot's age counts toward it.

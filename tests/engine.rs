@@ -874,3 +874,65 @@ async fn a_full_replica_directory_is_reported_readably() {
     );
     w.stop().await;
 }
+
+/// An idle database costs its replica nothing (issue 18): no lease renewal, no retention
+/// listing, no interval snapshot of an unchanged database, and no new snapshot when its only
+/// one leaves the retention window. An hour, scaled: the lease lasts 1 s (renewals every 0.5 s
+/// if they ran), retention checks every 0.2 s over a 2 s window, interval snapshots every 1 s,
+/// and the idle window is 6 s, so every timer fires many times in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_database_makes_no_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    let mut rng = Lcg(21);
+    write_mixed(&app, &mut rng, 40);
+
+    let (mut dbo, mut ro) = fast_opts();
+    // No checkpoint of ours after the first snapshot: a RESTART writes a frame, and the
+    // database would then differ from its snapshot (it is the snapshot's position that lets
+    // retention keep it rather than write another).
+    dbo.min_checkpoint_page_count = 1_000_000;
+    dbo.max_checkpoint_page_count = 0;
+    dbo.checkpoint_interval = Duration::ZERO;
+    ro.lease_ttl = Duration::from_secs(1);
+    ro.retention = Duration::from_secs(2);
+    ro.retention_check_interval = Duration::from_millis(200);
+    ro.snapshot_interval = Duration::from_secs(1);
+    ro.restorable_check_interval = Duration::from_millis(200);
+    let w = start(&db, &[&replica], (dbo, ro));
+    w.settle().await;
+    // The status takes the counters at each tick (50 ms here).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let requests = || w.handle.status().replicas[0].requests;
+    let after_start = requests();
+    assert!(after_start.put >= 2, "snapshot and lease: {after_start:?}");
+
+    // The snapshot leaves the retention window at 2 s; the pass that finds it there keeps it
+    // (the database is what it holds) instead of writing the same bytes again.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let settled = requests();
+    assert_eq!(settled.put, after_start.put, "nothing written: {settled:?}");
+    assert_eq!(settled.delete, 0, "nothing deleted: {settled:?}");
+
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let idle = requests();
+    assert_eq!(idle, settled, "requests while idle");
+    let st = w.handle.status();
+    assert_eq!(st.replicas[0].state_name(), "healthy");
+
+    // The next write takes the lapsed lease again (nobody else held it: no re-read) and
+    // replicates as before.
+    write_mixed(&app, &mut rng, 40);
+    w.settle().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = requests();
+    assert!(busy.put > idle.put, "the write went up: {busy:?}");
+    assert_eq!(w.handle.status().replicas[0].retries, 0);
+    let expect = dump_conn(&app);
+    w.stop().await;
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+}

@@ -2127,3 +2127,58 @@ fn restore_drills_prove_the_content_and_catch_a_replica_that_restores_other_data
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
 }
+
+/// Out of descriptors, the daemon says so once, naming the limit and what it would take,
+/// instead of one line per database per retry (issue 18: 39,784 "Too many open files" lines
+/// in three minutes at 10,000 databases). 60 databases under a limit of 200 descriptors.
+#[test]
+fn out_of_descriptors_is_said_once_not_per_database() {
+    use nix::sys::resource::{Resource, setrlimit};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let main = write_main(d, "");
+    let mut apps = Vec::new();
+    for i in 0..60 {
+        let name = format!("db{i}");
+        std::fs::write(
+            d.join(format!("dbs.d/{name}.toml")),
+            db_file(d, &name, &d.join(format!("replica-{i}"))),
+        )
+        .unwrap();
+        let app = app_conn(&d.join(format!("{name}.db")));
+        insert(&app, 5);
+        apps.push(app);
+    }
+    let daemon = Daemon::start_with(d, &main, None, |cmd| {
+        // SAFETY: setrlimit only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                setrlimit(Resource::RLIMIT_NOFILE, 200, 200).map_err(std::io::Error::from)
+            });
+        }
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    let log = daemon.log();
+    assert!(
+        log.contains("the open files limit is too low for the configured databases"),
+        "warned before the databases start: {log}"
+    );
+    let exhausted = log.matches("out of open files").count();
+    assert_eq!(exhausted, 1, "said once: {log}");
+    let noisy = log
+        .lines()
+        .filter(|l| {
+            (l.contains(" WARN ") || l.contains(" ERROR "))
+                && (l.contains("sync failed") || l.contains("Too many open files"))
+        })
+        .count();
+    // Those that failed before the first count of descriptors, at most.
+    assert!(noisy <= 5, "{noisy} per-database failures logged:\n{log}");
+    // Those that did open keep replicating.
+    let started = (0..60)
+        .filter(|i| d.join(format!("replica-{i}/generations")).exists())
+        .count();
+    assert!(started > 0, "no database replicates:\n{log}");
+    let (st, _, log) = daemon.stop();
+    assert!(st.success(), "{log}");
+}

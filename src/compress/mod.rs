@@ -107,7 +107,7 @@ where
     F: FnOnce(&mut dyn Write) -> io::Result<u64> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(4);
-    let handle = tokio::task::spawn_blocking(move || {
+    let blocking = move || {
         let sink = ChannelWriter { tx: Some(tx) };
         let n = match age.filter(|k| k.encrypts()) {
             None => {
@@ -124,10 +124,27 @@ where
             }
         };
         Ok(n)
+    };
+    // A producer blocks on its channel until the upload reads, and an upload to a directory
+    // needs the blocking pool too (tokio::fs): with a bounded pool (see `BLOCKING_THREADS`),
+    // producers must never take every thread, so they wait for a permit first.
+    let handle = tokio::spawn(async move {
+        let _permit = ENCODERS.acquire().await.expect("never closed");
+        tokio::task::spawn_blocking(blocking)
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
     });
     let reader = StreamReader::new(ReceiverStream::new(rx));
     (Box::pin(reader), handle)
 }
+
+/// Threads of a daemon's blocking pool: every database's sync passes, file replica I/O and
+/// encoders share it, so 10,000 databases queue for 64 threads instead of starting 512
+/// (tokio's default). Leaves room beyond `ENCODERS` for the work encoders wait on.
+pub const BLOCKING_THREADS: usize = 64;
+
+/// Encoders (uploads being produced) at once, process-wide: a quarter of the blocking pool.
+static ENCODERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BLOCKING_THREADS / 4);
 
 #[cfg(test)]
 mod tests {

@@ -12,72 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+
+pub use crate::status::{RequestCounts, RequestKind};
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, Precondition, StoreError};
-
-/// What a request is billed as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestKind {
-    Put,
-    Get,
-    List,
-    Delete,
-    Head,
-}
-
-impl RequestKind {
-    pub const ALL: [RequestKind; 5] = [
-        RequestKind::Put,
-        RequestKind::Get,
-        RequestKind::List,
-        RequestKind::Delete,
-        RequestKind::Head,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RequestKind::Put => "put",
-            RequestKind::Get => "get",
-            RequestKind::List => "list",
-            RequestKind::Delete => "delete",
-            RequestKind::Head => "head",
-        }
-    }
-}
-
-/// Requests by kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestCounts {
-    pub put: u64,
-    pub get: u64,
-    pub list: u64,
-    pub delete: u64,
-    pub head: u64,
-}
-
-impl RequestCounts {
-    pub fn get(&self, kind: RequestKind) -> u64 {
-        match kind {
-            RequestKind::Put => self.put,
-            RequestKind::Get => self.get,
-            RequestKind::List => self.list,
-            RequestKind::Delete => self.delete,
-            RequestKind::Head => self.head,
-        }
-    }
-    fn slot(&mut self, kind: RequestKind) -> &mut u64 {
-        match kind {
-            RequestKind::Put => &mut self.put,
-            RequestKind::Get => &mut self.get,
-            RequestKind::List => &mut self.list,
-            RequestKind::Delete => &mut self.delete,
-            RequestKind::Head => &mut self.head,
-        }
-    }
-    pub fn total(&self) -> u64 {
-        RequestKind::ALL.iter().map(|k| self.get(*k)).sum()
-    }
-}
 
 const HOUR: Duration = Duration::from_secs(3600);
 /// A month of 30 days, in hours.
@@ -137,14 +75,14 @@ impl RequestMeter {
         self.totals[kind as usize].fetch_add(1, Ordering::Relaxed);
         let mut w = self.windows.lock().expect("request windows");
         w.roll(Instant::now());
-        *w.current.slot(kind) += 1;
+        *w.current.slot_mut(kind) += 1;
     }
 
     /// Every request since the replica was created.
     pub fn totals(&self) -> RequestCounts {
         let mut c = RequestCounts::default();
         for k in RequestKind::ALL {
-            *c.slot(k) = self.totals[k as usize].load(Ordering::Relaxed);
+            *c.slot_mut(k) = self.totals[k as usize].load(Ordering::Relaxed);
         }
         c
     }
@@ -166,7 +104,7 @@ impl RequestMeter {
                 Some(p) => p.get(k) as f64 * (1.0 - into.as_secs_f64() / 3600.0) + cur,
                 None => cur * 3600.0 / into.max(MIN_SAMPLE).as_secs_f64(),
             };
-            *out.slot(k) = (last_hour * HOURS_PER_MONTH as f64).round() as u64;
+            *out.slot_mut(k) = (last_hour * HOURS_PER_MONTH as f64).round() as u64;
         }
         out
     }

@@ -153,7 +153,7 @@ fn request_line(
     total: &crate::status::RequestCounts,
     month: &crate::status::RequestCounts,
 ) -> Vec<Span<'static>> {
-    use crate::replica::meter::RequestKind;
+    use crate::status::RequestKind;
     let by_kind = |c: &crate::status::RequestCounts| {
         RequestKind::ALL
             .iter()
