@@ -285,30 +285,27 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
-/// Keeps glibc from handing the multi-MiB buffers of every upload (the LZ4 frame's 4 MiB
-/// block buffers, read buffers) back to the kernel and faulting them in again a second later:
-/// measured at 1,000 tx/s over S3, a third of litestreamd's CPU went to those page faults.
-/// Buffers under 8 MiB (the LZ4 block buffers) come from the heap, and up to 16 MiB of free
-/// heap is kept; the 16 MiB multipart buffers stay mmap'd, so peak memory while snapshotting is
-/// unchanged. A restore (`restore`) is tuned the other way, for a low peak: its big buffers are
-/// recycled by their owners, and what it allocates and frees are the HTTP client's read
-/// buffers (tens of KiB each), which in the heap left fragments the kernel never got back. So
-/// anything from 32 KiB is mmap'd, and two arenas at most (with one per thread each kept its
-/// own free heap). Measured on 512 MiB shapes: from S3 62-72 MiB with a 1 MiB threshold, 55-63
-/// with 32 KiB; from a directory 65-73 MiB with the daemon's settings, 32-42 now. Must run
-/// before any thread starts.
+/// glibc gives every thread that allocates its own arena (up to 8 per core), and each keeps its
+/// own free memory: the blocking pool's threads took an arena each and RSS grew to ~55 MiB on a
+/// load whose working set is a few MiB. Two arenas at most: 25.6 MiB instead of 28.7 (glibc's
+/// defaults) at 600 tx/s to a directory, CPU unchanged within the run's noise (`bench/run.sh
+/// --only cpu-file --tps 600`, docs/benchmarks.md). The daemon keeps glibc's dynamic mmap
+/// threshold: it used to raise the mmap and trim thresholds (8/16 MiB) so that the 4 MiB LZ4
+/// buffers of every upload were not faulted in again each second, which kept ~55 MiB resident;
+/// uploads now size their LZ4 blocks to the data (`compress::frame_info_for`), so a segment's
+/// buffers are KiB, not MiB. A restore (`restore`) mmaps anything from 32 KiB: what it
+/// allocates and frees are the HTTP client's read buffers (tens of KiB each), which in the heap
+/// left fragments the kernel never got back (512 MiB shapes from a directory: 65-73 MiB with
+/// the old daemon settings, 32-42 with these). Must run before any thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn tune_malloc(restore: bool) {
-    use nix::libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, mallopt};
+    use nix::libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, mallopt};
     // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
     unsafe {
         if restore {
             mallopt(M_MMAP_THRESHOLD, 32 << 10);
-            mallopt(M_ARENA_MAX, 2);
-        } else {
-            mallopt(M_MMAP_THRESHOLD, 8 << 20);
-            mallopt(M_TRIM_THRESHOLD, 16 << 20);
         }
+        mallopt(M_ARENA_MAX, 2);
     }
 }
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

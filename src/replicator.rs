@@ -579,9 +579,9 @@ impl Replica {
     ) -> Result<u64, ReplicaError> {
         let db = shared.name.as_str();
         let (shadow, p, start) = (shared.shadow.clone(), pos.clone(), pos.offset);
-        let (body, producer) = self
-            .client
-            .encode(move |w| shadow.copy_range(&p.generation, p.index, start, end, w));
+        let (body, producer) = self.client.encode(Some(end - start), move |w| {
+            shadow.copy_range(&p.generation, p.index, start, end, w)
+        });
         let put = self.client.write_wal_segment(pos, body).await;
         let path = shared.shadow.describe(&pos.generation, pos.index);
         let (_, n) = upload_outcome(put, producer.await, &path)?;
@@ -643,7 +643,7 @@ impl Replica {
         let Some(src) = src else { return Ok(None) };
         let pos = src.pos.clone();
         let started = std::time::Instant::now();
-        let (body, producer) = self.client.encode(move |w| src.copy_to(w));
+        let (body, producer) = self.client.encode(None, move |w| src.copy_to(w));
         let put = self
             .client
             .write_snapshot(&pos.generation, pos.index, body)

@@ -20,8 +20,23 @@ pub use decode::{Scratch, decode, decode_parallel};
 
 /// The frame settings pierrec/lz4 uses by default, which Litestream v0.3 emits.
 pub fn frame_info() -> FrameInfo {
+    frame_info_for(None)
+}
+
+/// The frame settings for `size` bytes (None: unknown): Litestream's, but with the smallest
+/// block size that holds them whole. The encoder reserves a block for its input and one for its
+/// output, so a 4 KiB WAL segment in a 4 MiB-block frame cost 8 MiB of buffers per upload (and
+/// the page faults of touching them); every LZ4 reader (Litestream's pierrec/lz4 too) takes any
+/// block size the frame declares.
+pub fn frame_info_for(size: Option<u64>) -> FrameInfo {
+    let block = match size {
+        Some(n) if n <= 64 << 10 => BlockSize::Max64KB,
+        Some(n) if n <= 256 << 10 => BlockSize::Max256KB,
+        Some(n) if n <= 1 << 20 => BlockSize::Max1MB,
+        _ => BlockSize::Max4MB,
+    };
     FrameInfo::new()
-        .block_size(BlockSize::Max4MB)
+        .block_size(block)
         .block_mode(BlockMode::Independent)
         .content_checksum(true)
 }
@@ -32,7 +47,10 @@ pub fn encoder<W: Write>(w: W) -> FrameEncoder<W> {
 
 /// Compresses a whole buffer into one frame.
 pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
-    let mut enc = encoder(Vec::with_capacity(data.len() / 2 + 64));
+    let mut enc = FrameEncoder::with_frame_info(
+        frame_info_for(Some(data.len() as u64)),
+        Vec::with_capacity(data.len() / 2 + 64),
+    );
     enc.write_all(data)?;
     enc.finish().map_err(lz4_io)
 }
@@ -101,6 +119,7 @@ impl Drop for ChannelWriter {
 /// The join handle returns the number of *uncompressed* bytes produced.
 pub fn lz4_stream<F>(
     age: Option<Arc<AgeKeys>>,
+    size: Option<u64>,
     produce: F,
 ) -> (ObjectReader, tokio::task::JoinHandle<io::Result<u64>>)
 where
@@ -111,13 +130,14 @@ where
         let sink = ChannelWriter { tx: Some(tx) };
         let n = match age.filter(|k| k.encrypts()) {
             None => {
-                let mut enc = encoder(sink);
+                let mut enc = FrameEncoder::with_frame_info(frame_info_for(size), sink);
                 let n = produce(&mut enc)?;
                 enc.finish().map_err(lz4_io)?.finish();
                 n
             }
             Some(keys) => {
-                let mut enc = encoder(keys.encrypt_writer(sink)?);
+                let mut enc =
+                    FrameEncoder::with_frame_info(frame_info_for(size), keys.encrypt_writer(sink)?);
                 let n = produce(&mut enc)?;
                 enc.finish().map_err(lz4_io)?.finish()?.finish();
                 n
@@ -152,13 +172,29 @@ mod tests {
 
     #[test]
     fn frame_flags_match_litestream() {
-        let out = compress(b"hello hello hello").unwrap();
+        let mut w = FrameEncoder::with_frame_info(frame_info(), Vec::new());
+        w.write_all(b"hello hello hello").unwrap();
+        let out = w.finish().unwrap();
         assert_eq!(&out[0..4], &[0x04, 0x22, 0x4d, 0x18]);
         // FLG: version 01, block independence, content checksum.
         assert_eq!(out[4], 0b0110_0100);
         // BD: 4 MiB max block size.
         assert_eq!(out[5], 0x70);
         assert_eq!(decompress(&out).unwrap(), b"hello hello hello");
+        // A known small size: the same frame with 64 KiB blocks (BD 0x40), 1 MiB at most for
+        // up to 1 MiB, 4 MiB beyond.
+        let small = compress(b"hello hello hello").unwrap();
+        assert_eq!((small[4], small[5]), (0b0110_0100, 0x40));
+        assert_eq!(decompress(&small).unwrap(), b"hello hello hello");
+        let bd = |n| {
+            let mut w = FrameEncoder::with_frame_info(frame_info_for(Some(n)), Vec::new());
+            w.write_all(b"x").unwrap();
+            w.finish().unwrap()[5]
+        };
+        assert_eq!(
+            [bd(65536), bd(65537), bd(1 << 20), bd((1 << 20) + 1)],
+            [0x40, 0x50, 0x60, 0x70]
+        );
     }
 
     #[test]

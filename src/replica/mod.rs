@@ -266,12 +266,17 @@ impl ReplicaClient {
         &self.store
     }
     /// The body of a new snapshot or segment: what `produce` writes (on a blocking thread),
-    /// LZ4-framed and, with recipients, age-encrypted. The handle yields the uncompressed size.
-    pub fn encode<F>(&self, produce: F) -> (ObjectReader, tokio::task::JoinHandle<io::Result<u64>>)
+    /// LZ4-framed and, with recipients, age-encrypted. `size` (when known) sizes the frame's
+    /// blocks. The handle yields the uncompressed size.
+    pub fn encode<F>(
+        &self,
+        size: Option<u64>,
+        produce: F,
+    ) -> (ObjectReader, tokio::task::JoinHandle<io::Result<u64>>)
     where
         F: FnOnce(&mut dyn std::io::Write) -> io::Result<u64> + Send + 'static,
     {
-        crate::compress::lz4_stream(self.age.clone(), produce)
+        crate::compress::lz4_stream(self.age.clone(), size, produce)
     }
 
     /// Opens an object and returns its LZ4 frame, decrypting it if it is age-encrypted.
