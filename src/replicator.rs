@@ -367,7 +367,16 @@ impl Replica {
                         source,
                     })?;
             let end = match after {
+                // Up to the position this sync was asked for: the shadow keeps growing while
+                // segments go up, and chasing it turns one upload per interval into many.
+                After::Frames(end) if pos.index == dpos.index && end > dpos.offset => {
+                    if pos.offset >= dpos.offset {
+                        break;
+                    }
+                    dpos.offset
+                }
                 After::Frames(end) => end,
+                After::NextIndex if pos.index >= dpos.index => break,
                 After::NextIndex => {
                     pos = Pos::new(pos.generation.clone(), pos.index + 1, 0);
                     self.pos = Some(pos.clone());

@@ -260,16 +260,23 @@ async fn run(
             None => std::future::pending().await,
         }
     };
+    // Whether the next turn of the loop starts with a sync pass: not after a replica's report,
+    // which once restarted the loop with one, so every upload copied new frames into the shadow
+    // and woke the replica to upload them: at 600 tx/s, 130 uploads a second instead of one.
+    let mut pass = true;
     loop {
-        let report = db_sync(&shared, &positions).await;
-        record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
-        publish(&handle, &shared.shadow, &reporting, &mut ps);
+        if std::mem::replace(&mut pass, true) {
+            let report = db_sync(&shared, &positions).await;
+            record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
+            publish(&handle, &shared.shadow, &reporting, &mut ps);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             // A replica reported something (an upload, an error): publish it now, not at the
             // next tick, and without a sync pass.
             _ = reporting.wake.notified() => {
                 publish(&handle, &shared.shadow, &reporting, &mut ps);
+                pass = false;
                 continue;
             }
             _ = sleep_until(next_tick) => {
@@ -286,6 +293,7 @@ async fn run(
                     let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
                     record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
                     publish(&handle, &shared.shadow, &reporting, &mut ps);
+                    pass = false;
                     continue;
                 }
                 Command::Checkpoint(mode, reply) => {
