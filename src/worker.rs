@@ -290,9 +290,11 @@ async fn run(
             Some(cmd) = commands.recv() => match cmd {
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;
-                    let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
+                    // The status first: whoever asked reads it next (`caught_up`), and must not
+                    // see the position from before this pass.
                     record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
                     publish(&handle, &shared.shadow, &reporting, &mut ps);
+                    let _ = reply.send(report.as_ref().map(|r| r.pos.clone()).map_err(Clone::clone));
                     pass = false;
                     continue;
                 }
