@@ -61,6 +61,13 @@ async fn round_trip_with_checkpoints_and_point_in_time() {
         final_pos.index >= at_index.index + 3,
         "expected many WAL indexes, got {final_pos}"
     );
+    // Point-in-time history is kept across our and the application's checkpoints: a new
+    // generation here (CI once failed the restore by index below with NoSnapshot, cause not
+    // found) would mean continuity was lost, and this says so by name.
+    assert_eq!(
+        final_pos.generation, at_index.generation,
+        "one generation throughout, from {at_index} to {final_pos}"
+    );
     w.stop().await;
 
     let out = dir.path().join("latest.db");
