@@ -206,6 +206,35 @@ fn wait_replica_rows(replica: &Path, scratch: &Path, rows: usize) {
     }
 }
 
+/// `n` databases `db0`..: a config file each (replica `replica-I`) and 5 rows; their
+/// application connections.
+fn databases(d: &Path, n: usize) -> Vec<rusqlite::Connection> {
+    (0..n)
+        .map(|i| {
+            let name = format!("db{i}");
+            std::fs::write(
+                d.join(format!("dbs.d/{name}.toml")),
+                db_file(d, &name, &d.join(format!("replica-{i}"))),
+            )
+            .unwrap();
+            let app = app_conn(&d.join(format!("{name}.db")));
+            insert(&app, 5);
+            app
+        })
+        .collect()
+}
+
+/// Runs the daemon with at most `n` open files.
+fn limit_files(cmd: &mut Command, n: u64) {
+    use nix::sys::resource::{Resource, setrlimit};
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            setrlimit(Resource::RLIMIT_NOFILE, n, n).map_err(std::io::Error::from)
+        });
+    }
+}
+
 fn insert(c: &rusqlite::Connection, n: usize) {
     for _ in 0..n {
         c.execute("INSERT INTO t (v) VALUES (randomblob(100))", [])
@@ -1608,26 +1637,8 @@ fn idle_control_connections_cannot_starve_the_databases() {
             sock.display()
         ),
     );
-    let mut apps = Vec::new();
-    for i in 0..8 {
-        let name = format!("db{i}");
-        std::fs::write(
-            d.join(format!("dbs.d/{name}.toml")),
-            db_file(d, &name, &d.join(format!("replica-{i}"))),
-        )
-        .unwrap();
-        let app = app_conn(&d.join(format!("{name}.db")));
-        insert(&app, 5);
-        apps.push(app);
-    }
-    let daemon = Daemon::start_with(d, &main, None, |cmd| {
-        // SAFETY: setrlimit only, between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                setrlimit(Resource::RLIMIT_NOFILE, 256, 256).map_err(std::io::Error::from)
-            });
-        }
-    });
+    let apps = databases(d, 8);
+    let daemon = Daemon::start_with(d, &main, None, |cmd| limit_files(cmd, 256));
     daemon.expect("READY=1");
     let conns: Vec<std::os::unix::net::UnixStream> = (0..2000)
         .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
@@ -2133,30 +2144,11 @@ fn restore_drills_prove_the_content_and_catch_a_replica_that_restores_other_data
 /// in three minutes at 10,000 databases). 60 databases under a limit of 200 descriptors.
 #[test]
 fn out_of_descriptors_is_said_once_not_per_database() {
-    use nix::sys::resource::{Resource, setrlimit};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let main = write_main(d, "");
-    let mut apps = Vec::new();
-    for i in 0..60 {
-        let name = format!("db{i}");
-        std::fs::write(
-            d.join(format!("dbs.d/{name}.toml")),
-            db_file(d, &name, &d.join(format!("replica-{i}"))),
-        )
-        .unwrap();
-        let app = app_conn(&d.join(format!("{name}.db")));
-        insert(&app, 5);
-        apps.push(app);
-    }
-    let daemon = Daemon::start_with(d, &main, None, |cmd| {
-        // SAFETY: setrlimit only, between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                setrlimit(Resource::RLIMIT_NOFILE, 200, 200).map_err(std::io::Error::from)
-            });
-        }
-    });
+    let _apps = databases(d, 60);
+    let daemon = Daemon::start_with(d, &main, None, |cmd| limit_files(cmd, 200));
     std::thread::sleep(Duration::from_secs(10));
     let log = daemon.log();
     assert!(

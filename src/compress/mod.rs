@@ -41,10 +41,6 @@ pub fn frame_info_for(size: Option<u64>) -> FrameInfo {
         .content_checksum(true)
 }
 
-pub fn encoder<W: Write>(w: W) -> FrameEncoder<W> {
-    FrameEncoder::with_frame_info(frame_info(), w)
-}
-
 /// Compresses a whole buffer into one frame.
 pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
     let mut enc = FrameEncoder::with_frame_info(
