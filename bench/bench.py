@@ -879,6 +879,12 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, help="idle request window (all parts)")
     ap.add_argument("--scale-dbs", help="comma-separated database counts (default 100,1000)")
     ap.add_argument("--scale-seconds", type=float, help="idle window of the many-databases figure")
+    ap.add_argument("--scale-tools", default="lsd,ls03,ls05",
+                    help="comma-separated tools of the many-databases figure (lsd, ls03, ls05), "
+                         "e.g. lsd,ls05 for 10,000 databases")
+    ap.add_argument("--scale-deadline", type=float,
+                    help="seconds a tool may take to snapshot every database (default 60 + "
+                         "0.2 per database); past it the tool's run is reported as failed")
     ap.add_argument("--cpu-seconds", type=int, help="writer time of --only cpu-file")
     ap.add_argument("--tps", type=int, default=1000, help="write rate of --only cpu-file")
     ap.add_argument("--warm", dest="cold", action="store_false",
@@ -1015,7 +1021,8 @@ def main() -> int:
             s3 = None
         if "scale" in figures:
             log(f"figure 7: {a.scale_dbs} databases in one process")
-            R["scale"] = scalebench.bench_scale(a, work, tools)
+            keys = a.scale_tools.split(",")
+            R["scale"] = scalebench.bench_scale(a, work, [t for t in tools if t.key in keys])
         if "cpu-file" in figures:
             log(f"file-replica CPU: {a.tps} tx/s for {a.cpu_seconds}s, {a.reps} run(s) per tool")
             R["cpu"] = bench_cpu(a, work)

@@ -20,6 +20,7 @@ of 100 ms here), and the lag during a drill stays at its usual level.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -115,7 +116,7 @@ def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
         'monitor_interval = "100ms"\nsync_interval = "100ms"\n')
     (d / "dbs.d" / "app.toml").write_text(f'path = "{db}"\n' + replica_toml)
     lg = d / "daemon.log"
-    p = spawn([a.litestreamd, "--log-level", "info", "run", "--config",
+    p = spawn([a.litestreamd, "--log-level", os.environ.get("DRILL_LOG", "info"), "run", "--config",
                str(d / "litestreamd.toml")], lg, env=env)
     try:
         wait_for(lambda: caught_up(a, sock), 600, f"{name}: the first snapshot", p, lg)

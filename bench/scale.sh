@@ -58,6 +58,13 @@ kill $WRITER; wait $WRITER 2>/dev/null || true
 sleep 3
 # Idle CPU with the busy writers stopped.
 i0=$(ticks); sleep "$WINDOW"; i1=$(ticks)
+# Steady idle: once park_after (60 s) has passed since the last write, the busy ones are parked
+# too. PERF_DATA=file records a profile of a further window (perf record -g).
+rest=$((65 - 3 - WINDOW)); [ "$rest" -gt 0 ] && sleep "$rest"
+s0=$(ticks); sleep "$WINDOW"; s1=$(ticks)
+if [ -n "${PERF_DATA:-}" ]; then
+  perf record -F 499 -g -p "$PID" -o "$PERF_DATA" -- sleep "$WINDOW" > /dev/null 2>&1
+fi
 # Reload: change one file among all of them.
 echo 'retention = "48h"' >> "$W/dbs.d/db00000.toml"; sed -i 's/^retention = "48h"$//' "$W/dbs.d/db00000.toml"
 sed -i 's|^name = "local"|name = "local2"|' "$W/dbs.d/db00000.toml"
@@ -70,11 +77,13 @@ idle, busy = $IDLE, $BUSY
 n = idle + busy
 cpu_busy = ($t1 - $t0) / $hz / $WINDOW * 100
 cpu_idle = ($i1 - $i0) / $hz / $WINDOW * 100
+cpu_steady = ($s1 - $s0) / $hz / $WINDOW * 100
 print(f"databases           {n} ({idle} idle, {busy} busy at 10 tx/s each)")
 print(f"start to all snapshotted  {$ready - $start:.1f} s")
 print(f"RSS                 {$rss_kb/1024:.1f} MiB (peak {$hwm_kb/1024:.1f} MiB) = {$rss_kb/n:.0f} KiB per database")
 print(f"open fds            {$fds} = {$fds/n:.2f} per database")
 print(f"CPU, busy window    {cpu_busy:.1f}% of one core")
-print(f"CPU, all idle       {cpu_idle:.2f}% of one core")
+print(f"CPU, all idle       {cpu_idle:.2f}% of one core (3 s after the writers stopped)")
+print(f"CPU, steady idle    {cpu_steady:.2f}% of one core (65 s after: all parked)")
 print(f"SIGHUP, 1 of {n} changed: {($r1 - $r0)*1000:.0f} ms until 'reload done'")
 PY

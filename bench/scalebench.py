@@ -47,7 +47,7 @@ def scale_run(a, work: Path, tool: Tool, n: int) -> dict:
     t0 = time.monotonic()
     p = spawn(tool.multi_argv(d, dbs), lg, env=tool.env())
     try:
-        deadline = time.monotonic() + 60 + n * 0.2
+        deadline = time.monotonic() + (a.scale_deadline or 60 + n * 0.2)
         pending = list(dbs)
         while pending:
             pending = [x for x in pending if not tool.has_snapshot(x[1])]

@@ -64,6 +64,9 @@ pub struct DbOptions {
     /// TRUNCATE threshold; zero disables it. Configurable here (Litestream 0.3 hard-codes it).
     pub truncate_page_count: u32,
     pub busy_timeout: Duration,
+    /// After this long without a change the database is parked (see [`Db::park`]); zero
+    /// keeps it open.
+    pub park_after: Duration,
 }
 
 impl Default for DbOptions {
@@ -76,6 +79,7 @@ impl Default for DbOptions {
             max_checkpoint_page_count: 10_000,
             truncate_page_count: 500_000,
             busy_timeout: Duration::from_secs(1),
+            park_after: Duration::from_secs(60),
         }
     }
 }
@@ -131,12 +135,27 @@ struct Open {
     in_read_tx: bool,
 }
 
+/// A parked database (see [`Db::park`]): its connections are closed, only the locked
+/// descriptor stays.
+struct Parked {
+    fd: Arc<File>,
+    ident: (u64, u64),
+    page_size: u32,
+    /// The database file's stamp and content hash once our checkpoint had backfilled the
+    /// whole WAL.
+    db_stamp: Option<(u64, u64, i64, i64)>,
+    db_hash: u64,
+}
+
 pub struct Db {
     path: PathBuf,
     wal_path: PathBuf,
     shadow: Shadow,
     opts: DbOptions,
     open: Option<Open>,
+    parked: Option<Parked>,
+    /// Since when full passes have found nothing to copy (see `idle`).
+    idle_since: Option<std::time::Instant>,
     /// Snapshots in progress; while non-zero our checkpoints are skipped so the read
     /// transaction that makes the copy consistent is never released.
     snapshotting: Arc<AtomicUsize>,
@@ -168,6 +187,32 @@ fn stamp(p: &Path) -> Option<(u64, u64, i64, i64)> {
     Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
 }
 
+/// How long parking waits after its checkpoint (longer than the kernel's timestamp tick, at
+/// most 10 ms at HZ=100), see [`Db::park`].
+const PARK_SETTLE: Duration = Duration::from_millis(25);
+
+/// How long a database must be idle to be parked when descriptors are scarce.
+const PARK_HURRIED: Duration = Duration::from_millis(500);
+
+/// Databases larger than this are not parked (parking hashes the file).
+const PARK_MAX_DB_BYTES: u64 = 128 << 20;
+
+/// xxh3 of a whole file, read through `f` (never another descriptor, see `Open::fd`).
+fn hash_file(f: &File) -> io::Result<u64> {
+    use std::hash::Hasher;
+    let mut h = twox_hash::XxHash3_64::with_seed(0);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut at = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, at)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.write(&buf[..n]);
+        at += n as u64;
+    }
+}
+
 /// Result of the continuity check.
 struct Verify {
     /// Why continuity is lost (a new generation is needed).
@@ -188,6 +233,8 @@ impl Db {
             shadow,
             opts,
             open: None,
+            parked: None,
+            idle_since: None,
             snapshotting: Arc::new(AtomicUsize::new(0)),
             label: String::new(),
             idle: None,
@@ -212,10 +259,19 @@ impl Db {
         &self.opts
     }
     pub fn page_size(&self) -> Option<u32> {
-        self.open.as_ref().map(|o| o.page_size)
+        self.open
+            .as_ref()
+            .map(|o| o.page_size)
+            .or(self.parked.as_ref().map(|p| p.page_size))
     }
     pub fn is_open(&self) -> bool {
-        self.open.is_some()
+        self.open.is_some() || self.parked.is_some()
+    }
+    pub fn wal_path(&self) -> &Path {
+        &self.wal_path
+    }
+    pub fn is_parked(&self) -> bool {
+        self.parked.is_some()
     }
 
     fn io(&self, path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> DbError + use<> {
@@ -265,6 +321,7 @@ impl Db {
     pub fn request_new_generation(&mut self, reason: &'static str) {
         self.new_generation_requested = Some(reason);
         self.idle = None;
+        self.idle_since = None;
     }
 
     /// Whether this database replicated before (see `had_history`); meaningful once open.
@@ -288,10 +345,14 @@ impl Db {
     /// it was deleted, or replaced (`mv other.db app.db`, delete and recreate).
     fn replaced(&self) -> Option<&'static str> {
         use std::os::unix::fs::MetadataExt;
-        let open = self.open.as_ref()?;
+        let ident = match (&self.open, &self.parked) {
+            (Some(o), _) => o.ident,
+            (None, Some(p)) => p.ident,
+            (None, None) => return None,
+        };
         match fs::metadata(&self.path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Some("database file deleted"),
-            Ok(m) if (m.dev(), m.ino()) != open.ident => Some("database file replaced"),
+            Ok(m) if (m.dev(), m.ino()) != ident => Some("database file replaced"),
             _ => None,
         }
     }
@@ -309,7 +370,7 @@ impl Db {
             .pos()
             .ok()
             .flatten()
-            .and_then(|p| self.shadow.header(&p.generation, p.index));
+            .and_then(|p| self.shadow.header(&p.generation, p.index).ok().flatten());
         self.close();
         self.idle = None;
         if why == "database file replaced"
@@ -324,6 +385,14 @@ impl Db {
     fn init(&mut self) -> Result<bool, DbError> {
         if self.open.is_some() {
             return Ok(true);
+        }
+        if self.parked.is_some() {
+            if let Some(why) = self.replaced() {
+                self.start_over(why);
+            } else {
+                self.unpark()?;
+                return Ok(true);
+            }
         }
         if !self.path.exists() {
             return Ok(false);
@@ -406,8 +475,12 @@ impl Db {
                     {
                         warn!(db = %self.path.display(), index, from, to, "cut the shadow WAL back to its last commit");
                     }
-                    let a = self.shadow.header(&generation, index);
-                    let b = read_header_bytes(&self.wal_path);
+                    let a = self
+                        .shadow
+                        .header(&generation, index)
+                        .map_err(self.shadow_err("read"))?;
+                    let b = read_header_bytes(&self.wal_path)
+                        .map_err(self.io(&self.wal_path, "read header"))?;
                     matches!((a, b), (Some(a), Some(b)) if a == b)
                 }
                 None => false,
@@ -425,12 +498,190 @@ impl Db {
 
     /// Closes the connections, releasing the read lock.
     pub fn close(&mut self) {
+        self.parked = None;
+        self.idle_since = None;
         if let Some(mut open) = self.open.take()
             && open.in_read_tx
         {
             let _ = open.reader.execute_batch("ROLLBACK");
             open.in_read_tx = false;
         }
+    }
+
+    /// Whether the database has been idle long enough to be parked: `park_after`, or a few
+    /// seconds when `hurry` (file descriptors are scarce).
+    pub fn park_due(&self, hurry: bool) -> bool {
+        let after = if hurry {
+            self.opts.park_after.min(PARK_HURRIED)
+        } else {
+            self.opts.park_after
+        };
+        !after.is_zero()
+            && self.open.is_some()
+            && self
+                .idle
+                .as_ref()
+                .is_some_and(|(_, r, _)| r.db_size <= PARK_MAX_DB_BYTES)
+            && self.snapshotting.load(Ordering::SeqCst) == 0
+            && self.idle_since.is_some_and(|t| t.elapsed() >= after)
+    }
+
+    /// Parks an idle database: closes its SQLite connections, which hold five descriptors and
+    /// the read transaction, and keeps only the locked descriptor of the database file, so
+    /// thousands of idle databases cost one descriptor each. The next pass that sees a change
+    /// (or a snapshot, a checkpoint, a drill) reopens it (`unpark`).
+    ///
+    /// Without our read transaction an application checkpoint can restart the WAL. Parking
+    /// makes that harmless: first a PASSIVE checkpoint backfills the whole WAL (every frame of
+    /// which is in the shadow, since the database is idle), then the database file's stamp and
+    /// content hash are taken. A later restart needs every frame backfilled, so if the
+    /// application wrote frames and the WAL restarted before we reopen, its checkpoint changed
+    /// the file: only then is continuity lost (a new generation, nothing missing). A restart
+    /// that left the content as it was (an application's TRUNCATE or RESTART checkpoint of the
+    /// WAL we had, SQLite deleting the -wal as its last connection closes) is followed as a new
+    /// index. The content is compared only when the stamp changed: SQLite rewrites the same
+    /// pages when it rebuilds a deleted -shm. The stamp's times are as coarse as the kernel's
+    /// clock tick, so parking waits `PARK_SETTLE` and gives up if the WAL changed meanwhile:
+    /// an application checkpoint that writes new frames then lands in a later tick. Databases
+    /// over `PARK_MAX_DB_BYTES` are not parked (the hash reads the whole file).
+    ///
+    /// Returns whether the database was parked.
+    pub fn park(&mut self, hurry: bool) -> Result<bool, DbError> {
+        if !self.park_due(hurry) || self.replaced().is_some() {
+            return Ok(false);
+        }
+        let Some((sig, _, _)) = self.idle.as_ref() else {
+            return Ok(false);
+        };
+        if *sig != self.files_sig() {
+            return Ok(false);
+        }
+        let wal_before = stamp(&self.wal_path);
+        self.release_read_lock()?;
+        let err = self.sql();
+        let res: rusqlite::Result<(i64, i64, i64)> =
+            self.conns()
+                .writer
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                });
+        let checkpointed = match res {
+            Ok((busy, log, done)) => busy == 0 && log == done,
+            Err(e) => {
+                self.acquire_read_lock()?;
+                return Err(err(e));
+            }
+        };
+        let db_stamp = stamp(&self.path);
+        let started = std::time::Instant::now();
+        let db_hash = match hash_file(&self.conns().fd) {
+            Ok(h) => h,
+            Err(e) => {
+                self.acquire_read_lock()?;
+                return Err(self.io(&self.path, "read")(e));
+            }
+        };
+        std::thread::sleep(PARK_SETTLE.saturating_sub(started.elapsed()));
+        if !checkpointed || stamp(&self.wal_path) != wal_before || stamp(&self.path) != db_stamp {
+            // A reader holds older frames, or the application wrote: not idle after all.
+            self.acquire_read_lock()?;
+            self.idle_since = None;
+            return Ok(false);
+        }
+        let open = self.open.take().expect("open");
+        self.parked = Some(Parked {
+            fd: open.fd,
+            ident: open.ident,
+            page_size: open.page_size,
+            db_stamp,
+            db_hash,
+        });
+        drop((open.reader, open.writer));
+        // Our checkpoint wrote the database file: the idle stamp is the one after it.
+        let now = self.files_sig();
+        if let Some((sig, _, _)) = self.idle.as_mut() {
+            *sig = now;
+        }
+        debug!(db = %self.path.display(), "parked");
+        Ok(true)
+    }
+
+    /// Reopens a parked database and settles continuity (see [`Db::park`]).
+    fn unpark(&mut self) -> Result<(), DbError> {
+        // Still parked if this fails (out of descriptors, say): the next pass tries again.
+        let writer = self.open_conn()?;
+        let reader = self.open_conn()?;
+        for c in [&writer, &reader] {
+            c.execute_batch("PRAGMA wal_autocheckpoint = 0")
+                .map_err(self.sql())?;
+        }
+        let p = self.parked.take().expect("parked");
+        self.open = Some(Open {
+            reader,
+            writer,
+            fd: p.fd,
+            ident: p.ident,
+            page_size: p.page_size,
+            in_read_tx: false,
+        });
+        self.idle = None;
+        self.idle_since = None;
+        self.acquire_read_lock()?;
+        let Some(generation) = self.generation()? else {
+            return Ok(());
+        };
+        let Some(index) = self
+            .shadow
+            .max_index(&generation)
+            .map_err(self.shadow_err("read_dir"))?
+        else {
+            return Ok(());
+        };
+        let header =
+            read_header_bytes(&self.wal_path).map_err(self.io(&self.wal_path, "read header"))?;
+        let ours = self
+            .shadow
+            .header(&generation, index)
+            .map_err(self.shadow_err("read"))?;
+        if header.is_some() && header == ours {
+            debug!(db = %self.path.display(), "unparked");
+            return Ok(());
+        }
+        // The WAL restarted (or is gone). Its new life is read under the write lock, so no
+        // application transaction is half-written meanwhile (a header whose frames are not
+        // there yet), as when a checkpoint of ours restarts it.
+        if file_size(&self.wal_path).unwrap_or(0) < WAL_HEADER_SIZE as u64 {
+            self.bump_seq()?;
+        }
+        let err = self.sql();
+        self.conns()
+            .writer
+            .execute_batch("BEGIN; INSERT INTO _litestream_lock (id) VALUES (1);")
+            .map_err(err)?;
+        let result = (|| -> Result<(), DbError> {
+            let header = read_header_bytes(&self.wal_path)
+                .map_err(self.io(&self.wal_path, "read header"))?;
+            if header == ours {
+                return Ok(());
+            }
+            let same = p.db_stamp.is_some() && stamp(&self.path) == p.db_stamp
+                || hash_file(&self.conns().fd).map_err(self.io(&self.path, "read"))? == p.db_hash;
+            if same {
+                info!(db = %self.path.display(), index = index + 1, "the WAL restarted while the database was parked, with nothing new checkpointed; starting the next shadow index");
+                self.init_shadow(&generation, index + 1)?;
+            } else {
+                // Frames written while parked may have been checkpointed and overwritten.
+                info!(db = %self.path.display(), "the WAL restarted while the database was parked, after a checkpoint of new frames; a new generation starts");
+                self.shadow
+                    .clear_generation()
+                    .map_err(self.shadow_err("remove"))?;
+            }
+            Ok(())
+        })();
+        let rollback = self.conns().writer.execute_batch("ROLLBACK");
+        result?;
+        rollback.map_err(self.sql())?;
+        Ok(())
     }
 
     fn conns(&mut self) -> &mut Open {
@@ -488,6 +739,9 @@ impl Db {
     /// are only removed once every replica has them.
     pub fn sync(&mut self, min_replica: Option<&Pos>) -> Result<SyncReport, DbError> {
         let mut report = SyncReport::default();
+        if let Some(r) = self.parked_pass(min_replica)? {
+            return Ok(r);
+        }
         if !self.init()? {
             return Ok(report);
         }
@@ -511,6 +765,9 @@ impl Db {
             && report.wal_bytes == 0
         {
             self.idle = Some((sig, report.clone(), min_replica.cloned()));
+            self.idle_since.get_or_insert_with(std::time::Instant::now);
+        } else {
+            self.idle_since = None;
         }
         result.map(|()| report)
     }
@@ -521,12 +778,14 @@ impl Db {
     pub fn unchanged(&self, min_replica: Option<&Pos>) -> Option<SyncReport> {
         let (last_sig, last, last_min) = self.idle.as_ref()?;
         let pos = last.pos.as_ref()?;
-        let page_size = self.open.as_ref()?.page_size;
+        let page_size = self.page_size()?;
+        // A parked database has no checkpoint due: parking backfilled the whole WAL.
         if *last_sig != self.files_sig()
             || last_min.as_ref() != min_replica
-            || self
-                .checkpoint_mode(wal::align(last.wal_size, page_size), pos.offset, page_size)
-                .is_some()
+            || (self.parked.is_none()
+                && self
+                    .checkpoint_mode(wal::align(last.wal_size, page_size), pos.offset, page_size)
+                    .is_some())
         {
             return None;
         }
@@ -535,6 +794,35 @@ impl Db {
         r.new_generation = None;
         r.checkpoint = None;
         Some(r)
+    }
+
+    /// A pass over a parked database whose files have not changed: only the replicas moved,
+    /// which frees shadow files without reopening it.
+    fn parked_pass(&mut self, min_replica: Option<&Pos>) -> Result<Option<SyncReport>, DbError> {
+        if self.parked.is_none() {
+            return Ok(None);
+        }
+        let sig = self.files_sig();
+        let Some((last_sig, last, last_min)) = self.idle.as_mut() else {
+            return Ok(None);
+        };
+        let Some(pos) = last.pos.clone() else {
+            return Ok(None);
+        };
+        if *last_sig != sig {
+            return Ok(None);
+        }
+        *last_min = min_replica.cloned();
+        let mut r = last.clone();
+        self.clean_shadow(&pos, min_replica)?;
+        r.shadow_bytes = self.shadow.bytes(&pos.generation);
+        r.wal_bytes = 0;
+        r.new_generation = None;
+        r.checkpoint = None;
+        if let Some((_, last, _)) = self.idle.as_mut() {
+            last.shadow_bytes = r.shadow_bytes;
+        }
+        Ok(Some(r))
     }
 
     fn files_sig(&self) -> FilesSig {
@@ -576,7 +864,12 @@ impl Db {
                 }
                 // A busy checkpoint is not a sync failure: the next tick tries again.
                 Err(e) => {
-                    warn!(db = %self.path.display(), mode = mode.as_str(), error = %e, "checkpoint failed")
+                    // Out of descriptors, `fdlimit` says so once for every database.
+                    if crate::fdlimit::exhausted(&e.to_string()) {
+                        debug!(db = %self.path.display(), mode = mode.as_str(), error = %e, "checkpoint failed")
+                    } else {
+                        warn!(db = %self.path.display(), mode = mode.as_str(), error = %e, "checkpoint failed")
+                    }
                 }
             }
         }
@@ -651,7 +944,12 @@ impl Db {
         if shadow_size > wal_size {
             return lost("wal truncated by another process");
         }
-        let restart = read_header_bytes(&self.wal_path) != self.shadow.header(&generation, index);
+        let restart = read_header_bytes(&self.wal_path)
+            .map_err(self.io(&self.wal_path, "read header"))?
+            != self
+                .shadow
+                .header(&generation, index)
+                .map_err(self.shadow_err("read"))?;
         if restart && shadow_size == WAL_HEADER_SIZE as u64 {
             return lost("wal header only, mismatched");
         }
@@ -690,11 +988,13 @@ impl Db {
 
     /// Creates shadow index `index` from the real WAL's current header and copies its frames.
     fn init_shadow(&mut self, generation: &str, index: u32) -> Result<u64, DbError> {
-        let hdr = read_header_bytes(&self.wal_path).ok_or_else(|| DbError::Io {
-            path: self.wal_path.clone(),
-            op: "read header",
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "WAL has no header"),
-        })?;
+        let hdr = read_header_bytes(&self.wal_path)
+            .map_err(self.io(&self.wal_path, "read header"))?
+            .ok_or_else(|| DbError::Io {
+                path: self.wal_path.clone(),
+                op: "read header",
+                source: io::Error::new(io::ErrorKind::UnexpectedEof, "WAL has no header"),
+            })?;
         WalHeader::parse(&hdr).map_err(|source| DbError::BadWalHeader {
             path: self.wal_path.clone(),
             source,
@@ -776,7 +1076,8 @@ impl Db {
             // Continuity is already lost; the next sync starts a generation first.
             return Ok(outcome);
         }
-        let before = read_header_bytes(&self.wal_path);
+        let before =
+            read_header_bytes(&self.wal_path).map_err(self.io(&self.wal_path, "read header"))?;
         outcome.copied += self.sync_wal(false)?;
         let pos = self.pos()?.expect("generation exists");
 
@@ -795,7 +1096,9 @@ impl Db {
         debug!(db = %self.path.display(), mode = mode.as_str(), busy, log_frames, "checkpoint");
 
         self.bump_seq()?;
-        if read_header_bytes(&self.wal_path) == before {
+        if read_header_bytes(&self.wal_path).map_err(self.io(&self.wal_path, "read header"))?
+            == before
+        {
             return Ok(outcome);
         }
 
@@ -865,7 +1168,11 @@ impl Db {
         if report.checkpoint.is_none()
             && let Err(e) = self.checkpoint(CheckpointMode::Passive)
         {
-            warn!(db = %self.path.display(), error = %e, "checkpoint before snapshot failed");
+            if crate::fdlimit::exhausted(&e.to_string()) {
+                debug!(db = %self.path.display(), error = %e, "checkpoint before snapshot failed");
+            } else {
+                warn!(db = %self.path.display(), error = %e, "checkpoint before snapshot failed");
+            }
         }
         // Continuity may have been lost during the checkpoint: settle it before taking the pos.
         let report = self.sync(None)?;
@@ -1103,9 +1410,18 @@ fn remove_stale_sidecars(db: &Path, wal: &Path, old_header: &[u8; WAL_HEADER_SIZ
         info!(db = %db.display(), "the new database file is already open; its -wal/-shm are left alone");
         return;
     }
-    if read_header_bytes(wal).is_some_and(|h| h != *old_header) {
-        info!(db = %db.display(), "the -wal beside the new database file is not the old file's; it is left alone");
-        return;
+    match read_header_bytes(wal) {
+        Ok(None) => {}
+        Ok(Some(h)) if h == *old_header => {}
+        Ok(Some(_)) => {
+            info!(db = %db.display(), "the -wal beside the new database file is not the old file's; it is left alone");
+            return;
+        }
+        // Unreadable (out of descriptors, EIO): it may not be stale, so it stays.
+        Err(e) => {
+            warn!(db = %db.display(), error = %e, "cannot read the -wal beside the new database file; it is left alone");
+            return;
+        }
     }
     let mut shm = db.as_os_str().to_owned();
     shm.push("-shm");

@@ -13,7 +13,7 @@
 //! At most one drill runs at a time in the process ([`SLOT`]).
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -99,30 +99,20 @@ pub fn source_sum(src: &DrillSource) -> io::Result<PageSum> {
     })
 }
 
-/// Checksums a restored database file: `page_size` pages from its start (blocking).
-pub fn file_sum(path: &Path, page_size: u32) -> io::Result<PageSum> {
-    let mut f = fs::File::open(path)?;
-    let mut h = XxHash3_64::with_seed(0);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.write(&buf[..n]);
-        len += n as u64;
-    }
-    Ok(PageSum {
+/// The checksum of a restored file of `len` bytes whose xxh3-64 is `hash`
+/// (`RestoreSummary::output_hash`), as `page_size` pages: the source's sum is the same hash
+/// over its pages in order.
+pub fn file_sum((len, hash): (u64, u64), page_size: u32) -> PageSum {
+    PageSum {
         pages: len / page_size as u64,
         page_size,
         hash: if len.is_multiple_of(page_size as u64) {
-            h.finish()
+            hash
         } else {
             // Never equal to a whole-page sum.
-            !h.finish()
+            !hash
         },
-    })
+    }
 }
 
 use std::hash::Hasher;
@@ -369,6 +359,7 @@ async fn drill_replica(
         taken_at,
     });
     opts.integrity_check = true;
+    opts.hash_output = true;
     let (p, name) = (progress.clone(), r.name.clone());
     opts.progress = Some(Arc::new(move |rp: &restore::RestoreProgress| {
         *p.lock().expect("drill progress") = Some(DrillRun {
@@ -389,21 +380,17 @@ async fn drill_replica(
                     return Err(err(e));
                 }
             };
-            let (path, ps) = (s.output.clone(), sum.page_size);
-            let got = tokio::task::spawn_blocking(move || file_sum(&path, ps))
-                .await
-                .expect("checksum task");
-            match got {
-                Err(e) => Err(err(format!("cannot read the restored database: {e}"))),
-                Ok(got) if got.pages != sum.pages => Err(fail(format!(
+            match s.output_hash.map(|h| file_sum(h, sum.page_size)) {
+                None => Err(err("the restore did not hash its output".into())),
+                Some(got) if got.pages != sum.pages => Err(fail(format!(
                     "restored {} pages at {pos}, the source had {} pages there",
                     got.pages, sum.pages
                 ))),
-                Ok(got) if got != sum => Err(fail(format!(
+                Some(got) if got != sum => Err(fail(format!(
                     "the restored database is not the source at {pos} (checksum {:016x}, the source's {:016x}): the replica restores to other content",
                     got.hash, sum.hash
                 ))),
-                Ok(_) => Ok(s.bytes),
+                Some(_) => Ok(s.bytes),
             }
         }
         Ok(other) => Err(fail(format!(
@@ -556,13 +543,10 @@ mod tests {
 
     #[test]
     fn file_sum_of_a_partial_page_never_matches() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        fs::write(&p, vec![7u8; 4096 * 3]).unwrap();
-        let whole = file_sum(&p, 4096).unwrap();
+        let whole = file_sum((4096 * 3, 0x1234), 4096);
         assert_eq!(whole.pages, 3);
-        fs::write(&p, vec![7u8; 4096 * 3 + 10]).unwrap();
-        let torn = file_sum(&p, 4096).unwrap();
+        let torn = file_sum((4096 * 3 + 10, 0x1234), 4096);
+        assert_eq!(torn.pages, 3);
         assert_ne!(torn.hash, whole.hash);
     }
 }

@@ -741,7 +741,7 @@ async fn status_cmd(
                 .unwrap_or_else(|| "-".into());
             for (i, r) in d.replicas.iter().enumerate() {
                 let (name, state, pos) = if i == 0 {
-                    (d.name.as_str(), d.state.as_str(), pos.as_str())
+                    (d.name.as_str(), d.shown_state(), pos.as_str())
                 } else {
                     ("", "", "")
                 };

@@ -748,18 +748,21 @@ impl Replica {
                 }
                 None => {}
                 Some(k) => {
+                    let segs = self.client.wal_segments(&generation).await?;
+                    // Snapshot k restores only with index k's WAL from offset 0 (spec §1.6),
+                    // which follows a snapshot taken here by up to a sync interval, or never if
+                    // the daemon stops first: until it is there, what is older is the newest
+                    // restorable point, so it stays (the upload makes the next pass due).
+                    if !segs.iter().any(|s| s.index == k && s.offset == 0) {
+                        debug!(db = %shared.name, replica = %self.opts.name, generation, below = k, "retention: nothing deleted until the snapshot's WAL index is uploaded");
+                        continue;
+                    }
                     let old_snaps: Vec<u32> = snaps
                         .iter()
                         .filter(|s| s.index < k)
                         .map(|s| s.index)
                         .collect();
-                    let old_segs: Vec<_> = self
-                        .client
-                        .wal_segments(&generation)
-                        .await?
-                        .into_iter()
-                        .filter(|s| s.index < k)
-                        .collect();
+                    let old_segs: Vec<_> = segs.into_iter().filter(|s| s.index < k).collect();
                     if !old_snaps.is_empty() || !old_segs.is_empty() {
                         info!(db = %shared.name, replica = %self.opts.name, generation, snapshots = old_snaps.len(), segments = old_segs.len(), below = k, "retention: deleting old objects");
                     }

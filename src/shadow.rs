@@ -193,8 +193,13 @@ impl Shadow {
     }
 
     /// An index's WAL header bytes, if it has a whole one.
-    pub fn header(&self, generation: &str, index: u32) -> Option<[u8; WAL_HEADER_SIZE]> {
-        read_header_bytes(&self.index_path(generation, index))
+    pub fn header(
+        &self,
+        generation: &str,
+        index: u32,
+    ) -> io::Result<Option<[u8; WAL_HEADER_SIZE]>> {
+        let p = self.index_path(generation, index);
+        read_header_bytes(&p).map_err(|e| io_at(&p, e))
     }
 
     /// `len` bytes of an index at `at`.
@@ -301,7 +306,7 @@ impl Shadow {
         page_size: u32,
     ) -> io::Result<Option<(u64, u64)>> {
         let p = self.index_path(generation, index);
-        let Some(hdr) = read_header_bytes(&p) else {
+        let Some(hdr) = read_header_bytes(&p).map_err(|e| io_at(&p, e))? else {
             return Ok(None);
         };
         let Ok(hdr) = WalHeader::parse(&hdr) else {
@@ -366,12 +371,14 @@ impl Shadow {
     /// An index's WAL header, parsed; an error names the file.
     fn parsed_header(&self, generation: &str, index: u32) -> io::Result<WalHeader> {
         let p = self.index_path(generation, index);
-        let hdr = read_header_bytes(&p).ok_or_else(|| {
-            io_at(
-                &p,
-                io::Error::new(io::ErrorKind::UnexpectedEof, "shadow WAL has no header"),
-            )
-        })?;
+        let hdr = read_header_bytes(&p)
+            .map_err(|e| io_at(&p, e))?
+            .ok_or_else(|| {
+                io_at(
+                    &p,
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "shadow WAL has no header"),
+                )
+            })?;
         WalHeader::parse(&hdr).map_err(|e| io_at(&p, io::Error::new(io::ErrorKind::InvalidData, e)))
     }
 
@@ -572,12 +579,21 @@ fn read_small(p: &Path) -> io::Result<Option<String>> {
     }
 }
 
-/// The first 32 bytes of a file (a WAL's header), if it has them.
-pub fn read_header_bytes(p: &Path) -> Option<[u8; WAL_HEADER_SIZE]> {
-    let f = File::open(p).ok()?;
+/// The first 32 bytes of a file (a WAL's header): None if the file is missing or shorter.
+/// Any other failure (out of descriptors, EIO) is an error, never "no header": that would read
+/// as a restarted WAL and start a shadow index or a generation that nothing justified.
+pub fn read_header_bytes(p: &Path) -> io::Result<Option<[u8; WAL_HEADER_SIZE]>> {
+    let f = match File::open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let mut b = [0u8; WAL_HEADER_SIZE];
-    f.read_exact_at(&mut b, 0).ok()?;
-    Some(b)
+    match f.read_exact_at(&mut b, 0) {
+        Ok(()) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn ignore_not_found(e: io::Error) -> io::Result<()> {

@@ -370,6 +370,20 @@ pub struct DbStatus {
         skip_serializing_if = "Option::is_none"
     )]
     pub drill_interval: Option<std::time::Duration>,
+    /// Idle and closed down to its locked database file (see `Db::park`): a write wakes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parked: bool,
+}
+
+impl DbStatus {
+    /// The state as shown to an operator: a replicating database that is parked says so.
+    pub fn shown_state(&self) -> &'static str {
+        if self.parked && self.state == DbState::Replicating {
+            "parked"
+        } else {
+            self.state.as_str()
+        }
+    }
 }
 
 /// What a request is billed as.

@@ -465,34 +465,29 @@ impl Supervisor {
     }
 
     pub fn statuses(&self) -> Vec<DbStatus> {
+        // (Not for the per-second summary: see `summary`.)
         self.running.values().map(|r| r.handle.status()).collect()
     }
 
     /// One line for systemd's STATUS=, e.g. "replicating 12 databases; 1 retrying", derived
     /// from the state each time (the last reload's errors included).
     pub fn summary(&self) -> String {
-        let st = self.statuses();
-        let mut by_state: BTreeMap<DbState, usize> = BTreeMap::new();
-        for s in &st {
-            *by_state.entry(s.state).or_default() += 1;
+        // Counted in place, one pass and no allocation per database: this runs every second,
+        // and cloning every status (then collecting each one's replica states) for it was most
+        // of an idle daemon's CPU at 10,000 databases.
+        let mut t = Tally::default();
+        for r in self.running.values() {
+            r.handle.with_status(|s| t.add(s));
         }
+        let by_state = &t.by_state;
         for state in DbState::ALL {
             metrics::gauge!(telemetry::DATABASES, "state" => state.as_str())
                 .set(*by_state.get(state).unwrap_or(&0) as f64);
         }
-        // Databases with at least one replica in the given state.
-        let with_replica = |state: ReplicaStateName| {
-            st.iter()
-                .filter(|s| s.replicas.iter().any(|r| r.state.name() == state))
-                .count()
-        };
-        let (retrying, failed, conflict) = (
-            with_replica(ReplicaStateName::Retrying),
-            with_replica(ReplicaStateName::Failed),
-            with_replica(ReplicaStateName::Conflict),
-        );
+        metrics::gauge!(telemetry::DATABASES_PARKED).set(t.parked as f64);
+        let (retrying, failed, conflict) = (t.retrying, t.failed, t.conflict);
         // Databases being prepared (added or restarted by a reload) count as configured.
-        let n = st.len() + self.preparing.len();
+        let n = self.running.len() + self.preparing.len();
         let mut parts = vec![format!(
             "replicating {n} database{}",
             if n == 1 { "" } else { "s" }
@@ -515,16 +510,7 @@ impl Supervisor {
         if failed > 0 {
             parts.push(format!("{failed} failing"));
         }
-        let drills_failed = st
-            .iter()
-            .filter(|s| {
-                s.replicas.iter().any(|r| {
-                    r.drill
-                        .as_ref()
-                        .is_some_and(|d| d.result == crate::status::DrillResult::Failed)
-                })
-            })
-            .count();
+        let drills_failed = t.drill_failed;
         if drills_failed > 0 {
             parts.push(format!("{drills_failed} with a failed restore drill"));
         }
@@ -586,6 +572,34 @@ fn record_reload(report: &ReloadReport) {
     let result = if report.ok() { "ok" } else { "failed" };
     metrics::counter!(telemetry::RELOADS, "result" => result).increment(1);
     metrics::gauge!(telemetry::RELOAD_OK).set(if report.ok() { 1.0 } else { 0.0 });
+}
+
+/// The STATUS= line's counts (see `Supervisor::summary`): databases by state, and databases
+/// with at least one replica retrying, failing or blocked, or with a failed drill.
+#[derive(Default)]
+struct Tally {
+    by_state: BTreeMap<DbState, usize>,
+    retrying: usize,
+    failed: usize,
+    conflict: usize,
+    drill_failed: usize,
+    parked: usize,
+}
+
+impl Tally {
+    fn add(&mut self, s: &DbStatus) {
+        *self.by_state.entry(s.state).or_default() += 1;
+        self.parked += usize::from(s.parked);
+        let any = |name: ReplicaStateName| s.replicas.iter().any(|r| r.state.name() == name);
+        self.retrying += usize::from(any(ReplicaStateName::Retrying));
+        self.failed += usize::from(any(ReplicaStateName::Failed));
+        self.conflict += usize::from(any(ReplicaStateName::Conflict));
+        self.drill_failed += usize::from(s.replicas.iter().any(|r| {
+            r.drill
+                .as_ref()
+                .is_some_and(|d| d.result == crate::status::DrillResult::Failed)
+        }));
+    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,7 @@ pub const VERIFY_LAST_SUCCESS: &str = "litestreamd_verify_last_success_timestamp
 pub const VERIFY_LAST_RUN: &str = "litestreamd_verify_last_run_timestamp_seconds";
 pub const VERIFY_DURATION: &str = "litestreamd_verify_duration_seconds";
 pub const DATABASES: &str = "litestreamd_databases";
+pub const DATABASES_PARKED: &str = "litestreamd_databases_parked";
 pub const RELOADS: &str = "litestreamd_reloads_total";
 pub const RELOAD_OK: &str = "litestreamd_config_last_reload_successful";
 pub const BUILD_INFO: &str = "litestreamd_build_info";
@@ -321,6 +322,10 @@ fn describe() {
         "Object store bytes by backend type and operation."
     );
     describe_gauge!(DATABASES, "Configured databases by worker state.");
+    describe_gauge!(
+        DATABASES_PARKED,
+        "Replicating databases that are idle and parked (closed down to one descriptor)."
+    );
     describe_counter!(RELOADS, "Configuration reloads by result (ok, failed).");
     describe_gauge!(
         RELOAD_OK,

@@ -232,16 +232,35 @@ fn check_listing(
                 .into(),
         }),
         (Some(newest), Some(oldest)) => {
-            // The newest state: every index from the newest snapshot on, as restore reads it.
-            let last = newest_index.unwrap_or(newest).max(newest);
-            for i in newest..=last {
+            // The snapshot restore starts from (see `restore::plan`): the newest whose own index
+            // has its offset-0 segment, else the newest.
+            let replays = |i: u32| by_index.get(&i).is_some_and(|s| s[0].offset == 0);
+            let from = snaps
+                .iter()
+                .map(|s| s.index)
+                .filter(|&i| replays(i))
+                .max()
+                .unwrap_or(newest);
+            if from < newest && newest_index.is_none_or(|n| n < newest) {
+                findings.push(Finding {
+                    grade: Grade::Warning,
+                    object: Some(client.snapshot_key(generation, newest)),
+                    message: format!(
+                        "WAL index {newest:08x} is not uploaded yet (the daemon stopped right \
+                         after this snapshot?): a restore starts from snapshot {from:08x}"
+                    ),
+                });
+            }
+            // The newest state: every index from that snapshot on, as restore reads it.
+            let last = newest_index.unwrap_or(from).max(from);
+            for i in from..=last {
                 match by_index.get(&i) {
                     None => findings.push(Finding {
                         grade: Grade::Failure,
                         object: Some(generation_dir.clone()),
                         message: format!(
                             "WAL index {i:08x} is missing: a restore of the newest state \
-                             (snapshot {newest:08x} to index {last:08x}) fails"
+                             (snapshot {from:08x} to index {last:08x}) fails"
                         ),
                     }),
                     Some(s) if s[0].offset != 0 => findings.push(Finding {
@@ -255,7 +274,7 @@ fn check_listing(
                 }
             }
             // Older states: point-in-time restores from the older snapshots.
-            for i in oldest..newest {
+            for i in oldest..from {
                 match by_index.get(&i) {
                     None => findings.push(Finding {
                         grade: Grade::Warning,

@@ -3,8 +3,10 @@
 //! by every database in it). The tick still checks the file on every pass: this only shortens
 //! the time between `mv other.db app.db` and the worker letting go of the old file, from up to
 //! a monitor interval to about a millisecond, before an application opens the new file with
-//! the old file's -wal (see `Db::start_over`). Without inotify (limits reached, an old kernel)
-//! the worker falls back to its tick and says so once.
+//! the old file's -wal (see `Db::start_over`). A parked database (see `Db::park`) also
+//! watches its -wal for writes, so it reopens within a millisecond of the application's first
+//! write rather than at the next tick. Without inotify (limits reached, an old kernel, a lost
+//! event on queue overflow) the worker falls back to its tick and says so once.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -29,7 +31,8 @@ struct State {
 
 struct Dir {
     wd: WatchDescriptor,
-    files: HashMap<OsString, Vec<Weak<Notify>>>,
+    /// Each subscriber, and whether it wants writes too (not only names changing).
+    files: HashMap<OsString, Vec<(Weak<Notify>, bool)>>,
 }
 
 static WATCHER: OnceLock<Option<Arc<Watcher>>> = OnceLock::new();
@@ -76,13 +79,27 @@ impl Watcher {
             };
             let st = self.state.lock().expect("watcher");
             for e in events {
+                if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    // Events were lost: wake everyone, each worker then looks at its files.
+                    warn!("inotify queue overflowed; every database looks at its files now");
+                    for d in st.dirs.values() {
+                        for (n, _) in d.files.values().flatten() {
+                            if let Some(n) = n.upgrade() {
+                                n.notify_one();
+                            }
+                        }
+                    }
+                    continue;
+                }
                 let (Some(dir), Some(name)) = (st.by_wd.get(&e.wd), e.name) else {
                     continue;
                 };
                 if let Some(subs) = st.dirs.get(dir).and_then(|d| d.files.get(&name)) {
-                    debug!(dir = %dir.display(), name = ?name, mask = ?e.mask, "database file event");
-                    for n in subs.iter().filter_map(Weak::upgrade) {
-                        n.notify_one();
+                    let write = e.mask == AddWatchFlags::IN_MODIFY;
+                    for (n, _) in subs.iter().filter(|(_, writes)| *writes || !write) {
+                        if let Some(n) = n.upgrade() {
+                            n.notify_one();
+                        }
                     }
                 }
             }
@@ -98,7 +115,8 @@ pub struct FileWatch {
 }
 
 impl FileWatch {
-    /// Resolves when the file was created, deleted or renamed (over) since the last call.
+    /// Resolves when the file was created, deleted or renamed (over) since the last call, or
+    /// (from [`watch_writes`]) written.
     pub async fn changed(&self) {
         self.notify.notified().await
     }
@@ -107,6 +125,15 @@ impl FileWatch {
 /// Watches `file` (its name in its directory). None when inotify is not available or the
 /// directory cannot be watched (the caller's tick covers it).
 pub fn watch_file(file: &Path) -> Option<FileWatch> {
+    subscribe(file, false)
+}
+
+/// Like [`watch_file`], and also wakes on every write to the file.
+pub fn watch_writes(file: &Path) -> Option<FileWatch> {
+    subscribe(file, true)
+}
+
+fn subscribe(file: &Path, writes: bool) -> Option<FileWatch> {
     let w = watcher()?;
     let dir = file.parent()?.to_path_buf();
     let name = file.file_name()?.to_os_string();
@@ -117,6 +144,7 @@ pub fn watch_file(file: &Path) -> Option<FileWatch> {
             | AddWatchFlags::IN_DELETE
             | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_MODIFY
             | AddWatchFlags::IN_ONLYDIR;
         let wd = match w.inotify.add_watch(&dir, mask) {
             Ok(wd) => wd,
@@ -138,7 +166,7 @@ pub fn watch_file(file: &Path) -> Option<FileWatch> {
     d.files
         .entry(name.clone())
         .or_default()
-        .push(Arc::downgrade(&notify));
+        .push((Arc::downgrade(&notify), writes));
     Some(FileWatch { notify, dir, name })
 }
 
@@ -152,7 +180,7 @@ impl Drop for FileWatch {
             return;
         };
         if let Some(subs) = d.files.get_mut(&self.name) {
-            subs.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), &*self.notify));
+            subs.retain(|(w, _)| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), &*self.notify));
             if subs.is_empty() {
                 d.files.remove(&self.name);
             }
@@ -196,5 +224,28 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), w.changed())
             .await
             .expect("woken by the delete");
+    }
+
+    #[tokio::test]
+    async fn writes_wake_only_who_asked_for_them() {
+        let d = tempfile::tempdir().unwrap();
+        let wal = d.path().join("app.db-wal");
+        std::fs::write(&wal, b"a").unwrap();
+        let names = watch_file(&wal).unwrap();
+        let writes = watch_writes(&wal).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&wal)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"b"))
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), writes.changed())
+            .await
+            .expect("woken by the write");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), names.changed())
+                .await
+                .is_err(),
+            "a write does not wake a watch of the name"
+        );
     }
 }

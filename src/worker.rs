@@ -101,6 +101,10 @@ impl WorkerHandle {
     pub fn status(&self) -> DbStatus {
         self.status.lock().expect("status").clone()
     }
+    /// Reads the status in place, without a copy.
+    pub fn with_status<R>(&self, f: impl FnOnce(&DbStatus) -> R) -> R {
+        f(&self.status.lock().expect("status"))
+    }
 }
 
 /// Starts the worker; it runs until `shutdown` is cancelled and its final sync is done.
@@ -260,6 +264,9 @@ async fn run(
             None => std::future::pending().await,
         }
     };
+    // While the database is parked, its -wal's first write wakes the loop (see `Db::park`).
+    let wal_path = shared.db.lock().expect("db lock").wal_path().to_path_buf();
+    let mut wal_watch: Option<crate::watch::FileWatch> = None;
     // Whether the next turn of the loop starts with a sync pass: not after a replica's report,
     // which once restarted the loop with one, so every upload copied new frames into the shadow
     // and woke the replica to upload them: at 600 tx/s, 130 uploads a second instead of one.
@@ -267,8 +274,27 @@ async fn run(
     loop {
         if std::mem::replace(&mut pass, true) {
             let report = db_sync(&shared, &positions).await;
+            if let Err(e) = &report
+                && crate::fdlimit::exhausted(e)
+            {
+                // Out of descriptors: a database that cannot sync must not keep its own while
+                // it waits, or the open ones that fail hold every descriptor and none that is
+                // idle gets to park. It reopens at the next pass.
+                let sh = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").close())
+                    .await;
+            }
             record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
             publish(&handle, &shared.shadow, &reporting, &mut ps);
+            park_if_idle(&shared, &handle, &spec.name, &wal_path, &mut wal_watch).await;
+            // Parked and watched (its -wal's writes and its name): the watches wake it, and
+            // the tick is only a safety net for a lost event, so ten thousand parked
+            // databases do not wake ten thousand times a second.
+            if wal_watch.is_some() && file_watch.is_some() {
+                next_tick = aligned_tick(Instant::now() + PARKED_TICK.max(interval), interval);
+            } else if next_tick > Instant::now() + interval {
+                next_tick = aligned_tick(Instant::now() + interval, interval);
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -287,6 +313,7 @@ async fn run(
                 }
             }
             _ = file_changed() => {}
+            _ = async { wal_watch.as_ref().expect("checked").changed().await }, if wal_watch.is_some() => {}
             Some(cmd) = commands.recv() => match cmd {
                 Command::Sync(reply) => {
                     let report = db_sync(&shared, &positions).await;
@@ -487,6 +514,48 @@ fn aligned_tick(deadline: Instant, interval: Duration) -> Instant {
     let q = quantum.as_nanos();
     let since = deadline.saturating_duration_since(origin).as_nanos();
     origin + Duration::from_nanos((since.div_ceil(q) * q) as u64)
+}
+
+/// The tick of a parked database whose files are watched (see the loop in `run`).
+const PARKED_TICK: Duration = Duration::from_secs(30);
+
+/// Parks the database once it has been idle long enough (see `Db::park`), and keeps a watch
+/// on its -wal's writes exactly while it is parked, and its status says whether it is.
+async fn park_if_idle(
+    shared: &Arc<DbShared>,
+    handle: &WorkerHandle,
+    name: &str,
+    wal_path: &std::path::Path,
+    wal_watch: &mut Option<crate::watch::FileWatch>,
+) {
+    let hurry = crate::fdlimit::scarce();
+    let (due, mut parked) = match shared.db.try_lock() {
+        Ok(db) => (db.park_due(hurry), db.is_parked()),
+        Err(_) => return,
+    };
+    if due {
+        // Watch first: a write between the park and the watch would go unnoticed until the
+        // next tick.
+        if wal_watch.is_none() {
+            *wal_watch = crate::watch::watch_writes(wal_path);
+        }
+        let sh = shared.clone();
+        match tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").park(hurry)).await
+        {
+            Ok(Ok(p)) => parked = p,
+            Ok(Err(e)) => warn!(db = %name, error = %e, "parking the idle database failed"),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
+        }
+    }
+    handle.status.lock().expect("status").parked = parked;
+    if parked != wal_watch.is_some() {
+        *wal_watch = if parked {
+            crate::watch::watch_writes(wal_path)
+        } else {
+            None
+        };
+    }
 }
 
 async fn db_sync(

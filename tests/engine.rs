@@ -379,6 +379,35 @@ async fn stray_partial_index_below_snapshot_is_ignored() {
     assert_eq!(dump(&out), expect);
 }
 
+/// A snapshot whose own WAL index is not uploaded yet (the daemon stopped right after taking
+/// it) cannot be replayed: restore falls back to the newest one that can, not to an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_its_wal_index_yields_to_an_older_one() {
+    let (dir, replica, expect) = small_replica().await;
+    let index = |p: &std::path::PathBuf| {
+        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+        u32::from_str_radix(&n[..8], 16).unwrap()
+    };
+    let segs = objects(&replica, ".wal.lz4");
+    let top = segs.iter().map(index).max().unwrap();
+    let snap = objects(&replica, ".snapshot.lz4").pop().unwrap();
+    // The same bytes one index above every segment: a snapshot taken after the last upload.
+    let newer = snap.with_file_name(format!("{:08x}.snapshot.lz4", top + 1));
+    std::fs::copy(&snap, &newer).unwrap();
+    let out = dir.path().join("out.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+    // With nothing older to fall back on, the restore fails naming the missing index.
+    std::fs::remove_file(&snap).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let err = restore_to(&replica, &out, |_| {}).await.unwrap_err();
+    assert!(
+        matches!(err, RestoreError::MissingIndex { index, .. } if index == top + 1),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_flags_and_never_overwrites() {
     let (dir, replica, _) = small_replica().await;
@@ -679,11 +708,13 @@ impl Writer {
         let after = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (s, a, db) = (stop.clone(), after.clone(), db.to_path_buf());
         let join = std::thread::spawn(move || {
+            // Ids unique across writers: one writer follows another on the same database.
+            static NEXT: std::sync::atomic::AtomicI64 =
+                std::sync::atomic::AtomicI64::new(1_000_000);
             let mut ids = Vec::new();
-            let mut n: i64 = 1_000_000;
             while !s.load(Ordering::SeqCst) {
                 let counts = a.load(Ordering::SeqCst);
-                n += 1;
+                let n = NEXT.fetch_add(1, Ordering::SeqCst);
                 let c = app_conn(&db);
                 c.execute("INSERT INTO t (id, v) VALUES (?1, randomblob(300))", [n])
                     .unwrap();
@@ -707,11 +738,30 @@ impl Writer {
     }
 }
 
-/// `mv other.db app.db` (as deploy scripts do) and `rm app.db` + recreate, both while an
-/// application writes: the application's database stays intact (litestreamd never touches
+/// Waits (5 s at most) until the worker's status satisfies `cond`.
+async fn noticed(w: &Running, cond: impl Fn(&litestreamd::status::DbStatus) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cond(&w.handle.status()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never noticed: {:?}",
+            w.handle.status()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `mv other.db app.db` (as deploy scripts do) and `rm app.db` + recreate, between an
+/// application's writes: the application's database stays intact (litestreamd never touches
 /// the new file's -wal/-shm through its connections to the old one, and removes the old
 /// file's -wal/-shm, which only its own connection kept alive, before anyone opens the new
 /// file), and every row written to the new file is restorable without a restart.
+///
+/// The application pauses around the swap, as `docs/operations.md` asks: one that opens the
+/// new file before the daemon has noticed it (an inotify event, then a pass) meets the old
+/// file's WAL whoever holds it open, and no replicator can prevent that. With the writer
+/// running through the swap this test failed ~1 run in 6 with a malformed database and a
+/// 10 s "database is locked".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_replaced_or_recreated_under_the_replicator() {
     let dir = tempfile::tempdir().unwrap();
@@ -722,7 +772,7 @@ async fn a_database_replaced_or_recreated_under_the_replicator() {
     w.settle().await;
     let gen0 = w.handle.status().pos.unwrap().generation;
 
-    // 1. mv over the live database.
+    // 1. mv over the database between the application's writes.
     let writer = Writer::start(&db, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let other = dir.path().join("other.db");
@@ -731,7 +781,13 @@ async fn a_database_replaced_or_recreated_under_the_replicator() {
         c.execute("INSERT INTO t (id, v) VALUES (1, x'6f74686572')", [])
             .unwrap();
     }
+    writer.stop();
     std::fs::rename(&other, &db).unwrap();
+    noticed(&w, |st| {
+        st.pos.as_ref().is_some_and(|p| p.generation != gen0)
+    })
+    .await;
+    let writer = Writer::start(&db, Duration::from_millis(20));
     writer.count_from_now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after_mv = writer.stop();
@@ -766,10 +822,14 @@ async fn a_database_replaced_or_recreated_under_the_replicator() {
         "every row of the new file is restorable"
     );
 
-    // 2. Deleted while the application writes: its next connection creates a new database.
+    // 2. Deleted between the application's writes: its next connection creates a new
+    // database.
     let writer = Writer::start(&db, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.stop();
     std::fs::remove_file(&db).unwrap();
+    noticed(&w, |st| st.state == litestreamd::status::DbState::Waiting).await;
+    let writer = Writer::start(&db, Duration::from_millis(20));
     writer.count_from_now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after_rm = writer.stop();
@@ -942,4 +1002,182 @@ async fn an_idle_database_makes_no_requests() {
     let out = dir.path().join("out.db");
     restore_to(&replica, &out, |_| {}).await.unwrap();
     assert_eq!(dump(&out), expect);
+}
+
+/// Descriptors this process holds on the database's own files (-wal, -shm included).
+fn db_fds(db: &std::path::Path) -> usize {
+    let prefix = db.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with(&prefix))
+        .count()
+}
+
+/// Waits until the worker parked the database: one descriptor left (the application's
+/// connection must be closed).
+async fn parked(db: &std::path::Path) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while db_fds(db) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not parked: {} descriptors",
+            db_fds(db)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An idle database is parked (its connections closed, one descriptor kept) and reopened on
+/// the next write. What an application does meanwhile never loses a transaction: closing its
+/// last connection (SQLite deletes the -wal) and a TRUNCATE checkpoint continue the generation
+/// with a new index; a burst that checkpoints and restarts the WAL before the daemon reopens
+/// the database may start a new generation, and the restore is the source either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_database_holds_one_descriptor_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let (mut dbo, ro) = fast_opts();
+    dbo.park_after = Duration::from_millis(300);
+    let mut rng = Lcg(21);
+    let app = app_conn(&db);
+    let w = start(&db, &[&replica], (dbo, ro));
+    write_mixed(&app, &mut rng, 200);
+    w.settle().await;
+    let generation = w.handle.status().pos.unwrap().generation;
+    let index = w.handle.status().pos.unwrap().index;
+    drop(app);
+    parked(&db).await;
+
+    // The application's last connection closes: SQLite checkpoints and deletes the -wal.
+    drop(app_conn(&db));
+    let app = app_conn(&db);
+    write_mixed(&app, &mut rng, 100);
+    w.settle().await;
+    let pos = w.handle.status().pos.unwrap();
+    assert_eq!(pos.generation, generation, "the generation continues");
+    assert!(pos.index > index, "a new index follows the new WAL");
+    drop(app);
+    parked(&db).await;
+
+    // A TRUNCATE checkpoint while parked, then writes.
+    let app = app_conn(&db);
+    let (busy, _, _): (i64, i64, i64) = app
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap();
+    assert_eq!(busy, 0, "nothing holds the WAL of a parked database");
+    write_mixed(&app, &mut rng, 100);
+    w.settle().await;
+    assert_eq!(w.handle.status().pos.unwrap().generation, generation);
+    let expect = dump_conn(&app);
+    let out = dir.path().join("out1.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+    drop(app);
+    parked(&db).await;
+
+    // Its status says so (and the daemon's `status`, TUI and gauge with it).
+    let handle = &w.handle;
+    let parked_shown = |want: bool| async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while handle.status().parked != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "status never said parked={want}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    parked_shown(true).await;
+    assert_eq!(w.handle.status().shown_state(), "parked");
+
+    // A parked database ticks only every 30 s: its -wal's watch brings the first write in.
+    let app = app_conn(&db);
+    let before = w.handle.status().pos.unwrap();
+    write_mixed(&app, &mut rng, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while w.handle.status().pos.as_ref() == Some(&before) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a write to a parked database went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    parked_shown(false).await;
+    drop(app);
+    parked(&db).await;
+
+    // A burst past the autocheckpoint threshold, a RESTART checkpoint and another write, as
+    // fast as the application can: whether the daemon reopened in between or not, nothing is
+    // lost.
+    let app = app_conn(&db);
+    let tx = app.unchecked_transaction().unwrap();
+    for i in 0..1500 {
+        tx.execute("INSERT INTO t (v) VALUES (?1)", [vec![i as u8; 3000]])
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let _: i64 = app
+        .query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get(0))
+        .unwrap();
+    write_mixed(&app, &mut rng, 50);
+    w.settle().await;
+    let expect = dump_conn(&app);
+    w.stop().await;
+    let out = dir.path().join("out2.db");
+    restore_to(&replica, &out, |_| {}).await.unwrap();
+    assert_eq!(dump(&out), expect);
+}
+
+/// Parking without a worker to reopen the database in time: a TRUNCATE of the WAL the daemon
+/// had continues the generation with a new index; frames written, checkpointed and then
+/// overwritten by a WAL restart while parked are a new generation (they are in no replica).
+#[test]
+fn a_parked_database_tells_a_harmless_restart_from_lost_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let app = app_conn(&db);
+    let mut rng = Lcg(5);
+    let mut opts = fast_opts().0;
+    opts.park_after = Duration::from_millis(1);
+    let mut d = litestreamd::db::Db::new(&db, opts);
+    let park = |d: &mut litestreamd::db::Db| {
+        for _ in 0..20 {
+            d.sync(None).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            if d.is_parked() || d.park(false).unwrap() {
+                return;
+            }
+        }
+        panic!("never parked");
+    };
+    let checkpoint = |mode: &str| {
+        let busy: i64 = app
+            .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(busy, 0, "nothing holds the WAL of a parked database");
+    };
+    write_mixed(&app, &mut rng, 50);
+    park(&mut d);
+    let before = d.sync(None).unwrap().pos.unwrap();
+    park(&mut d);
+
+    checkpoint("TRUNCATE");
+    write_mixed(&app, &mut rng, 20);
+    let r = d.sync(None).unwrap();
+    let pos = r.pos.clone().unwrap();
+    assert!(r.new_generation.is_none(), "{r:?}");
+    assert_eq!(pos.generation, before.generation);
+    assert!(pos.index > before.index, "{before} -> {pos}");
+    park(&mut d);
+
+    write_mixed(&app, &mut rng, 20);
+    checkpoint("RESTART");
+    write_mixed(&app, &mut rng, 5);
+    let r = d.sync(None).unwrap();
+    assert!(r.new_generation.is_some(), "{r:?}");
 }

@@ -284,6 +284,7 @@ mod tests {
             last_sync: Some(t),
             drill: None,
             drill_interval: None,
+            parked: false,
             replicas: vec![
                 rep("a", ReplicaState::Healthy),
                 rep(

@@ -571,7 +571,7 @@ impl State {
             .filter(|d| {
                 f.is_empty()
                     || d.name.to_lowercase().contains(&f)
-                    || d.state.as_str().contains(&f)
+                    || d.shown_state().contains(&f)
                     || d.path.to_string_lossy().to_lowercase().contains(&f)
                     || d.replicas.iter().any(|r| {
                         r.name.to_lowercase().contains(&f) || r.state_name().contains(f.as_str())

@@ -97,6 +97,7 @@ fn dbs() -> Vec<DbStatus> {
         last_sync: Some(ago(1)),
         drill: None,
         drill_interval: Some(Duration::from_secs(86400)),
+        parked: false,
         replicas: vec![local, s3],
     };
 
@@ -132,6 +133,7 @@ fn dbs() -> Vec<DbStatus> {
             total: 12,
         }),
         drill_interval: None,
+        parked: false,
         replicas: vec![s3b],
     };
 
@@ -160,6 +162,7 @@ fn dbs() -> Vec<DbStatus> {
         last_sync: None,
         drill: None,
         drill_interval: None,
+        parked: false,
         replicas: vec![gcs],
     };
     vec![app, billing, analytics]

@@ -538,7 +538,7 @@ fn cell_for(col: Col, width: u16, db: &DbStatus, state: &State) -> Cell<'static>
     match col {
         Col::Db => Cell::from(Span::styled(truncate(&db.name, w), BOLD)),
         Col::State => Cell::from(Span::styled(
-            truncate(db.state.as_str(), w),
+            truncate(db.shown_state(), w),
             health_style(db_health(db)),
         )),
         Col::Gen => Cell::from(
@@ -727,7 +727,7 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
     l1.push(Span::raw("  "));
     l1.push(Span::styled("state ", DIM));
     l1.push(Span::styled(
-        db.state.as_str(),
+        db.shown_state(),
         health_style(db_state_health(db.state)),
     ));
     out.push(Line::from(l1));
