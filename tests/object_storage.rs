@@ -127,7 +127,7 @@ fn wait_restorable(url: &str, scratch: &Path, check: impl Fn(&Path) -> bool) {
 
 /// Writes a Litestream config for `db` with one replica (`replica`: its YAML keys) and fast
 /// intervals, and starts `litestream replicate` on it.
-fn litestream_replicate(ls: &Path, cfg: &Path, db: &Path, replica: &str) -> Child {
+fn litestream_replicate(ls: &Path, cfg: &Path, db: &Path, replica: &str) -> Litestream {
     std::fs::write(
         cfg,
         format!(
@@ -136,13 +136,7 @@ fn litestream_replicate(ls: &Path, cfg: &Path, db: &Path, replica: &str) -> Chil
         ),
     )
     .unwrap();
-    Command::new(ls)
-        .args(["replicate", "-config"])
-        .arg(cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+    Litestream::start(ls, cfg)
 }
 
 /// `litestream restore -config CFG -o OUT DB`, which must succeed.
@@ -273,13 +267,12 @@ async fn s3_compatibility_with_litestream_0_3_13() {
     let db = dir.path().join("b.db");
     let app = app_conn(&db);
     let cfg = dir.path().join("ls-b.yml");
-    let mut child = litestream_replicate(&ls, &cfg, &db, &replica_yaml("b.db"));
+    let child = litestream_replicate(&ls, &cfg, &db, &replica_yaml("b.db"));
     for _ in 0..6 {
         write_mixed(&app, &mut rng, 100);
         std::thread::sleep(Duration::from_millis(300));
     }
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(sigterm(&mut child).success());
+    child.stop(&dir.path().join("s3"));
     let out = dir.path().join("b-by-litestreamd.db");
     let o = restore_url(&s3_url(server.port, "b.db"), &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -721,14 +714,13 @@ fn age_round_trip(dir: &Path, label: &str, url: &str, storage: &Path, yaml: &str
     let cfg = dir.join(format!("{label}-ls-b.yml"));
     let b_yaml = yaml.replace(&format!("{label}-a"), &format!("{label}-b"));
     let replica = format!("{b_yaml}{}", litestream_age_yaml(&key));
-    let mut child = litestream_replicate(&ls, &cfg, &db, &replica);
+    let child = litestream_replicate(&ls, &cfg, &db, &replica);
     write_marked(&app, 30);
     for _ in 0..4 {
         write_mixed(&app, &mut rng, 100);
         std::thread::sleep(Duration::from_millis(300));
     }
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(sigterm(&mut child).success());
+    child.stop(storage);
     let b_url = url.replace(&format!("{label}-a"), &format!("{label}-b"));
     let out = dir.join(format!("{label}-b-by-litestreamd.db"));
     let mut c = cmd();

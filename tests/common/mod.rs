@@ -276,6 +276,63 @@ pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
     }
 }
 
+/// `litestream replicate -config CFG` (Litestream 0.3.13), its output kept in a file so that
+/// an exit it did not expect says why.
+pub struct Litestream {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Litestream {
+    pub fn start(ls: &Path, cfg: &Path) -> Litestream {
+        let log = cfg.with_extension("log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(ls)
+            .args(["replicate", "-config"])
+            .arg(cfg)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Litestream { child, log }
+    }
+
+    /// Waits until `storage` (where the replica's objects land on disk) has been still for a
+    /// second, then SIGTERM, and checks the exit.
+    ///
+    /// Litestream 0.3.13 races with itself when the signal arrives mid-sync: it panics
+    /// ("assertion failed: generation name required"), and its file replica's final sync and
+    /// monitor write the same `<segment>.wal.lz4.tmp`, one renames it and the other exits 1
+    /// with "client write: stat ...tmp: no such file or directory" (its issues #229, #503;
+    /// seen here in 4 of 12 runs under load). Waiting for the replica to be still avoids both;
+    /// the second, whose segment was written all the same, is also accepted if it still
+    /// happens. Any other exit fails the test, with Litestream's output.
+    pub fn stop(mut self, storage: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut seen, mut since) = (Vec::new(), Instant::now());
+        while Instant::now() < deadline {
+            let now = objects(storage, "");
+            if now != seen {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= Duration::from_secs(1) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let st = sigterm(&mut self.child);
+        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let own_race = out.lines().any(|l| {
+            l.contains("failed to run")
+                && l.contains("client write: stat")
+                && l.contains(".wal.lz4.tmp: no such file or directory")
+        });
+        assert!(
+            st.success() || (st.code() == Some(1) && own_race),
+            "Litestream 0.3.13 exited with {st}; its output:\n{out}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Servers on loopback that the tests start themselves.
 
