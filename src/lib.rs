@@ -11,6 +11,7 @@
 //! * [`replicator`] — the replica side: segment and snapshot uploads, retention, status;
 //! * [`worker`] — one database's tasks and their shutdown;
 //! * [`restore`] — restore and point-in-time restore;
+//! * [`standby`] — applying a primary's commits to a standby database, one transaction each;
 //! * [`status`] — the status types of databases and replicas (protocol v1);
 //! * [`config`] — configuration files;
 //! * [`import`] — converting a Litestream 0.3 `litestream.yml` into per-database files;
@@ -35,6 +36,7 @@ pub mod replica;
 pub mod replicator;
 pub mod restore;
 pub mod shadow;
+pub mod standby;
 pub mod status;
 pub mod supervisor;
 pub mod telemetry;
