@@ -141,10 +141,10 @@ struct Parked {
     fd: Arc<File>,
     ident: (u64, u64),
     page_size: u32,
-    /// The database file's stamp and content hash once our checkpoint had backfilled the
+    /// The database file's stamp, and its length and content hash, once our checkpoint had backfilled the
     /// whole WAL.
     db_stamp: Option<(u64, u64, i64, i64)>,
-    db_hash: u64,
+    db_hash: (u64, u64),
 }
 
 pub struct Db {
@@ -197,16 +197,19 @@ const PARK_HURRIED: Duration = Duration::from_millis(500);
 /// Databases larger than this are not parked (parking hashes the file).
 const PARK_MAX_DB_BYTES: u64 = 128 << 20;
 
-/// xxh3 of a whole file, read through `f` (never another descriptor, see `Open::fd`).
-fn hash_file(f: &File) -> io::Result<u64> {
+/// The length and xxh3-64 of a file's bytes, read through `f` from its start (never through
+/// another descriptor: see `Open::fd`). Parking compares a database with itself by it, and
+/// restore hashes its output by it for the drill (`drill::file_sum`).
+pub fn hash_file(f: &File) -> io::Result<(u64, u64)> {
     use std::hash::Hasher;
     let mut h = twox_hash::XxHash3_64::with_seed(0);
+    // Not larger: buffers above glibc's mmap threshold raise it and then stay resident.
     let mut buf = vec![0u8; 256 << 10];
     let mut at = 0u64;
     loop {
         let n = f.read_at(&mut buf, at)?;
         if n == 0 {
-            return Ok(h.finish());
+            return Ok((at, h.finish()));
         }
         h.write(&buf[..n]);
         at += n as u64;

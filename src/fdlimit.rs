@@ -1,10 +1,11 @@
 //! The open-files budget. Every open database holds a few descriptors (the SQLite connections'
 //! database, WAL and shm files, and the locked database file), so a daemon of thousands of
-//! databases meets `RLIMIT_NOFILE` (often a hard 20,000 or less in containers). Idle databases
-//! are parked down to one descriptor (`Db::park`), early when descriptors are [`scarce`]. When it does,
-//! every database fails at once, each with its own error; the daemon says so once, naming the
-//! limit and what it would take, and the databases' own messages go to debug (their state still
-//! shows the error) instead of a storm of identical lines.
+//! databases meets `RLIMIT_NOFILE` (often a hard 20,000 or less in containers); idle databases
+//! are parked down to one descriptor (`Db::park`), early when descriptors are [`scarce`]. When
+//! the daemon meets the limit all the same, every database fails at once, each with its own
+//! error; the daemon says so once, naming the limit and what it would take, and the databases'
+//! own messages go to debug (their state still shows the error) instead of a storm of
+//! identical lines.
 //!
 //! SQLite reports an exhausted table as "unable to open database file", hiding the errno, so
 //! exhaustion is recognised by counting `/proc/self/fd` after a failure, not from the message.
@@ -57,8 +58,8 @@ fn open_now() -> Option<u64> {
     }
 }
 
-/// When exhaustion was last seen, and the last count of descriptors (it reads a directory of
-/// up to the limit's size: at most once a second).
+/// When exhaustion was last seen, and the last count of descriptors (see `counts` for how
+/// often it is taken).
 static SEEN: Mutex<Option<Instant>> = Mutex::new(None);
 /// Descriptors open and the soft limit, and when they were counted.
 type Counts = Option<(u64, u64)>;

@@ -609,7 +609,7 @@ async fn run_plan(
     let hashing = if opts.hash_output {
         let at = scratch.path(DB_FILE);
         Some(tokio::task::spawn_blocking(move || {
-            hash_file(&db).map_err(io_at(&at))
+            crate::db::hash_file(&db).map_err(io_at(&at))
         }))
     } else {
         drop(db);
@@ -656,23 +656,6 @@ async fn run_plan(
         lineage: None,
         output_hash,
     })
-}
-
-/// The length and xxh3-64 of a file's bytes, read from its start.
-fn hash_file(f: &std::fs::File) -> io::Result<(u64, u64)> {
-    use std::hash::Hasher;
-    use std::os::unix::fs::FileExt;
-    let mut h = twox_hash::XxHash3_64::with_seed(0);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    loop {
-        let n = f.read_at(&mut buf, at)?;
-        if n == 0 {
-            return Ok((at, h.finish()));
-        }
-        h.write(&buf[..n]);
-        at += n as u64;
-    }
 }
 
 /// Runs blocking work (file I/O, decoding) off the async runtime.
