@@ -180,7 +180,7 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::{FrameChain, FrameCheck, WAL_HEADER_SIZE, WalHeader};
+    use crate::wal::{FRAME_HEADER_SIZE, Scanner, WAL_HEADER_SIZE, WalHeader};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -208,19 +208,16 @@ mod tests {
         c
     }
 
-    /// Every commit in the primary's WAL, walked with the crate's frame checks.
+    /// Every commit in the primary's WAL, walked with the crate's frame walk.
     fn commits_of(wal: &Path) -> (Vec<Commit>, usize) {
         let b = std::fs::read(wal).unwrap();
         let hdr = WalHeader::parse(&b[..WAL_HEADER_SIZE]).unwrap();
-        let mut chain = FrameChain::new(&hdr);
-        let fs = hdr.frame_size() as usize;
+        let mut walk = Scanner::new(&hdr);
         let mut commits = Commits::default();
         let mut out = Vec::new();
-        for f in b[WAL_HEADER_SIZE..].chunks_exact(fs) {
-            match chain.check(f) {
-                FrameCheck::Valid(h) => out.extend(commits.push(&h, &f[24..])),
-                _ => break,
-            }
+        for f in b[WAL_HEADER_SIZE..].chunks_exact(walk.frame_size() as usize) {
+            let Ok(h) = walk.push(f) else { break };
+            out.extend(commits.push(&h, &f[FRAME_HEADER_SIZE..]));
         }
         (out, commits.uncommitted())
     }
