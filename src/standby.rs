@@ -14,17 +14,29 @@
 //! the standby's own commits. WAL-mode readers do not use them; a byte comparison with the
 //! primary or a restore must leave them out.
 //!
-//! What follows a replica (bootstrap from the newest snapshot, probing for the next segment,
-//! healing after a gap or a new generation, lag, promotion) builds on this; it is not wired
-//! into the daemon yet.
+//! [`Follower`] drives it from a replica: it bootstraps the standby from the newest snapshot
+//! (a restore), then probes the keys it expects next (the next segment of its index, the first
+//! of the next index) and applies what arrives, one transaction per batch of whole commits. It
+//! records its position beside the database after each batch, so a restart (even after
+//! `kill -9`) resumes there; a new generation, or a gap left by retention, is noticed by an
+//! occasional listing and healed by bootstrapping again, in one transaction over the existing
+//! standby. A segment that does not continue the checksum chain is an error, never skipped.
+//!
+//! Not yet: wiring into the daemon (config, status, metrics, lag), promotion and fencing.
 
 use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+use tracing::{info, warn};
 
-use crate::wal::FrameHeader;
+use crate::layout::Pos;
+use crate::replica::{ReplicaClient, StoreError};
+use crate::restore::{self, RestoreError, RestoreOptions, Until};
+use crate::wal::{FrameHeader, Scanner, WAL_HEADER_SIZE, WalHeader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -47,6 +59,8 @@ pub enum ApplyError {
     EmptyCommit { path: PathBuf },
     #[error("standby database {}: journal_mode is {mode}, not wal", path.display())]
     NotWal { path: PathBuf, mode: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
 }
 
 /// One committed transaction of the primary: the newest version of each page it wrote, and
@@ -55,6 +69,15 @@ pub enum ApplyError {
 pub struct Commit {
     pub pages: BTreeMap<u32, Vec<u8>>,
     pub db_pages: u32,
+}
+
+impl Commit {
+    /// Folds a later commit into this one: the pair applied at once leaves the database as
+    /// the later commit did (pages past its size are cut when applied).
+    pub fn absorb(&mut self, later: Commit) {
+        self.pages.extend(later.pages);
+        self.db_pages = later.db_pages;
+    }
 }
 
 /// Groups WAL frames, in order and already checked (salts, checksum chain), into commits.
@@ -126,6 +149,17 @@ impl Applier {
         self.page_size
     }
 
+    /// Copies the WAL into the database file and empties it (before a bootstrap's file is
+    /// renamed into place or copied from).
+    pub fn checkpoint(&mut self) -> Result<(), ApplyError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|source| ApplyError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Writes one commit of the primary in one transaction of the standby: readers see the
     /// database before it or after it, nothing in between.
     pub fn apply(&mut self, c: &Commit) -> Result<(), ApplyError> {
@@ -174,6 +208,480 @@ impl Applier {
             }
         }
         tx.commit().map_err(err)
+    }
+
+    /// Makes the standby the database in `from` (a bootstrap's restore, checkpointed), page
+    /// for page, in one transaction: readers see the old database or the new one.
+    pub fn replace_with(&mut self, from: &Path) -> Result<(), ApplyError> {
+        let ps = self.page_size as usize;
+        let mut f = std::fs::File::open(from).map_err(|source| ApplyError::Io {
+            path: from.to_path_buf(),
+            source,
+        })?;
+        let mut c = Commit::default();
+        let mut buf = vec![0u8; ps];
+        loop {
+            match f.read_exact(&mut buf) {
+                Ok(()) => {
+                    c.db_pages += 1;
+                    c.pages.insert(c.db_pages, buf.clone());
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(source) => {
+                    return Err(ApplyError::Io {
+                        path: from.to_path_buf(),
+                        source,
+                    });
+                }
+            }
+        }
+        self.apply(&c)
+    }
+}
+
+/// What a [`Follower`] step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The standby was (re)built from the newest snapshot, for the reason given.
+    Bootstrapped { pos: Pos, why: Heal },
+    /// Whole commits of the primary were applied, in one transaction.
+    Applied {
+        segments: usize,
+        commits: usize,
+        pos: Pos,
+    },
+    /// Nothing new: the keys expected next are not there.
+    CaughtUp,
+}
+
+/// Why a standby was bootstrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heal {
+    /// No standby yet, or no recorded position.
+    Start,
+    /// The primary started a new generation.
+    NewGeneration,
+    /// Segments the standby had not applied are gone (retention), later ones are there.
+    Gap,
+}
+
+impl Heal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Heal::Start => "start",
+            Heal::NewGeneration => "new generation",
+            Heal::Gap => "gap in the replica",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error(transparent)]
+    Replica(#[from] StoreError),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("{key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("standby state {}: {source}", path.display())]
+    State { path: PathBuf, source: io::Error },
+    #[error("{0}: nothing to follow yet (no snapshot whose WAL index is uploaded)")]
+    NothingYet(String),
+}
+
+/// Where a standby stands: the primary up to `offset` of WAL index `index` of `generation`
+/// is applied. `header` (the index's WAL header) and `checksum` (the last applied frame's)
+/// are what the next segment's frames must continue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub generation: String,
+    pub index: u32,
+    pub offset: u64,
+    header: Vec<u8>,
+    checksum: (u32, u32),
+}
+
+impl Position {
+    pub fn pos(&self) -> Pos {
+        Pos::new(self.generation.clone(), self.index, self.offset)
+    }
+}
+
+/// Caught-up polls between two listings of the replica (a new generation, a gap): the rest
+/// are two GETs of keys that do not exist yet.
+pub const LIST_EVERY: u32 = 60;
+
+/// Follows one replica into a standby database (see the module documentation).
+pub struct Follower {
+    path: PathBuf,
+    state_path: PathBuf,
+    client: ReplicaClient,
+    pos: Option<Position>,
+    applier: Option<Applier>,
+    idle_polls: u32,
+    /// After a restart the standby may be past the recorded position (killed between a commit
+    /// and its record): the first batch then takes everything there is, so the one
+    /// transaction ends at or past where it was.
+    resumed: bool,
+}
+
+/// Decoded segments of one step, and what they hold.
+struct Batch {
+    commit: Option<Commit>,
+    commits: usize,
+    segments: usize,
+    end: Option<Position>,
+}
+
+impl Follower {
+    /// A follower of `client` into the standby database at `path`, resuming from the position
+    /// recorded beside it when the database is there.
+    pub fn new(path: &Path, client: ReplicaClient) -> Result<Follower, FollowError> {
+        let state_path = state_path(path);
+        let pos = if path.exists() {
+            match std::fs::read(&state_path) {
+                Ok(b) => match serde_json::from_slice::<Position>(&b) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(path = %state_path.display(), error = %e, "unreadable standby position; bootstrapping again");
+                        None
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(source) => {
+                    return Err(FollowError::State {
+                        path: state_path,
+                        source,
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Follower {
+            path: path.to_path_buf(),
+            state_path,
+            client,
+            resumed: pos.is_some(),
+            pos,
+            applier: None,
+            idle_polls: 0,
+        })
+    }
+
+    pub fn position(&self) -> Option<&Position> {
+        self.pos.as_ref()
+    }
+
+    /// One poll: bootstrap if there is no position, else apply what arrived, else (every
+    /// [`LIST_EVERY`] idle polls) list the replica for a new generation or a gap.
+    pub async fn step(&mut self) -> Result<Step, FollowError> {
+        let Some(pos) = self.pos.clone() else {
+            return self.bootstrap(Heal::Start).await;
+        };
+        let batch = self.fetch(pos.clone(), self.resumed).await?;
+        if let Some(end) = batch.end {
+            if let Some(c) = &batch.commit {
+                let ap = self.applier()?;
+                tokio::task::block_in_place(|| ap.apply(c))?;
+            }
+            self.save(&end)?;
+            self.pos = Some(end.clone());
+            self.resumed = false;
+            self.idle_polls = 0;
+            return Ok(Step::Applied {
+                segments: batch.segments,
+                commits: batch.commits,
+                pos: end.pos(),
+            });
+        }
+        self.resumed = false;
+        self.idle_polls += 1;
+        if self.idle_polls >= LIST_EVERY {
+            self.idle_polls = 0;
+            if let Some(why) = self.needs_bootstrap(&pos).await? {
+                return self.bootstrap(why).await;
+            }
+        }
+        Ok(Step::CaughtUp)
+    }
+
+    fn applier(&mut self) -> Result<&mut Applier, ApplyError> {
+        if self.applier.is_none() {
+            self.applier = Some(Applier::open(&self.path)?);
+        }
+        Ok(self.applier.as_mut().expect("opened"))
+    }
+
+    /// Downloads the segments that continue `pos` (the next ones of its index, then the next
+    /// index from offset 0) and folds their commits into one. With `all`, everything there
+    /// is; otherwise up to 64 MiB of segments. A segment that ends inside a transaction is
+    /// held back with the rest of its transaction until a later one commits it.
+    async fn fetch(&self, mut pos: Position, all: bool) -> Result<Batch, FollowError> {
+        let mut batch = Batch {
+            commit: None,
+            commits: 0,
+            segments: 0,
+            end: None,
+        };
+        let mut open: Option<Commit> = None;
+        let mut open_commits = 0;
+        let mut pending = Commits::default();
+        let mut bytes = 0u64;
+        loop {
+            let mut next = Pos::new(pos.generation.clone(), pos.index, pos.offset);
+            let data = match self.get(&next).await? {
+                Some(d) => d,
+                None => {
+                    next = Pos::new(pos.generation.clone(), pos.index + 1, 0);
+                    match self.get(&next).await? {
+                        // Index N+1 is uploaded only once N is whole: N's tail is not coming.
+                        Some(d) if pending.uncommitted() == 0 => d,
+                        _ => break,
+                    }
+                }
+            };
+            let key = self.client.wal_segment_key(&next);
+            let corrupt = |reason: String| FollowError::Corrupt {
+                key: key.clone(),
+                reason,
+            };
+            let (mut sc, frames, header) = if next.offset == 0 {
+                if data.len() < WAL_HEADER_SIZE {
+                    return Err(corrupt("shorter than a WAL header".into()));
+                }
+                let h = WalHeader::parse(&data[..WAL_HEADER_SIZE])
+                    .map_err(|e| corrupt(e.to_string()))?;
+                (
+                    Scanner::new(&h),
+                    &data[WAL_HEADER_SIZE..],
+                    data[..WAL_HEADER_SIZE].to_vec(),
+                )
+            } else {
+                let h = WalHeader::parse(&pos.header).map_err(|e| corrupt(e.to_string()))?;
+                (
+                    Scanner::resume(&h, pos.checksum, next.offset),
+                    &data[..],
+                    pos.header.clone(),
+                )
+            };
+            let fs = sc.frame_size() as usize;
+            if frames.len() % fs != 0 {
+                return Err(corrupt(format!(
+                    "{} bytes of frames is not a whole number of {fs}-byte frames",
+                    frames.len()
+                )));
+            }
+            let mut checksum = if next.offset == 0 {
+                (0, 0)
+            } else {
+                pos.checksum
+            };
+            for frame in frames.chunks(fs) {
+                let at = sc.offset();
+                let h = sc
+                    .push(frame)
+                    .map_err(|stop| corrupt(format!("{} at WAL offset {at}", stop.reason())))?;
+                checksum = h.checksum;
+                if let Some(c) = pending.push(&h, &frame[crate::wal::FRAME_HEADER_SIZE..]) {
+                    open_commits += 1;
+                    match &mut open {
+                        Some(o) => o.absorb(c),
+                        None => open = Some(c),
+                    }
+                }
+            }
+            pos = Position {
+                generation: next.generation.clone(),
+                index: next.index,
+                offset: sc.offset(),
+                header,
+                checksum,
+            };
+            batch.segments += 1;
+            bytes += data.len() as u64;
+            if pending.uncommitted() == 0 {
+                // A clean end: what is gathered so far can be applied and recorded.
+                if let Some(o) = open.take() {
+                    match &mut batch.commit {
+                        Some(b) => b.absorb(o),
+                        None => batch.commit = Some(o),
+                    }
+                }
+                batch.commits += std::mem::take(&mut open_commits);
+                batch.end = Some(pos.clone());
+                if !all && bytes >= 64 << 20 {
+                    break;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    /// One GET of a segment that may not exist yet; its decoded bytes.
+    async fn get(&self, pos: &Pos) -> Result<Option<Vec<u8>>, FollowError> {
+        use tokio::io::AsyncReadExt;
+        let key = self.client.wal_segment_key(pos);
+        let mut body = match self.client.open_wal_segment(pos).await {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut raw = Vec::new();
+        body.read_to_end(&mut raw)
+            .await
+            .map_err(|e| FollowError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+        crate::compress::decompress(&raw)
+            .map(Some)
+            .map_err(|e| FollowError::Corrupt {
+                key,
+                reason: e.to_string(),
+            })
+    }
+
+    /// From a listing, while caught up: whether the newest generation is another one, or the
+    /// replica holds segments after the position but not the one that continues it.
+    async fn needs_bootstrap(&self, pos: &Position) -> Result<Option<Heal>, FollowError> {
+        let replicas = [("standby".to_string(), self.client.clone())];
+        let Some(plan) = restore::plan(&replicas, &RestoreOptions::new(&self.path)).await? else {
+            return Ok(None);
+        };
+        if plan.generation != pos.generation {
+            return Ok(Some(Heal::NewGeneration));
+        }
+        let segs = self.client.wal_segments(&pos.generation).await?;
+        let later = segs
+            .iter()
+            .any(|s| (s.index, s.offset) > (pos.index, pos.offset));
+        let next = segs.iter().any(|s| {
+            (s.index, s.offset) == (pos.index, pos.offset)
+                || (s.index, s.offset) == (pos.index + 1, 0)
+        });
+        Ok((later && !next).then_some(Heal::Gap))
+    }
+
+    /// Restores the newest snapshot and its WAL beside the standby, then makes it the standby
+    /// (renamed into place if there is none, else copied in one transaction).
+    async fn bootstrap(&mut self, why: Heal) -> Result<Step, FollowError> {
+        let replicas = [("standby".to_string(), self.client.clone())];
+        let tmp = sibling(&self.path, "standby-bootstrap");
+        remove_db_files(&tmp);
+        let Some(plan) = restore::plan(&replicas, &RestoreOptions::new(&tmp)).await? else {
+            return Err(FollowError::NothingYet(self.client.url()));
+        };
+        // The newest index with its first segment: restored up to its header, then walked
+        // here so the position knows its checksum chain.
+        let n = plan
+            .segments
+            .iter()
+            .filter(|s| s.offset == 0)
+            .map(|s| s.index)
+            .max()
+            .filter(|&n| n >= plan.snapshot.index)
+            .ok_or_else(|| FollowError::NothingYet(self.client.url()))?;
+        let mut o = RestoreOptions::new(&tmp);
+        o.integrity_check = false;
+        o.until = Some(Until {
+            pos: Pos::new(plan.generation.clone(), n, WAL_HEADER_SIZE as u64),
+            taken_at: SystemTime::now(),
+        });
+        restore::restore(&replicas, &o).await?;
+        let start = Position {
+            generation: plan.generation.clone(),
+            index: n,
+            offset: 0,
+            header: Vec::new(),
+            checksum: (0, 0),
+        };
+        let batch = self.fetch(start, true).await?;
+        let end = batch
+            .end
+            .ok_or_else(|| FollowError::NothingYet(self.client.url()))?;
+        let path = self.path.clone();
+        let fresh = !path.exists();
+        tokio::task::block_in_place(|| -> Result<(), FollowError> {
+            let mut ap = Applier::open(&tmp)?;
+            if let Some(c) = &batch.commit {
+                ap.apply(c)?;
+            }
+            ap.checkpoint()?;
+            drop(ap);
+            if fresh {
+                std::fs::rename(&tmp, &path).map_err(|source| FollowError::State {
+                    path: path.clone(),
+                    source,
+                })?;
+            } else {
+                self.applier = None;
+                let mut standby = Applier::open(&path)?;
+                standby.replace_with(&tmp)?;
+                self.applier = Some(standby);
+            }
+            remove_db_files(&tmp);
+            Ok(())
+        })?;
+        self.save(&end)?;
+        info!(standby = %self.path.display(), why = why.as_str(), pos = %end.pos(), "standby bootstrapped");
+        self.pos = Some(end.clone());
+        self.resumed = false;
+        self.idle_polls = 0;
+        Ok(Step::Bootstrapped {
+            pos: end.pos(),
+            why,
+        })
+    }
+
+    /// Records the position: a new file beside the standby, synced, renamed over the old one
+    /// (a link at either name is replaced, never followed).
+    fn save(&self, pos: &Position) -> Result<(), FollowError> {
+        let err = |source| FollowError::State {
+            path: self.state_path.clone(),
+            source,
+        };
+        let tmp = self.state_path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(err)?;
+        f.write_all(&serde_json::to_vec(pos).expect("serializable"))
+            .map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &self.state_path).map_err(err)?;
+        if let Some(dir) = self.state_path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+/// `.<name>-standby` beside the standby database: its recorded position.
+fn state_path(db: &Path) -> PathBuf {
+    sibling(db, "standby")
+}
+
+fn sibling(db: &Path, what: &str) -> PathBuf {
+    let name = db
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    db.with_file_name(format!(".{name}-{what}"))
+}
+
+fn remove_db_files(p: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut s = p.as_os_str().to_owned();
+        s.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(s));
     }
 }
 

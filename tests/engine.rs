@@ -1181,3 +1181,207 @@ fn a_parked_database_tells_a_harmless_restart_from_lost_frames() {
     let r = d.sync(None).unwrap();
     assert!(r.new_generation.is_some(), "{r:?}");
 }
+
+/// Transfers between accounts (the sum never changes) and a growing blob table.
+fn transfer(c: &rusqlite::Connection, rng: &mut Lcg, n: usize) {
+    for _ in 0..n {
+        let tx = c.unchecked_transaction().unwrap();
+        let (a, b, amt) = (rng.below(100), rng.below(100), rng.below(50));
+        tx.execute("UPDATE acct SET bal = bal - ?1 WHERE id = ?2", (amt, a))
+            .unwrap();
+        tx.execute(
+            "INSERT INTO blob (v) VALUES (randomblob(?1))",
+            [200 + rng.below(3000)],
+        )
+        .unwrap();
+        tx.execute("UPDATE acct SET bal = bal + ?1 WHERE id = ?2", (amt, b))
+            .unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+fn accounts(c: &rusqlite::Connection) -> (i64, i64) {
+    c.query_row(
+        "SELECT sum(bal), (SELECT count(*) FROM blob) FROM acct",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// Steps the follower until it has applied the primary's position `want` (or a later one).
+async fn follow_to(
+    f: &mut litestreamd::standby::Follower,
+    want: &litestreamd::layout::Pos,
+) -> Vec<litestreamd::standby::Step> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut steps = Vec::new();
+    loop {
+        let s = f.step().await.unwrap();
+        let at = f.position().map(|p| p.pos());
+        steps.push(s);
+        if at.as_ref().is_some_and(|p| {
+            p.generation == want.generation && (p.index, p.offset) >= (want.index, want.offset)
+        }) {
+            return steps;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "standby did not reach {want}: at {at:?}, last steps {:?}",
+            &steps[steps.len().saturating_sub(3)..]
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_follows_a_directory_replica_and_heals() {
+    use litestreamd::standby::{FollowError, Follower, Heal, LIST_EVERY, Step};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let standby = dir.path().join("standby").join("app.db");
+    std::fs::create_dir_all(standby.parent().unwrap()).unwrap();
+    let app = app_conn(&db);
+    app.execute_batch(
+        "CREATE TABLE acct (id INTEGER PRIMARY KEY, bal INTEGER NOT NULL);
+         CREATE TABLE blob (id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99)
+         INSERT INTO acct SELECT i, 100 FROM n;",
+    )
+    .unwrap();
+    let mut rng = Lcg(7);
+    let w = start(&db, &[&replica], fast_opts());
+    transfer(&app, &mut rng, 50);
+    w.settle().await;
+
+    let mut f = Follower::new(&standby, file_client(&replica)).unwrap();
+    let first = f.step().await.unwrap();
+    assert!(
+        matches!(
+            first,
+            Step::Bootstrapped {
+                why: Heal::Start,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+
+    // A reader on the standby throughout: every state it sees is a whole commit.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, standby) = (stop.clone(), standby.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut last) = (0u64, 0i64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let c = rusqlite::Connection::open_with_flags(
+                    &standby,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                let (sum, blobs) = accounts(&c);
+                assert_eq!(sum, 100 * 100, "a torn transaction on the standby");
+                assert!(blobs >= last, "the standby went back: {blobs} < {last}");
+                last = blobs;
+                reads += 1;
+            }
+            (reads, last)
+        })
+    };
+    for _ in 0..5 {
+        transfer(&app, &mut rng, 100);
+        w.settle().await;
+        w.handle.checkpoint(CheckpointMode::Passive).await.unwrap();
+        w.settle().await;
+        let want = w.handle.status().pos.unwrap();
+        let steps = follow_to(&mut f, &want).await;
+        assert!(
+            steps
+                .iter()
+                .all(|s| !matches!(s, Step::Bootstrapped { .. })),
+            "applied, not bootstrapped again: {steps:?}"
+        );
+    }
+    assert_eq!(dump_rows(&standby, "blob"), dump_rows(&db, "blob"));
+
+    // kill -9 of the standby (the follower dropped mid-way, its position on disk): the next
+    // one resumes from the recorded position without bootstrapping.
+    transfer(&app, &mut rng, 100);
+    w.settle().await;
+    drop(f);
+    let mut f = Follower::new(&standby, file_client(&replica)).unwrap();
+    let want = w.handle.status().pos.unwrap();
+    let steps = follow_to(&mut f, &want).await;
+    assert!(
+        matches!(steps[0], Step::Applied { .. }),
+        "resumed: {steps:?}"
+    );
+    assert_eq!(dump_rows(&standby, "blob"), dump_rows(&db, "blob"));
+
+    // A new generation on the primary (a checkpoint while it was stopped) heals by a new
+    // bootstrap once the listing notices it.
+    w.stop().await;
+    app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    transfer(&app, &mut rng, 100);
+    let w = start(&db, &[&replica], fast_opts());
+    transfer(&app, &mut rng, 50);
+    w.settle().await;
+    let want = w.handle.status().pos.unwrap();
+    let steps = follow_to(&mut f, &want).await;
+    assert!(
+        steps.iter().any(|s| matches!(
+            s,
+            Step::Bootstrapped {
+                why: Heal::NewGeneration,
+                ..
+            }
+        )),
+        "{steps:?}"
+    );
+    // Probes until the occasional listing: no listing every poll.
+    assert!(steps.len() >= LIST_EVERY as usize, "{steps:?}");
+    assert_eq!(dump_rows(&standby, "blob"), dump_rows(&db, "blob"));
+
+    // A corrupt segment where the standby continues is an error that names it, every poll,
+    // and is not skipped.
+    let at = f.position().unwrap().pos();
+    w.stop().await;
+    let key = replica.join(format!(
+        "generations/{}/wal/{:08x}_{:08x}.wal.lz4",
+        at.generation, at.index, at.offset
+    ));
+    let mut junk = litestreamd::compress::compress(&vec![7u8; 4096 + 24]).unwrap();
+    std::fs::write(&key, &junk).unwrap();
+    for _ in 0..3 {
+        match f.step().await {
+            Err(FollowError::Corrupt { key: k, reason }) => {
+                assert!(
+                    k.contains(&format!("{:08x}_{:08x}", at.index, at.offset)),
+                    "{k}"
+                );
+                assert!(!reason.is_empty());
+            }
+            other => panic!("a corrupt segment must fail the step: {other:?}"),
+        }
+        assert_eq!(f.position().unwrap().pos(), at, "nothing skipped");
+    }
+    junk.clear();
+    std::fs::remove_file(&key).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reads, _) = reader.join().unwrap();
+    assert!(reads > 10, "the reader read throughout ({reads} reads)");
+}
+
+fn dump_rows(path: &std::path::Path, table: &str) -> Vec<(i64, Vec<u8>)> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut st = c
+        .prepare(&format!("SELECT id, v FROM {table} ORDER BY id"))
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
