@@ -244,11 +244,14 @@ impl Applier {
 pub enum Step {
     /// The standby was (re)built from the newest snapshot, for the reason given.
     Bootstrapped { pos: Pos, why: Heal },
-    /// Whole commits of the primary were applied, in one transaction.
+    /// Whole commits of the primary were applied, in one transaction. `lag`: from the upload
+    /// of the oldest segment applied (its object's time) to its application here; None where
+    /// the store does not give object times on download (GCS).
     Applied {
         segments: usize,
         commits: usize,
         pos: Pos,
+        lag: Option<Duration>,
     },
     /// Nothing new: the keys expected next are not there.
     CaughtUp,
@@ -310,7 +313,10 @@ impl Position {
 }
 
 /// Caught-up polls between two listings of the replica (a new generation, a gap): the rest
-/// are two GETs of keys that do not exist yet.
+/// are two GETs of keys that do not exist yet. An idle primary therefore costs a standby
+/// polling every second 7,200 GETs and 60 listings an hour; a listing is 2 + 2 × generations
+/// LIST requests (generations, each one's snapshots and segments, the followed one's segments
+/// again), 240 an hour for one generation (tests/object_storage.rs counts them).
 pub const LIST_EVERY: u32 = 60;
 
 /// Follows one replica into a standby database (see the module documentation).
@@ -333,6 +339,8 @@ struct Batch {
     commits: usize,
     segments: usize,
     end: Option<Position>,
+    /// The oldest upload time among the segments in `commit`.
+    uploaded: Option<SystemTime>,
 }
 
 impl Follower {
@@ -388,6 +396,9 @@ impl Follower {
                 tokio::task::block_in_place(|| ap.apply(c))?;
             }
             self.save(&end)?;
+            let lag = batch
+                .uploaded
+                .map(|t| SystemTime::now().duration_since(t).unwrap_or_default());
             self.pos = Some(end.clone());
             self.resumed = false;
             self.idle_polls = 0;
@@ -395,13 +406,17 @@ impl Follower {
                 segments: batch.segments,
                 commits: batch.commits,
                 pos: end.pos(),
+                lag,
             });
         }
         self.resumed = false;
         self.idle_polls += 1;
         if self.idle_polls >= LIST_EVERY {
+            // On an error (the bucket emptied, unreadable) the count stays: every poll lists
+            // and reports it again until it clears.
+            let heal = self.needs_bootstrap(&pos).await?;
             self.idle_polls = 0;
-            if let Some(why) = self.needs_bootstrap(&pos).await? {
+            if let Some(why) = heal {
                 return self.bootstrap(why).await;
             }
         }
@@ -425,14 +440,16 @@ impl Follower {
             commits: 0,
             segments: 0,
             end: None,
+            uploaded: None,
         };
+        let mut open_uploaded: Option<SystemTime> = None;
         let mut open: Option<Commit> = None;
         let mut open_commits = 0;
         let mut pending = Commits::default();
         let mut bytes = 0u64;
         loop {
             let mut next = Pos::new(pos.generation.clone(), pos.index, pos.offset);
-            let data = match self.get(&next).await? {
+            let (data, uploaded) = match self.get(&next).await? {
                 Some(d) => d,
                 None => {
                     next = Pos::new(pos.generation.clone(), pos.index + 1, 0);
@@ -442,6 +459,10 @@ impl Follower {
                         _ => break,
                     }
                 }
+            };
+            open_uploaded = match (open_uploaded, uploaded) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             let key = self.client.wal_segment_key(&next);
             let corrupt = |reason: String| FollowError::Corrupt {
@@ -511,6 +532,10 @@ impl Follower {
                     }
                 }
                 batch.commits += std::mem::take(&mut open_commits);
+                batch.uploaded = match (batch.uploaded, open_uploaded.take()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 batch.end = Some(pos.clone());
                 if !all && bytes >= 64 << 20 {
                     break;
@@ -520,11 +545,11 @@ impl Follower {
         Ok(batch)
     }
 
-    /// One GET of a segment that may not exist yet; its decoded bytes.
-    async fn get(&self, pos: &Pos) -> Result<Option<Vec<u8>>, FollowError> {
+    /// One GET of a segment that may not exist yet; its decoded bytes and upload time.
+    async fn get(&self, pos: &Pos) -> Result<Option<(Vec<u8>, Option<SystemTime>)>, FollowError> {
         use tokio::io::AsyncReadExt;
         let key = self.client.wal_segment_key(pos);
-        let mut body = match self.client.open_wal_segment(pos).await {
+        let (mut body, uploaded) = match self.client.open_wal_segment_stat(pos).await {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -537,7 +562,7 @@ impl Follower {
                 reason: e.to_string(),
             })?;
         crate::compress::decompress(&raw)
-            .map(Some)
+            .map(|d| Some((d, uploaded)))
             .map_err(|e| FollowError::Corrupt {
                 key,
                 reason: e.to_string(),
@@ -549,7 +574,7 @@ impl Follower {
     async fn needs_bootstrap(&self, pos: &Position) -> Result<Option<Heal>, FollowError> {
         let replicas = [("standby".to_string(), self.client.clone())];
         let Some(plan) = restore::plan(&replicas, &RestoreOptions::new(&self.path)).await? else {
-            return Ok(None);
+            return Err(FollowError::NothingYet(self.client.url()));
         };
         if plan.generation != pos.generation {
             return Ok(Some(Heal::NewGeneration));
@@ -643,7 +668,9 @@ impl Follower {
             path: self.state_path.clone(),
             source,
         };
-        let tmp = self.state_path.with_extension("tmp");
+        let mut tmp = self.state_path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new()
             .write(true)

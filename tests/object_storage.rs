@@ -1403,3 +1403,94 @@ fn big_encrypted_objects_restore_by_ranges_from_s3_and_gcs() {
         );
     }
 }
+
+/// A standby following an S3 replica that the daemon writes (issue 19): whole commits only,
+/// and while caught up two GETs per poll and a listing every `LIST_EVERY` polls, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_follows_s3_with_probes_not_listings() {
+    use litestreamd::replica::{ReplicaClient, meter::RequestMeter, s3};
+    use litestreamd::standby::{Follower, Heal, LIST_EVERY, Step};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let server = s3_server(&dir.path().join("s3"));
+    let url = s3_url(server.port, "standby.db");
+    let db = dir.path().join("app.db");
+    let app = rusqlite::Connection::open(&db).unwrap();
+    app.busy_timeout(Duration::from_secs(10)).unwrap();
+    app.execute_batch("PRAGMA journal_mode = wal").unwrap();
+    bank(&app);
+    let mut primary = replicate(&db, &url);
+    let scratch = dir.path().join("probes");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let check = |p: &Path| accounts(&rusqlite::Connection::open(p).unwrap()) == (10_000, 0);
+    tokio::task::block_in_place(|| wait_restorable(&url, &scratch, check));
+
+    let cfg = s3::S3Config {
+        access_key_id: Some(KEY.into()),
+        secret_access_key: Some(SECRET.into()),
+        ..s3::S3Config::from_url(&url::Url::parse(&url).unwrap()).unwrap()
+    };
+    let meter = Arc::new(RequestMeter::default());
+    let store = Arc::new(s3::S3Store::new(cfg).await.unwrap());
+    let standby = dir.path().join("standby.db");
+    let mut f = Follower::new(&standby, ReplicaClient::metered(store, meter.clone())).unwrap();
+    let first = f.step().await.unwrap();
+    assert!(
+        matches!(
+            first,
+            Step::Bootstrapped {
+                why: Heal::Start,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+    let mut rng = Lcg(3);
+    let mut lags = Vec::new();
+    for round in 1..=3 {
+        transfer(&app, &mut rng, 100);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Step::Applied { lag, .. } = f.step().await.unwrap() {
+                lags.push(lag.expect("S3 downloads say when the object was written"));
+            }
+            let c = rusqlite::Connection::open_with_flags(
+                &standby,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let (sum, blobs) = accounts(&c);
+            assert_eq!(sum, 10_000, "a torn transaction on the standby");
+            if blobs == round * 100 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "round {round}: {blobs} rows");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // From the upload to its application: the primary's 100 ms sync interval and a poll
+    // here, far below the bound (a stalled follow would exceed it).
+    assert!(
+        !lags.is_empty() && lags.iter().all(|l| *l < Duration::from_secs(10)),
+        "{lags:?}"
+    );
+    assert!(sigterm(&mut primary).success());
+    while f.step().await.unwrap() != Step::CaughtUp {}
+    assert_eq!(dump_rows(&standby, "blob"), dump_rows(&db, "blob"));
+
+    let before = meter.totals();
+    for _ in 0..2 * LIST_EVERY {
+        assert_eq!(f.step().await.unwrap(), Step::CaughtUp);
+    }
+    let after = meter.totals();
+    let polls = 2 * LIST_EVERY as u64;
+    assert_eq!(after.get - before.get, 2 * polls, "two GETs per idle poll");
+    // A listing: generations, then the generation's snapshots and segments (for the plan),
+    // and its segments again (for a gap).
+    assert_eq!(after.list - before.list, 2 * 4, "{before:?} -> {after:?}");
+    assert_eq!(
+        (after.put, after.delete, after.head),
+        (before.put, before.delete, before.head),
+        "a standby never writes"
+    );
+}

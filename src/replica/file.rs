@@ -213,6 +213,21 @@ impl ObjectStore for FileStore {
         result.map_err(|e| self.io_err("put", key, e))
     }
 
+    async fn get_stat(
+        &self,
+        key: &str,
+    ) -> Result<(ObjectReader, Option<std::time::SystemTime>), StoreError> {
+        let f = tokio::fs::File::open(self.path(key))
+            .await
+            .map_err(|e| self.io_err("get", key, e))?;
+        // The open file's own time: a rename over the name after the open does not change it.
+        let modified = f.metadata().await.and_then(|m| m.modified()).ok();
+        Ok((
+            Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, f)),
+            modified,
+        ))
+    }
+
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
         let f = tokio::fs::File::open(self.path(key))
             .await

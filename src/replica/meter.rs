@@ -146,6 +146,13 @@ impl ObjectStore for Metered {
         self.meter.add(RequestKind::Get);
         self.inner.get(key).await
     }
+    async fn get_stat(
+        &self,
+        key: &str,
+    ) -> Result<(ObjectReader, Option<std::time::SystemTime>), StoreError> {
+        self.meter.add(RequestKind::Get);
+        self.inner.get_stat(key).await
+    }
     async fn get_range(
         &self,
         key: &str,

@@ -101,6 +101,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// stream that ends in an error leaves nothing behind.
     async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError>;
+    /// [`Self::get`], and when the object was written, from the same response (None where the
+    /// store's download does not say: GCS media downloads). A standby's lag is measured from it.
+    async fn get_stat(&self, key: &str) -> Result<(ObjectReader, Option<SystemTime>), StoreError> {
+        Ok((self.get(key).await?, None))
+    }
     /// Bytes `start..end` of an object (fewer only if the object is shorter), in the pieces
     /// they arrived in (not copied into one buffer). The default reads the object from its
     /// start; the buckets ask for the range.
@@ -497,6 +502,17 @@ impl ReplicaClient {
             Some((size, opts)),
         )
         .await
+    }
+
+    /// [`Self::open_wal_segment`], and when the segment was uploaded (see
+    /// [`ObjectStore::get_stat`]).
+    pub async fn open_wal_segment_stat(
+        &self,
+        pos: &Pos,
+    ) -> Result<(ObjectReader, Option<SystemTime>), StoreError> {
+        let key = layout::wal_segment_key("", &pos.generation, pos.index, pos.offset);
+        let (body, modified) = self.store.get_stat(&key).await?;
+        Ok((self.open_body(&key, body).await?, modified))
     }
 
     pub async fn open_wal_segment(&self, pos: &Pos) -> Result<ObjectReader, StoreError> {

@@ -457,6 +457,14 @@ impl ObjectStore for S3Store {
         })
     }
 
+    async fn get_stat(&self, key: &str) -> Result<(ObjectReader, Option<SystemTime>), StoreError> {
+        let out = self.get_object(key).await?;
+        let modified = out
+            .last_modified()
+            .and_then(|t| SystemTime::try_from(*t).ok());
+        Ok((Box::pin(out.body.into_async_read()), modified))
+    }
+
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
         let out = self.get_object(key).await?;
         Ok(Box::pin(out.body.into_async_read()))

@@ -448,3 +448,55 @@ pub fn s3_url(port: u16, path: &str) -> String {
         "s3://litestream-bucket/{path}?endpoint=http://127.0.0.1:{port}&region=us-east-1&force-path-style=true"
     )
 }
+
+/// The bank of the standby tests: 100 accounts of 100 (the sum every transaction keeps) and
+/// a blob table that grows by one row per transaction.
+pub fn bank(c: &Connection) {
+    c.execute_batch(
+        "CREATE TABLE acct (id INTEGER PRIMARY KEY, bal INTEGER NOT NULL);
+         CREATE TABLE blob (id INTEGER PRIMARY KEY, v BLOB);
+         WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99)
+         INSERT INTO acct SELECT i, 100 FROM n;",
+    )
+    .unwrap();
+}
+
+/// Transfers between accounts (the sum never changes) and a growing blob table.
+pub fn transfer(c: &rusqlite::Connection, rng: &mut Lcg, n: usize) {
+    for _ in 0..n {
+        let tx = c.unchecked_transaction().unwrap();
+        let (a, b, amt) = (rng.below(100), rng.below(100), rng.below(50));
+        tx.execute("UPDATE acct SET bal = bal - ?1 WHERE id = ?2", (amt, a))
+            .unwrap();
+        tx.execute(
+            "INSERT INTO blob (v) VALUES (randomblob(?1))",
+            [200 + rng.below(3000)],
+        )
+        .unwrap();
+        tx.execute("UPDATE acct SET bal = bal + ?1 WHERE id = ?2", (amt, b))
+            .unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+pub fn accounts(c: &rusqlite::Connection) -> (i64, i64) {
+    c.query_row(
+        "SELECT sum(bal), (SELECT count(*) FROM blob) FROM acct",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// Rows of `table` (id, v), for comparisons.
+pub fn dump_rows(path: &std::path::Path, table: &str) -> Vec<(i64, Vec<u8>)> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .unwrap();
+    let mut st = c
+        .prepare(&format!("SELECT id, v FROM {table} ORDER BY id"))
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
