@@ -500,3 +500,19 @@ pub fn dump_rows(path: &std::path::Path, table: &str) -> Vec<(i64, Vec<u8>)> {
         .map(Result::unwrap)
         .collect()
 }
+
+/// A new follower's first step bootstraps the standby from the newest snapshot.
+pub async fn bootstraps_first(f: &mut litestreamd::standby::Follower) {
+    use litestreamd::standby::{Heal, Step};
+    let first = f.step().await.unwrap();
+    assert!(
+        matches!(
+            first,
+            Step::Bootstrapped {
+                why: Heal::Start,
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+}
