@@ -234,6 +234,21 @@ pub enum RestoreOnStart {
     IfMissing,
 }
 
+/// Whether this host writes the database's replicas or follows one of them.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Replicate the database to its replicas (the usual case).
+    #[default]
+    Primary,
+    /// Keep the database as a read-only copy of a replica written by another host, seconds
+    /// behind it, until `litestreamd promote` makes it the primary (see `worker::standby`).
+    Standby,
+}
+
+/// The default poll interval of a standby: one sync interval of the primary's default.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// One replica of a database, as written in its file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
@@ -349,6 +364,14 @@ pub struct DbConfig {
     /// Restore drills of this database (overrides the default); `0s` turns them off.
     #[serde(default, with = "humantime_serde::option")]
     pub drill_interval: Option<Duration>,
+    /// `standby`: this host follows a replica instead of writing it.
+    #[serde(default)]
+    pub role: Role,
+    /// A standby's followed replica, by name (default: the first).
+    pub follow: Option<String>,
+    /// How often a standby looks for new segments (default 1s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub poll_interval: Option<Duration>,
     #[serde(default)]
     pub replicas: Vec<ReplicaConfig>,
 }
@@ -987,6 +1010,7 @@ pub fn check_db(db: &DbConfig, d: &Defaults, file: &Path) -> CheckedDb {
         c.errors
             .push("replicas: at least one replica is required".into());
     }
+    check_role(db, &mut c.errors);
     let mut names: Vec<String> = Vec::new();
     for (i, r) in db.replicas.iter().enumerate() {
         let target = replica_target(r, file);
@@ -1025,7 +1049,37 @@ pub fn check_db(db: &DbConfig, d: &Defaults, file: &Path) -> CheckedDb {
             Err(e) => c.errors.push(format!("replicas[{i}]: {e}")),
         }
     }
+    if let Some(f) = &db.follow
+        && !names.contains(f)
+    {
+        c.errors.push(format!(
+            "follow: no replica named {f:?} in this file (replicas: {})",
+            names.join(", ")
+        ));
+    }
     c
+}
+
+/// `role` and the keys that go with it.
+fn check_role(db: &DbConfig, errors: &mut Vec<String>) {
+    if db.role == Role::Primary {
+        if db.follow.is_some() {
+            errors.push("follow: only a standby follows a replica (role = \"standby\")".into());
+        }
+        if db.poll_interval.is_some() {
+            errors.push("poll_interval: only a standby polls (role = \"standby\")".into());
+        }
+        return;
+    }
+    if db.restore_on_start == RestoreOnStart::IfMissing {
+        errors.push("restore_on_start: a standby builds its database from the replica itself; remove restore_on_start".into());
+    }
+    if db.drill_interval.is_some_and(|d| !d.is_zero()) {
+        errors.push("drill_interval: restore drills run on the primary, which knows the source's content; remove it from the standby".into());
+    }
+    if db.poll_interval.is_some_and(|d| d.is_zero()) {
+        errors.push("poll_interval must be greater than 0".into());
+    }
 }
 
 /// A `${VAR}` error's text without the file name (the caller names the file).
@@ -1072,8 +1126,22 @@ pub async fn resolve_db(
         });
         replicas.push((replica_options(r, rname, d), client));
     }
-    let interval = db.drill_interval.unwrap_or(d.drill_interval);
+    // A standby has no source to prove a drill against; after a promotion drills run on
+    // request only (its file still says standby).
+    let interval = match db.role {
+        Role::Primary => db.drill_interval.unwrap_or(d.drill_interval),
+        Role::Standby => Duration::ZERO,
+    };
+    let standby = (db.role == Role::Standby).then(|| crate::worker::StandbySpec {
+        replica: db
+            .follow
+            .as_ref()
+            .and_then(|f| replicas.iter().position(|(o, _)| o.name == *f))
+            .unwrap_or(0),
+        poll_interval: db.poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL),
+    });
     Ok(DbSpec {
+        standby,
         name: name.to_string(),
         path: checked.path,
         opts: db_options(db, d),

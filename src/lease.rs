@@ -40,6 +40,13 @@ pub const LEASE_KEY: &str = "litestreamd.lease";
 /// every 2.5 minutes), short enough that a crashed holder on another host is replaced soon.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 
+/// How long a writing holder trusts its lease without reading it back. A lease can be taken
+/// from a live holder (`litestreamd promote --force` on a standby, when the operator believes
+/// the old primary dead but it was only partitioned): the old holder notices at its first
+/// write after this long, so it uploads at most this long (plus one upload in flight) after
+/// the takeover. The cost is one small GET per this interval while writing, none while idle.
+pub const CONFIRM_EVERY: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Error)]
 pub enum LeaseError {
     #[error(
@@ -117,6 +124,8 @@ pub struct Lease {
     database: String,
     /// The version of our lease object and when, by our own clock, it expires.
     held: Option<(String, Instant)>,
+    /// When we last wrote or read back our lease object (see [`CONFIRM_EVERY`]).
+    confirmed: Option<Instant>,
     /// Our lease object disappeared while we held it (not taken over: gone), which is what an
     /// emptied bucket looks like; the replica checks its backups at once (`take_vanished`).
     vanished: bool,
@@ -148,6 +157,7 @@ impl Lease {
             instance,
             database: database.to_string(),
             held: None,
+            confirmed: None,
             vanished: false,
             interrupted: false,
         }
@@ -174,11 +184,31 @@ impl Lease {
         let started = Instant::now();
         if let Some((version, exp)) = &self.held {
             if *exp > started + self.ttl / 2 {
-                return Ok(());
+                if self
+                    .confirmed
+                    .is_some_and(|c| started.duration_since(c) < CONFIRM_EVERY)
+                {
+                    return Ok(());
+                }
+                let current = self.store.get_versioned(LEASE_KEY).await?;
+                if current.as_ref().is_some_and(|(_, v)| v == version) {
+                    self.confirmed = Some(started);
+                    return Ok(());
+                }
+                // Taken over while we held it (a forced promotion elsewhere), or vanished.
+                self.held = None;
+                if current.is_none() {
+                    warn!(url = %self.store.url(), "our lease object vanished from the replica path (was the bucket emptied?); taking it again and checking that the backups are still there");
+                    self.vanished = true;
+                } else {
+                    warn!(url = %self.store.url(), "our lease was taken over by another replicator (a promoted standby?); this one stops writing here");
+                }
+                return self.acquire(current, started).await;
             }
             let cond = Precondition::Version(version.clone());
             if let Some(v) = self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
                 self.held = Some((v, started + self.ttl));
+                self.confirmed = Some(started);
                 return Ok(());
             }
             let lapsed = *exp <= started;
@@ -235,6 +265,7 @@ impl Lease {
             Some(v) => {
                 info!(url = %self.store.url(), ttl = ?self.ttl, "lease acquired");
                 self.held = Some((v, started + self.ttl));
+                self.confirmed = Some(started);
                 Ok(())
             }
             // Lost a race with another replicator: report who won.
@@ -280,6 +311,34 @@ impl Lease {
             url: self.store.url(),
             holder: doc.holder.clone(),
             until: rfc3339_ms(doc.expires_at_ms),
+        }
+    }
+
+    /// Takes the lease whoever holds it (`promote --force`: the operator says the holder is
+    /// dead). The old holder, if it lives, notices within [`CONFIRM_EVERY`] of its next write
+    /// and stops. Returns the holder it replaced, if any.
+    pub async fn take_over(&mut self) -> Result<Option<String>, LeaseError> {
+        let started = Instant::now();
+        let current = self.store.get_versioned(LEASE_KEY).await?;
+        let (cond, previous) = match &current {
+            None => (Precondition::Absent, None),
+            Some((data, version)) => (
+                Precondition::Version(version.clone()),
+                serde_json::from_slice::<LeaseDoc>(data)
+                    .map(|d| d.holder)
+                    .ok()
+                    .or(Some("an unreadable lease".into())),
+            ),
+        };
+        match self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+            Some(v) => {
+                warn!(url = %self.store.url(), previous = previous.as_deref().unwrap_or("nobody"), "lease taken over");
+                self.held = Some((v, started + self.ttl));
+                self.confirmed = Some(started);
+                Ok(previous)
+            }
+            // Someone wrote it between our read and our write: report them, as `ensure` does.
+            None => self.acquire(self.store.get_versioned(LEASE_KEY).await?, started).await.map(|()| previous),
         }
     }
 

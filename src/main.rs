@@ -113,6 +113,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Promote a standby database (`role = "standby"`) to the primary, through the daemon:
+    /// apply everything its replica has, take the replica's lease (waiting up to one lease TTL
+    /// for the old primary to release it or let it expire), and replicate it in a new
+    /// generation. The old primary, if it comes back, finds the lease taken and stops writing
+    /// (`conflict`). Update the database's file to `role = "primary"` afterwards.
+    Promote {
+        /// The database's name (its file in dbs.d without `.toml`).
+        db: String,
+        /// Take the lease at once, even from a holder that has not let it expire: only when
+        /// the old primary is known to be dead or fenced (it stops within 5 s of its next write).
+        #[arg(long)]
+        force: bool,
+        #[arg(
+            long,
+            env = "LITESTREAMD_SOCKET",
+            default_value = "/run/litestreamd/control.sock"
+        )]
+        socket: PathBuf,
+    },
     /// Replicate one database in the foreground to one or more replica URLs.
     Replicate {
         /// The SQLite database file.
@@ -395,6 +414,13 @@ async fn dispatch(cmd: Command) -> Result<()> {
             json,
         } => status_cmd(&socket, max_lag, max_drill_age, json).await,
         Command::Drill { db, socket, json } => drill_cmd(&socket, &db, json).await,
+        Command::Promote { db, force, socket } => {
+            let mut client = control::client::Client::connect(&socket).await?;
+            let started = std::time::Instant::now();
+            let msg = client.promote(&db, force).await?;
+            println!("{db}: {msg} ({:.1}s)", started.elapsed().as_secs_f64());
+            Ok(())
+        }
         Command::Replicate {
             db,
             urls,
@@ -447,6 +473,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     replicas,
                     restore_on_start: false,
                     drill: None,
+                    standby: None,
                 }],
                 shutdown_timeout,
             )

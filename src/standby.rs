@@ -22,7 +22,8 @@
 //! occasional listing and healed by bootstrapping again, in one transaction over the existing
 //! standby. A segment that does not continue the checksum chain is an error, never skipped.
 //!
-//! Not yet: wiring into the daemon (config, status, metrics, lag), promotion and fencing.
+//! The daemon runs a follower per standby database (`worker::standby`); a promotion marks
+//! the database promoted ([`mark_promoted`]) before it is replicated as a primary.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -269,6 +270,16 @@ pub enum Heal {
 }
 
 impl Heal {
+    /// The `reason` label of `litestreamd_standby_bootstraps_total`.
+    pub fn label(self) -> &'static str {
+        let [start, new_generation, gap] = crate::telemetry::STANDBY_BOOTSTRAP_REASONS;
+        match self {
+            Heal::Start => start,
+            Heal::NewGeneration => new_generation,
+            Heal::Gap => gap,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Heal::Start => "start",
@@ -434,7 +445,7 @@ impl Follower {
     /// index from offset 0) and folds their commits into one. With `all`, everything there
     /// is; otherwise up to 64 MiB of segments. A segment that ends inside a transaction is
     /// held back with the rest of its transaction until a later one commits it.
-    async fn fetch(&self, mut pos: Position, all: bool) -> Result<Batch, FollowError> {
+    async fn fetch(&mut self, mut pos: Position, all: bool) -> Result<Batch, FollowError> {
         let mut batch = Batch {
             commit: None,
             commits: 0,
@@ -546,7 +557,7 @@ impl Follower {
     }
 
     /// One GET of a segment that may not exist yet; its decoded bytes and upload time.
-    async fn get(&self, pos: &Pos) -> Result<Option<(Vec<u8>, Option<SystemTime>)>, FollowError> {
+    async fn get(&mut self, pos: &Pos) -> Result<Option<(Vec<u8>, Option<SystemTime>)>, FollowError> {
         use tokio::io::AsyncReadExt;
         let key = self.client.wal_segment_key(pos);
         let (mut body, uploaded) = match self.client.open_wal_segment_stat(pos).await {
@@ -571,7 +582,7 @@ impl Follower {
 
     /// From a listing, while caught up: whether the newest generation is another one, or the
     /// replica holds segments after the position but not the one that continues it.
-    async fn needs_bootstrap(&self, pos: &Position) -> Result<Option<Heal>, FollowError> {
+    async fn needs_bootstrap(&mut self, pos: &Position) -> Result<Option<Heal>, FollowError> {
         let replicas = [("standby".to_string(), self.client.clone())];
         let Some(plan) = restore::plan(&replicas, &RestoreOptions::new(&self.path)).await? else {
             return Err(FollowError::NothingYet(self.client.url()));
@@ -661,33 +672,71 @@ impl Follower {
         })
     }
 
-    /// Records the position: a new file beside the standby, synced, renamed over the old one
-    /// (a link at either name is replaced, never followed).
+    /// Records the position (see [`write_durably`]).
     fn save(&self, pos: &Position) -> Result<(), FollowError> {
-        let err = |source| FollowError::State {
-            path: self.state_path.clone(),
+        write_durably(&self.state_path, &serde_json::to_vec(pos).expect("serializable"))
+    }
+}
+
+/// Writes a small file beside the standby: a new file (its name is ours: a leftover is
+/// removed, a link at it replaced, never followed), synced, renamed over the old one, the
+/// directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), FollowError> {
+    let err = |source| FollowError::State {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// When the standby at `db` was promoted (`.<name>-promoted` beside it), if it was: the
+/// database is a primary from then on, whatever its file says, so a restart never follows
+/// the replica over writes the application made after the promotion.
+pub fn promoted(db: &Path) -> Option<SystemTime> {
+    let b = std::fs::read(sibling(db, "promoted")).ok()?;
+    let ms: u64 = serde_json::from_slice::<serde_json::Value>(&b)
+        .ok()?
+        .get("promoted_at_ms")?
+        .as_u64()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// Records that the standby at `db` was promoted (durably, before it is written to as a
+/// primary), and forgets its followed position.
+pub fn mark_promoted(db: &Path) -> Result<SystemTime, FollowError> {
+    let now = SystemTime::now();
+    let ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let doc = serde_json::json!({ "promoted_at_ms": ms, "database": db.to_string_lossy() });
+    write_durably(&sibling(db, "promoted"), doc.to_string().as_bytes())?;
+    let state = state_path(db);
+    match std::fs::remove_file(&state) {
+        Ok(()) => Ok(now),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(now),
+        Err(source) => Err(FollowError::State {
+            path: state,
             source,
-        };
-        let mut tmp = self.state_path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(&serde_json::to_vec(pos).expect("serializable"))
-            .map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.state_path).map_err(err)?;
-        if let Some(dir) = self.state_path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(err)?;
-        }
-        Ok(())
+        }),
     }
 }
 

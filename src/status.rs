@@ -28,6 +28,10 @@ pub enum DbState {
     /// No database file yet.
     Waiting,
     Replicating,
+    /// A standby (`role = "standby"`): being built from the replica's newest snapshot.
+    Bootstrapping,
+    /// A standby applying the replica's new WAL segments as they land (`standby` has the lag).
+    Following,
     /// The last pass failed (`last_error` says why).
     Error,
     Stopped,
@@ -39,6 +43,8 @@ impl DbState {
         DbState::Restoring,
         DbState::Waiting,
         DbState::Replicating,
+        DbState::Bootstrapping,
+        DbState::Following,
         DbState::Error,
         DbState::Stopped,
     ];
@@ -49,6 +55,8 @@ impl DbState {
             DbState::Restoring => "restoring",
             DbState::Waiting => "waiting",
             DbState::Replicating => "replicating",
+            DbState::Bootstrapping => "bootstrapping",
+            DbState::Following => "following",
             DbState::Error => "error",
             DbState::Stopped => "stopped",
         }
@@ -373,6 +381,36 @@ pub struct DbStatus {
     /// Idle and closed down to its locked database file (see `Db::park`): a write wakes it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub parked: bool,
+    /// A standby database: what it follows and how far behind it is (None: a primary). Its
+    /// followed replica is also in `replicas`, with the standby's applied position, state and
+    /// lag, so every view of replicas shows a standby too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyStatus>,
+}
+
+/// What a standby database reports beyond its followed replica's row (see `worker::standby`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StandbyStatus {
+    /// The followed replica's name.
+    pub replica: String,
+    /// How often it polls the replica.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: std::time::Duration,
+    /// The last batch's lag: from the upload of its oldest segment (the object's time) to its
+    /// application here. None before the first batch, or on a store without object times.
+    pub apply_lag_seconds: Option<f64>,
+    /// When a batch was last applied.
+    #[serde(with = "humantime_serde")]
+    pub last_applied: Option<SystemTime>,
+    /// Commits applied since the daemon started.
+    pub commits_applied: u64,
+    /// Bootstraps since the daemon started, and the last one's reason.
+    pub bootstraps: u64,
+    pub last_bootstrap: Option<String>,
+    /// When a `promote` turned it into a primary (it then replicates; `role` in its file still
+    /// says standby until the operator changes it).
+    #[serde(with = "humantime_serde")]
+    pub promoted_at: Option<SystemTime>,
 }
 
 impl DbStatus {
@@ -380,6 +418,13 @@ impl DbStatus {
     pub fn shown_state(&self) -> &'static str {
         if self.parked && self.state == DbState::Replicating {
             "parked"
+        } else if self
+            .standby
+            .as_ref()
+            .is_some_and(|s| s.promoted_at.is_some())
+            && self.state == DbState::Replicating
+        {
+            "promoted"
         } else {
             self.state.as_str()
         }

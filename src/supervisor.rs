@@ -498,6 +498,15 @@ impl Supervisor {
         if let Some(n) = by_state.get(&DbState::Restoring) {
             parts.push(format!("{n} restoring"));
         }
+        if let Some(n) = by_state.get(&DbState::Following) {
+            parts.push(format!(
+                "{n} standby following (lag {:.1}s at most)",
+                t.standby_lag
+            ));
+        }
+        if let Some(n) = by_state.get(&DbState::Bootstrapping) {
+            parts.push(format!("{n} standby bootstrapping"));
+        }
         if let Some(n) = by_state.get(&DbState::Waiting) {
             parts.push(format!("{n} waiting for their file"));
         }
@@ -584,12 +593,19 @@ struct Tally {
     conflict: usize,
     drill_failed: usize,
     parked: usize,
+    /// The largest lag among standbys (their followed replica's row).
+    standby_lag: f64,
 }
 
 impl Tally {
     fn add(&mut self, s: &DbStatus) {
         *self.by_state.entry(s.state).or_default() += 1;
         self.parked += usize::from(s.parked);
+        if s.state == DbState::Following {
+            for r in &s.replicas {
+                self.standby_lag = self.standby_lag.max(r.lag_seconds);
+            }
+        }
         let any = |name: ReplicaStateName| s.replicas.iter().any(|r| r.state.name() == name);
         self.retrying += usize::from(any(ReplicaStateName::Retrying));
         self.failed += usize::from(any(ReplicaStateName::Failed));

@@ -54,6 +54,14 @@ pub const DATABASES_PARKED: &str = "litestreamd_databases_parked";
 pub const RELOADS: &str = "litestreamd_reloads_total";
 pub const RELOAD_OK: &str = "litestreamd_config_last_reload_successful";
 pub const BUILD_INFO: &str = "litestreamd_build_info";
+pub const STANDBY_APPLY_LAG: &str = "litestreamd_standby_apply_lag_seconds";
+pub const STANDBY_LAST_APPLY_LAG: &str = "litestreamd_standby_last_apply_lag_seconds";
+pub const STANDBY_LAST_APPLIED: &str = "litestreamd_standby_last_applied_timestamp_seconds";
+pub const STANDBY_COMMITS: &str = "litestreamd_standby_commits_applied_total";
+pub const STANDBY_BOOTSTRAPS: &str = "litestreamd_standby_bootstraps_total";
+/// The `reason` labels of [`STANDBY_BOOTSTRAPS`] (`standby::Heal::label`).
+pub const STANDBY_BOOTSTRAP_REASONS: [&str; 3] = ["start", "new_generation", "gap"];
+pub const STANDBY_PROMOTED: &str = "litestreamd_standby_promoted_timestamp_seconds";
 
 /// Counters every database re-publishes each tick (see the module comment).
 pub const DB_COUNTERS: &[&str] = &[DB_SYNCS, DB_SYNC_ERRORS, SHADOW_WAL_WRITTEN];
@@ -140,6 +148,23 @@ pub fn publish_db(st: &crate::status::DbStatus, syncs: u64, wal_bytes: u64) {
         .set(st.drill_interval.map_or(0.0, |d| d.as_secs_f64()));
 }
 
+/// A standby's own series (its followed replica's are `publish_db`'s): written whole at every
+/// poll, counters included, like a primary's.
+pub fn publish_standby(st: &crate::status::DbStatus) {
+    let Some(s) = &st.standby else {
+        return;
+    };
+    let labels = [("db", st.name.clone())];
+    metrics::gauge!(STANDBY_LAST_APPLY_LAG, &labels).set(s.apply_lag_seconds.unwrap_or(0.0));
+    metrics::gauge!(STANDBY_LAST_APPLIED, &labels).set(unix_secs(s.last_applied));
+    metrics::gauge!(STANDBY_PROMOTED, &labels).set(unix_secs(s.promoted_at));
+    metrics::counter!(STANDBY_COMMITS, &labels).increment(0);
+    for why in STANDBY_BOOTSTRAP_REASONS {
+        metrics::counter!(STANDBY_BOOTSTRAPS, "db" => st.name.clone(), "reason" => why)
+            .increment(0);
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum TelemetryError {
     #[error("metrics address {addr:?}: {reason}")]
@@ -180,6 +205,34 @@ pub fn install(addr: &str, idle_timeout: Duration) -> Result<SocketAddr, Telemet
 }
 
 fn describe() {
+    describe_histogram!(
+        STANDBY_APPLY_LAG,
+        Unit::Seconds,
+        "Standby: from a segment's upload by the primary (the object's time) to its application here, per applied batch (its oldest segment)."
+    );
+    describe_gauge!(
+        STANDBY_LAST_APPLY_LAG,
+        Unit::Seconds,
+        "Standby: the last applied batch's lag (see litestreamd_standby_apply_lag_seconds); 0 before the first batch or without object times (GCS)."
+    );
+    describe_gauge!(
+        STANDBY_LAST_APPLIED,
+        Unit::Seconds,
+        "Standby: Unix time of the last applied batch (0: none since start)."
+    );
+    describe_gauge!(
+        STANDBY_PROMOTED,
+        Unit::Seconds,
+        "Standby: Unix time of its promotion to primary (0: still a standby)."
+    );
+    describe_counter!(
+        STANDBY_COMMITS,
+        "Standby: commits of the primary applied here."
+    );
+    describe_counter!(
+        STANDBY_BOOTSTRAPS,
+        "Standby: bootstraps from the newest snapshot, by reason (start, new_generation, gap)."
+    );
     describe_gauge!(DB_SIZE, Unit::Bytes, "Size of the database file.");
     describe_gauge!(
         DRILL_LAST_SUCCESS,

@@ -24,6 +24,8 @@ use crate::status::{
 };
 use crate::telemetry;
 
+mod standby;
+
 /// Everything needed to replicate one database.
 #[derive(Debug, Clone)]
 pub struct DbSpec {
@@ -37,6 +39,16 @@ pub struct DbSpec {
     /// Restore drills (scheduled when it has an interval; on request otherwise). None: this
     /// database cannot be drilled (built without its replicas' targets).
     pub drill: Option<DrillSpec>,
+    /// `role = "standby"`: follow a replica into the database until promoted (see [`standby`]).
+    pub standby: Option<StandbySpec>,
+}
+
+/// A standby's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbySpec {
+    /// Index in `replicas` of the replica followed.
+    pub replica: usize,
+    pub poll_interval: Duration,
 }
 
 /// Requests a running worker accepts (the control socket and tests use them).
@@ -51,6 +63,9 @@ pub enum Command {
     Drill(oneshot::Sender<Result<Vec<DrillStatus>, String>>),
     /// Record verify results (replica index, result) for the status and the metrics.
     RecordVerify(Vec<(usize, VerifyStatus)>),
+    /// A standby becomes the primary (`true`: take the lease from its holder at once);
+    /// replies once it replicates, with what happened.
+    Promote(bool, oneshot::Sender<Result<String, String>>),
 }
 
 /// Live view of a running worker, and its command channel.
@@ -91,6 +106,11 @@ impl WorkerHandle {
     }
     pub async fn snapshot_now(&self) -> Result<(), String> {
         self.request(Command::Snapshot).await
+    }
+    /// Promotes a standby (see `worker::standby`); `force` takes the replica's lease from a
+    /// holder that may still live.
+    pub async fn promote(&self, force: bool) -> Result<String, String> {
+        self.request(|tx| Command::Promote(force, tx)).await
     }
     /// Whether every replica has uploaded everything the shadow WAL holds.
     pub fn caught_up(&self) -> bool {
@@ -205,6 +225,34 @@ async fn run(
         handle.status.lock().expect("status").state = DbState::Stopped;
         return;
     }
+    // A standby follows until it is promoted; then, or if it was promoted before a restart,
+    // it is replicated as a primary below.
+    let mut promoted_reply = None;
+    if let Some(sb) = &spec.standby {
+        let all_rows = handle.status().replicas;
+        let promoted_at = match crate::standby::promoted(&spec.path) {
+            Some(at) => {
+                warn!(db = %spec.name, path = %spec.path.display(), "this standby was promoted before; replicating it as the primary (set role = \"primary\" in its file, or delete the database and its .NAME-promoted file to follow again)");
+                Some(at)
+            }
+            None => match standby::follow(&spec, sb, &handle, &shutdown, &mut commands).await {
+                standby::Outcome::Stopped => {
+                    handle.status.lock().expect("status").state = DbState::Stopped;
+                    info!(db = %spec.name, "stopped");
+                    return;
+                }
+                standby::Outcome::Promoted(reply) => {
+                    promoted_reply = reply;
+                    handle.with_status(|s| s.standby.as_ref().and_then(|s| s.promoted_at))
+                }
+            },
+        };
+        let mut st = handle.status.lock().expect("status");
+        st.replicas = all_rows;
+        st.state = DbState::Starting;
+        st.last_error = None;
+        st.standby.get_or_insert_with(Default::default).promoted_at = promoted_at;
+    }
     let db = Db::new(&spec.path, spec.opts.clone()).with_label(&spec.name);
     let shared = Arc::new(DbShared {
         shadow: db.shadow().clone(),
@@ -286,6 +334,15 @@ async fn run(
             }
             record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
             publish(&handle, &shared.shadow, &reporting, &mut ps);
+            if let Some(reply) = promoted_reply.take() {
+                let _ = reply.send(match &report {
+                    Ok(r) => Ok(format!(
+                        "promoted; replicating from {}",
+                        r.pos.as_ref().map_or("-".into(), |p| p.to_string())
+                    )),
+                    Err(e) => Err(format!("promoted, but its first sync failed: {e}")),
+                });
+            }
             park_if_idle(&shared, &handle, &spec.name, &wal_path, &mut wal_watch).await;
             // Parked and watched (its -wal's writes and its name): the watches wake it, and
             // the tick is only a safety net for a lost event, so ten thousand parked
@@ -339,6 +396,9 @@ async fn run(
                     } else if let Err(mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r)) = drill_tx.try_send(reply) {
                         let _ = r.send(Err("too many drills requested; try again later".into()));
                     }
+                }
+                Command::Promote(_, reply) => {
+                    let _ = reply.send(Err("not a standby: this database is the primary".into()));
                 }
                 Command::RecordVerify(results) => {
                     let mut d = reporting.drills.lock().expect("drills");
@@ -451,7 +511,12 @@ async fn restore_phase(
 }
 
 fn refuse_while_restoring(cmd: Command) {
-    let msg = || "the database is being restored (restore_on_start)".to_string();
+    refuse(cmd, "the database is being restored (restore_on_start)")
+}
+
+/// Answers a command the worker cannot run now with `why`.
+fn refuse(cmd: Command, why: &str) {
+    let msg = || why.to_string();
     match cmd {
         Command::Sync(r) => {
             let _ = r.send(Err(msg()));
@@ -460,6 +525,9 @@ fn refuse_while_restoring(cmd: Command) {
             let _ = r.send(Err(msg()));
         }
         Command::Drill(r) => {
+            let _ = r.send(Err(msg()));
+        }
+        Command::Promote(_, r) => {
             let _ = r.send(Err(msg()));
         }
         Command::RecordVerify(_) => {}

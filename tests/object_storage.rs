@@ -321,6 +321,7 @@ async fn s3_multipart_snapshot_restores_byte_identical() {
         replicas,
         restore_on_start: false,
         drill: None,
+        standby: None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let (handle, join) = litestreamd::worker::spawn(spec, cancel.clone());
@@ -434,6 +435,7 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
         replicas,
         restore_on_start: false,
         drill: None,
+        standby: None,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let (handle, join) = litestreamd::worker::spawn(spec, cancel.clone());

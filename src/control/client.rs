@@ -147,6 +147,20 @@ impl Client {
         serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Promotes the standby `db` and waits until it replicates as the primary.
+    pub async fn promote(&mut self, db: &str, force: bool) -> Result<String, ClientError> {
+        let v = self
+            .call(
+                Command::Promote {
+                    db: db.into(),
+                    force,
+                },
+                |_| {},
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     pub async fn restore(
         &mut self,
         req: RestoreRequest,

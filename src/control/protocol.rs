@@ -48,6 +48,14 @@ pub enum Command {
     Verify(VerifyRequest),
     /// Re-read the configuration, as SIGHUP does.
     Reload,
+    /// Turn a standby into the primary (`litestreamd promote`): apply everything the replica
+    /// has, take its lease (`force`: from a holder that may live), replicate in a new
+    /// generation. Root and the daemon's user only.
+    Promote {
+        db: String,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -473,6 +473,19 @@ async fn handle(
             },
             None => not_found(&db),
         },
+        Command::Promote { db, force } => match entry(registry, &db) {
+            // A promotion decides which host writes the backups: not for control_group.
+            Some(_) if !ctx.access.privileged(peer) => Response::error(
+                id,
+                ErrorCode::AccessDenied,
+                format!("uid {}: promote is for root and the daemon's user", peer.uid),
+            ),
+            Some(e) => match e.handle.promote(force).await {
+                Ok(m) => Response::ok(id, m),
+                Err(m) => Response::error(id, ErrorCode::Failed, m),
+            },
+            None => not_found(&db),
+        },
         Command::Reload => {
             let (otx, orx) = oneshot::channel();
             match reload.send(otx).await {
@@ -876,6 +889,21 @@ fn events(old: &[DbStatus], new: &[DbStatus], first: bool) -> Vec<Body> {
                 &n.name,
                 format!("{} -> {}{why}", o.state, n.state),
             ));
+        }
+        if let (Some(os), Some(ns)) = (&o.standby, &n.standby) {
+            if ns.bootstraps > os.bootstraps {
+                out.push(ev(
+                    "warn",
+                    &n.name,
+                    format!(
+                        "standby bootstrapped from the newest snapshot ({})",
+                        ns.last_bootstrap.as_deref().unwrap_or("-")
+                    ),
+                ));
+            }
+            if os.promoted_at.is_none() && ns.promoted_at.is_some() {
+                out.push(ev("warn", &n.name, "standby promoted to primary".into()));
+            }
         }
         let (og, ng) = (
             o.pos.as_ref().map(|p| &p.generation),

@@ -182,10 +182,12 @@ pub enum Health {
 
 pub fn db_state_health(state: DbState) -> Health {
     match state {
-        DbState::Replicating => Health::Ok,
+        DbState::Replicating | DbState::Following => Health::Ok,
         DbState::Error => Health::Bad,
         DbState::Stopped => Health::Idle,
-        DbState::Starting | DbState::Restoring | DbState::Waiting => Health::Warn,
+        DbState::Starting | DbState::Restoring | DbState::Waiting | DbState::Bootstrapping => {
+            Health::Warn
+        }
     }
 }
 

@@ -186,6 +186,7 @@ pub fn start(db: &Path, replica_dirs: &[&Path], opts: (DbOptions, ReplicaOptions
         replicas,
         restore_on_start: false,
         drill: None,
+        standby: None,
     };
     let cancel = CancellationToken::new();
     let (handle, join) = worker::spawn(spec, cancel.clone());
