@@ -338,7 +338,10 @@ impl Lease {
                 Ok(previous)
             }
             // Someone wrote it between our read and our write: report them, as `ensure` does.
-            None => self.acquire(self.store.get_versioned(LEASE_KEY).await?, started).await.map(|()| previous),
+            None => self
+                .acquire(self.store.get_versioned(LEASE_KEY).await?, started)
+                .await
+                .map(|()| previous),
         }
     }
 

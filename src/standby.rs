@@ -557,7 +557,10 @@ impl Follower {
     }
 
     /// One GET of a segment that may not exist yet; its decoded bytes and upload time.
-    async fn get(&mut self, pos: &Pos) -> Result<Option<(Vec<u8>, Option<SystemTime>)>, FollowError> {
+    async fn get(
+        &mut self,
+        pos: &Pos,
+    ) -> Result<Option<(Vec<u8>, Option<SystemTime>)>, FollowError> {
         use tokio::io::AsyncReadExt;
         let key = self.client.wal_segment_key(pos);
         let (mut body, uploaded) = match self.client.open_wal_segment_stat(pos).await {
@@ -674,7 +677,10 @@ impl Follower {
 
     /// Records the position (see [`write_durably`]).
     fn save(&self, pos: &Position) -> Result<(), FollowError> {
-        write_durably(&self.state_path, &serde_json::to_vec(pos).expect("serializable"))
+        write_durably(
+            &self.state_path,
+            &serde_json::to_vec(pos).expect("serializable"),
+        )
     }
 }
 

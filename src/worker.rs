@@ -243,6 +243,23 @@ async fn run(
                 }
                 standby::Outcome::Promoted(reply) => {
                     promoted_reply = reply;
+                    // An old primary fenced by the promotion may still upload into its own
+                    // generation until it reads its lease back (`lease::CONFIRM_EVERY`). A
+                    // snapshot after that makes the promoted generation the newest object at
+                    // the path, which is how a restore (ours and Litestream's) picks "latest"
+                    // even if this database stays idle.
+                    let h = handle.clone();
+                    let stop = shutdown.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = tokio::time::sleep(crate::lease::CONFIRM_EVERY + Duration::from_secs(2)) => {
+                                if let Err(e) = h.snapshot_now().await {
+                                    warn!(error = %e, "the snapshot after the promotion failed; a restore of latest may pick the old primary's generation until this database writes again");
+                                }
+                            }
+                        }
+                    });
                     handle.with_status(|s| s.standby.as_ref().and_then(|s| s.promoted_at))
                 }
             },

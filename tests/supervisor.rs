@@ -2193,3 +2193,288 @@ fn out_of_descriptors_is_said_once_not_per_database() {
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");
 }
+
+/// `status --json` of the daemon at `sock`, first database (Null when it does not answer).
+fn status_json(sock: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--socket"])
+        .arg(sock)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .map(|v| v[0].clone())
+        .unwrap_or_default()
+}
+
+fn standby_file(dir: &Path, name: &str, replica: &Path) -> String {
+    format!(
+        "path = \"{}\"\nrole = \"standby\"\npoll_interval = \"100ms\"\n\n[[replicas]]\nname = \"local\"\ntype = \"file\"\npath = \"{}\"\n",
+        dir.join(format!("{name}.db")).display(),
+        replica.display()
+    )
+}
+
+/// Waits until the standby's blob table is the primary's.
+fn wait_same(primary: &Path, standby: &Path, daemon: &Daemon, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if standby.exists() && dump_rows(standby, "blob") == dump_rows(primary, "blob") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the standby did not catch up\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every object under a file replica: (path, size, mtime).
+fn object_stamps(replica: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out: Vec<_> = walk(replica)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/generations/"))
+        .map(|p| {
+            let m = std::fs::metadata(&p).unwrap();
+            (p, m.len(), m.modified().unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    let root = tempfile::tempdir().unwrap();
+    let (p, s, replica) = (
+        root.path().join("p"),
+        root.path().join("s"),
+        root.path().join("replica"),
+    );
+    for d in [&p, &s, &replica] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (pdb, sdb) = (p.join("bank.db"), s.join("bank.db"));
+    let app = app_conn(&pdb);
+    bank(&app);
+    let mut rng = Lcg(19);
+    transfer(&app, &mut rng, 20);
+    let pmain = write_main(&p, "");
+    std::fs::write(p.join("dbs.d/bank.toml"), db_file(&p, "bank", &replica)).unwrap();
+    let smain = write_main(&s, "");
+    std::fs::write(
+        s.join("dbs.d/bank.toml"),
+        standby_file(&s, "bank", &replica),
+    )
+    .unwrap();
+    let check = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&smain)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let primary = Daemon::start(&p, &pmain, None);
+    primary.expect("READY=1");
+    let mut standby = Daemon::start(&s, &smain, None);
+    standby.expect("READY=1");
+
+    // A reader on the standby throughout: every state it sees keeps the bank's sum, and the
+    // primary's transactions arrive in order (the blob count never goes back).
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicI64::new(0));
+    let reader = {
+        let (stop, seen, sdb) = (stop.clone(), seen.clone(), sdb.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if !sdb.exists() {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let c = rusqlite::Connection::open_with_flags(
+                    &sdb,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                c.busy_timeout(Duration::from_secs(5)).unwrap();
+                for _ in 0..20 {
+                    let (sum, blobs) = accounts(&c);
+                    assert_eq!(sum, 10_000, "a torn transaction on the standby");
+                    let before = seen.fetch_max(blobs, Ordering::Relaxed);
+                    assert!(blobs >= before, "the standby went back: {blobs} < {before}");
+                    reads += 1;
+                }
+            }
+            reads
+        })
+    };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        transfer(&app, &mut rng, 5);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    wait_same(&pdb, &sdb, &standby, "following");
+    let st = status_json(&s.join("control.sock"));
+    assert_eq!(st["state"], "following", "{st}");
+    assert_eq!(st["replicas"][0]["state"], "healthy", "{st}");
+    assert_eq!(st["standby"]["bootstraps"], 1, "{st}");
+    assert!(
+        st["standby"]["commits_applied"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    let (code, text) = status_exit(&s.join("control.sock"), &["--max-lag", "5"]);
+    assert_eq!(code, 0, "{text}");
+
+    // kill -9 of the standby, writes meanwhile, restart: it resumes, no new bootstrap.
+    standby.child.kill().unwrap();
+    standby.child.wait().unwrap();
+    transfer(&app, &mut rng, 50);
+    drop(standby);
+    let standby = Daemon::start(&s, &smain, None);
+    standby.expect("READY=1");
+    wait_same(&pdb, &sdb, &standby, "after kill -9");
+    let st = status_json(&s.join("control.sock"));
+    assert_eq!(
+        st["standby"]["bootstraps"], 0,
+        "resumed, not bootstrapped: {st}"
+    );
+    assert!(
+        !standby.log().contains("standby bootstrapped"),
+        "{}",
+        standby.log()
+    );
+
+    // The primary dies (kill -9) with everything uploaded (the standby has it all).
+    transfer(&app, &mut rng, 20);
+    wait_same(&pdb, &sdb, &standby, "before the failover");
+    let uploaded = dump_rows(&pdb, "blob");
+    let mut primary = primary;
+    primary.child.kill().unwrap();
+    primary.child.wait().unwrap();
+    drop(app);
+    let promoted_at = std::time::SystemTime::now();
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(["promote", "bank", "--force", "--socket"])
+        .arg(s.join("control.sock"))
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        standby.log()
+    );
+    assert!(took < Duration::from_secs(5), "promote took {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads > 100, "only {reads} reads on the standby");
+    assert_eq!(
+        dump_rows(&sdb, "blob"),
+        uploaded,
+        "lost uploaded transactions"
+    );
+
+    // The promoted database takes writes and replicates them in a new generation.
+    let new_app = app_conn(&sdb);
+    transfer(&new_app, &mut rng, 30);
+    let st = status_json(&s.join("control.sock"));
+    assert!(st["standby"]["promoted_at"].is_string(), "{st}");
+    let old_objects: Vec<_> = object_stamps(&replica)
+        .into_iter()
+        .filter(|(_, _, m)| *m <= promoted_at)
+        .collect();
+
+    // The old primary comes back: it finds the lease taken, writes nothing, says conflict.
+    let old = Daemon::start(&p, &pmain, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = status_json(&p.join("control.sock"));
+        if st["replicas"][0]["state"] == "conflict" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no conflict: {st}\n{}",
+            old.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let old_gen: std::collections::BTreeSet<String> = old_objects
+        .iter()
+        .filter_map(|(p, _, _)| {
+            let s = p.to_string_lossy();
+            s.split("/generations/")
+                .nth(1)
+                .map(|r| r.split('/').next().unwrap().to_string())
+        })
+        .collect();
+    for (path, size, mtime) in object_stamps(&replica) {
+        let gen_of = path
+            .to_string_lossy()
+            .split("/generations/")
+            .nth(1)
+            .map(|r| r.split('/').next().unwrap().to_string())
+            .unwrap();
+        if old_gen.contains(&gen_of) {
+            assert!(
+                old_objects
+                    .iter()
+                    .any(|o| o.0 == path && o.1 == size && o.2 == mtime),
+                "{} written after the promotion into an old generation\n{}",
+                path.display(),
+                old.log()
+            );
+        }
+    }
+    drop(old);
+
+    // A restore of latest is the promoted database.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let out = root.path().join(format!("latest-{n}.db"));
+        let r = Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(format!("file://{}", replica.display()))
+            .output()
+            .unwrap();
+        if r.status.success() && dump_rows(&out, "blob") == dump_rows(&sdb, "blob") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restore of latest is not the promoted database: {}\n{}",
+            String::from_utf8_lossy(&r.stderr),
+            standby.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(new_app);
+    let (code, _, log) = standby.stop();
+    assert!(code.success(), "{log}");
+}

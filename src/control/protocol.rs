@@ -293,6 +293,7 @@ mod tests {
             drill: None,
             drill_interval: None,
             parked: false,
+            standby: None,
             replicas: vec![
                 rep("a", ReplicaState::Healthy),
                 rep(

@@ -363,6 +363,7 @@ const COMMANDS: &[&str] = &[
     "drill",
     "verify",
     "reload",
+    "promote",
 ];
 
 /// Parses a request line, or produces the error reply for it.
@@ -478,7 +479,10 @@ async fn handle(
             Some(_) if !ctx.access.privileged(peer) => Response::error(
                 id,
                 ErrorCode::AccessDenied,
-                format!("uid {}: promote is for root and the daemon's user", peer.uid),
+                format!(
+                    "uid {}: promote is for root and the daemon's user",
+                    peer.uid
+                ),
             ),
             Some(e) => match e.handle.promote(force).await {
                 Ok(m) => Response::ok(id, m),

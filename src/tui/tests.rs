@@ -98,6 +98,7 @@ fn dbs() -> Vec<DbStatus> {
         drill: None,
         drill_interval: Some(Duration::from_secs(86400)),
         parked: false,
+        standby: None,
         replicas: vec![local, s3],
     };
 
@@ -134,6 +135,7 @@ fn dbs() -> Vec<DbStatus> {
         }),
         drill_interval: None,
         parked: false,
+        standby: None,
         replicas: vec![s3b],
     };
 
@@ -163,6 +165,7 @@ fn dbs() -> Vec<DbStatus> {
         drill: None,
         drill_interval: None,
         parked: false,
+        standby: None,
         replicas: vec![gcs],
     };
     vec![app, billing, analytics]

@@ -199,7 +199,10 @@ async fn catch_up(
     follower: &mut Option<Follower>,
 ) -> Result<bool, FollowError> {
     if follower.is_none() {
-        *follower = Some(Follower::new(&spec.path, spec.replicas[sb.replica].1.clone())?);
+        *follower = Some(Follower::new(
+            &spec.path,
+            spec.replicas[sb.replica].1.clone(),
+        )?);
     }
     let f = follower.as_mut().expect("just set");
     for _ in 0..STEPS_PER_POLL {
@@ -262,7 +265,9 @@ async fn promote(
         warn!(db = %spec.name, error = %e, "promoting with --force without everything the replica has");
     }
     if follower.as_ref().and_then(|f| f.position()).is_none() {
-        return Err("the standby has no database yet (never bootstrapped); nothing to promote".into());
+        return Err(
+            "the standby has no database yet (never bootstrapped); nothing to promote".into(),
+        );
     }
     let (ropts, client) = &spec.replicas[sb.replica];
     if !ropts.lease_ttl.is_zero() {
@@ -303,7 +308,10 @@ async fn promote(
         // holder of this database on this host (see `lease`), and nobody else can meanwhile.
         drop(lease);
     }
-    let pos = follower.as_ref().and_then(|f| f.position()).map(|p| p.pos());
+    let pos = follower
+        .as_ref()
+        .and_then(|f| f.position())
+        .map(|p| p.pos());
     // Closes the standby's connections before the primary opens the database.
     *follower = None;
     let at = crate::standby::mark_promoted(&spec.path).map_err(|e| e.to_string())?;
