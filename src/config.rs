@@ -1170,7 +1170,24 @@ pub fn replica_target(r: &ReplicaConfig, file: &Path) -> Result<Target, String> 
             return Err("url cannot be combined with path or bucket".into());
         }
         let url = expand_env(url, file).map_err(|e| strip_file(&e, file))?;
-        return Target::from_url(&url).map_err(|e| e.to_string());
+        let mut t = Target::from_url(&url).map_err(|e| e.to_string())?;
+        // Keys beside a URL apply to it (as in Litestream 0.3); they were once ignored
+        // silently, which left the SDK's credential chain to fail far from the cause.
+        if let Target::S3(c) = &mut t {
+            if let Some(k) = env(&r.access_key_id)? {
+                c.access_key_id = Some(k);
+            }
+            if let Some(k) = env(&r.secret_access_key)? {
+                c.secret_access_key = Some(k);
+            }
+            if r.part_size.is_some() {
+                c.part_size = r.part_size;
+            }
+            if let Some(v) = r.skip_verify {
+                c.skip_verify = v;
+            }
+        }
+        return Ok(t);
     }
     if path.as_deref().is_some_and(replica::is_url) {
         return Err("path looks like a URL; use url = \"...\"".into());

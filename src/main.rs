@@ -132,6 +132,19 @@ enum Command {
         )]
         socket: PathBuf,
     },
+    /// Hand a primary database over to a standby, for a planned move: stop the application
+    /// first; then a final sync, every replica uploads everything, the leases are released,
+    /// and this daemon stops replicating the database (until a restart or a reload). Then run
+    /// `litestreamd promote DB` on the standby: nothing is lost.
+    Handoff {
+        db: String,
+        #[arg(
+            long,
+            env = "LITESTREAMD_SOCKET",
+            default_value = "/run/litestreamd/control.sock"
+        )]
+        socket: PathBuf,
+    },
     /// Replicate one database in the foreground to one or more replica URLs.
     Replicate {
         /// The SQLite database file.
@@ -414,6 +427,11 @@ async fn dispatch(cmd: Command) -> Result<()> {
             json,
         } => status_cmd(&socket, max_lag, max_drill_age, json).await,
         Command::Drill { db, socket, json } => drill_cmd(&socket, &db, json).await,
+        Command::Handoff { db, socket } => {
+            let mut client = control::client::Client::connect(&socket).await?;
+            println!("{db}: {}", client.handoff(&db).await?);
+            Ok(())
+        }
         Command::Promote { db, force, socket } => {
             let mut client = control::client::Client::connect(&socket).await?;
             let started = std::time::Instant::now();

@@ -66,7 +66,16 @@ pub enum Command {
     /// A standby becomes the primary (`true`: take the lease from its holder at once);
     /// replies once it replicates, with what happened.
     Promote(bool, oneshot::Sender<Result<String, String>>),
+    /// A primary hands its replicas over to a standby (`litestreamd handoff`): everything
+    /// uploaded, the leases released, then nothing more until a restart or a reload.
+    Handoff(oneshot::Sender<Result<String, String>>),
 }
+
+/// Where a command's answer goes.
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+/// How long a handoff waits for every replica to upload what the database has.
+const HANDOFF_WAIT: Duration = Duration::from_secs(60);
 
 /// Live view of a running worker, and its command channel.
 #[derive(Clone)]
@@ -111,6 +120,10 @@ impl WorkerHandle {
     /// holder that may still live.
     pub async fn promote(&self, force: bool) -> Result<String, String> {
         self.request(|tx| Command::Promote(force, tx)).await
+    }
+    /// Hands a primary's replicas over to a standby (see [`Command::Handoff`]).
+    pub async fn handoff(&self) -> Result<String, String> {
+        self.request(Command::Handoff).await
     }
     /// Whether every replica has uploaded everything the shadow WAL holds.
     pub fn caught_up(&self) -> bool {
@@ -336,6 +349,7 @@ async fn run(
     // which once restarted the loop with one, so every upload copied new frames into the shadow
     // and woke the replica to upload them: at 600 tx/s, 130 uploads a second instead of one.
     let mut pass = true;
+    let mut handoff: Option<(Reply<String>, Option<Pos>)> = None;
     loop {
         if std::mem::replace(&mut pass, true) {
             let report = db_sync(&shared, &positions).await;
@@ -417,6 +431,43 @@ async fn run(
                 Command::Promote(_, reply) => {
                     let _ = reply.send(Err("not a standby: this database is the primary".into()));
                 }
+                Command::Handoff(reply) => {
+                    let report = db_sync(&shared, &positions).await;
+                    record_sync(&spec, &handle, &pos_tx, &report, &mut ps);
+                    publish(&handle, &shared.shadow, &reporting, &mut ps);
+                    let target = match report {
+                        Ok(r) if r.pos.is_some() => r.pos,
+                        Ok(_) => {
+                            let _ = reply.send(Err("the database file does not exist".into()));
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(format!("the last sync failed: {e}")));
+                            continue;
+                        }
+                    };
+                    info!(db = %spec.name, pos = ?target.as_ref().map(|p| p.to_string()), "handoff: waiting for every replica to upload everything");
+                    let deadline = Instant::now() + HANDOFF_WAIT;
+                    let uploaded = loop {
+                        if positions.lock().expect("positions").iter().all(|p| *p == target) {
+                            break true;
+                        }
+                        if Instant::now() >= deadline || shutdown.is_cancelled() {
+                            break false;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    };
+                    publish(&handle, &shared.shadow, &reporting, &mut ps);
+                    if !uploaded {
+                        let _ = reply.send(Err(format!(
+                            "not every replica uploaded everything within {}s (see `litestreamd status`); still the primary",
+                            HANDOFF_WAIT.as_secs()
+                        )));
+                        continue;
+                    }
+                    handoff = Some((reply, target));
+                    break;
+                }
                 Command::RecordVerify(results) => {
                     let mut d = reporting.drills.lock().expect("drills");
                     d.verify.resize(spec.replicas.len(), None);
@@ -468,6 +519,32 @@ async fn run(
     let _ = tokio::task::spawn_blocking(move || sh.db.lock().expect("db lock").close()).await;
     publish(&handle, &shared.shadow, &reporting, &mut ps);
     handle.status.lock().expect("status").state = DbState::Stopped;
+    if let Some((reply, target)) = handoff {
+        // The final sync above found nothing new unless the application still writes.
+        let last = handle.status().pos;
+        let at = target.as_ref().map_or("-".into(), |p| p.to_string());
+        if last != target {
+            warn!(db = %spec.name, "the database changed during the handoff: the application still writes here");
+            let _ = reply.send(Err(format!(
+                "handed off at {at}, but the database changed after it (to {}): stop the application first; the standby does not have those writes",
+                last.map_or("-".into(), |p| p.to_string())
+            )));
+        } else {
+            info!(db = %spec.name, pos = %at, "handed off: every replica has everything, leases released; promote the standby now");
+            let _ = reply.send(Ok(format!("handed off at {at}; leases released")));
+        }
+        handle.status.lock().expect("status").last_error = Some(format!(
+            "handed off at {at}: not replicating until a restart or a reload"
+        ));
+        // Parked until shutdown: returning would look like a crash to the supervisor.
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(cmd) = commands.recv() => refuse(cmd, "handed off to a standby; restart or reload to replicate here again"),
+            }
+        }
+        return;
+    }
     info!(db = %spec.name, "stopped");
 }
 
@@ -544,7 +621,7 @@ fn refuse(cmd: Command, why: &str) {
         Command::Drill(r) => {
             let _ = r.send(Err(msg()));
         }
-        Command::Promote(_, r) => {
+        Command::Promote(_, r) | Command::Handoff(r) => {
             let _ = r.send(Err(msg()));
         }
         Command::RecordVerify(_) => {}

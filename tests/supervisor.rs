@@ -2478,3 +2478,308 @@ fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary(
     let (code, _, log) = standby.stop();
     assert!(code.success(), "{log}");
 }
+
+fn s3_db_file(dir: &Path, name: &str, port: u16, standby: bool) -> String {
+    format!(
+        "path = \"{}\"\n{}\n[[replicas]]\nname = \"s3\"\nurl = \"{}\"\naccess_key_id = \"{KEY}\"\nsecret_access_key = \"{SECRET}\"\n",
+        dir.join(format!("{name}.db")).display(),
+        if standby {
+            "role = \"standby\"\npoll_interval = \"100ms\"\n"
+        } else {
+            ""
+        },
+        s3_url(port, name)
+    )
+}
+
+/// Waits for `status --json` of the daemon at `sock` to satisfy `ok`.
+fn wait_status(
+    sock: &Path,
+    daemon: &Daemon,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status_json(sock);
+        if ok(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: {st}\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Over S3 (s3s-fs): a new generation on the primary heals the standby by itself; a corrupt
+/// segment is an error in `status`, `/metrics` and STATUS= until it is repaired; a planned
+/// `handoff` + `promote` loses nothing; then the old primary, turned into a standby, is
+/// promoted with --force while the new primary still writes: the new primary notices within
+/// the lease's confirmation interval, stops uploading, and says conflict, and a restore of
+/// latest is the database promoted last.
+#[test]
+fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
+    use std::sync::Arc;
+    let root = tempfile::tempdir().unwrap();
+    let server = s3_server(&root.path().join("s3"));
+    let bucket = root.path().join("s3/litestream-bucket/bank/generations");
+    let (p, s) = (root.path().join("p"), root.path().join("s"));
+    for d in [&p, &s] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (pdb, sdb) = (p.join("bank.db"), s.join("bank.db"));
+    let (psock, ssock) = (p.join("control.sock"), s.join("control.sock"));
+    let app = app_conn(&pdb);
+    bank(&app);
+    let mut rng = Lcg(23);
+    transfer(&app, &mut rng, 10);
+    let pmain = write_main(&p, "");
+    std::fs::write(
+        p.join("dbs.d/bank.toml"),
+        s3_db_file(&p, "bank", server.port, false),
+    )
+    .unwrap();
+    let smain = write_main(&s, "");
+    std::fs::write(
+        s.join("dbs.d/bank.toml"),
+        s3_db_file(&s, "bank", server.port, true),
+    )
+    .unwrap();
+    let primary = Daemon::start(&p, &pmain, None);
+    primary.expect("READY=1");
+    let standby = Daemon::start(&s, &smain, None);
+    standby.expect("READY=1");
+    transfer(&app, &mut rng, 50);
+    wait_same(&pdb, &sdb, &standby, "following over S3");
+    let st = status_json(&ssock);
+    assert!(
+        st["replicas"][0]["requests"]["get"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+
+    // A new generation: the primary stops, the application checkpoints and writes, the primary
+    // starts again. The standby notices at its next listing and bootstraps again on its own.
+    let (code, _, log) = primary.stop();
+    assert!(code.success(), "{log}");
+    app.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    transfer(&app, &mut rng, 10);
+    let primary = Daemon::start(&p, &pmain, None);
+    primary.expect("READY=1");
+    transfer(&app, &mut rng, 10);
+    wait_same(&pdb, &sdb, &standby, "after a new generation");
+    let st = wait_status(&ssock, &standby, "bootstrapped again", |st| {
+        st["standby"]["bootstraps"] == 2
+    });
+    assert_eq!(st["standby"]["last_bootstrap"], "new generation", "{st}");
+    assert_eq!(st["state"], "following", "{st}");
+
+    // A corrupt segment, uploaded while the standby was away: an error, everywhere, at once.
+    let (code, _, log) = standby.stop();
+    assert!(code.success(), "{log}");
+    let before: std::collections::BTreeSet<PathBuf> = walk(&bucket)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".wal.lz4"))
+        .collect();
+    transfer(&app, &mut rng, 5);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let fresh = loop {
+        let now: Vec<PathBuf> = walk(&bucket)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().ends_with(".wal.lz4") && !before.contains(p))
+            .collect();
+        if let Some(f) = now.into_iter().max() {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new segment\n{}",
+            primary.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let good = std::fs::read(&fresh).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&fresh, &bad).unwrap();
+    let standby = Daemon::start(&s, &smain, None);
+    let st = wait_status(&ssock, &standby, "a corrupt segment reported", |st| {
+        st["state"] == "error"
+    });
+    let key = fresh.file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        st["last_error"].as_str().unwrap().contains(&key),
+        "names the object: {st}"
+    );
+    assert_eq!(st["replicas"][0]["state"], "failed", "{st}");
+    let (code, text) = status_exit(&ssock, &[]);
+    assert_ne!(code, 0, "{text}");
+    let m = standby.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "litestreamd_replica_state{db=\"bank\",replica=\"s3\",state=\"failed\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    datagrams_until_status(&standby, "1 in error");
+    // Repaired: it follows again by itself.
+    std::fs::write(&fresh, &good).unwrap();
+    wait_same(&pdb, &sdb, &standby, "after the repair");
+    wait_status(&ssock, &standby, "following after the repair", |st| {
+        st["state"] == "following"
+    });
+
+    // Planned switchover: the application stops, handoff, promote (no --force): nothing lost.
+    transfer(&app, &mut rng, 25);
+    drop(app);
+    let out = Command::new(BIN)
+        .args(["handoff", "bank", "--socket"])
+        .arg(&psock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        primary.log()
+    );
+    let t = Instant::now();
+    let out = Command::new(BIN)
+        .args(["promote", "bank", "--socket"])
+        .arg(&ssock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        standby.log()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "promote took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        dump_rows(&sdb, "blob"),
+        dump_rows(&pdb, "blob"),
+        "lost in the handoff"
+    );
+    let st = status_json(&psock);
+    assert_eq!(st["state"], "stopped", "{st}");
+
+    // Failback, the hard way: the old primary becomes a standby of the new one...
+    let (code, _, log) = primary.stop();
+    assert!(code.success(), "{log}");
+    std::fs::write(
+        p.join("dbs.d/bank.toml"),
+        s3_db_file(&p, "bank", server.port, true),
+    )
+    .unwrap();
+    let old = Daemon::start(&p, &pmain, None);
+    old.expect("READY=1");
+    let new_app = app_conn(&sdb);
+    transfer(&new_app, &mut rng, 20);
+    wait_same(&sdb, &pdb, &old, "failback standby");
+    // ...and is promoted with --force while the new primary is alive and writing.
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (writing, sdb) = (writing.clone(), sdb.clone());
+        std::thread::spawn(move || {
+            let c = app_conn(&sdb);
+            let mut rng = Lcg(29);
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                transfer(&c, &mut rng, 1);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let out = Command::new(BIN)
+        .args(["promote", "bank", "--force", "--socket"])
+        .arg(&psock)
+        .output()
+        .unwrap();
+    let promoted = Instant::now();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        old.log()
+    );
+    // The fenced primary stops within CONFIRM_EVERY (5 s) of its next upload.
+    wait_status(&ssock, &standby, "the fenced primary says conflict", |st| {
+        st["replicas"][0]["state"] == "conflict"
+    });
+    let noticed = promoted.elapsed();
+    assert!(noticed < Duration::from_secs(8), "fenced after {noticed:?}");
+    let fenced_gen = status_json(&ssock)["pos"]["generation"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| {
+            status_json(&ssock)["pos"]
+                .as_str()
+                .map(|p| p.split('/').next().unwrap().to_string())
+        })
+        .unwrap();
+    let frozen: Vec<_> = walk(&bucket.join(&fenced_gen))
+        .into_iter()
+        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let later: Vec<_> = walk(&bucket.join(&fenced_gen))
+        .into_iter()
+        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+        .collect();
+    assert_eq!(frozen, later, "the fenced primary kept uploading");
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    // The promoted database takes writes; a restore of latest is it (after the fence window).
+    let c = app_conn(&pdb);
+    transfer(&c, &mut rng, 5);
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let out = root.path().join(format!("latest-{n}.db"));
+        let r = Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(s3_url(server.port, "bank"))
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .output()
+            .unwrap();
+        if r.status.success() && dump_rows(&out, "blob") == dump_rows(&pdb, "blob") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restore of latest is not the database promoted last: {}\n{}",
+            String::from_utf8_lossy(&r.stderr),
+            old.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(new_app);
+    let _ = standby.stop();
+    let (code, _, log) = old.stop();
+    assert!(code.success(), "{log}");
+}
+
+/// Datagrams until one whose STATUS= line contains `text`.
+fn datagrams_until_status(daemon: &Daemon, text: &str) -> (String, Vec<String>) {
+    let mut seen = Vec::new();
+    loop {
+        let m = daemon.next();
+        if m.lines()
+            .any(|l| l.starts_with("STATUS=") && l.contains(text))
+        {
+            return (m, seen);
+        }
+        seen.push(m);
+    }
+}

@@ -161,6 +161,14 @@ impl Client {
         serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Hands the primary `db` over to a standby and waits until it is done.
+    pub async fn handoff(&mut self, db: &str) -> Result<String, ClientError> {
+        let v = self
+            .call(Command::Handoff { db: db.into() }, |_| {})
+            .await?;
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
     pub async fn restore(
         &mut self,
         req: RestoreRequest,

@@ -56,6 +56,10 @@ pub enum Command {
         #[serde(default)]
         force: bool,
     },
+    /// Hand a primary's replicas over to a standby (`litestreamd handoff`): a final sync,
+    /// every replica caught up, leases released, then no more replication here. Root and the
+    /// daemon's user only.
+    Handoff { db: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -364,6 +364,7 @@ const COMMANDS: &[&str] = &[
     "verify",
     "reload",
     "promote",
+    "handoff",
 ];
 
 /// Parses a request line, or produces the error reply for it.
@@ -485,6 +486,21 @@ async fn handle(
                 ),
             ),
             Some(e) => match e.handle.promote(force).await {
+                Ok(m) => Response::ok(id, m),
+                Err(m) => Response::error(id, ErrorCode::Failed, m),
+            },
+            None => not_found(&db),
+        },
+        Command::Handoff { db } => match entry(registry, &db) {
+            Some(_) if !ctx.access.privileged(peer) => Response::error(
+                id,
+                ErrorCode::AccessDenied,
+                format!(
+                    "uid {}: handoff is for root and the daemon's user",
+                    peer.uid
+                ),
+            ),
+            Some(e) => match e.handle.handoff().await {
                 Ok(m) => Response::ok(id, m),
                 Err(m) => Response::error(id, ErrorCode::Failed, m),
             },
