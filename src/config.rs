@@ -1269,6 +1269,47 @@ mod tests {
         }
     }
 
+    /// `role = "standby"` and its keys: what a standby cannot have, what only a standby has,
+    /// and the shipped example.
+    #[test]
+    fn standby_files_are_checked() {
+        let d = Defaults::default();
+        let f = Path::new("/etc/litestreamd/dbs.d/app.toml");
+        let parse = |text: &str| -> DbConfig { toml::from_str(text).unwrap() };
+        let replica = "[[replicas]]\nname = \"s3\"\nurl = \"s3://b/app\"\n";
+        let ok = parse(&format!(
+            "path = \"/a.db\"\nrole = \"standby\"\nfollow = \"s3\"\npoll_interval = \"500ms\"\n{replica}"
+        ));
+        assert!(check_db(&ok, &d, f).errors.is_empty());
+        let bad = parse(&format!(
+            "path = \"/a.db\"\nrole = \"standby\"\nfollow = \"gcs\"\npoll_interval = \"0s\"\nrestore_on_start = \"if-missing\"\ndrill_interval = \"24h\"\n{replica}"
+        ));
+        let errors = check_db(&bad, &d, f).errors.join("\n");
+        for want in [
+            "follow: no replica named \"gcs\" in this file (replicas: s3)",
+            "poll_interval must be greater than 0",
+            "restore_on_start: a standby builds its database",
+            "drill_interval: restore drills run on the primary",
+        ] {
+            assert!(errors.contains(want), "{want}\n{errors}");
+        }
+        let primary = parse(&format!(
+            "path = \"/a.db\"\nfollow = \"s3\"\npoll_interval = \"1s\"\n{replica}"
+        ));
+        let errors = check_db(&primary, &d, f).errors.join("\n");
+        assert!(errors.contains("follow: only a standby"), "{errors}");
+        assert!(errors.contains("poll_interval: only a standby"), "{errors}");
+        assert!(
+            toml::from_str::<DbConfig>("path = \"/a.db\"\nrole = \"follower\"\n").is_err(),
+            "an unknown role is an error"
+        );
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/standby-s3.toml");
+        let db = load_db_file(&p).unwrap_or_else(|e| panic!("{}: {:?}", p.display(), e.errors));
+        assert_eq!(db.role, Role::Standby);
+        let c = check_db(&db, &d, &p);
+        assert!(c.errors.is_empty(), "{}: {:?}", p.display(), c.errors);
+    }
+
     #[test]
     fn expands_env() {
         unsafe { std::env::set_var("LSD_TEST_SECRET", "s3cr3t") };

@@ -29,6 +29,8 @@ pub enum Action {
     Sync,
     Drill,
     Verify,
+    /// Promote the selected standby (asks for a second press).
+    Promote,
     OpenRestore,
     Help,
 }
@@ -100,6 +102,7 @@ pub fn map_key(key: KeyEvent, mode: Mode) -> Option<Action> {
             KeyCode::Char('y') => Some(Action::Sync),
             KeyCode::Char('D') => Some(Action::Drill),
             KeyCode::Char('V') => Some(Action::Verify),
+            KeyCode::Char('P') => Some(Action::Promote),
             KeyCode::Char('r') => Some(Action::OpenRestore),
             KeyCode::Char('?') => Some(Action::Help),
             _ => None,
@@ -119,6 +122,10 @@ pub const BINDINGS: &[(&str, &str)] = &[
     ("y", "sync the selected database now"),
     ("D", "restore drill of the selected database now"),
     ("V", "verify the selected database's replicas (listings)"),
+    (
+        "P P",
+        "promote the selected standby to primary (press twice)",
+    ),
     ("r", "restore the selected database to a new file"),
     ("?", "this help (any key closes it)"),
     ("q  Ctrl-C", "quit"),

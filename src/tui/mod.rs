@@ -174,6 +174,7 @@ pub async fn run(socket: PathBuf) -> Result<(), TuiError> {
                 Effect::Sync(db) => spawn_action(&socket, ActionKind::Sync, db, &msg_tx),
                 Effect::Drill(db) => spawn_action(&socket, ActionKind::Drill, db, &msg_tx),
                 Effect::Verify(db) => spawn_action(&socket, ActionKind::Verify, db, &msg_tx),
+                Effect::Promote(db) => spawn_action(&socket, ActionKind::Promote, db, &msg_tx),
                 Effect::Restore(req) => spawn_restore(&socket, req, &msg_tx),
             }
         }
@@ -300,6 +301,10 @@ fn spawn_action(socket: &Path, action: ActionKind, db: String, tx: &UnboundedSen
             ActionKind::Snapshot => Command::Snapshot { db: db.clone() },
             ActionKind::Sync => Command::Sync { db: db.clone() },
             ActionKind::Drill => Command::Drill { db: db.clone() },
+            ActionKind::Promote => Command::Promote {
+                db: db.clone(),
+                force: false,
+            },
             ActionKind::Verify => Command::Verify(crate::control::protocol::VerifyRequest {
                 db: db.clone(),
                 replica: None,

@@ -80,6 +80,7 @@ pub enum ActionKind {
     Sync,
     Drill,
     Verify,
+    Promote,
 }
 
 impl ActionKind {
@@ -89,6 +90,7 @@ impl ActionKind {
             ActionKind::Sync => "sync",
             ActionKind::Drill => "drill",
             ActionKind::Verify => "verify",
+            ActionKind::Promote => "promote",
         }
     }
 }
@@ -102,6 +104,8 @@ pub enum Effect {
     Sync(String),
     Drill(String),
     Verify(String),
+    /// Promote a standby (without `--force`: the TUI never takes a live lease).
+    Promote(String),
     Restore(RestoreRequest),
 }
 
@@ -512,7 +516,13 @@ pub struct State {
     pub dialog: Option<RestoreDialog>,
     pub help: bool,
     pub quit: bool,
+    /// A promotion asked for once: the database and when; the same key again within
+    /// [`CONFIRM_WINDOW`] sends it.
+    pub promote_armed: Option<(String, SystemTime)>,
 }
+
+/// How long a dangerous action waits for its confirming second key press.
+pub const CONFIRM_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl State {
     pub fn new(socket: PathBuf, now: SystemTime) -> State {
@@ -533,6 +543,7 @@ impl State {
             dialog: None,
             help: false,
             quit: false,
+            promote_armed: None,
         }
     }
 
@@ -997,11 +1008,51 @@ impl State {
                     ActionKind::Sync => Effect::Sync(db),
                     ActionKind::Drill => Effect::Drill(db),
                     ActionKind::Verify => Effect::Verify(db),
+                    ActionKind::Promote => Effect::Promote(db),
                 }]
             }
             Action::OpenRestore => self.open_restore(),
+            Action::Promote => self.promote(),
             _ => Vec::new(),
         }
+    }
+
+    /// `P` on a standby arms the promotion, `P` again within [`CONFIRM_WINDOW`] sends it.
+    fn promote(&mut self) -> Vec<Effect> {
+        let Some(db) = self.selected_db().cloned() else {
+            self.log(Level::Warn, None, "promote: no database selected");
+            return Vec::new();
+        };
+        if db.standby.as_ref().is_none_or(|s| s.promoted_at.is_some()) {
+            self.log(Level::Warn, Some(&db.name), "promote: not a standby");
+            return Vec::new();
+        }
+        if !self.connected() {
+            self.log(
+                Level::Error,
+                Some(&db.name),
+                "promote: not connected to the daemon",
+            );
+            return Vec::new();
+        }
+        let armed = self.promote_armed.take().is_some_and(|(name, at)| {
+            name == db.name
+                && self
+                    .now
+                    .duration_since(at)
+                    .is_ok_and(|d| d <= CONFIRM_WINDOW)
+        });
+        if !armed {
+            self.promote_armed = Some((db.name.clone(), self.now));
+            self.log(
+                Level::Warn,
+                Some(&db.name),
+                "promote: press P again within 5 s to make this standby the primary (it waits for the old primary's lease; `litestreamd promote --force` takes it at once)",
+            );
+            return Vec::new();
+        }
+        self.log(Level::Info, Some(&db.name), "promote requested");
+        vec![Effect::Promote(db.name)]
     }
 
     /// Opens the restore dialog for the selected database with safe defaults.

@@ -788,3 +788,68 @@ fn formats() {
     assert_eq!(view::truncate("abcdef", 4), "abc…");
     assert_eq!(file_stamp(now()), "20270115T080000Z");
 }
+
+/// A standby: shown as following, its detail pane says what it follows and its apply lag, and
+/// `P` promotes it only when pressed twice within the window (never on a primary).
+#[test]
+fn standby_detail_and_promote_asks_twice() {
+    let mut r = replica("s3", "s3", "s3://backups/app", ReplicaState::Healthy);
+    r.pos = Some(Pos::new(GEN_APP, 7, 4152));
+    r.last_sync = Some(ago(1));
+    let standby = DbStatus {
+        name: "replica-app".into(),
+        path: "/srv/app/app.db".into(),
+        state: DbState::Following,
+        pos: Some(Pos::new(GEN_APP, 7, 4152)),
+        last_error: None,
+        db_size: 12 * 1024 * 1024,
+        wal_size: 0,
+        shadow_bytes: 0,
+        last_sync: Some(ago(1)),
+        drill: None,
+        drill_interval: None,
+        parked: false,
+        standby: Some(crate::status::StandbyStatus {
+            replica: "s3".into(),
+            poll_interval: Duration::from_secs(1),
+            apply_lag_seconds: Some(0.42),
+            last_applied: Some(ago(1)),
+            commits_applied: 1234,
+            bootstraps: 2,
+            last_bootstrap: Some("new generation".into()),
+            promoted_at: None,
+        }),
+        replicas: vec![r],
+    };
+    let mut all = dbs();
+    all.push(standby);
+    let mut s = base();
+    s.apply(Msg::Status(all));
+    s.selected = Some("replica-app".into());
+    s.show_detail = true;
+    let text = screen(&s, 120, 40);
+    assert!(text.contains("following"), "{text}");
+    assert!(text.contains("standby of s3"), "{text}");
+    assert!(text.contains("apply lag 0.42s"), "{text}");
+    assert!(
+        text.contains("bootstraps 2 (last: new generation)"),
+        "{text}"
+    );
+
+    // Once: armed, nothing sent. Twice: sent.
+    assert!(s.handle(Action::Promote).is_empty());
+    assert!(s.log.back().unwrap().message.contains("press P again"));
+    assert_eq!(
+        s.handle(Action::Promote),
+        vec![Effect::Promote("replica-app".into())]
+    );
+    // Twice, but too far apart: armed again, not sent.
+    assert!(s.handle(Action::Promote).is_empty());
+    s.now += CONFIRM_WINDOW + Duration::from_secs(1);
+    assert!(s.handle(Action::Promote).is_empty());
+    // A primary is never promoted.
+    s.selected = Some("app".into());
+    assert!(s.handle(Action::Promote).is_empty());
+    assert!(s.handle(Action::Promote).is_empty());
+    assert_eq!(s.log.back().unwrap().message, "promote: not a standby");
+}

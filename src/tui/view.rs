@@ -753,6 +753,29 @@ fn detail_lines(state: &State, db: &DbStatus) -> Vec<Line<'static>> {
     l3.push(Span::raw("  "));
     l3.extend(kv("shadow wal", fmt_bytes(db.shadow_bytes)));
     out.push(Line::from(l3));
+    if let Some(sb) = &db.standby {
+        let mut l = match sb.promoted_at {
+            Some(t) => kv("promoted", format!("{} ago", fmt_age(state.now, Some(t)))),
+            None => kv("standby of", sb.replica.clone()),
+        };
+        l.push(Span::raw("  "));
+        l.extend(kv(
+            "apply lag",
+            sb.apply_lag_seconds
+                .map_or("-".into(), |s| format!("{s:.2}s")),
+        ));
+        l.push(Span::raw("  "));
+        l.extend(kv("commits", sb.commits_applied.to_string()));
+        l.push(Span::raw("  "));
+        l.extend(kv(
+            "bootstraps",
+            match &sb.last_bootstrap {
+                Some(why) => format!("{} (last: {why})", sb.bootstraps),
+                None => sb.bootstraps.to_string(),
+            },
+        ));
+        out.push(Line::from(l));
+    }
     if let Some(e) = &db.last_error {
         out.push(Line::from(Span::styled(
             format!("last error: {e}"),
