@@ -303,6 +303,11 @@ pub enum FollowError {
     State { path: PathBuf, source: io::Error },
     #[error("{0}: nothing to follow yet (no snapshot whose WAL index is uploaded)")]
     NothingYet(String),
+    #[error(
+        "{}: another follower (a second litestreamd?) keeps this standby; this one waits until it stops",
+        path.display()
+    )]
+    Locked { path: PathBuf },
 }
 
 /// Where a standby stands: the primary up to `offset` of WAL index `index` of `generation`
@@ -342,6 +347,8 @@ pub struct Follower {
     /// and its record): the first batch then takes everything there is, so the one
     /// transaction ends at or past where it was.
     resumed: bool,
+    /// `.<db>-standby.lock`, locked for the follower's life: one follower per standby.
+    _lock: std::fs::File,
 }
 
 /// Decoded segments of one step, and what they hold.
@@ -358,6 +365,7 @@ impl Follower {
     /// A follower of `client` into the standby database at `path`, resuming from the position
     /// recorded beside it when the database is there.
     pub fn new(path: &Path, client: ReplicaClient) -> Result<Follower, FollowError> {
+        let lock = lock(path)?;
         let state_path = state_path(path);
         let pos = if path.exists() {
             match std::fs::read(&state_path) {
@@ -387,6 +395,7 @@ impl Follower {
             pos,
             applier: None,
             idle_polls: 0,
+            _lock: lock,
         })
     }
 
@@ -743,6 +752,42 @@ pub fn mark_promoted(db: &Path) -> Result<SystemTime, FollowError> {
             path: state,
             source,
         }),
+    }
+}
+
+/// Takes `.<name>-standby.lock` beside the standby: an open-file-description lock on its
+/// first byte, held as long as the file stays open and released with the process (`kill -9`
+/// included). The database file itself cannot carry it: a bootstrap renames a new file into
+/// place. The lock file is created without following a link at its name.
+fn lock(db: &Path) -> Result<std::fs::File, FollowError> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    use nix::libc;
+    let path = sibling(db, "standby.lock");
+    let err = |source| FollowError::State {
+        path: path.clone(),
+        source,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(err)?;
+    // SAFETY: an all-zero `flock` is a valid value; the fields that matter are set below.
+    let mut lk: libc::flock = unsafe { std::mem::zeroed() };
+    lk.l_type = libc::F_WRLCK as _;
+    lk.l_whence = libc::SEEK_SET as _;
+    lk.l_start = 0;
+    lk.l_len = 1;
+    match fcntl(&f, FcntlArg::F_OFD_SETLK(&lk)) {
+        Ok(_) => Ok(f),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Err(FollowError::Locked {
+            path: db.to_path_buf(),
+        }),
+        Err(e) => Err(err(io::Error::from(e))),
     }
 }
 

@@ -1224,6 +1224,11 @@ async fn a_standby_follows_a_directory_replica_and_heals() {
 
     let mut f = Follower::new(&standby, file_client(&replica)).unwrap();
     bootstraps_first(&mut f).await;
+    // One follower per standby: a second one (another daemon) is refused while it lives.
+    assert!(matches!(
+        Follower::new(&standby, file_client(&replica)),
+        Err(FollowError::Locked { .. })
+    ));
 
     // A reader on the standby throughout: every state it sees is a whole commit.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
