@@ -507,6 +507,12 @@ impl Supervisor {
         if let Some(n) = by_state.get(&DbState::Bootstrapping) {
             parts.push(format!("{n} standby bootstrapping"));
         }
+        if t.promoted > 0 {
+            parts.push(format!(
+                "{} promoted from standby (set role = \"primary\" in its file)",
+                t.promoted
+            ));
+        }
         if let Some(n) = by_state.get(&DbState::Waiting) {
             parts.push(format!("{n} waiting for their file"));
         }
@@ -595,12 +601,19 @@ struct Tally {
     parked: usize,
     /// The largest lag among standbys (their followed replica's row).
     standby_lag: f64,
+    /// Standbys promoted to primary whose file still says standby.
+    promoted: usize,
 }
 
 impl Tally {
     fn add(&mut self, s: &DbStatus) {
         *self.by_state.entry(s.state).or_default() += 1;
         self.parked += usize::from(s.parked);
+        self.promoted += usize::from(
+            s.standby
+                .as_ref()
+                .is_some_and(|sb| sb.promoted_at.is_some()),
+        );
         if s.state == DbState::Following {
             for r in &s.replicas {
                 self.standby_lag = self.standby_lag.max(r.lag_seconds);

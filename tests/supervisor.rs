@@ -2449,6 +2449,7 @@ fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary(
         standby.log()
     );
     assert!(took < Duration::from_secs(5), "promote took {took:?}");
+    datagrams_until_status(&standby, "1 promoted from standby");
     stop.store(true, Ordering::Relaxed);
     let reads = reader.join().unwrap();
     assert!(reads > 100, "only {reads} reads on the standby");
