@@ -11,6 +11,9 @@ Figures (bench/README.md describes each, docs/benchmarks.md has the latest table
   5. object-store requests by kind per minute, idle and busy (counted by s3proxy.py),
   6. peak RSS while snapshotting the restore figure's database to S3,
   7. many databases (100 and 1,000) in one process (scalebench.py).
+  9. only with --only standby: a litestreamd standby (issue 19; standbybench.py): end-to-end lag
+     from a commit on the primary to a reader of the standby, requests of an idle standby
+     against Litestream 0.5.17's follow mode, promote --force after the primary died.
   2. only with --only cpu-file: replication CPU with a local-directory replica (the first
      version of figure 4; litestreamd and 0.3.13).
 
@@ -50,6 +53,7 @@ import drillbench
 import restorebench
 import s3bench
 import scalebench
+import standbybench
 from tools import FileTarget, Litestream, all_tools
 
 # --------------------------------------------------------------------------------------------
@@ -720,7 +724,8 @@ def verdict(ok: bool | None) -> str:
 
 
 def render_targets(a, R: dict) -> list[str]:
-    out = ["## Targets (issue 16 restore, issue 6 'The bar', issue 3 performance, issue 7 scale)"]
+    out = ["## Targets (issue 16 restore, issue 6 'The bar', issue 3 performance, issue 7 scale"
+           + (", issue 19 standby)" if R.get("standby") else ")")]
     if R.get("shapes"):
         for text, ok in restorebench.targets(R["shapes"]):
             out.append(f"- [issue 16] {text} — {verdict(ok)}")
@@ -795,6 +800,9 @@ def render_targets(a, R: dict) -> list[str]:
         h = snap["vmhwm_mib"]["max"]
         out.append(f"- [issue 3] RSS while snapshotting a {R['snapshot_db_mib']:.0f} MiB database "
                    f"to S3 under 64 MiB: {h:.1f} MiB (max of runs) — {verdict(h < 64)}")
+    if R.get("standby"):
+        for text, ok in standbybench.targets(R["standby"]):
+            out.append(f"- [issue 19] {text} — {verdict(ok)}")
     if a.quick:
         out.append("- (quick mode: tiny sizes, one run — a smoke test of the harness; the "
                    "verdicts above mean nothing)")
@@ -815,6 +823,8 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
     other = [t["other_cores_max"] for r in R["restore"] for t in r["tools"].values()]
     other += [c["other_cores_max"] for c in (R.get("cpu") or {}).values()]
     other += [m["other_cores_max"] for res in (R.get("lag") or {}).values() for m in res.values()]
+    if R.get("standby"):
+        other.append(standbybench.other_cores_max(R["standby"]))
     worst = max(other, default=0.0)
     out.append(f"load average (1/5/15 min) at start {la0}, at end {la1}; busiest measurement "
                f"had {worst:.2f} cores busy outside the measured process"
@@ -836,6 +846,8 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
         out += s3bench.render_requests(a, R.get("lag") or {}, R.get("idle"), labels)
     if R.get("scale"):
         out += scalebench.render_scale(a, R["scale"], labels)
+    if R.get("standby"):
+        out += standbybench.render(a, R["standby"])
     if R.get("cpu"):
         out += render_cpu_file(a, R["cpu"])
     out += render_targets(a, R)
@@ -846,9 +858,10 @@ def render(a, env: dict, R: dict, total_s: float) -> str:
 
 # --------------------------------------------------------------------------------------------
 
-FIGURES = ["shapes", "restore", "snapshot", "lag", "idle", "scale", "drill", "cpu-file"]
+FIGURES = ["shapes", "restore", "snapshot", "lag", "idle", "scale", "drill", "cpu-file",
+           "standby"]
 # `restore` (the older figure 1: directory only, cold, with 0.5.17 and the integrity-check
-# variant) runs when named; `shapes` is the restore figure of every run.
+# variant) and `standby` (figure 9) run when named; `shapes` is the restore figure of every run.
 DEFAULT_FIGURES = ["shapes", "snapshot", "lag", "idle", "scale", "drill"]
 
 
@@ -877,6 +890,8 @@ def main() -> int:
     ap.add_argument("--lag-seconds", type=float, help="writer time per lag run")
     ap.add_argument("--lag-tps", help="comma-separated write rates (default 100,1000)")
     ap.add_argument("--idle-seconds", type=float, help="idle request window (all parts)")
+    ap.add_argument("--standby-seconds", type=float,
+                    help="writer time per run of the standby lag figure (default 20; quick 5)")
     ap.add_argument("--scale-dbs", help="comma-separated database counts (default 100,1000)")
     ap.add_argument("--scale-seconds", type=float, help="idle window of the many-databases figure")
     ap.add_argument("--scale-tools", default="lsd,ls03,ls05",
@@ -890,7 +905,8 @@ def main() -> int:
     ap.add_argument("--warm", dest="cold", action="store_false",
                     help="do not drop the page cache before each restore")
     ap.add_argument("--only", help="comma-separated figures: " + ", ".join(FIGURES)
-                    + f" (default: {','.join(DEFAULT_FIGURES)}; cpu-file only when named)")
+                    + f" (default: {','.join(DEFAULT_FIGURES)}; restore, cpu-file and standby only "
+                      "when named)")
     ap.add_argument("--quiet-wait", type=float,
                     help="before each measurement wait up to this many seconds for the machine "
                          "to be idle (default 30 in full mode, 0 in quick mode)")
@@ -904,7 +920,7 @@ def main() -> int:
     for f in figures:
         if f not in FIGURES:
             ap.error(f"unknown figure {f!r}; choose from {', '.join(FIGURES)}")
-    if not a.s3s_fs and set(figures) & {"shapes", "snapshot", "lag", "idle"}:
+    if not a.s3s_fs and set(figures) & {"shapes", "snapshot", "lag", "idle", "standby"}:
         ap.error("the S3 figures need --s3s-fs (or S3S_FS_BIN)")
     a.litestreamd = str(Path(a.litestreamd).resolve())
     # Children must not see LITESTREAMD_* variables: `litestreamd run` merges every one of them
@@ -916,11 +932,11 @@ def main() -> int:
         a.litestream05 = str(Path(a.litestream05).resolve())
     defaults = (dict(reps=1, db_mib=32, indexes=20, lag_seconds=3, idle_seconds=8,
                      scale_dbs="10,40", scale_seconds=2, cpu_seconds=10, quiet_wait=0,
-                     lag_tps="100,1000")
+                     lag_tps="100,1000", standby_seconds=5)
                 if a.quick else
                 dict(reps=3, db_mib=1024, indexes=320, lag_seconds=10, idle_seconds=90,
                      scale_dbs="100,1000", scale_seconds=15, cpu_seconds=60, quiet_wait=30,
-                     lag_tps="100,1000"))
+                     lag_tps="100,1000", standby_seconds=20))
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -953,7 +969,7 @@ def main() -> int:
     try:
         R: dict = {"restore": [], "replicas": {}, "bounds": {}}
         big_db = None  # the snapshot figure's database
-        if set(figures) & {"shapes", "snapshot", "lag", "idle", "drill"}:
+        if set(figures) & {"shapes", "snapshot", "lag", "idle", "drill", "standby"}:
             s3 = s3bench.S3Server(a.s3s_fs, work)
         if "shapes" in figures:
             if a.cold and not drop_caches():
@@ -1016,6 +1032,9 @@ def main() -> int:
         if "drill" in figures:
             log(f"figure 8: restore drill of a {a.db_mib} MiB database, directory and S3")
             R["drill"] = drillbench.bench_drill(a, work, s3, make_restore_db)
+        if "standby" in figures:
+            log(f"figure 9: standby lag ({a.lag_tps} tx/s), idle requests, promote")
+            R["standby"] = standbybench.bench_standby(a, work, s3)
         if s3:
             s3.close()
             s3 = None

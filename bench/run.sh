@@ -7,9 +7,12 @@
 #
 #   --quick          smoke test, under 3 minutes (tiny sizes, 1 repetition; checks the harness)
 #   --warm           do not drop the page cache before each restore
-#   --only FIG,...   shapes, snapshot, lag, idle, scale, restore, cpu-file
+#   --only FIG,...   shapes, snapshot, lag, idle, scale, drill (the default set); restore,
+#                    cpu-file, standby (figure 9: standby lag, idle requests vs Litestream
+#                    0.5.17's follow mode, promote --force) only when named
 #   --reps N, --db-mib N, --indexes N, --lag-seconds S, --lag-tps 100,1000, --idle-seconds S,
-#   --scale-dbs 100,1000, --scale-seconds S, --quiet-wait S, --keep, --json FILE
+#   --standby-seconds S, --scale-dbs 100,1000, --scale-seconds S, --quiet-wait S, --keep,
+#   --json FILE
 #
 # Environment: LITESTREAMD_BIN (use this binary, skip the build), CARGO_TARGET_DIR (default
 # ~/.cache/litestreamd-target), LITESTREAMD_DEPS (default ~/.cache/litestreamd-deps),
