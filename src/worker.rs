@@ -901,6 +901,8 @@ fn publish(handle: &WorkerHandle, shadow: &Shadow, reporting: &Reporting, ps: &m
         std::mem::take(&mut ps.syncs),
         std::mem::take(&mut ps.wal_bytes),
     );
+    // A promoted standby keeps its standby series (its promotion time among them).
+    telemetry::publish_standby(&st);
 }
 
 /// Runs the database's restore drills: every `interval` (the first one interval after the

@@ -2778,6 +2778,15 @@ fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
     });
     let noticed = promoted.elapsed();
     assert!(noticed < Duration::from_secs(8), "fenced after {noticed:?}");
+    let m = old.metrics();
+    assert!(
+        metric(
+            &m,
+            "litestreamd_standby_promoted_timestamp_seconds{db=\"bank\"}"
+        )
+        .is_some_and(|t| t > 0.0),
+        "{m}"
+    );
     let fenced_gen = status_json(&ssock)["pos"]["generation"]
         .as_str()
         .map(str::to_string)

@@ -16,6 +16,18 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectI
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, Precondition, StoreError};
 
+/// User metadata (`x-amz-meta-litestreamd-put-ms`) on single-request uploads: when the upload
+/// was sent, in Unix milliseconds, for a standby's lag (see `get_stat`). Other readers,
+/// Litestream included, ignore it.
+const PUT_MS: &str = "litestreamd-put-ms";
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
 /// 16 MiB parts: a 100 GiB snapshot needs 6,400 parts, inside S3's 10,000-part limit
 /// (Litestream's fixed 5 MiB parts stop at ~48 GiB, #276/#447).
 pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
@@ -437,6 +449,7 @@ impl ObjectStore for S3Store {
                 .put_object()
                 .bucket(&self.cfg.bucket)
                 .key(self.key(key))
+                .metadata(PUT_MS, unix_ms_now().to_string())
                 .body(ByteStream::from(first))
                 .send()
                 .await
@@ -459,9 +472,17 @@ impl ObjectStore for S3Store {
 
     async fn get_stat(&self, key: &str) -> Result<(ObjectReader, Option<SystemTime>), StoreError> {
         let out = self.get_object(key).await?;
-        let modified = out
-            .last_modified()
-            .and_then(|t| SystemTime::try_from(*t).ok());
+        // Our own upload time when we wrote it: Last-Modified has whole seconds only, which
+        // made a standby's lag read up to a second high.
+        let ours = out
+            .metadata()
+            .and_then(|m| m.get(PUT_MS))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        let modified = ours.or_else(|| {
+            out.last_modified()
+                .and_then(|t| SystemTime::try_from(*t).ok())
+        });
         Ok((Box::pin(out.body.into_async_read()), modified))
     }
 

@@ -95,14 +95,22 @@ pub(super) async fn follow(
             }
         }
         let more = poll(spec, sb, handle, &meter, &mut follower, &mut w).await;
-        let wait = if more {
-            Duration::ZERO
+        let now = Instant::now();
+        next = if more {
+            now
         } else if w.attempt == 0 {
-            sb.poll_interval
+            // Fixed rate, like the primary's uploads: a poll's own time must not push every
+            // later poll back (it made the standby drift across the primary's second and
+            // put p99 at one interval plus one poll plus the drift).
+            let due = next + sb.poll_interval;
+            if due > now {
+                due
+            } else {
+                now + sb.poll_interval
+            }
         } else {
-            (sb.poll_interval * 2u32.saturating_pow(w.attempt.min(8))).min(MAX_BACKOFF)
+            now + (sb.poll_interval * 2u32.saturating_pow(w.attempt.min(8))).min(MAX_BACKOFF)
         };
-        next = Instant::now() + wait;
     }
 }
 
