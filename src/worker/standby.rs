@@ -23,6 +23,8 @@ use crate::telemetry;
 const STEPS_PER_POLL: usize = 64;
 /// The longest wait between two polls after errors.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The retry interval of an empty poll while the primary writes (at most a quarter poll).
+const QUICK: Duration = Duration::from_millis(100);
 
 /// How following ended.
 pub(super) enum Outcome {
@@ -38,6 +40,8 @@ struct Watch {
     /// When a poll last found nothing newer than what is applied.
     caught_up_at: Option<SystemTime>,
     attempt: u32,
+    /// Quick re-polls left while the primary is writing (see `follow`).
+    quick: u32,
 }
 
 /// Follows the replica until shutdown or a promotion.
@@ -66,6 +70,7 @@ pub(super) async fn follow(
         started: Instant::now(),
         caught_up_at: None,
         attempt: 0,
+        quick: 0,
     };
     let mut follower: Option<Follower> = None;
     let mut next = Instant::now();
@@ -94,28 +99,37 @@ pub(super) async fn follow(
                 continue;
             }
         }
-        let more = poll(spec, sb, handle, &meter, &mut follower, &mut w).await;
+        let polled = poll(spec, sb, handle, &meter, &mut follower, &mut w).await;
         let now = Instant::now();
-        next = if more {
+        // Fixed rate, like the primary's uploads, so a poll's own time does not push every
+        // later poll back. And while the primary writes (the last poll applied something), an
+        // empty poll is retried every QUICK for up to one interval: the upload it expects
+        // lands within that interval, the retry that finds it sets the phase of the polls
+        // after it, so they come just after the primary's uploads instead of at a random
+        // point of its second (a fixed phase alone put p50 anywhere from 0.5 to 1.5 s).
+        let quick = QUICK.min(sb.poll_interval / 4);
+        let due = |from: Instant| {
+            let d = from + sb.poll_interval;
+            if d > now { d } else { now + sb.poll_interval }
+        };
+        next = if polled.more {
             now
-        } else if w.attempt == 0 {
-            // Fixed rate, like the primary's uploads: a poll's own time must not push every
-            // later poll back (it made the standby drift across the primary's second and
-            // put p99 at one interval plus one poll plus the drift).
-            let due = next + sb.poll_interval;
-            if due > now {
-                due
-            } else {
-                now + sb.poll_interval
-            }
-        } else {
+        } else if w.attempt > 0 {
+            w.quick = 0;
             now + (sb.poll_interval * 2u32.saturating_pow(w.attempt.min(8))).min(MAX_BACKOFF)
+        } else if polled.applied {
+            w.quick = (sb.poll_interval.as_millis() / quick.as_millis().max(1)) as u32;
+            due(next)
+        } else if w.quick > 0 {
+            w.quick -= 1;
+            now + quick
+        } else {
+            due(next)
         };
     }
 }
 
 /// One poll: steps until caught up (or an error, or [`STEPS_PER_POLL`]), then publishes.
-/// True when it stopped short of catching up (poll again at once).
 async fn poll(
     spec: &DbSpec,
     sb: &StandbySpec,
@@ -123,20 +137,20 @@ async fn poll(
     meter: &Arc<RequestMeter>,
     follower: &mut Option<Follower>,
     w: &mut Watch,
-) -> bool {
+) -> Polled {
     let res = catch_up(spec, sb, handle, follower).await;
     let now = SystemTime::now();
     let mut st = handle.status.lock().expect("status");
     let ready = follower.as_ref().and_then(|f| f.position()).is_some();
     match &res {
-        Ok(caught_up) => {
+        Ok(polled) => {
             if w.attempt > 0 {
                 info!(db = %spec.name, "standby following again");
             }
             w.attempt = 0;
             st.state = DbState::Following;
             st.last_error = None;
-            if *caught_up {
+            if !polled.more {
                 w.caught_up_at = Some(now);
             }
         }
@@ -195,17 +209,26 @@ async fn poll(
     row.requests_per_month = meter.per_month();
     telemetry::publish_db(&st, 0, 0);
     telemetry::publish_standby(&st);
-    matches!(res, Ok(false))
+    res.unwrap_or_default()
 }
 
-/// Steps until the follower finds nothing new (true: the standby then holds everything the
-/// replica had when the poll began) or [`STEPS_PER_POLL`] steps (false).
+/// What a poll found.
+#[derive(Debug, Clone, Copy, Default)]
+struct Polled {
+    /// It stopped short of catching up: poll again at once.
+    more: bool,
+    /// It applied or bootstrapped something.
+    applied: bool,
+}
+
+/// Steps until the follower finds nothing new (the standby then holds everything the replica
+/// had when the poll began) or [`STEPS_PER_POLL`] steps (`more`).
 async fn catch_up(
     spec: &DbSpec,
     sb: &StandbySpec,
     handle: &WorkerHandle,
     follower: &mut Option<Follower>,
-) -> Result<bool, FollowError> {
+) -> Result<Polled, FollowError> {
     if follower.is_none() {
         *follower = Some(Follower::new(
             &spec.path,
@@ -213,12 +236,15 @@ async fn catch_up(
         )?);
     }
     let f = follower.as_mut().expect("just set");
+    let mut polled = Polled::default();
     for _ in 0..STEPS_PER_POLL {
         if f.position().is_none() {
             handle.status.lock().expect("status").state = DbState::Bootstrapping;
         }
-        match f.step().await? {
-            Step::CaughtUp => return Ok(true),
+        let step = f.step().await?;
+        polled.applied |= !matches!(step, Step::CaughtUp);
+        match step {
+            Step::CaughtUp => return Ok(polled),
             Step::Bootstrapped { pos, why } => {
                 let mut st = handle.status.lock().expect("status");
                 let s = st.standby.get_or_insert_with(Default::default);
@@ -246,7 +272,8 @@ async fn catch_up(
         }
     }
     // Still catching up: the next poll comes at once after this one publishes.
-    Ok(false)
+    polled.more = true;
+    Ok(polled)
 }
 
 /// Promotes the standby: applies everything the replica has, takes the followed replica's
