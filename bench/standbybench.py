@@ -334,7 +334,8 @@ def lag_run(a, work: Path, s3: S3Server, tps: int, r: int) -> dict:
             i = bisect.bisect_left(seen_t, T)
             if i < len(seen_t):
                 applied_visible.append(seen_t[i] - T)
-    # Last-Modified (what the daemon's apply_lag starts from) has whole seconds over HTTP.
+    # Last-Modified has whole seconds over HTTP (the daemon's apply_lag uses the upload's own
+    # send time from its metadata; this is how high Last-Modified would read).
     truncation = [e - int(e) for b, e, k in segs_w]
     summ = parse_summary(metrics, "litestreamd_standby_apply_lag_seconds")
     q = summ["quantiles"]
@@ -655,10 +656,11 @@ def render(a, R: dict) -> list[str]:
                "`standby applied` log line); applied → visible (→ the reader's first poll that "
                "sees it). The standby's own apply_lag is its "
                "`litestreamd_standby_apply_lag_seconds` summary (object time → applied): over "
-               "S3 the object time is the GET's Last-Modified header, which HTTP gives in whole "
-               f"seconds, so it reads high by the upload's fraction of a second (in these "
-               f"runs {statistics.mean(trunc):.0f} ms on average, per run "
-               f"{min(trunc):.0f}–{max(trunc):.0f} ms)")
+               "S3 the object time is the send time litestreamd's uploads carry as user "
+               "metadata (`x-amz-meta-litestreamd-put-ms`, the primary's clock); the "
+               "Last-Modified header, whole seconds over HTTP, would read high by the upload's "
+               f"fraction of a second (in these runs {statistics.mean(trunc):.0f} ms on "
+               f"average, per run {min(trunc):.0f}–{max(trunc):.0f} ms)")
     notes = [f"{tps} tx/s run {i + 1}: {x}" for tps, m in lag.items()
              for i, r in enumerate(m["runs"]) for x in r["log_problems"]]
     missing = [f"{tps} tx/s: {r['bucket_missing']} commits in no segment" for tps, m in lag.items()
