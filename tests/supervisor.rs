@@ -2214,6 +2214,52 @@ fn standby_file(dir: &Path, name: &str, replica: &Path) -> String {
     )
 }
 
+/// A reader of the standby throughout: every state it sees keeps the bank's sum, and the
+/// primary's transactions arrive in order (the blob count never goes back), bootstraps over
+/// the existing file included.
+struct StandbyReader {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    join: std::thread::JoinHandle<u64>,
+}
+
+impl StandbyReader {
+    fn start(sdb: &Path) -> StandbyReader {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, sdb) = (stop.clone(), sdb.to_path_buf());
+        let join = std::thread::spawn(move || {
+            let (mut reads, mut last) = (0u64, 0i64);
+            while !flag.load(Ordering::Relaxed) {
+                if !sdb.exists() {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let c = rusqlite::Connection::open_with_flags(
+                    &sdb,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                c.busy_timeout(Duration::from_secs(5)).unwrap();
+                for _ in 0..20 {
+                    let (sum, blobs) = accounts(&c);
+                    assert_eq!(sum, 10_000, "a torn transaction on the standby");
+                    assert!(blobs >= last, "the standby went back: {blobs} < {last}");
+                    last = blobs;
+                    reads += 1;
+                }
+            }
+            reads
+        });
+        StandbyReader { stop, join }
+    }
+
+    /// Stops it; how many reads it made.
+    fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.join.join().unwrap()
+    }
+}
+
 /// Waits until the standby's blob table is the primary's.
 fn wait_same(primary: &Path, standby: &Path, daemon: &Daemon, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -2264,8 +2310,6 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// nothing; a restore of latest is the promoted database.
 #[test]
 fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
     let root = tempfile::tempdir().unwrap();
     let (p, s, replica) = (
         root.path().join("p"),
@@ -2303,36 +2347,7 @@ fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary(
     let mut standby = Daemon::start(&s, &smain, None);
     standby.expect("READY=1");
 
-    // A reader on the standby throughout: every state it sees keeps the bank's sum, and the
-    // primary's transactions arrive in order (the blob count never goes back).
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(AtomicI64::new(0));
-    let reader = {
-        let (stop, seen, sdb) = (stop.clone(), seen.clone(), sdb.clone());
-        std::thread::spawn(move || {
-            let mut reads = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                if !sdb.exists() {
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-                let c = rusqlite::Connection::open_with_flags(
-                    &sdb,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                )
-                .unwrap();
-                c.busy_timeout(Duration::from_secs(5)).unwrap();
-                for _ in 0..20 {
-                    let (sum, blobs) = accounts(&c);
-                    assert_eq!(sum, 10_000, "a torn transaction on the standby");
-                    let before = seen.fetch_max(blobs, Ordering::Relaxed);
-                    assert!(blobs >= before, "the standby went back: {blobs} < {before}");
-                    reads += 1;
-                }
-            }
-            reads
-        })
-    };
+    let reader = StandbyReader::start(&sdb);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
         transfer(&app, &mut rng, 5);
@@ -2450,8 +2465,7 @@ fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary(
     );
     assert!(took < Duration::from_secs(5), "promote took {took:?}");
     datagrams_until_status(&standby, "1 promoted from standby");
-    stop.store(true, Ordering::Relaxed);
-    let reads = reader.join().unwrap();
+    let reads = reader.finish();
     assert!(reads > 100, "only {reads} reads on the standby");
     assert_eq!(
         dump_rows(&sdb, "blob"),
@@ -2611,6 +2625,7 @@ fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
     primary.expect("READY=1");
     let standby = Daemon::start(&s, &smain, None);
     standby.expect("READY=1");
+    let reader = StandbyReader::start(&sdb);
     transfer(&app, &mut rng, 50);
     wait_same(&pdb, &sdb, &standby, "following over S3");
     let st = status_json(&ssock);
@@ -2635,6 +2650,9 @@ fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
     });
     assert_eq!(st["standby"]["last_bootstrap"], "new generation", "{st}");
     assert_eq!(st["state"], "following", "{st}");
+
+    let reads = reader.finish();
+    assert!(reads > 20, "only {reads} reads on the standby");
 
     // A corrupt segment, uploaded while the standby was away: an error, everywhere, at once.
     let (code, _, log) = standby.stop();
@@ -2730,6 +2748,30 @@ fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
         dump_rows(&pdb, "blob"),
         "lost in the handoff"
     );
+    // And a restore of latest (the promoted lineage) is the source.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let out = root.path().join(format!("handoff-{n}.db"));
+        let r = Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(s3_url(server.port, "bank"))
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .output()
+            .unwrap();
+        if r.status.success() && dump_rows(&out, "blob") == dump_rows(&pdb, "blob") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restore after the handoff is not the source: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let st = status_json(&psock);
     assert_eq!(st["state"], "stopped", "{st}");
 
