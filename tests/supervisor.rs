@@ -2260,6 +2260,41 @@ impl StandbyReader {
     }
 }
 
+/// Restores latest from `url` until its blob table is `want`'s (the uploads it waits for land
+/// within 30 s), into fresh files under `scratch`.
+fn restore_until_same(
+    url: &str,
+    want: &Path,
+    scratch: &Path,
+    what: &str,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let out = scratch.join(format!("{}-{n}.db", rand_suffix()));
+        let r = Command::new(BIN)
+            .args(["restore", "-o"])
+            .arg(&out)
+            .arg(url)
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .output()
+            .unwrap();
+        if r.status.success() && dump_rows(&out, "blob") == dump_rows(want, "blob") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {}\n{}",
+            String::from_utf8_lossy(&r.stderr),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until the standby's blob table is the primary's.
 fn wait_same(primary: &Path, standby: &Path, daemon: &Daemon, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -2529,28 +2564,13 @@ fn a_standby_daemon_follows_survives_kill_9_and_is_promoted_over_a_dead_primary(
     drop(old);
 
     // A restore of latest is the promoted database.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let out = root.path().join(format!("latest-{n}.db"));
-        let r = Command::new(BIN)
-            .args(["restore", "-o"])
-            .arg(&out)
-            .arg(format!("file://{}", replica.display()))
-            .output()
-            .unwrap();
-        if r.status.success() && dump_rows(&out, "blob") == dump_rows(&sdb, "blob") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "restore of latest is not the promoted database: {}\n{}",
-            String::from_utf8_lossy(&r.stderr),
-            standby.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    restore_until_same(
+        &format!("file://{}", replica.display()),
+        &sdb,
+        root.path(),
+        "restore of latest is not the promoted database",
+        || standby.log(),
+    );
     drop(new_app);
     let (code, _, log) = standby.stop();
     assert!(code.success(), "{log}");
@@ -2749,29 +2769,13 @@ fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
         "lost in the handoff"
     );
     // And a restore of latest (the promoted lineage) is the source.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let out = root.path().join(format!("handoff-{n}.db"));
-        let r = Command::new(BIN)
-            .args(["restore", "-o"])
-            .arg(&out)
-            .arg(s3_url(server.port, "bank"))
-            .env("AWS_ACCESS_KEY_ID", KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .output()
-            .unwrap();
-        if r.status.success() && dump_rows(&out, "blob") == dump_rows(&pdb, "blob") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "restore after the handoff is not the source: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    restore_until_same(
+        &s3_url(server.port, "bank"),
+        &pdb,
+        root.path(),
+        "restore after the handoff is not the source",
+        || standby.log(),
+    );
     let st = status_json(&psock);
     assert_eq!(st["state"], "stopped", "{st}");
 
@@ -2854,30 +2858,13 @@ fn standby_over_s3_heals_reports_hands_off_and_fences_a_live_primary() {
     let c = app_conn(&pdb);
     transfer(&c, &mut rng, 5);
     drop(c);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let out = root.path().join(format!("latest-{n}.db"));
-        let r = Command::new(BIN)
-            .args(["restore", "-o"])
-            .arg(&out)
-            .arg(s3_url(server.port, "bank"))
-            .env("AWS_ACCESS_KEY_ID", KEY)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .output()
-            .unwrap();
-        if r.status.success() && dump_rows(&out, "blob") == dump_rows(&pdb, "blob") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "restore of latest is not the database promoted last: {}\n{}",
-            String::from_utf8_lossy(&r.stderr),
-            old.log()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    restore_until_same(
+        &s3_url(server.port, "bank"),
+        &pdb,
+        root.path(),
+        "restore of latest is not the database promoted last",
+        || old.log(),
+    );
     drop(new_app);
     let _ = standby.stop();
     let (code, _, log) = old.stop();

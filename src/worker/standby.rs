@@ -66,13 +66,19 @@ pub(super) async fn follow(
             ..Default::default()
         });
     }
-    let mut w = Watch {
-        started: Instant::now(),
-        caught_up_at: None,
-        attempt: 0,
-        quick: 0,
+    let mut me = Standby {
+        spec,
+        sb,
+        handle,
+        meter,
+        follower: None,
+        w: Watch {
+            started: Instant::now(),
+            caught_up_at: None,
+            attempt: 0,
+            quick: 0,
+        },
     };
-    let mut follower: Option<Follower> = None;
     let mut next = Instant::now();
     loop {
         tokio::select! {
@@ -81,12 +87,12 @@ pub(super) async fn follow(
             Some(cmd) = commands.recv() => {
                 match cmd {
                     Command::Sync(reply) => {
-                        poll(spec, sb, handle, &meter, &mut follower, &mut w).await;
+                        me.poll().await;
                         let pos = handle.status().replicas.first().and_then(|r| r.pos.clone());
                         let _ = reply.send(Ok(pos));
                     }
                     Command::Promote(force, reply) => {
-                        match promote(spec, sb, handle, &meter, &mut follower, &mut w, force).await {
+                        match me.promote(force).await {
                             Ok(()) => return Outcome::Promoted(Some(reply)),
                             Err(e) => {
                                 warn!(db = %spec.name, error = %e, "promotion refused");
@@ -99,7 +105,8 @@ pub(super) async fn follow(
                 continue;
             }
         }
-        let polled = poll(spec, sb, handle, &meter, &mut follower, &mut w).await;
+        let polled = me.poll().await;
+        let w = &mut me.w;
         let now = Instant::now();
         // Fixed rate, like the primary's uploads, so a poll's own time does not push every
         // later poll back. And while the primary writes (the last poll applied something), an
@@ -127,89 +134,6 @@ pub(super) async fn follow(
             due(next)
         };
     }
-}
-
-/// One poll: steps until caught up (or an error, or [`STEPS_PER_POLL`]), then publishes.
-async fn poll(
-    spec: &DbSpec,
-    sb: &StandbySpec,
-    handle: &WorkerHandle,
-    meter: &Arc<RequestMeter>,
-    follower: &mut Option<Follower>,
-    w: &mut Watch,
-) -> Polled {
-    let res = catch_up(spec, sb, handle, follower).await;
-    let now = SystemTime::now();
-    let mut st = handle.status.lock().expect("status");
-    let ready = follower.as_ref().and_then(|f| f.position()).is_some();
-    match &res {
-        Ok(polled) => {
-            if w.attempt > 0 {
-                info!(db = %spec.name, "standby following again");
-            }
-            w.attempt = 0;
-            st.state = DbState::Following;
-            st.last_error = None;
-            if !polled.more {
-                w.caught_up_at = Some(now);
-            }
-        }
-        Err(e) => {
-            w.attempt += 1;
-            let msg = e.to_string();
-            if st.last_error.as_deref() != Some(msg.as_str()) {
-                error!(db = %spec.name, error = %msg, "standby cannot follow its replica");
-            }
-            // A replica that cannot be read right now is retried; anything the standby cannot
-            // get past on its own (a corrupt object, an emptied replica, its own files) is an
-            // error until it clears.
-            st.state = if matches!(e, FollowError::Replica(_)) && ready {
-                DbState::Following
-            } else {
-                DbState::Error
-            };
-            st.last_error = Some(msg);
-        }
-    }
-    if let Ok(m) = std::fs::metadata(&spec.path) {
-        st.db_size = m.len();
-    }
-    let pos = follower
-        .as_ref()
-        .and_then(|f| f.position())
-        .map(|p| p.pos());
-    st.pos = pos.clone();
-    st.last_sync = Some(now);
-    let attempt = w.attempt;
-    let error = st.last_error.clone();
-    let state = st.state;
-    let row = &mut st.replicas[0];
-    row.state = match (&error, state) {
-        (None, _) => ReplicaState::Healthy,
-        (Some(e), DbState::Following) => ReplicaState::Retrying {
-            attempt,
-            error: e.clone(),
-        },
-        (Some(e), _) => ReplicaState::Failed {
-            attempt,
-            error: e.clone(),
-        },
-    };
-    row.last_error = error;
-    if res.is_ok() {
-        row.last_sync = Some(now);
-    }
-    row.pos = pos;
-    row.caught_up_at = w.caught_up_at;
-    row.lag_seconds = match w.caught_up_at {
-        Some(t) => now.duration_since(t).unwrap_or_default().as_secs_f64(),
-        None => w.started.elapsed().as_secs_f64(),
-    };
-    row.requests = meter.totals();
-    row.requests_per_month = meter.per_month();
-    telemetry::publish_db(&st, 0, 0);
-    telemetry::publish_standby(&st);
-    res.unwrap_or_default()
 }
 
 /// What a poll found.
@@ -276,82 +200,167 @@ async fn catch_up(
     Ok(polled)
 }
 
-/// Promotes the standby: applies everything the replica has, takes the followed replica's
-/// lease (at once with `force`; else waiting up to one lease TTL for the holder to release it
-/// or let it expire), marks the database promoted. Errors leave it a standby.
-async fn promote(
-    spec: &DbSpec,
-    sb: &StandbySpec,
-    handle: &WorkerHandle,
-    meter: &Arc<RequestMeter>,
-    follower: &mut Option<Follower>,
-    w: &mut Watch,
-    force: bool,
-) -> Result<(), String> {
-    info!(db = %spec.name, force, "promoting the standby");
-    poll(spec, sb, handle, meter, follower, w).await;
-    let (state, err) = handle.with_status(|s| (s.state, s.last_error.clone()));
-    if let Some(e) = err {
-        if !force {
-            return Err(format!(
-                "the standby could not apply everything the replica has ({e}); fix that, or promote with --force to accept what is applied ({state})"
-            ));
+/// A standby's worker state: what it follows, its follower (None until the first poll, and
+/// after a promotion) and its schedule.
+struct Standby<'a> {
+    spec: &'a DbSpec,
+    sb: &'a StandbySpec,
+    handle: &'a WorkerHandle,
+    meter: Arc<RequestMeter>,
+    follower: Option<Follower>,
+    w: Watch,
+}
+
+impl Standby<'_> {
+    /// One poll: steps until caught up (or an error, or [`STEPS_PER_POLL`]), then publishes.
+    async fn poll(&mut self) -> Polled {
+        let (spec, sb, handle) = (self.spec, self.sb, self.handle);
+        let res = catch_up(spec, sb, handle, &mut self.follower).await;
+        let (meter, follower, w) = (&self.meter, &self.follower, &mut self.w);
+        let now = SystemTime::now();
+        let mut st = handle.status.lock().expect("status");
+        let ready = follower.as_ref().and_then(|f| f.position()).is_some();
+        match &res {
+            Ok(polled) => {
+                if w.attempt > 0 {
+                    info!(db = %spec.name, "standby following again");
+                }
+                w.attempt = 0;
+                st.state = DbState::Following;
+                st.last_error = None;
+                if !polled.more {
+                    w.caught_up_at = Some(now);
+                }
+            }
+            Err(e) => {
+                w.attempt += 1;
+                let msg = e.to_string();
+                if st.last_error.as_deref() != Some(msg.as_str()) {
+                    error!(db = %spec.name, error = %msg, "standby cannot follow its replica");
+                }
+                // A replica that cannot be read right now is retried; anything the standby cannot
+                // get past on its own (a corrupt object, an emptied replica, its own files) is an
+                // error until it clears.
+                st.state = if matches!(e, FollowError::Replica(_)) && ready {
+                    DbState::Following
+                } else {
+                    DbState::Error
+                };
+                st.last_error = Some(msg);
+            }
         }
-        warn!(db = %spec.name, error = %e, "promoting with --force without everything the replica has");
+        if let Ok(m) = std::fs::metadata(&spec.path) {
+            st.db_size = m.len();
+        }
+        let pos = follower
+            .as_ref()
+            .and_then(|f| f.position())
+            .map(|p| p.pos());
+        st.pos = pos.clone();
+        st.last_sync = Some(now);
+        let attempt = w.attempt;
+        let error = st.last_error.clone();
+        let state = st.state;
+        let row = &mut st.replicas[0];
+        row.state = match (&error, state) {
+            (None, _) => ReplicaState::Healthy,
+            (Some(e), DbState::Following) => ReplicaState::Retrying {
+                attempt,
+                error: e.clone(),
+            },
+            (Some(e), _) => ReplicaState::Failed {
+                attempt,
+                error: e.clone(),
+            },
+        };
+        row.last_error = error;
+        if res.is_ok() {
+            row.last_sync = Some(now);
+        }
+        row.pos = pos;
+        row.caught_up_at = w.caught_up_at;
+        row.lag_seconds = match w.caught_up_at {
+            Some(t) => now.duration_since(t).unwrap_or_default().as_secs_f64(),
+            None => w.started.elapsed().as_secs_f64(),
+        };
+        row.requests = meter.totals();
+        row.requests_per_month = meter.per_month();
+        telemetry::publish_db(&st, 0, 0);
+        telemetry::publish_standby(&st);
+        res.unwrap_or_default()
     }
-    if follower.as_ref().and_then(|f| f.position()).is_none() {
-        return Err(
-            "the standby has no database yet (never bootstrapped); nothing to promote".into(),
-        );
-    }
-    let (ropts, client) = &spec.replicas[sb.replica];
-    if !ropts.lease_ttl.is_zero() {
-        let mut lease = Lease::new(
-            client.store().clone(),
-            ropts.lease_ttl,
-            &spec.path.to_string_lossy(),
-        );
-        let deadline = Instant::now() + ropts.lease_ttl + Duration::from_secs(5);
-        loop {
-            let res = if force {
-                lease.take_over().await.map(|prev| {
+
+    /// Promotes the standby: applies everything the replica has, takes the followed replica's
+    /// lease (at once with `force`; else waiting up to one lease TTL for the holder to release it
+    /// or let it expire), marks the database promoted. Errors leave it a standby.
+    async fn promote(&mut self, force: bool) -> Result<(), String> {
+        let (spec, sb, handle) = (self.spec, self.sb, self.handle);
+        info!(db = %spec.name, force, "promoting the standby");
+        self.poll().await;
+        let (state, err) = handle.with_status(|s| (s.state, s.last_error.clone()));
+        if let Some(e) = err {
+            if !force {
+                return Err(format!(
+                    "the standby could not apply everything the replica has ({e}); fix that, or promote with --force to accept what is applied ({state})"
+                ));
+            }
+            warn!(db = %spec.name, error = %e, "promoting with --force without everything the replica has");
+        }
+        if self.follower.as_ref().and_then(|f| f.position()).is_none() {
+            return Err(
+                "the standby has no database yet (never bootstrapped); nothing to promote".into(),
+            );
+        }
+        let (ropts, client) = &spec.replicas[sb.replica];
+        if !ropts.lease_ttl.is_zero() {
+            let mut lease = Lease::new(
+                client.store().clone(),
+                ropts.lease_ttl,
+                &spec.path.to_string_lossy(),
+            );
+            let deadline = Instant::now() + ropts.lease_ttl + Duration::from_secs(5);
+            loop {
+                let res = if force {
+                    lease.take_over().await.map(|prev| {
                     if let Some(p) = prev {
                         warn!(db = %spec.name, previous = %p, "took the replica's lease from its holder (--force)");
                     }
                 })
-            } else {
-                lease.ensure().await
-            };
-            match res {
-                Ok(()) => break,
-                Err(LeaseError::Held { holder, until, .. })
-                    if !force && Instant::now() < deadline =>
-                {
-                    info!(db = %spec.name, %holder, %until, "waiting for the primary's lease to be released or to expire");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    // Whatever the primary uploads meanwhile (its final sync) is applied too.
-                    poll(spec, sb, handle, meter, follower, w).await;
+                } else {
+                    lease.ensure().await
+                };
+                match res {
+                    Ok(()) => break,
+                    Err(LeaseError::Held { holder, until, .. })
+                        if !force && Instant::now() < deadline =>
+                    {
+                        info!(db = %spec.name, %holder, %until, "waiting for the primary's lease to be released or to expire");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        // Whatever the primary uploads meanwhile (its final sync) is applied too.
+                        self.poll().await;
+                    }
+                    Err(e) => return Err(format!("cannot take the replica's lease: {e}")),
                 }
-                Err(e) => return Err(format!("cannot take the replica's lease: {e}")),
             }
+            // Everything the old primary uploaded before it let go of the lease.
+            if !force {
+                self.poll().await;
+            }
+            // Dropped, not released: the primary's replica task takes it over at once as an earlier
+            // holder of this database on this host (see `lease`), and nobody else can meanwhile.
+            drop(lease);
         }
-        // Everything the old primary uploaded before it let go of the lease.
-        if !force {
-            poll(spec, sb, handle, meter, follower, w).await;
-        }
-        // Dropped, not released: the primary's replica task takes it over at once as an earlier
-        // holder of this database on this host (see `lease`), and nobody else can meanwhile.
-        drop(lease);
+        let pos = self
+            .follower
+            .as_ref()
+            .and_then(|f| f.position())
+            .map(|p| p.pos());
+        // Closes the standby's connections before the primary opens the database.
+        self.follower = None;
+        let at = crate::standby::mark_promoted(&spec.path).map_err(|e| e.to_string())?;
+        let mut st = handle.status.lock().expect("status");
+        st.standby.get_or_insert_with(Default::default).promoted_at = Some(at);
+        info!(db = %spec.name, pos = ?pos.map(|p| p.to_string()), "standby promoted; replicating it as the primary in a new generation");
+        Ok(())
     }
-    let pos = follower
-        .as_ref()
-        .and_then(|f| f.position())
-        .map(|p| p.pos());
-    // Closes the standby's connections before the primary opens the database.
-    *follower = None;
-    let at = crate::standby::mark_promoted(&spec.path).map_err(|e| e.to_string())?;
-    let mut st = handle.status.lock().expect("status");
-    st.standby.get_or_insert_with(Default::default).promoted_at = Some(at);
-    info!(db = %spec.name, pos = ?pos.map(|p| p.to_string()), "standby promoted; replicating it as the primary in a new generation");
-    Ok(())
 }
