@@ -1372,13 +1372,19 @@ pub(crate) fn file_size(p: &Path) -> io::Result<u64> {
 /// second process, or the same path configured twice) would otherwise share and corrupt the
 /// shadow WAL. Returns false if someone else holds it.
 fn replication_lock(fd: &File) -> io::Result<bool> {
+    lock_byte(fd, 0x4000_1000)
+}
+
+/// An open-file-description write lock on byte `at` of `fd`'s file, not waiting: false if
+/// another description holds it. Also the standby's one-follower lock (`standby`).
+pub(crate) fn lock_byte(fd: &File, at: i64) -> io::Result<bool> {
     use nix::fcntl::{FcntlArg, fcntl};
     use nix::libc;
     // SAFETY: an all-zero `flock` is a valid value; the fields that matter are set below.
     let mut lk: libc::flock = unsafe { std::mem::zeroed() };
     lk.l_type = libc::F_WRLCK as _;
     lk.l_whence = libc::SEEK_SET as _;
-    lk.l_start = 0x4000_1000;
+    lk.l_start = at;
     lk.l_len = 1;
     match fcntl(fd, FcntlArg::F_OFD_SETLK(&lk)) {
         Ok(_) => Ok(true),

@@ -183,37 +183,31 @@ impl Lease {
     pub async fn ensure(&mut self) -> Result<(), LeaseError> {
         let started = Instant::now();
         if let Some((version, exp)) = &self.held {
-            if *exp > started + self.ttl / 2 {
+            let (lapsed, current) = if *exp > started + self.ttl / 2 {
                 if self
                     .confirmed
                     .is_some_and(|c| started.duration_since(c) < CONFIRM_EVERY)
                 {
                     return Ok(());
                 }
+                // Fresh, but it may have been taken over (a forced promotion elsewhere).
                 let current = self.store.get_versioned(LEASE_KEY).await?;
                 if current.as_ref().is_some_and(|(_, v)| v == version) {
                     self.confirmed = Some(started);
                     return Ok(());
                 }
-                // Taken over while we held it (a forced promotion elsewhere), or vanished.
-                self.held = None;
-                if current.is_none() {
-                    warn!(url = %self.store.url(), "our lease object vanished from the replica path (was the bucket emptied?); taking it again and checking that the backups are still there");
-                    self.vanished = true;
-                } else {
-                    warn!(url = %self.store.url(), "our lease was taken over by another replicator (a promoted standby?); this one stops writing here");
+                (false, current)
+            } else {
+                let cond = Precondition::Version(version.clone());
+                if let Some(v) = self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+                    self.held = Some((v, started + self.ttl));
+                    self.confirmed = Some(started);
+                    return Ok(());
                 }
-                return self.acquire(current, started).await;
-            }
-            let cond = Precondition::Version(version.clone());
-            if let Some(v) = self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
-                self.held = Some((v, started + self.ttl));
-                self.confirmed = Some(started);
-                return Ok(());
-            }
-            let lapsed = *exp <= started;
+                let lapsed = *exp <= started;
+                (lapsed, self.store.get_versioned(LEASE_KEY).await?)
+            };
             self.held = None;
-            let current = self.store.get_versioned(LEASE_KEY).await?;
             if current.is_none() && !lapsed {
                 warn!(url = %self.store.url(), "our lease object vanished from the replica path (was the bucket emptied?); taking it again and checking that the backups are still there");
                 self.vanished = true;
@@ -223,7 +217,7 @@ impl Lease {
                 warn!(url = %self.store.url(), "the lease lapsed while this replicator was idle and another one took the path meanwhile; reading the replica again before writing");
                 self.interrupted = true;
             } else {
-                warn!(url = %self.store.url(), "lease was taken by another replicator");
+                warn!(url = %self.store.url(), "lease was taken by another replicator (a promoted standby?); this one stops writing here");
             }
             return self.acquire(current, started).await;
         }

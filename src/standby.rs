@@ -480,10 +480,7 @@ impl Follower {
                     }
                 }
             };
-            open_uploaded = match (open_uploaded, uploaded) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            open_uploaded = earliest(open_uploaded, uploaded);
             let key = self.client.wal_segment_key(&next);
             let corrupt = |reason: String| FollowError::Corrupt {
                 key: key.clone(),
@@ -552,10 +549,7 @@ impl Follower {
                     }
                 }
                 batch.commits += std::mem::take(&mut open_commits);
-                batch.uploaded = match (batch.uploaded, open_uploaded.take()) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
+                batch.uploaded = earliest(batch.uploaded, open_uploaded.take());
                 batch.end = Some(pos.clone());
                 if !all && bytes >= 64 << 20 {
                     break;
@@ -755,13 +749,19 @@ pub fn mark_promoted(db: &Path) -> Result<SystemTime, FollowError> {
     }
 }
 
+/// The earlier of two times where known (None only when neither is).
+fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Takes `.<name>-standby.lock` beside the standby: an open-file-description lock on its
 /// first byte, held as long as the file stays open and released with the process (`kill -9`
 /// included). The database file itself cannot carry it: a bootstrap renames a new file into
 /// place. The lock file is created without following a link at its name.
 fn lock(db: &Path) -> Result<std::fs::File, FollowError> {
-    use nix::fcntl::{FcntlArg, fcntl};
-    use nix::libc;
     let path = sibling(db, "standby.lock");
     let err = |source| FollowError::State {
         path: path.clone(),
@@ -773,21 +773,15 @@ fn lock(db: &Path) -> Result<std::fs::File, FollowError> {
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
         .open(&path)
         .map_err(err)?;
-    // SAFETY: an all-zero `flock` is a valid value; the fields that matter are set below.
-    let mut lk: libc::flock = unsafe { std::mem::zeroed() };
-    lk.l_type = libc::F_WRLCK as _;
-    lk.l_whence = libc::SEEK_SET as _;
-    lk.l_start = 0;
-    lk.l_len = 1;
-    match fcntl(&f, FcntlArg::F_OFD_SETLK(&lk)) {
-        Ok(_) => Ok(f),
-        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => Err(FollowError::Locked {
+    match crate::db::lock_byte(&f, 0) {
+        Ok(true) => Ok(f),
+        Ok(false) => Err(FollowError::Locked {
             path: db.to_path_buf(),
         }),
-        Err(e) => Err(err(io::Error::from(e))),
+        Err(e) => Err(err(e)),
     }
 }
 

@@ -65,10 +65,10 @@ pub enum Command {
     RecordVerify(Vec<(usize, VerifyStatus)>),
     /// A standby becomes the primary (`true`: take the lease from its holder at once);
     /// replies once it replicates, with what happened.
-    Promote(bool, oneshot::Sender<Result<String, String>>),
+    Promote(bool, Reply<String>),
     /// A primary hands its replicas over to a standby (`litestreamd handoff`): everything
     /// uploaded, the leases released, then nothing more until a restart or a reload.
-    Handoff(oneshot::Sender<Result<String, String>>),
+    Handoff(Reply<String>),
 }
 
 /// Where a command's answer goes.
@@ -243,10 +243,11 @@ async fn run(
     let mut promoted_reply = None;
     if let Some(sb) = &spec.standby {
         let all_rows = handle.status().replicas;
-        let promoted_at = match crate::standby::promoted(&spec.path) {
+        match crate::standby::promoted(&spec.path) {
             Some(at) => {
                 warn!(db = %spec.name, path = %spec.path.display(), "this standby was promoted before; replicating it as the primary (set role = \"primary\" in its file, or delete the database and its .NAME-promoted file to follow again)");
-                Some(at)
+                let mut st = handle.status.lock().expect("status");
+                st.standby.get_or_insert_with(Default::default).promoted_at = Some(at);
             }
             None => match standby::follow(&spec, sb, &handle, &shutdown, &mut commands).await {
                 standby::Outcome::Stopped => {
@@ -255,7 +256,7 @@ async fn run(
                     return;
                 }
                 standby::Outcome::Promoted(reply) => {
-                    promoted_reply = reply;
+                    promoted_reply = Some(reply);
                     // An old primary fenced by the promotion may still upload into its own
                     // generation until it reads its lease back (`lease::CONFIRM_EVERY`). A
                     // snapshot after that makes the promoted generation the newest object at
@@ -273,15 +274,14 @@ async fn run(
                             }
                         }
                     });
-                    handle.with_status(|s| s.standby.as_ref().and_then(|s| s.promoted_at))
                 }
             },
-        };
+        }
+        // The promotion time stays in `standby` (set above, or by the promotion).
         let mut st = handle.status.lock().expect("status");
         st.replicas = all_rows;
         st.state = DbState::Starting;
         st.last_error = None;
-        st.standby.get_or_insert_with(Default::default).promoted_at = promoted_at;
     }
     let db = Db::new(&spec.path, spec.opts.clone()).with_label(&spec.name);
     let shared = Arc::new(DbShared {

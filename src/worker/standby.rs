@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -31,17 +31,7 @@ pub(super) enum Outcome {
     Stopped,
     /// Promoted: the caller replicates the database as a primary and answers the request when
     /// it is running.
-    Promoted(Option<oneshot::Sender<Result<String, String>>>),
-}
-
-/// What the loop knows beyond the follower.
-struct Watch {
-    started: Instant,
-    /// When a poll last found nothing newer than what is applied.
-    caught_up_at: Option<SystemTime>,
-    attempt: u32,
-    /// Quick re-polls left while the primary is writing (see `follow`).
-    quick: u32,
+    Promoted(super::Reply<String>),
 }
 
 /// Follows the replica until shutdown or a promotion.
@@ -72,12 +62,10 @@ pub(super) async fn follow(
         handle,
         meter,
         follower: None,
-        w: Watch {
-            started: Instant::now(),
-            caught_up_at: None,
-            attempt: 0,
-            quick: 0,
-        },
+        started: Instant::now(),
+        caught_up_at: None,
+        attempt: 0,
+        quick: 0,
     };
     let mut next = Instant::now();
     loop {
@@ -93,7 +81,7 @@ pub(super) async fn follow(
                     }
                     Command::Promote(force, reply) => {
                         match me.promote(force).await {
-                            Ok(()) => return Outcome::Promoted(Some(reply)),
+                            Ok(()) => return Outcome::Promoted(reply),
                             Err(e) => {
                                 warn!(db = %spec.name, error = %e, "promotion refused");
                                 let _ = reply.send(Err(e));
@@ -106,7 +94,6 @@ pub(super) async fn follow(
             }
         }
         let polled = me.poll().await;
-        let w = &mut me.w;
         let now = Instant::now();
         // Fixed rate, like the primary's uploads, so a poll's own time does not push every
         // later poll back. And while the primary writes (the last poll applied something), an
@@ -121,14 +108,14 @@ pub(super) async fn follow(
         };
         next = if polled.more {
             now
-        } else if w.attempt > 0 {
-            w.quick = 0;
-            now + (sb.poll_interval * 2u32.saturating_pow(w.attempt.min(8))).min(MAX_BACKOFF)
+        } else if me.attempt > 0 {
+            me.quick = 0;
+            now + (sb.poll_interval * 2u32.saturating_pow(me.attempt.min(8))).min(MAX_BACKOFF)
         } else if polled.applied {
-            w.quick = (sb.poll_interval.as_millis() / quick.as_millis().max(1)) as u32;
+            me.quick = (sb.poll_interval.as_millis() / quick.as_millis().max(1)) as u32;
             due(next)
-        } else if w.quick > 0 {
-            w.quick -= 1;
+        } else if me.quick > 0 {
+            me.quick -= 1;
             now + quick
         } else {
             due(next)
@@ -208,7 +195,13 @@ struct Standby<'a> {
     handle: &'a WorkerHandle,
     meter: Arc<RequestMeter>,
     follower: Option<Follower>,
-    w: Watch,
+    started: Instant,
+    /// When a poll last found nothing newer than what is applied.
+    caught_up_at: Option<SystemTime>,
+    /// Failed polls in a row.
+    attempt: u32,
+    /// Quick re-polls left while the primary is writing (see `follow`).
+    quick: u32,
 }
 
 impl Standby<'_> {
@@ -216,24 +209,24 @@ impl Standby<'_> {
     async fn poll(&mut self) -> Polled {
         let (spec, sb, handle) = (self.spec, self.sb, self.handle);
         let res = catch_up(spec, sb, handle, &mut self.follower).await;
-        let (meter, follower, w) = (&self.meter, &self.follower, &mut self.w);
+        let (meter, follower) = (&self.meter, &self.follower);
         let now = SystemTime::now();
         let mut st = handle.status.lock().expect("status");
         let ready = follower.as_ref().and_then(|f| f.position()).is_some();
         match &res {
             Ok(polled) => {
-                if w.attempt > 0 {
+                if self.attempt > 0 {
                     info!(db = %spec.name, "standby following again");
                 }
-                w.attempt = 0;
+                self.attempt = 0;
                 st.state = DbState::Following;
                 st.last_error = None;
                 if !polled.more {
-                    w.caught_up_at = Some(now);
+                    self.caught_up_at = Some(now);
                 }
             }
             Err(e) => {
-                w.attempt += 1;
+                self.attempt += 1;
                 let msg = e.to_string();
                 if st.last_error.as_deref() != Some(msg.as_str()) {
                     error!(db = %spec.name, error = %msg, "standby cannot follow its replica");
@@ -258,7 +251,7 @@ impl Standby<'_> {
             .map(|p| p.pos());
         st.pos = pos.clone();
         st.last_sync = Some(now);
-        let attempt = w.attempt;
+        let attempt = self.attempt;
         let error = st.last_error.clone();
         let state = st.state;
         let row = &mut st.replicas[0];
@@ -278,10 +271,10 @@ impl Standby<'_> {
             row.last_sync = Some(now);
         }
         row.pos = pos;
-        row.caught_up_at = w.caught_up_at;
-        row.lag_seconds = match w.caught_up_at {
+        row.caught_up_at = self.caught_up_at;
+        row.lag_seconds = match self.caught_up_at {
             Some(t) => now.duration_since(t).unwrap_or_default().as_secs_f64(),
-            None => w.started.elapsed().as_secs_f64(),
+            None => self.started.elapsed().as_secs_f64(),
         };
         row.requests = meter.totals();
         row.requests_per_month = meter.per_month();
