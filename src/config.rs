@@ -295,6 +295,18 @@ pub struct ReplicaConfig {
     pub restorable_check_interval: Option<Duration>,
     /// Client-side age encryption, as Litestream 0.3 stores it.
     pub age: Option<AgeConfig>,
+    /// Never delete or replace an object at this path, so credentials without delete
+    /// permission (or a bucket with S3 Object Lock) suffice: retention is left to the bucket's
+    /// lifecycle rules, the lease is a chain of records, and a keep-alive snapshot is written
+    /// every `snapshot_keepalive` (see `docs/operations.md`, "Append-only replicas").
+    pub append_only: Option<bool>,
+    /// Append-only: the newest snapshot's greatest age (default 7 days). Keep it below the
+    /// lifecycle's expiry minus the longest outage you tolerate.
+    #[serde(default, with = "humantime_serde::option")]
+    pub snapshot_keepalive: Option<Duration>,
+    /// `s3`: an Object Lock retention set on every upload (`{ mode = "governance" |
+    /// "compliance", days = N }`); needs `append_only = true`.
+    pub object_lock: Option<replica::s3::ObjectLock>,
 }
 
 /// `[replicas.age]`: X25519 keys. Recipients encrypt what is written; identities decrypt what
@@ -984,6 +996,37 @@ fn replica_options(r: &ReplicaConfig, name: String, d: &Defaults) -> ReplicaOpti
         restorable_check_interval: r
             .restorable_check_interval
             .unwrap_or(d.restorable_check_interval),
+        append_only: r.append_only.unwrap_or(false),
+        snapshot_keepalive: r
+            .snapshot_keepalive
+            .unwrap_or(crate::replicator::DEFAULT_SNAPSHOT_KEEPALIVE),
+    }
+}
+
+/// `append_only`, `snapshot_keepalive` and `object_lock`, which only make sense together.
+fn check_append_only(r: &ReplicaConfig, kind: &str, i: usize, errors: &mut Vec<String>) {
+    let append_only = r.append_only.unwrap_or(false);
+    if append_only {
+        if r.retention.is_some() {
+            errors.push(format!("replicas[{i}].retention: an append-only replica deletes nothing; the bucket's lifecycle rules do retention (remove retention; see docs/operations.md)"));
+        }
+        if r.snapshot_keepalive.is_some_and(|k| k.is_zero()) {
+            errors.push(format!("replicas[{i}].snapshot_keepalive must be greater than 0: without keep-alive snapshots the lifecycle expires an idle database's only snapshot"));
+        }
+    } else if r.snapshot_keepalive.is_some() {
+        errors.push(format!(
+            "replicas[{i}].snapshot_keepalive: only for append_only = true"
+        ));
+    }
+    if let Some(lock) = &r.object_lock {
+        if kind != "s3" {
+            errors.push(format!("replicas[{i}].object_lock: S3 Object Lock is for s3 replicas (on GCS, set a retention policy on the bucket)"));
+        } else if !append_only {
+            errors.push(format!("replicas[{i}].object_lock: needs append_only = true (locked objects cannot be deleted by retention)"));
+        }
+        if lock.days == 0 {
+            errors.push(format!("replicas[{i}].object_lock.days must be at least 1"));
+        }
     }
 }
 
@@ -1026,6 +1069,7 @@ pub fn check_db(db: &DbConfig, d: &Defaults, file: &Path) -> CheckedDb {
                 .push(format!("replicas[{i}]: duplicate replica name {name:?}"));
         }
         names.push(name.clone());
+        check_append_only(r, kind, i, &mut c.errors);
         let ro = replica_options(r, name.clone(), d);
         if ro.sync_interval.is_zero() {
             c.errors.push(format!(
@@ -1110,8 +1154,11 @@ pub async fn resolve_db(
             .open()
             .await
             .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
-        let client = with_age(ReplicaClient::new(store), r, file)
+        let mut client = with_age(ReplicaClient::new(store), r, file)
             .map_err(|e| invalid(file, format!("replicas[{i}]: {e}")))?;
+        if r.append_only == Some(true) {
+            client = client.append_only();
+        }
         let age = match &r.age {
             Some(a) => a
                 .keys(file)
@@ -1186,6 +1233,7 @@ pub fn replica_target(r: &ReplicaConfig, file: &Path) -> Result<Target, String> 
             if let Some(v) = r.skip_verify {
                 c.skip_verify = v;
             }
+            c.object_lock = r.object_lock.clone();
         }
         return Ok(t);
     }
@@ -1207,6 +1255,7 @@ pub fn replica_target(r: &ReplicaConfig, file: &Path) -> Result<Target, String> 
             secret_access_key: env(&r.secret_access_key)?,
             part_size: r.part_size,
             skip_verify: r.skip_verify.unwrap_or(false),
+            object_lock: r.object_lock.clone(),
         }),
         "gcs" | "gs" => Target::Gcs(replica::gcs::GcsConfig {
             bucket: env(&r.bucket)?.ok_or("bucket: required for a gcs replica")?,

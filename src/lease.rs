@@ -19,6 +19,15 @@
 //! another writer changed; what is given up is that an idle holder keeps others out (see
 //! `docs/ARCHITECTURE.md`).
 //!
+//! On an append-only replica (`append_only = true`, credentials without delete permission or a
+//! bucket with Object Lock) the lease object is never replaced or deleted: the lease is a chain
+//! of records under `litestreamd-lease/` ([`Scheme::Chain`]), each written once with
+//! create-if-absent. Record `n + 1` can only be created by whoever saw record `n` as the newest,
+//! so the same exclusion holds; the newest record is found with one LIST of one key (record
+//! names count down, so the newest sorts first), a holder reads back the one name a takeover
+//! would create, and releasing writes a record that has already expired. The bucket's
+//! lifecycle expires old records.
+//!
 //! An expired lease is free. So is a lease left by an earlier process of the same database on
 //! this host (its pid is gone, or it is our own pid again, as in a container whose process is
 //! always pid 1), so a `kill -9` and restart does not wait out the TTL.
@@ -35,6 +44,27 @@ use crate::replica::{ObjectStore, Precondition, StoreError};
 
 /// The lease object's key, relative to the replica root.
 pub const LEASE_KEY: &str = "litestreamd.lease";
+
+/// Where an append-only replica's lease records live (see [`Scheme::Chain`]).
+pub const CHAIN_DIR: &str = "litestreamd-lease";
+
+/// How the lease is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// One object, [`LEASE_KEY`], replaced by conditional writes and deleted at release.
+    Object,
+    /// Append-only replicas: records `CHAIN_DIR/<u64::MAX - n, 16 hex digits>`, each created
+    /// once; the one with the highest `n` is the lease, and its version is `n`.
+    Chain,
+}
+
+fn record_key(n: u64) -> String {
+    format!("{CHAIN_DIR}/{:016x}", u64::MAX - n)
+}
+
+fn record_number(name: &str) -> Option<u64> {
+    u64::from_str_radix(name, 16).ok().map(|inv| u64::MAX - inv)
+}
 
 /// The default lease duration: long enough that an idle database renews rarely (one small PUT
 /// every 2.5 minutes), short enough that a crashed holder on another host is replaced soon.
@@ -117,6 +147,7 @@ static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 /// One replicator's lease on one replica path.
 pub struct Lease {
     store: Arc<dyn ObjectStore>,
+    scheme: Scheme,
     ttl: Duration,
     host: String,
     pid: u32,
@@ -147,10 +178,21 @@ impl Lease {
     /// `database` identifies the writer (its path); it is stored in the lease for people and
     /// used to recognise an earlier process of the same database.
     pub fn new(store: Arc<dyn ObjectStore>, ttl: Duration, database: &str) -> Self {
+        Self::with_scheme(store, Scheme::Object, ttl, database)
+    }
+
+    /// [`Self::new`] with the lease stored as `scheme` says (append-only replicas: `Chain`).
+    pub fn with_scheme(
+        store: Arc<dyn ObjectStore>,
+        scheme: Scheme,
+        ttl: Duration,
+        database: &str,
+    ) -> Self {
         let instance = format!("{:016x}", rand::random::<u64>());
         LIVE.lock().expect("live leases").push(instance.clone());
         Lease {
             store,
+            scheme,
             ttl,
             host: hostname(),
             pid: std::process::id(),
@@ -164,6 +206,10 @@ impl Lease {
     }
 
     fn doc(&self) -> Vec<u8> {
+        self.doc_until(SystemTime::now() + self.ttl)
+    }
+
+    fn doc_until(&self, expires: SystemTime) -> Vec<u8> {
         let now = SystemTime::now();
         let doc = LeaseDoc {
             holder: format!("{}/{}/{}", self.host, self.pid, self.database),
@@ -171,11 +217,119 @@ impl Lease {
             pid: self.pid,
             instance: self.instance.clone(),
             database: self.database.clone(),
-            expires_at_ms: unix_ms(now + self.ttl),
+            expires_at_ms: unix_ms(expires),
             renewed_at_ms: unix_ms(now),
             litestreamd: env!("CARGO_PKG_VERSION").to_string(),
         };
         serde_json::to_vec_pretty(&doc).expect("lease serialises")
+    }
+
+    fn url(&self) -> String {
+        self.store.url()
+    }
+
+    /// The lease's current content and version (None: no lease). Chain: the newest record,
+    /// found with one LIST of one key.
+    async fn read(&self) -> Result<Option<(Vec<u8>, String)>, LeaseError> {
+        match self.scheme {
+            Scheme::Object => Ok(self.store.get_versioned(LEASE_KEY).await?),
+            Scheme::Chain => {
+                let Some(first) = self.store.first(CHAIN_DIR).await? else {
+                    return Ok(None);
+                };
+                let n = record_number(&first.name).ok_or_else(|| LeaseError::Corrupt {
+                    url: format!("{}/{CHAIN_DIR}/{}", self.url(), first.name),
+                    message: "not a lease record name".into(),
+                })?;
+                // Expired by the lifecycle between the listing and the read: no lease.
+                Ok(self
+                    .store
+                    .get_versioned(&record_key(n))
+                    .await?
+                    .map(|(data, _)| (data, n.to_string())))
+            }
+        }
+    }
+
+    /// Writes `data` as the lease if `cond` still holds; the new version, or None if not.
+    /// Chain: creates the record after the one `cond` names (the first when Absent).
+    async fn write(
+        &self,
+        data: Vec<u8>,
+        cond: &Precondition,
+    ) -> Result<Option<String>, LeaseError> {
+        match self.scheme {
+            Scheme::Object => Ok(self.store.put_if(LEASE_KEY, data, cond).await?),
+            Scheme::Chain => {
+                let n = match cond {
+                    Precondition::Absent => 1,
+                    Precondition::Version(v) => {
+                        v.parse::<u64>().map_err(|_| LeaseError::Corrupt {
+                            url: self.url(),
+                            message: format!("lease record version {v:?}"),
+                        })? + 1
+                    }
+                };
+                let created = self
+                    .store
+                    .put_if(&record_key(n), data, &Precondition::Absent)
+                    .await?;
+                Ok(created.map(|_| n.to_string()))
+            }
+        }
+    }
+
+    /// Whether the lease at `version` is still ours; if not, what it is now. Chain: one HEAD of
+    /// the name a takeover would create.
+    async fn still_ours(
+        &self,
+        version: &str,
+    ) -> Result<Result<(), Option<(Vec<u8>, String)>>, LeaseError> {
+        match self.scheme {
+            Scheme::Object => {
+                let current = self.store.get_versioned(LEASE_KEY).await?;
+                if current.as_ref().is_some_and(|(_, v)| v == version) {
+                    return Ok(Ok(()));
+                }
+                Ok(Err(current))
+            }
+            Scheme::Chain => {
+                let next = version.parse::<u64>().unwrap_or(0) + 1;
+                if self.store.head(&record_key(next)).await?.is_none() {
+                    return Ok(Ok(()));
+                }
+                Ok(Err(self.read().await?))
+            }
+        }
+    }
+
+    /// Renews the lease at `version`; None if someone wrote it since. Chain: the newest record
+    /// must still be ours (not only its successor absent): a chain the lifecycle or an operator
+    /// emptied may have been started again by someone else at record 1.
+    async fn renew(&self, version: &str, data: Vec<u8>) -> Result<Option<String>, LeaseError> {
+        let cond = Precondition::Version(version.to_string());
+        if self.scheme == Scheme::Chain
+            && self.read().await?.map(|(_, v)| v).as_deref() != Some(version)
+        {
+            return Ok(None);
+        }
+        self.write(data, &cond).await
+    }
+
+    /// A lease of the other scheme at this path (a replicator of this path configured the
+    /// other way), if held by someone else: never two writers because their configs differ.
+    async fn check_other_scheme(&self) -> Result<(), LeaseError> {
+        let other = match self.scheme {
+            Scheme::Chain => self.store.get_versioned(LEASE_KEY).await?,
+            Scheme::Object => None,
+        };
+        if let Some((data, _)) = other
+            && let Ok(doc) = serde_json::from_slice::<LeaseDoc>(&data)
+            && doc.instance != self.instance
+        {
+            self.check_free(&doc)?;
+        }
+        Ok(())
     }
 
     /// Makes sure this replicator holds the lease with at least half its TTL left; call it
@@ -191,21 +345,21 @@ impl Lease {
                     return Ok(());
                 }
                 // Fresh, but it may have been taken over (a forced promotion elsewhere).
-                let current = self.store.get_versioned(LEASE_KEY).await?;
-                if current.as_ref().is_some_and(|(_, v)| v == version) {
-                    self.confirmed = Some(started);
-                    return Ok(());
+                match self.still_ours(version).await? {
+                    Ok(()) => {
+                        self.confirmed = Some(started);
+                        return Ok(());
+                    }
+                    Err(current) => (false, current),
                 }
-                (false, current)
             } else {
-                let cond = Precondition::Version(version.clone());
-                if let Some(v) = self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+                if let Some(v) = self.renew(version, self.doc()).await? {
                     self.held = Some((v, started + self.ttl));
                     self.confirmed = Some(started);
                     return Ok(());
                 }
                 let lapsed = *exp <= started;
-                (lapsed, self.store.get_versioned(LEASE_KEY).await?)
+                (lapsed, self.read().await?)
             };
             self.held = None;
             if current.is_none() && !lapsed {
@@ -221,7 +375,8 @@ impl Lease {
             }
             return self.acquire(current, started).await;
         }
-        let current = self.store.get_versioned(LEASE_KEY).await?;
+        self.check_other_scheme().await?;
+        let current = self.read().await?;
         self.acquire(current, started).await
     }
 
@@ -255,7 +410,7 @@ impl Lease {
                 Precondition::Version(version)
             }
         };
-        match self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+        match self.write(self.doc(), &cond).await? {
             Some(v) => {
                 info!(url = %self.store.url(), ttl = ?self.ttl, "lease acquired");
                 self.held = Some((v, started + self.ttl));
@@ -263,7 +418,7 @@ impl Lease {
                 Ok(())
             }
             // Lost a race with another replicator: report who won.
-            None => match self.store.get_versioned(LEASE_KEY).await? {
+            None => match self.read().await? {
                 Some((data, _)) => match serde_json::from_slice::<LeaseDoc>(&data) {
                     Ok(doc) => Err(self.held_error(&doc)),
                     Err(e) => Err(LeaseError::Corrupt {
@@ -313,7 +468,7 @@ impl Lease {
     /// and stops. Returns the holder it replaced, if any.
     pub async fn take_over(&mut self) -> Result<Option<String>, LeaseError> {
         let started = Instant::now();
-        let current = self.store.get_versioned(LEASE_KEY).await?;
+        let current = self.read().await?;
         let (cond, previous) = match &current {
             None => (Precondition::Absent, None),
             Some((data, version)) => (
@@ -324,7 +479,7 @@ impl Lease {
                     .or(Some("an unreadable lease".into())),
             ),
         };
-        match self.store.put_if(LEASE_KEY, self.doc(), &cond).await? {
+        match self.write(self.doc(), &cond).await? {
             Some(v) => {
                 warn!(url = %self.store.url(), previous = previous.as_deref().unwrap_or("nobody"), "lease taken over");
                 self.held = Some((v, started + self.ttl));
@@ -333,7 +488,7 @@ impl Lease {
             }
             // Someone wrote it between our read and our write: report them, as `ensure` does.
             None => self
-                .acquire(self.store.get_versioned(LEASE_KEY).await?, started)
+                .acquire(self.read().await?, started)
                 .await
                 .map(|()| previous),
         }
@@ -344,7 +499,19 @@ impl Lease {
         let Some((version, _)) = self.held.take() else {
             return;
         };
-        match self.store.delete_if(LEASE_KEY, &version).await {
+        let released = match self.scheme {
+            Scheme::Object => self
+                .store
+                .delete_if(LEASE_KEY, &version)
+                .await
+                .map_err(LeaseError::from),
+            // Nothing is deleted: the next record, already expired, frees the path.
+            Scheme::Chain => self
+                .renew(&version, self.doc_until(SystemTime::now()))
+                .await
+                .map(|v| v.is_some()),
+        };
+        match released {
             Ok(true) => info!(url = %self.store.url(), "lease released"),
             Ok(false) => warn!(url = %self.store.url(), "lease was no longer ours at release"),
             Err(e) => {
@@ -435,6 +602,81 @@ mod tests {
         let mut c = Lease::new(store(dir.path()), Duration::from_secs(60), "/data/c.db");
         c.ensure().await.unwrap();
         assert!(matches!(a.ensure().await, Err(LeaseError::Held { .. })));
+    }
+
+    fn chain(store: &Arc<dyn ObjectStore>, ttl: Duration, db: &str) -> Lease {
+        Lease::with_scheme(
+            Arc::new(crate::replica::append_only::AppendOnly::new(store.clone())),
+            Scheme::Chain,
+            ttl,
+            db,
+        )
+    }
+
+    fn records(dir: &std::path::Path) -> Vec<u64> {
+        let mut n: Vec<u64> = std::fs::read_dir(dir.join(CHAIN_DIR))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| record_number(&e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        n.sort();
+        n
+    }
+
+    /// The append-only lease: the same exclusion as the object lease, through records that are
+    /// only ever created (the wrapper refuses any replacement or deletion), including when the
+    /// lifecycle expired the whole chain.
+    #[tokio::test]
+    async fn the_append_only_lease_excludes_without_replacing_or_deleting() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let ttl = Duration::from_millis(300);
+        let mut a = chain(&s, ttl, "/data/a.db");
+        let mut b = chain(&s, Duration::from_secs(60), "/data/b.db");
+        a.ensure().await.unwrap();
+        assert_eq!(records(dir.path()), [1]);
+        match b.ensure().await {
+            Err(LeaseError::Held { holder, .. }) => assert!(holder.contains("/data/a.db")),
+            other => panic!("{other:?}"),
+        }
+        // Renewal below half the TTL: a new record, never a replaced one.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.ensure().await.unwrap();
+        assert_eq!(records(dir.path()), [1, 2]);
+        // Release: one more record, already expired; b takes the path.
+        a.release().await;
+        assert_eq!(records(dir.path()), [1, 2, 3]);
+        b.ensure().await.unwrap();
+        assert_eq!(records(dir.path()), [1, 2, 3, 4]);
+        // a, idle, notices b at its next write.
+        assert!(matches!(a.ensure().await, Err(LeaseError::Held { .. })));
+
+        // A takeover (promote --force) is seen by the holder's read-back within CONFIRM_EVERY.
+        let mut c = chain(&s, Duration::from_secs(60), "/data/c.db");
+        c.take_over().await.unwrap();
+        b.confirmed = None;
+        assert!(matches!(b.ensure().await, Err(LeaseError::Held { .. })));
+
+        // The lifecycle expires every record while c is idle past its TTL... and d starts a new
+        // chain: c must not renew over it. (The takeover's holder is gone first.)
+        drop(c);
+        let mut c = chain(&s, Duration::from_millis(100), "/data/c.db");
+        c.ensure().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        std::fs::remove_dir_all(dir.path().join(CHAIN_DIR)).unwrap();
+        let mut d = chain(&s, Duration::from_secs(60), "/data/d.db");
+        d.ensure().await.unwrap();
+        assert_eq!(records(dir.path()), [1]);
+        assert!(matches!(c.ensure().await, Err(LeaseError::Held { .. })));
+
+        // A replicator configured the other way (the object lease) at the same path is seen.
+        let mut e = Lease::new(s.clone(), Duration::from_secs(60), "/data/e.db");
+        e.ensure().await.unwrap();
+        let mut f = chain(&s, Duration::from_secs(60), "/data/f.db");
+        d.release().await;
+        assert!(matches!(f.ensure().await, Err(LeaseError::Held { .. })));
     }
 
     #[tokio::test]

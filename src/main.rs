@@ -167,6 +167,15 @@ enum Command {
         /// Lease on each replica path so no second replicator writes there; 0s disables it.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
         lease_ttl: Duration,
+        /// Never delete or replace an object on the replicas (credentials without delete
+        /// permission, S3 Object Lock): retention is the bucket's lifecycle rules', and a
+        /// keep-alive snapshot is written every --snapshot-keepalive. --retention is ignored.
+        #[arg(long)]
+        append_only: bool,
+        /// With --append-only: the newest snapshot's greatest age; keep it below the
+        /// lifecycle's expiry minus the longest outage you tolerate.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "7d", requires = "append_only")]
+        snapshot_keepalive: Duration,
         /// Upper bound for the final sync on SIGTERM/SIGINT.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
         shutdown_timeout: Duration,
@@ -448,14 +457,19 @@ async fn dispatch(cmd: Command) -> Result<()> {
             retention,
             retention_check_interval,
             lease_ttl,
+            append_only,
+            snapshot_keepalive,
             shutdown_timeout,
             age,
         } => {
             let keys = age.keys()?;
             let mut replicas = Vec::new();
             for url in &urls {
-                let client =
+                let mut client =
                     ReplicaClient::new(replica::store_from_url(url).await?).with_age(keys.clone());
+                if append_only {
+                    client = client.append_only();
+                }
                 let mut name = client.kind().to_string();
                 if replicas
                     .iter()
@@ -470,6 +484,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     retention,
                     retention_check_interval,
                     lease_ttl,
+                    append_only,
+                    snapshot_keepalive,
                     ..Default::default()
                 };
                 replicas.push((opts, client));
@@ -794,6 +810,7 @@ async fn status_cmd(
                     .last_error
                     .as_deref()
                     .filter(|_| r.state.name() != ReplicaStateName::Healthy)
+                    .or(r.retention_error.as_deref())
                     .unwrap_or("");
                 let drill = match (&d.drill, &r.drill) {
                     (Some(run), _) if run.replica.as_deref().is_none_or(|n| n == r.name) => {

@@ -31,6 +31,10 @@ static SNAPSHOT_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_
 /// upload takes, short enough that a killed snapshot upload does not linger for a day.
 const INCOMPLETE_MAX_AGE: Duration = Duration::from_secs(6 * 3600);
 
+/// Append-only replicas: a week, for lifecycle rules of 30 days or more (the rule is
+/// keep-alive < expiry - the longest outage tolerated; see `docs/operations.md`).
+pub const DEFAULT_SNAPSHOT_KEEPALIVE: Duration = Duration::from_secs(7 * 24 * 3600);
+
 #[derive(Debug, Error)]
 pub enum ReplicaError {
     #[error(transparent)]
@@ -113,6 +117,27 @@ pub struct ReplicaOptions {
     /// How often, while it uploads, a replica checks that the objects its generation restores
     /// from are still there (see `Replica::check_restorable`); zero disables the check.
     pub restorable_check_interval: Duration,
+    /// Never delete or replace an object at this path (`append_only`): no retention (the
+    /// bucket's lifecycle does it), the lease as a chain of records (`lease::Scheme::Chain`),
+    /// and a keep-alive snapshot every `snapshot_keepalive`. The client is wrapped in
+    /// `replica::append_only` so nothing that deletes can be sent.
+    pub append_only: bool,
+    /// Append-only: the longest the newest snapshot of the current generation may get before a
+    /// new one is written, also when the database is idle, so a lifecycle rule that expires
+    /// objects older than E never leaves the database without a restorable snapshot while
+    /// this is shorter than E minus the longest outage tolerated.
+    pub snapshot_keepalive: Duration,
+}
+
+impl ReplicaOptions {
+    /// How this replica's lease is stored.
+    pub fn lease_scheme(&self) -> lease::Scheme {
+        if self.append_only {
+            lease::Scheme::Chain
+        } else {
+            lease::Scheme::Object
+        }
+    }
 }
 
 impl Default for ReplicaOptions {
@@ -126,6 +151,8 @@ impl Default for ReplicaOptions {
             retry: RetryPolicy::default(),
             lease_ttl: lease::DEFAULT_TTL,
             restorable_check_interval: Duration::from_secs(60),
+            append_only: false,
+            snapshot_keepalive: DEFAULT_SNAPSHOT_KEEPALIVE,
         }
     }
 }
@@ -174,8 +201,14 @@ impl Replica {
         database: &str,
         wake: Arc<Notify>,
     ) -> (Self, watch::Receiver<ReplicaReport>) {
-        let lease = (!opts.lease_ttl.is_zero())
-            .then(|| Lease::new(client.store().clone(), opts.lease_ttl, database));
+        let lease = (!opts.lease_ttl.is_zero()).then(|| {
+            Lease::with_scheme(
+                client.store().clone(),
+                opts.lease_scheme(),
+                opts.lease_ttl,
+                database,
+            )
+        });
         let (report, rx) = watch::channel(ReplicaReport::default());
         let r = Replica {
             opts,
@@ -309,6 +342,20 @@ impl Replica {
                 }
                 Some(delay)
             }
+        }
+    }
+
+    /// Records a retention pass: a failure (a store refusing deletions: credentials without
+    /// delete permission, Object Lock) is logged, counted and shown in the replica's status
+    /// until a pass succeeds; uploads are not affected.
+    pub fn record_retention<T>(&self, db: &str, res: &Result<T, ReplicaError>) {
+        let error = res.as_ref().err().map(|e| format!("retention failed: {e}"));
+        if let Some(e) = &error {
+            warn!(db, replica = %self.opts.name, error = %e, "retention pass failed; replication goes on (next pass at the retention check interval)");
+            metrics::counter!(telemetry::REPLICA_RETENTION_FAILURES, "db" => db.to_string(), "replica" => self.opts.name.clone()).increment(1);
+        }
+        if self.report.borrow().retention_error != error {
+            self.report(|r| r.retention_error = error);
         }
     }
 
@@ -651,6 +698,28 @@ impl Replica {
                 .expect("snapshot task")?;
         let Some(src) = src else { return Ok(None) };
         let pos = src.pos.clone();
+        if self.opts.append_only
+            && self
+                .client
+                .snapshots(&pos.generation)
+                .await?
+                .iter()
+                .any(|s| s.index == pos.index)
+        {
+            // The snapshot's key is taken (the checkpoint before it could not start a new WAL
+            // index) and this path never replaces an object: a new generation has new keys.
+            drop(src);
+            info!(db = %shared.name, replica = %self.opts.name, %pos, "append-only: a snapshot of this WAL index exists; starting a new generation for the new snapshot");
+            let sh = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                sh.db.lock().expect("db lock").request_new_generation(
+                    "an append-only replica needs a snapshot under a new key",
+                )
+            })
+            .await
+            .expect("db task");
+            return Ok(None);
+        }
         let started = std::time::Instant::now();
         let (body, producer) = self.client.encode(None, move |w| src.copy_to(w));
         let put = self
@@ -701,6 +770,9 @@ impl Replica {
         &mut self,
         shared: &Arc<DbShared>,
     ) -> Result<Option<SystemTime>, ReplicaError> {
+        if self.opts.append_only {
+            return self.keep_alive(shared).await;
+        }
         if self.opts.retention.is_zero() {
             return Ok(None);
         }
@@ -781,6 +853,39 @@ impl Replica {
             }
         }
         Ok(next_change)
+    }
+}
+
+impl Replica {
+    /// Append-only retention: nothing is deleted (the bucket's lifecycle expires objects by
+    /// age); a snapshot is written when the current generation's newest one is older than
+    /// `snapshot_keepalive`, also for an idle database, so what the lifecycle leaves always
+    /// restores. Returns when the newest snapshot next reaches that age.
+    async fn keep_alive(
+        &mut self,
+        shared: &Arc<DbShared>,
+    ) -> Result<Option<SystemTime>, ReplicaError> {
+        let dpos = db_pos(shared).await?;
+        // Until this replica has synced the database's generation (it takes the generation's
+        // first snapshot itself), look again soon: no request.
+        let Some(dpos) =
+            dpos.filter(|d| self.pos.as_ref().map(|p| &p.generation) == Some(&d.generation))
+        else {
+            return Ok(Some(SystemTime::now()));
+        };
+        let keepalive = self.opts.snapshot_keepalive;
+        let newest = self.newest_snapshot(&dpos.generation).await?;
+        if let Some(t) = newest
+            && t + keepalive > SystemTime::now()
+        {
+            return Ok(Some(t + keepalive));
+        }
+        info!(db = %shared.name, replica = %self.opts.name, age = ?newest.map(|t| SystemTime::now().duration_since(t).unwrap_or_default()), "append-only: keep-alive snapshot (the bucket's lifecycle would otherwise expire the newest one)");
+        match self.snapshot(shared).await? {
+            Some(_) => Ok(Some(SystemTime::now() + keepalive)),
+            // A new generation was requested (or the database is gone): look again soon.
+            None => Ok(Some(SystemTime::now())),
+        }
     }
 }
 

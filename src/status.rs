@@ -279,6 +279,8 @@ pub struct ReplicaReport {
     pub last_error: Option<String>,
     pub retries: u64,
     pub uploaded_bytes: u64,
+    /// Why the last retention pass failed (None after one succeeds); replication goes on.
+    pub retention_error: Option<String>,
 }
 
 /// A replica's status as the worker publishes it.
@@ -295,6 +297,9 @@ pub struct ReplicaStatus {
     pub last_error: Option<String>,
     pub retries: u64,
     pub uploaded_bytes: u64,
+    /// Why the last retention pass failed (a store refusing deletions); replication goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_error: Option<String>,
     /// Seconds since the replica last had everything the database has (0 when caught up).
     pub lag_seconds: f64,
     /// Shadow WAL bytes not uploaded yet.
@@ -329,6 +334,7 @@ impl ReplicaStatus {
             last_error: None,
             retries: 0,
             uploaded_bytes: 0,
+            retention_error: None,
             lag_seconds: 0.0,
             lag_bytes: 0,
             caught_up_at: Some(SystemTime::now()),
@@ -351,6 +357,7 @@ impl ReplicaStatus {
         self.last_error = r.last_error.clone();
         self.retries = r.retries;
         self.uploaded_bytes = r.uploaded_bytes;
+        self.retention_error = r.retention_error.clone();
     }
 }
 

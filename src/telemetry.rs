@@ -35,6 +35,7 @@ pub const REPLICA_RETRIES: &str = "litestreamd_replica_retries_total";
 pub const REPLICA_ERRORS: &str = "litestreamd_replica_errors_total";
 pub const REPLICA_LEASE_CONFLICTS: &str = "litestreamd_replica_lease_conflicts_total";
 pub const REPLICA_NOT_RESTORABLE: &str = "litestreamd_replica_not_restorable_total";
+pub const REPLICA_RETENTION_FAILURES: &str = "litestreamd_replica_retention_failures_total";
 pub const REPLICA_OPERATIONS: &str = "litestreamd_replica_operations_total";
 pub const REPLICA_OPERATION_BYTES: &str = "litestreamd_replica_operation_bytes_total";
 pub const REPLICA_REQUESTS: &str = "litestreamd_replica_requests_total";
@@ -73,6 +74,7 @@ pub const REPLICA_COUNTERS: &[&str] = &[
     REPLICA_ERRORS,
     REPLICA_LEASE_CONFLICTS,
     REPLICA_NOT_RESTORABLE,
+    REPLICA_RETENTION_FAILURES,
     SNAPSHOTS,
 ];
 /// Writes every series of a database from its status (so `/metrics` shows what the control
@@ -360,6 +362,10 @@ fn describe() {
     describe_counter!(
         REPLICA_NOT_RESTORABLE,
         "Times the replica found objects its generation restores from gone (a new snapshot or generation follows)."
+    );
+    describe_counter!(
+        REPLICA_RETENTION_FAILURES,
+        "Failed retention passes (a deletion the store refused, such as credentials without delete permission); replication goes on."
     );
     describe_counter!(
         REPLICA_OPERATIONS,

@@ -1109,9 +1109,7 @@ async fn replica_loop(
             }
             _ = sleep_until(next_retention) => {
                 let res = r.enforce_retention(&shared).await;
-                if let Err(e) = &res {
-                    warn!(db = %name, replica = %r.opts.name, error = %e, "retention check failed");
-                }
+                r.record_retention(&name, &res);
                 retention.ran(&r, res.ok());
             }
             _ = sleep_until(snapshot_due) => {
@@ -1142,6 +1140,8 @@ struct RetentionSchedule {
     change: Option<Instant>,
     /// The replica's writes at the last pass; None until a pass succeeded.
     writes: Option<u64>,
+    /// Whether a pass ran.
+    ran: bool,
 }
 
 impl RetentionSchedule {
@@ -1150,10 +1150,20 @@ impl RetentionSchedule {
             last: Instant::now(),
             change: None,
             writes: None,
+            ran: false,
         }
     }
 
     fn due(&self, r: &Replica) -> Option<Instant> {
+        if r.opts.append_only {
+            // Keep-alive only: at the start, then when the newest snapshot reaches its age,
+            // or a floor after a failed pass.
+            return match (self.ran, self.writes) {
+                (false, _) => Some(self.last),
+                (true, Some(_)) => self.change,
+                (true, None) => Some(self.last + Self::floor(r)),
+            };
+        }
         if r.opts.retention.is_zero() {
             return None;
         }
@@ -1164,13 +1174,24 @@ impl RetentionSchedule {
         self.change
     }
 
+    /// Object times come from the store's clock: a time already past (skew) waits a check
+    /// interval (at most a minute; a quarter of an append-only replica's keep-alive) rather
+    /// than running pass after pass.
+    fn floor(r: &Replica) -> Duration {
+        let floor = r.opts.retention_check_interval.min(Duration::from_secs(60));
+        if r.opts.append_only {
+            floor.min(r.opts.snapshot_keepalive / 4)
+        } else {
+            floor
+        }
+    }
+
     /// After a pass: `next_change` is what it returned (None when it failed).
     fn ran(&mut self, r: &Replica, next_change: Option<Option<SystemTime>>) {
         self.last = Instant::now();
+        self.ran = true;
         self.writes = next_change.is_some().then(|| r.writes());
-        // Object times come from the store's clock: a time already past (skew) waits a check
-        // interval (at most a minute) rather than running pass after pass.
-        let floor = r.opts.retention_check_interval.min(Duration::from_secs(60));
+        let floor = Self::floor(r);
         self.change = next_change.flatten().map(|t| {
             let wait = t.duration_since(SystemTime::now()).unwrap_or_default();
             self.last + wait.max(floor)

@@ -303,6 +303,7 @@ async fn s3_multipart_snapshot_restores_byte_identical() {
         secret_access_key: Some(SECRET.into()),
         part_size: Some(MIN_PART_SIZE),
         skip_verify: false,
+        object_lock: None,
     })
     .await
     .unwrap();
@@ -400,6 +401,7 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
             secret_access_key: Some(secret.into()),
             part_size: None,
             skip_verify: false,
+            object_lock: None,
         };
         async move { ReplicaClient::new(std::sync::Arc::new(S3Store::new(cfg).await.unwrap())) }
     };

@@ -269,6 +269,7 @@ mod tests {
             last_error: Some("boom".into()),
             retries: 3,
             uploaded_bytes: 123,
+            retention_error: None,
             lag_seconds: 4.5,
             lag_bytes: 8304,
             caught_up_at: Some(t),

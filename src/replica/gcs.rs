@@ -237,6 +237,38 @@ impl ObjectStore for GcsStore {
         })
     }
 
+    async fn first(&self, dir: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let prefix = format!("{}/", self.key(dir));
+        let req = ListObjectsRequest {
+            bucket: self.cfg.bucket.clone(),
+            prefix: Some(prefix.clone()),
+            delimiter: Some("/".to_string()),
+            max_results: Some(1),
+            ..Default::default()
+        };
+        let out = self
+            .client
+            .list_objects(&req)
+            .await
+            .map_err(|e| self.err("list", dir, e))?;
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "LIST").increment(1);
+        Ok(out
+            .items
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .and_then(|o| {
+                Some(ObjectInfo {
+                    name: o.name.strip_prefix(&prefix)?.to_string(),
+                    size: o.size.max(0) as u64,
+                    modified: o
+                        .time_created
+                        .map(SystemTime::from)
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                })
+            }))
+    }
+
     async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
         let name = self.key(key);
         let req = UploadObjectRequest {

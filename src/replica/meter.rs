@@ -162,6 +162,10 @@ impl ObjectStore for Metered {
         self.meter.add(RequestKind::Get);
         self.inner.get_range(key, start, end).await
     }
+    async fn first(&self, dir: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        self.meter.add(RequestKind::List);
+        self.inner.first(dir).await
+    }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         self.meter.add(RequestKind::Head);
         self.inner.head(key).await

@@ -2,6 +2,7 @@
 //! delete of keys under the replica root); [`ReplicaClient`] puts the Litestream v0.3 layout on
 //! top of it once, so the file, S3 and GCS targets cannot disagree about names or order.
 
+pub mod append_only;
 pub mod file;
 pub mod gcs;
 mod insecure_http;
@@ -45,6 +46,15 @@ pub enum StoreError {
         key: String,
         message: String,
     },
+    /// An append-only replica refused a deletion or replacement (see `append_only`).
+    #[error(
+        "{store}: {op} {key}: refused: this replica is append-only (append_only = true), so litestreamd never deletes or replaces an object here; the bucket's lifecycle rules do retention"
+    )]
+    Refused {
+        store: String,
+        op: &'static str,
+        key: String,
+    },
     #[error("{store}: {op} {key}: {message}")]
     Backend {
         store: String,
@@ -62,7 +72,9 @@ impl StoreError {
     }
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::NotFound { .. } | StoreError::Crypt { .. } => false,
+            StoreError::NotFound { .. } | StoreError::Crypt { .. } | StoreError::Refused { .. } => {
+                false
+            }
             StoreError::Io { source, .. } => !matches!(
                 source.kind(),
                 io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
@@ -132,6 +144,17 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
             .await
             .map_err(io_err)?;
         Ok(vec![buf.into()])
+    }
+    /// The first object directly under `dir` in key order, if any: one LIST of one key on a
+    /// bucket, however many objects the directory holds. The append-only lease finds its newest
+    /// record with it (see `lease`).
+    async fn first(&self, dir: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        Ok(self
+            .list(dir)
+            .await?
+            .objects
+            .into_iter()
+            .min_by(|a, b| a.name.cmp(&b.name)))
     }
     /// Whether an object exists, and its size and time (S3 HEAD, GCS metadata, file stat):
     /// one small request, for checks that must stay cheap.
@@ -259,6 +282,12 @@ impl ReplicaClient {
             meter,
             age: None,
         }
+    }
+    /// Makes this client append-only (see [`append_only`]): deletions and replacements are
+    /// refused before they reach the store (and its request meter).
+    pub fn append_only(mut self) -> Self {
+        self.store = Arc::new(append_only::AppendOnly::new(self.store));
+        self
     }
     pub fn meter(&self) -> &Arc<meter::RequestMeter> {
         &self.meter

@@ -12,7 +12,9 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+};
 
 use super::{Listing, ObjectInfo, ObjectReader, ObjectStore, Precondition, StoreError};
 
@@ -47,6 +49,40 @@ pub struct S3Config {
     pub part_size: Option<usize>,
     /// Accept any TLS certificate (self-signed S3-compatible stores on a private network).
     pub skip_verify: bool,
+    /// An Object Lock retention set on every upload.
+    pub object_lock: Option<ObjectLock>,
+}
+
+/// `object_lock = { mode = "governance" | "compliance", days = N }`: every object uploaded is
+/// locked until N days after its upload (`x-amz-object-lock-mode` and
+/// `x-amz-object-lock-retain-until-date`). The bucket must have Object Lock enabled.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    pub days: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete.
+    Governance,
+    /// Nobody can delete a locked version before its date, not even the root account.
+    Compliance,
+}
+
+impl ObjectLock {
+    fn mode(&self) -> aws_sdk_s3::types::ObjectLockMode {
+        match self.mode {
+            LockMode::Governance => aws_sdk_s3::types::ObjectLockMode::Governance,
+            LockMode::Compliance => aws_sdk_s3::types::ObjectLockMode::Compliance,
+        }
+    }
+    fn until(&self) -> aws_sdk_s3::primitives::DateTime {
+        let t = SystemTime::now() + Duration::from_secs(u64::from(self.days) * 24 * 3600);
+        aws_sdk_s3::primitives::DateTime::from(t)
+    }
 }
 
 impl S3Config {
@@ -237,6 +273,14 @@ impl S3Store {
         }
     }
 
+    /// What every upload to an Object Lock bucket carries: the retention, if configured, and
+    /// an integrity checksum (a locked bucket refuses a PUT without Content-MD5 or
+    /// `x-amz-sdk-checksum-algorithm`). CRC32 is computed by the SDK from the body.
+    fn lock(&self) -> (Option<&ObjectLock>, Option<ChecksumAlgorithm>) {
+        let lock = self.cfg.object_lock.as_ref();
+        (lock, lock.map(|_| ChecksumAlgorithm::Crc32))
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
@@ -244,11 +288,15 @@ impl S3Store {
         body: &mut ObjectReader,
     ) -> Result<u64, StoreError> {
         let full = self.key(key);
+        let (lock, checksum) = self.lock();
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.cfg.bucket)
             .key(&full)
+            .set_object_lock_mode(lock.map(ObjectLock::mode))
+            .set_object_lock_retain_until_date(lock.map(ObjectLock::until))
+            .set_checksum_algorithm(checksum.clone())
             .send()
             .await
             .map_err(|e| self.err("put", key, e))?;
@@ -268,6 +316,7 @@ impl S3Store {
                     .key(&full)
                     .upload_id(&upload_id)
                     .part_number(num)
+                    .set_checksum_algorithm(checksum.clone())
                     .body(ByteStream::from(buf))
                     .send()
                     .await
@@ -276,6 +325,7 @@ impl S3Store {
                     CompletedPart::builder()
                         .part_number(num)
                         .set_e_tag(out.e_tag().map(str::to_string))
+                        .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
                         .build(),
                 );
                 buf = super::read_up_to(body, self.part_size)
@@ -439,17 +489,43 @@ impl ObjectStore for S3Store {
         })
     }
 
+    async fn first(&self, dir: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        let prefix = format!("{}/", self.key(dir));
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.cfg.bucket)
+            .prefix(&prefix)
+            .delimiter("/")
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.err("list", dir, e))?;
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "LIST").increment(1);
+        Ok(out.contents().first().and_then(|o| {
+            Some(ObjectInfo {
+                name: o.key()?.strip_prefix(&prefix)?.to_string(),
+                size: o.size().unwrap_or(0) as u64,
+                modified: to_system_time(o.last_modified()),
+            })
+        }))
+    }
+
     async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
         let first = super::read_up_to(&mut body, self.part_size)
             .await
             .map_err(|e| self.io_err(key, e))?;
         let size = if first.len() < self.part_size {
             let n = first.len() as u64;
+            let (lock, checksum) = self.lock();
             self.client
                 .put_object()
                 .bucket(&self.cfg.bucket)
                 .key(self.key(key))
                 .metadata(PUT_MS, unix_ms_now().to_string())
+                .set_object_lock_mode(lock.map(ObjectLock::mode))
+                .set_object_lock_retain_until_date(lock.map(ObjectLock::until))
+                .set_checksum_algorithm(checksum)
                 .body(ByteStream::from(first))
                 .send()
                 .await
@@ -663,11 +739,15 @@ impl ObjectStore for S3Store {
         data: Vec<u8>,
         cond: &Precondition,
     ) -> Result<Option<String>, StoreError> {
+        let (lock, checksum) = self.lock();
         let req = self
             .client
             .put_object()
             .bucket(&self.cfg.bucket)
             .key(self.key(key))
+            .set_object_lock_mode(lock.map(ObjectLock::mode))
+            .set_object_lock_retain_until_date(lock.map(ObjectLock::until))
+            .set_checksum_algorithm(checksum)
             .body(ByteStream::from(data));
         let req = match cond {
             Precondition::Absent => req.if_none_match("*"),

@@ -226,12 +226,16 @@ fn replica_error(r: &ReplicaStatus) -> Option<&str> {
         ReplicaState::Retrying { error, .. }
         | ReplicaState::Failed { error, .. }
         | ReplicaState::Conflict { error, .. } => Some(error.as_str()),
-        _ => r.last_error.as_deref().or_else(|| {
-            r.drill
-                .as_ref()
-                .filter(|d| d.result != crate::status::DrillResult::Passed)
-                .and_then(|d| d.reason.as_deref())
-        }),
+        _ => r
+            .retention_error
+            .as_deref()
+            .or(r.last_error.as_deref())
+            .or_else(|| {
+                r.drill
+                    .as_ref()
+                    .filter(|d| d.result != crate::status::DrillResult::Passed)
+                    .and_then(|d| d.reason.as_deref())
+            }),
     }
 }
 

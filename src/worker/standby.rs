@@ -306,8 +306,9 @@ impl Standby<'_> {
         }
         let (ropts, client) = &spec.replicas[sb.replica];
         if !ropts.lease_ttl.is_zero() {
-            let mut lease = Lease::new(
+            let mut lease = Lease::with_scheme(
                 client.store().clone(),
+                ropts.lease_scheme(),
                 ropts.lease_ttl,
                 &spec.path.to_string_lossy(),
             );
