@@ -1359,6 +1359,56 @@ mod tests {
         assert!(c.errors.is_empty(), "{}: {:?}", p.display(), c.errors);
     }
 
+    /// `append_only`, `snapshot_keepalive`, `object_lock`: what goes together, and the example.
+    #[test]
+    fn append_only_files_are_checked() {
+        let d = Defaults::default();
+        let f = Path::new("/etc/litestreamd/dbs.d/app.toml");
+        let parse = |text: &str| -> DbConfig { toml::from_str(text).unwrap() };
+        let ok = parse(
+            "path = \"/a.db\"\n[[replicas]]\nurl = \"s3://b/app\"\nappend_only = true\nsnapshot_keepalive = \"3d\"\nobject_lock = { mode = \"governance\", days = 7 }\n",
+        );
+        assert!(check_db(&ok, &d, f).errors.is_empty());
+        let ro = replica_options(&ok.replicas[0], "s3".into(), &d);
+        assert!(ro.append_only);
+        assert_eq!(ro.snapshot_keepalive, Duration::from_secs(3 * 24 * 3600));
+        let bad = parse(
+            "path = \"/a.db\"\n[[replicas]]\nname = \"a\"\nurl = \"s3://b/app\"\nretention = \"24h\"\nappend_only = true\nsnapshot_keepalive = \"0s\"\nobject_lock = { mode = \"compliance\", days = 0 }\n[[replicas]]\nname = \"b\"\nurl = \"gs://b/app\"\nsnapshot_keepalive = \"1d\"\nobject_lock = { mode = \"governance\", days = 1 }\n[[replicas]]\nname = \"c\"\nurl = \"s3://c/app\"\nobject_lock = { mode = \"governance\", days = 1 }\n",
+        );
+        let errors = check_db(&bad, &d, f).errors.join("\n");
+        for want in [
+            "replicas[0].retention: an append-only replica deletes nothing",
+            "replicas[0].snapshot_keepalive must be greater than 0",
+            "replicas[0].object_lock.days must be at least 1",
+            "replicas[1].snapshot_keepalive: only for append_only = true",
+            "replicas[1].object_lock: S3 Object Lock is for s3 replicas",
+            "replicas[2].object_lock: needs append_only = true",
+        ] {
+            assert!(errors.contains(want), "{want}\n{errors}");
+        }
+        assert!(
+            toml::from_str::<DbConfig>(
+                "path = \"/a.db\"\n[[replicas]]\nurl = \"s3://b/a\"\nobject_lock = { mode = \"legal\", days = 1 }\n"
+            )
+            .is_err(),
+            "an unknown lock mode is an error"
+        );
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/append-only-s3.toml");
+        let db = load_db_file(&p).unwrap_or_else(|e| panic!("{}: {:?}", p.display(), e.errors));
+        let c = check_db(&db, &d, &p);
+        assert!(c.errors.is_empty(), "{}: {:?}", p.display(), c.errors);
+        match &c.targets[0].0 {
+            Target::S3(s3) => assert_eq!(
+                s3.object_lock,
+                Some(replica::s3::ObjectLock {
+                    mode: replica::s3::LockMode::Compliance,
+                    days: 30
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn expands_env() {
         unsafe { std::env::set_var("LSD_TEST_SECRET", "s3cr3t") };

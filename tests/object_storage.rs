@@ -885,7 +885,7 @@ fn two_databases_on_one_replica_path_only_the_first_ever_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_conditional_writes_on_s3_and_gcs() {
     use litestreamd::lease::{CHAIN_DIR, Lease, LeaseError, Scheme};
-    use litestreamd::replica::{ObjectStore, gcs, s3};
+    use litestreamd::replica::{ObjectStore, StoreError, gcs, s3};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let s3_srv = s3_server(&dir.path().join("s3"));
@@ -902,6 +902,9 @@ async fn lease_conditional_writes_on_s3_and_gcs() {
     let stores: Vec<Arc<dyn ObjectStore>> = vec![
         Arc::new(s3::S3Store::new(s3_cfg).await.unwrap()),
         Arc::new(gcs::GcsStore::new(gcs_cfg).await.unwrap()),
+        Arc::new(litestreamd::replica::file::FileStore::new(
+            dir.path().join("file"),
+        )),
     ];
     for store in stores {
         let url = store.url();
@@ -949,6 +952,48 @@ async fn lease_conditional_writes_on_s3_and_gcs() {
         assert!(a.ensure().await.is_err(), "{url}: b holds it now");
         let records = store.list(CHAIN_DIR).await.unwrap().objects;
         assert_eq!(records.len(), 6, "{url}: {records:?}");
+        // The store's own preconditions (not only the lease's reading of who holds it).
+        let absent = litestreamd::replica::Precondition::Absent;
+        let v1 = store.put_if("cond", b"1".to_vec(), &absent).await.unwrap();
+        assert!(v1.is_some(), "{url}");
+        assert_eq!(
+            store.put_if("cond", b"2".to_vec(), &absent).await.unwrap(),
+            None,
+            "{url}"
+        );
+        let stale = litestreamd::replica::Precondition::Version("1234".into());
+        assert_eq!(
+            store.put_if("cond", b"3".to_vec(), &stale).await.unwrap(),
+            None,
+            "{url}"
+        );
+        let current = litestreamd::replica::Precondition::Version(v1.unwrap());
+        assert!(
+            store
+                .put_if("cond", b"4".to_vec(), &current)
+                .await
+                .unwrap()
+                .is_some(),
+            "{url}"
+        );
+        // Append-only uploads are create-only at the store: a second upload of a key fails
+        // with `Exists` and leaves the first object as it was.
+        let body = |b: &'static [u8]| -> litestreamd::replica::ObjectReader { Box::pin(b) };
+        ao.put("generations/g/wal/x", body(b"first")).await.unwrap();
+        match ao.put("generations/g/wal/x", body(b"second")).await {
+            Err(StoreError::Exists { key, .. }) => assert_eq!(key, "generations/g/wal/x"),
+            other => panic!("{url}: second create-only upload: {other:?}"),
+        }
+        let (data, _) = store
+            .get_versioned("generations/g/wal/x")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(data, b"first", "{url}");
+        assert!(matches!(
+            ao.delete(&["generations/g/wal/x".to_string()]).await,
+            Err(StoreError::Refused { .. })
+        ));
         let newest = store.first(CHAIN_DIR).await.unwrap().unwrap();
         assert_eq!(
             newest.name,
@@ -1519,7 +1564,8 @@ async fn a_standby_follows_s3_with_probes_not_listings() {
     );
 }
 
-/// An S3 front that logs every request (`METHOD path` per line in `log`) and, with
+/// An S3 front that logs every request (`METHOD path` per line in `log`, then ` if-none-match`
+/// for a create-only request) and, with
 /// `deny_deletes`, answers every deletion (DELETE, and POST `?delete`, the batch delete) with
 /// 403 AccessDenied as S3 does for credentials without `s3:DeleteObject`. A small Python
 /// proxy, like `tls_proxy`; stopping it (`Server::down`) is an outage of the store.
@@ -1553,7 +1599,8 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         query = self.path.partition("?")[2].split("&")
         deleting = self.command == "DELETE" or (self.command == "POST" and "delete" in [q.split("=")[0] for q in query])
         with lock, open(log, "a") as f:
-            f.write(f"{self.command} {self.path}{' DENIED' if deleting and deny else ''}\n")
+            inm = " if-none-match" if self.headers.get("If-None-Match") == "*" else ""
+            f.write(f"{self.command} {self.path}{inm}{' DENIED' if deleting and deny else ''}\n")
         if deleting and deny:
             self.send_response_only(403)
             self.send_header("Content-Type", "application/xml")
@@ -1757,7 +1804,17 @@ print(json.dumps(out))"#,
         "the append-only lease never uses the replaceable object"
     );
     let requests = std::fs::read_to_string(&plog).unwrap();
-    assert!(requests.lines().filter(|l| l.starts_with("PUT ")).count() > 10);
+    // Every upload under the replica path is create-only (If-None-Match: *), so a bucket
+    // policy can require it: the owner record, lease records, snapshots and segments.
+    let puts: Vec<&str> = requests
+        .lines()
+        .filter(|l| l.starts_with("PUT /locked/app.db/"))
+        .collect();
+    assert!(puts.len() > 10, "{requests}");
+    assert!(
+        puts.iter().all(|l| l.ends_with(" if-none-match")),
+        "{requests}"
+    );
     assert_eq!(
         deletions(&plog),
         Vec::<String>::new(),

@@ -3,8 +3,9 @@
 //! This wrapper makes "never delete, never replace an object" a property of the client rather
 //! than a promise of every caller: a deletion or a conditional replacement reaching it is
 //! refused at once with [`StoreError::Refused`] (not retried), so a path that would delete
-//! fails loudly in tests instead of being sent. Unconditional uploads pass: the layout writes
-//! each segment key once, and the replicator checks a snapshot's key is new before it writes.
+//! fails loudly in tests instead of being sent. Every upload is create-only
+//! ([`ObjectStore::put_new`]): the layout writes each segment key once, the replicator checks a
+//! snapshot's key is new before it writes, and the store refuses the rest.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -46,8 +47,12 @@ impl ObjectStore for AppendOnly {
     async fn first(&self, dir: &str) -> Result<Option<ObjectInfo>, StoreError> {
         self.inner.first(dir).await
     }
+    /// Every upload is create-only: the store itself refuses to replace an object.
     async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
-        self.inner.put(key, body).await
+        self.inner.put_new(key, body).await
+    }
+    async fn put_new(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        self.inner.put_new(key, body).await
     }
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
         self.inner.get(key).await

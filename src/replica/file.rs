@@ -20,6 +20,61 @@ impl FileStore {
         FileStore { root: root.into() }
     }
 
+    /// `put` and `put_new`: a temporary file, synced, renamed over the name (or, create-only,
+    /// renamed only where no file is: `renameat2(RENAME_NOREPLACE)`).
+    async fn put_with(
+        &self,
+        key: &str,
+        mut body: ObjectReader,
+        create_only: bool,
+    ) -> Result<ObjectInfo, StoreError> {
+        let path = self.path(key);
+        let dir = path.parent().expect("key has a parent").to_path_buf();
+        let name = path
+            .file_name()
+            .expect("key has a name")
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
+        let result: io::Result<ObjectInfo> = async {
+            tokio::fs::create_dir_all(&dir).await?;
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            tokio::io::copy(&mut body, &mut f).await?;
+            f.flush().await?;
+            f.sync_all().await?;
+            drop(f);
+            if create_only {
+                let (from, to) = (tmp.clone(), path.clone());
+                tokio::task::spawn_blocking(move || rename_noreplace(&from, &to))
+                    .await
+                    .map_err(io::Error::other)??;
+            } else {
+                tokio::fs::rename(&tmp, &path).await?;
+            }
+            fsync_dir(&dir).await?;
+            let meta = tokio::fs::metadata(&path).await?;
+            Ok(ObjectInfo {
+                name,
+                size: meta.len(),
+                modified: meta.modified()?,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        result.map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                StoreError::Exists {
+                    store: self.url(),
+                    key: key.to_string(),
+                }
+            } else {
+                self.io_err("put", key, e)
+            }
+        })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -69,6 +124,20 @@ fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
         Ok(d) => Ok(Some(d)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// Renames `from` to `to` unless `to` exists (AlreadyExists then), atomically: the kernel's
+/// `RENAME_NOREPLACE`, or a hard link (which never replaces) where the filesystem lacks it.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 
@@ -181,36 +250,12 @@ impl ObjectStore for FileStore {
         Ok(listing)
     }
 
-    async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
-        let path = self.path(key);
-        let dir = path.parent().expect("key has a parent").to_path_buf();
-        let name = path
-            .file_name()
-            .expect("key has a name")
-            .to_string_lossy()
-            .into_owned();
-        let tmp = dir.join(format!(".{name}.{:08x}.tmp", rand::random::<u32>()));
-        let result: io::Result<ObjectInfo> = async {
-            tokio::fs::create_dir_all(&dir).await?;
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            tokio::io::copy(&mut body, &mut f).await?;
-            f.flush().await?;
-            f.sync_all().await?;
-            drop(f);
-            tokio::fs::rename(&tmp, &path).await?;
-            fsync_dir(&dir).await?;
-            let meta = tokio::fs::metadata(&path).await?;
-            Ok(ObjectInfo {
-                name,
-                size: meta.len(),
-                modified: meta.modified()?,
-            })
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        result.map_err(|e| self.io_err("put", key, e))
+    async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        self.put_with(key, body, false).await
+    }
+
+    async fn put_new(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        self.put_with(key, body, true).await
     }
 
     async fn get_stat(

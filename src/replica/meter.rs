@@ -142,6 +142,10 @@ impl ObjectStore for Metered {
         self.meter.add(RequestKind::Put);
         self.inner.put(key, body).await
     }
+    async fn put_new(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        self.meter.add(RequestKind::Put);
+        self.inner.put_new(key, body).await
+    }
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError> {
         self.meter.add(RequestKind::Get);
         self.inner.get(key).await

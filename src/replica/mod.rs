@@ -46,6 +46,11 @@ pub enum StoreError {
         key: String,
         message: String,
     },
+    /// A create-only upload ([`ObjectStore::put_new`]) found the key taken.
+    #[error(
+        "{store}: {key}: already exists, and an append-only replica never replaces an object (another writer at this path?)"
+    )]
+    Exists { store: String, key: String },
     /// An append-only replica refused a deletion or replacement (see `append_only`).
     #[error(
         "{store}: {op} {key}: refused: this replica is append-only (append_only = true), so litestreamd never deletes or replaces an object here; the bucket's lifecycle rules do retention"
@@ -72,9 +77,10 @@ impl StoreError {
     }
     pub fn is_retryable(&self) -> bool {
         match self {
-            StoreError::NotFound { .. } | StoreError::Crypt { .. } | StoreError::Refused { .. } => {
-                false
-            }
+            StoreError::NotFound { .. }
+            | StoreError::Crypt { .. }
+            | StoreError::Refused { .. }
+            | StoreError::Exists { .. } => false,
             StoreError::Io { source, .. } => !matches!(
                 source.kind(),
                 io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
@@ -112,6 +118,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Writes an object atomically from a stream: readers never see a partial object, and a
     /// stream that ends in an error leaves nothing behind.
     async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
+    /// [`Self::put`], only if no object has this key (S3: `If-None-Match: *` on the PUT or the
+    /// multipart completion; GCS: `ifGenerationMatch=0`; file: a rename that does not
+    /// replace); [`StoreError::Exists`] if one has. Append-only replicas upload with it, so a
+    /// bucket policy can require it of the host's credentials.
+    async fn put_new(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError>;
     async fn get(&self, key: &str) -> Result<ObjectReader, StoreError>;
     /// [`Self::get`], and when the object was written, from the same response (None where the
     /// store's download does not say: GCS media downloads). A standby's lag is measured from it.

@@ -281,11 +281,75 @@ impl S3Store {
         (lock, lock.map(|_| ChecksumAlgorithm::Crc32))
     }
 
+    /// `put` and `put_new` (create-only: `If-None-Match: *` on the PutObject or on the
+    /// multipart completion, which S3 evaluates there).
+    async fn put_with(
+        &self,
+        key: &str,
+        mut body: ObjectReader,
+        create_only: bool,
+    ) -> Result<ObjectInfo, StoreError> {
+        let first = super::read_up_to(&mut body, self.part_size)
+            .await
+            .map_err(|e| self.io_err(key, e))?;
+        let size = if first.len() < self.part_size {
+            let n = first.len() as u64;
+            let (lock, checksum) = self.lock();
+            self.client
+                .put_object()
+                .bucket(&self.cfg.bucket)
+                .key(self.key(key))
+                .metadata(PUT_MS, unix_ms_now().to_string())
+                .set_object_lock_mode(lock.map(ObjectLock::mode))
+                .set_object_lock_retain_until_date(lock.map(ObjectLock::until))
+                .set_checksum_algorithm(checksum)
+                .set_if_none_match(create_only.then(|| "*".to_string()))
+                .body(ByteStream::from(first))
+                .send()
+                .await
+                .map_err(|e| self.put_err(key, e, create_only))?;
+            n
+        } else {
+            self.put_multipart(key, first, &mut body, create_only)
+                .await?
+        };
+        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "PUT").increment(1);
+        metrics::counter!(crate::telemetry::REPLICA_OPERATION_BYTES, "replica_type" => "s3", "operation" => "PUT").increment(size);
+        let name = key.rsplit('/').next().unwrap_or(key).to_string();
+        // S3 sets LastModified at the end of the upload; "now" is within a round trip of it and
+        // saves a HEAD per segment. Listings (which restore and retention use) carry the real one.
+        Ok(ObjectInfo {
+            name,
+            size,
+            modified: SystemTime::now(),
+        })
+    }
+
+    /// An upload's error; a failed `If-None-Match` of a create-only upload is [`StoreError::Exists`].
+    fn put_err<E>(
+        &self,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+        create_only: bool,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        if create_only && Self::precondition_failed(&e) {
+            return StoreError::Exists {
+                store: self.url(),
+                key: key.to_string(),
+            };
+        }
+        self.err("put", key, e)
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
         first: Vec<u8>,
         body: &mut ObjectReader,
+        create_only: bool,
     ) -> Result<u64, StoreError> {
         let full = self.key(key);
         let (lock, checksum) = self.lock();
@@ -345,9 +409,10 @@ impl S3Store {
                         .set_parts(Some(parts))
                         .build(),
                 )
+                .set_if_none_match(create_only.then(|| "*".to_string()))
                 .send()
                 .await
-                .map_err(|e| self.err("put", key, e))?;
+                .map_err(|e| self.put_err(key, e, create_only))?;
             Ok(total)
         }
         .await;
@@ -511,39 +576,12 @@ impl ObjectStore for S3Store {
         }))
     }
 
-    async fn put(&self, key: &str, mut body: ObjectReader) -> Result<ObjectInfo, StoreError> {
-        let first = super::read_up_to(&mut body, self.part_size)
-            .await
-            .map_err(|e| self.io_err(key, e))?;
-        let size = if first.len() < self.part_size {
-            let n = first.len() as u64;
-            let (lock, checksum) = self.lock();
-            self.client
-                .put_object()
-                .bucket(&self.cfg.bucket)
-                .key(self.key(key))
-                .metadata(PUT_MS, unix_ms_now().to_string())
-                .set_object_lock_mode(lock.map(ObjectLock::mode))
-                .set_object_lock_retain_until_date(lock.map(ObjectLock::until))
-                .set_checksum_algorithm(checksum)
-                .body(ByteStream::from(first))
-                .send()
-                .await
-                .map_err(|e| self.err("put", key, e))?;
-            n
-        } else {
-            self.put_multipart(key, first, &mut body).await?
-        };
-        metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "PUT").increment(1);
-        metrics::counter!(crate::telemetry::REPLICA_OPERATION_BYTES, "replica_type" => "s3", "operation" => "PUT").increment(size);
-        let name = key.rsplit('/').next().unwrap_or(key).to_string();
-        // S3 sets LastModified at the end of the upload; "now" is within a round trip of it and
-        // saves a HEAD per segment. Listings (which restore and retention use) carry the real one.
-        Ok(ObjectInfo {
-            name,
-            size,
-            modified: SystemTime::now(),
-        })
+    async fn put(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        self.put_with(key, body, false).await
+    }
+
+    async fn put_new(&self, key: &str, body: ObjectReader) -> Result<ObjectInfo, StoreError> {
+        self.put_with(key, body, true).await
     }
 
     async fn get_stat(&self, key: &str) -> Result<(ObjectReader, Option<SystemTime>), StoreError> {
