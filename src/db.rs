@@ -1371,7 +1371,7 @@ pub(crate) fn file_size(p: &Path) -> io::Result<u64> {
 /// file descriptor, and it goes away with the process. Two replicators of one database (a
 /// second process, or the same path configured twice) would otherwise share and corrupt the
 /// shadow WAL. Returns false if someone else holds it.
-fn replication_lock(fd: &File) -> io::Result<bool> {
+pub(crate) fn replication_lock(fd: &File) -> io::Result<bool> {
     lock_byte(fd, 0x4000_1000)
 }
 

@@ -308,6 +308,11 @@ pub enum FollowError {
         path.display()
     )]
     Locked { path: PathBuf },
+    #[error(
+        "{}: a litestreamd primary replicates this database on this host (it holds the database's replication lock); a standby never writes over it. Is the same file configured as a primary too?",
+        path.display()
+    )]
+    PrimaryHere { path: PathBuf },
 }
 
 /// Where a standby stands: the primary up to `offset` of WAL index `index` of `generation`
@@ -349,6 +354,11 @@ pub struct Follower {
     resumed: bool,
     /// `.<db>-standby.lock`, locked for the follower's life: one follower per standby.
     _lock: std::fs::File,
+    /// The standby database's own replication lock (`db::replication_lock`), held while its
+    /// file exists: a primary replicating the same file on this host is refused (it reports
+    /// "another litestreamd replicates this database"), and one already there stops the
+    /// standby before it writes. Taken again on the new file after a bootstrap renames it in.
+    db_lock: Option<std::fs::File>,
 }
 
 /// Decoded segments of one step, and what they hold.
@@ -396,7 +406,45 @@ impl Follower {
             applier: None,
             idle_polls: 0,
             _lock: lock,
+            db_lock: None,
         })
+    }
+
+    /// Holds the standby file's replication lock (see `db_lock`); nothing to hold while the
+    /// file does not exist.
+    fn hold_db(&mut self) -> Result<(), FollowError> {
+        if self.db_lock.is_some() {
+            return Ok(());
+        }
+        // Write access: a write lock needs it (nothing is written through it).
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&self.path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(FollowError::State {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        match crate::db::replication_lock(&f) {
+            Ok(true) => {
+                self.db_lock = Some(f);
+                Ok(())
+            }
+            Ok(false) => Err(FollowError::PrimaryHere {
+                path: self.path.clone(),
+            }),
+            Err(source) => Err(FollowError::State {
+                path: self.path.clone(),
+                source,
+            }),
+        }
     }
 
     pub fn position(&self) -> Option<&Position> {
@@ -406,6 +454,7 @@ impl Follower {
     /// One poll: bootstrap if there is no position, else apply what arrived, else (every
     /// [`LIST_EVERY`] idle polls) list the replica for a new generation or a gap.
     pub async fn step(&mut self) -> Result<Step, FollowError> {
+        self.hold_db()?;
         let Some(pos) = self.pos.clone() else {
             return self.bootstrap(Heal::Start).await;
         };
@@ -658,6 +707,8 @@ impl Follower {
                     path: path.clone(),
                     source,
                 })?;
+                self.db_lock = None;
+                self.hold_db()?;
             } else {
                 self.applier = None;
                 let mut standby = Applier::open(&path)?;

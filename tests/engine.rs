@@ -1348,3 +1348,62 @@ async fn a_standby_follows_a_directory_replica_and_heals() {
     let (reads, _) = reader.join().unwrap();
     assert!(reads > 10, "the reader read throughout ({reads} reads)");
 }
+
+/// A standby and a primary on the same file on one host (a configuration mistake) never both
+/// write it: a standby finds the primary's replication lock and stops before writing, and a
+/// primary started on a standby's file waits while the standby holds that lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_and_a_primary_never_share_one_file() {
+    use litestreamd::standby::{FollowError, Follower};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let replica = dir.path().join("replica");
+    let app = app_conn(&db);
+    bank(&app);
+    let mut rng = Lcg(3);
+    let w = start(&db, &[&replica], fast_opts());
+    transfer(&app, &mut rng, 20);
+    w.settle().await;
+
+    // The standby configured on the primary's own file: refused, the file untouched.
+    let before = dump_rows(&db, "blob");
+    let mut f = Follower::new(&db, file_client(&replica)).unwrap();
+    match f.step().await {
+        Err(e @ FollowError::PrimaryHere { .. }) => {
+            assert!(
+                e.to_string().contains("a litestreamd primary replicates"),
+                "{e}"
+            )
+        }
+        other => panic!("a standby over a replicated file: {other:?}"),
+    }
+    assert_eq!(dump_rows(&db, "blob"), before);
+    drop(f);
+
+    // A real standby elsewhere; then a primary configured on the standby's file waits.
+    let standby = dir.path().join("standby").join("app.db");
+    std::fs::create_dir_all(standby.parent().unwrap()).unwrap();
+    let mut f = Follower::new(&standby, file_client(&replica)).unwrap();
+    bootstraps_first(&mut f).await;
+    let other = dir.path().join("other-replica");
+    let p = start(&standby, &[&other], fast_opts());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = p.handle.status();
+        if st
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("another litestreamd replicates this database"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !other.join("generations").exists(),
+        "nothing replicated from the standby's file"
+    );
+    p.stop().await;
+    w.stop().await;
+}
