@@ -110,6 +110,13 @@ fn restore_url(url: &str, out: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// Restores `url` into `out` and checks it holds what `app` holds.
+fn assert_restores(url: &str, out: &Path, app: &rusqlite::Connection) {
+    let o = restore_url(url, out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(dump(out), dump_conn(app));
+}
+
 /// Polls restores of `url` until `check` holds (the data reached the bucket).
 fn wait_restorable(url: &str, scratch: &Path, check: impl Fn(&Path) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1176,12 +1183,7 @@ fn s3_skip_verify_accepts_a_self_signed_endpoint_and_only_then() {
 /// `litestreamd status --json` of the daemon behind `socket`: (replica state, lag seconds) of
 /// the first replica of the first database.
 fn replica_state(socket: &Path) -> Option<(String, f64)> {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--socket"])
-        .arg(socket)
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let v = status_json(socket)?;
     let r = &v[0]["replicas"][0];
     Some((r["state"].as_str()?.to_string(), r["lag_seconds"].as_f64()?))
 }
@@ -1765,9 +1767,7 @@ fn append_only_replica_on_an_object_lock_bucket_never_deletes() {
     assert!(sigterm(&mut daemon).success());
 
     let out = d.join("restored.db");
-    let o = restore_url(&url, &out);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(dump(&out), dump_conn(&app));
+    assert_restores(&url, &out, &app);
     assert_eq!(integrity(&out), "ok");
 
     // Every version of every object: one version per key (nothing replaced), no delete
@@ -1933,9 +1933,7 @@ fn without_delete_permission_append_only_works_and_normal_mode_reports_retention
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("keep-alive snapshot"), "{text}");
     let out = d.join("ao-restored.db");
-    let o = restore_url(&url, &out);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(dump(&out), dump_conn(&app));
+    assert_restores(&url, &out, &app);
 }
 
 /// Issue 20's lifecycle: an idle database on an append-only replica whose "bucket" deletes
