@@ -1726,8 +1726,14 @@ fn append_only_replica_on_an_object_lock_bucket_never_deletes() {
     let app = app_conn(&db);
     let mut rng = Lcg(20);
     write_mixed(&app, &mut rng, 50);
+    // ~6 MiB of incompressible rows: each snapshot is a multipart upload of 5 MiB parts
+    // (per-part checksums, lock headers on its creation, If-None-Match on its completion).
+    app.execute_batch(
+        "CREATE TABLE noise (v BLOB); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 1500) INSERT INTO noise SELECT randomblob(4000) FROM n;",
+    )
+    .unwrap();
     let replica = format!(
-        "url = \"{url}\"\nappend_only = true\nsnapshot_interval = \"2s\"\nobject_lock = {{ mode = \"compliance\", days = 2 }}"
+        "url = \"{url}\"\npart_size = 5242880\nappend_only = true\nsnapshot_interval = \"2s\"\nobject_lock = {{ mode = \"compliance\", days = 2 }}"
     );
     let (mut daemon, socket, log) = run_daemon(d, &db, &replica, "run1.log");
     let probes = d.join("probes");
@@ -1808,11 +1814,21 @@ print(json.dumps(out))"#,
     // policy can require it: the owner record, lease records, snapshots and segments.
     let puts: Vec<&str> = requests
         .lines()
-        .filter(|l| l.starts_with("PUT /locked/app.db/"))
+        .filter(|l| l.starts_with("PUT /locked/app.db/") && !l.contains("partNumber="))
         .collect();
     assert!(puts.len() > 10, "{requests}");
     assert!(
         puts.iter().all(|l| l.ends_with(" if-none-match")),
+        "{requests}"
+    );
+    // Multipart snapshots: created, their parts uploaded, completed create-only.
+    let completions: Vec<&str> = requests
+        .lines()
+        .filter(|l| l.starts_with("POST /locked/app.db/") && l.contains("uploadId="))
+        .collect();
+    assert!(!completions.is_empty(), "no multipart snapshot: {requests}");
+    assert!(
+        completions.iter().all(|l| l.ends_with(" if-none-match")),
         "{requests}"
     );
     assert_eq!(
