@@ -14,7 +14,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -436,16 +436,7 @@ pub fn save_history(path: &Path, names: &[String], last: &[Option<DrillStatus>])
         if let Some(dir) = path.parent() {
             private_dir(dir).map_err(io::Error::other)?;
         }
-        let tmp = path.with_extension("json.tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(&map)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
+        crate::durable::replace(path, &serde_json::to_vec_pretty(&map)?, 0o600)
     })();
     if let Err(e) = res {
         warn!(file = %path.display(), error = %e, "cannot save the drill results");

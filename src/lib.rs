@@ -26,6 +26,7 @@ pub mod control;
 pub mod crypt;
 pub mod db;
 pub mod drill;
+pub mod durable;
 pub mod fdlimit;
 pub mod import;
 pub mod layout;

@@ -606,23 +606,7 @@ fn ignore_not_found(e: io::Error) -> io::Result<()> {
 
 /// Writes a small file atomically: temporary, fsync, rename, fsync of the directory.
 fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res.map_err(|e| io_at(path, e))
+    crate::durable::replace(path, data, 0o644).map_err(|e| io_at(path, e))
 }
 
 fn remove_tmp_files(dir: &Path) {

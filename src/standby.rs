@@ -26,7 +26,7 @@
 //! the database promoted ([`mark_promoted`]) before it is replicated as a primary.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -738,33 +738,13 @@ impl Follower {
     }
 }
 
-/// Writes a small file beside the standby: a new file (its name is ours: a leftover is
-/// removed, a link at it replaced, never followed), synced, renamed over the old one, the
-/// directory synced.
+/// Writes a small file beside the standby (`durable::replace`, private to the daemon's user).
 fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), FollowError> {
     let err = |source| FollowError::State {
         path: path.to_path_buf(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
+    crate::durable::replace(path, bytes, 0o600).map_err(err)
 }
 
 /// When the standby at `db` was promoted (`.<name>-promoted` beside it), if it was: the
