@@ -1567,7 +1567,7 @@ async fn a_standby_follows_s3_with_probes_not_listings() {
 }
 
 /// An S3 front that logs every request (`METHOD path` per line in `log`, then ` if-none-match`
-/// for a create-only request) and, with
+/// for a create-only request and ` lock=MODE` for one carrying an Object Lock mode) and, with
 /// `deny_deletes`, answers every deletion (DELETE, and POST `?delete`, the batch delete) with
 /// 403 AccessDenied as S3 does for credentials without `s3:DeleteObject`. A small Python
 /// proxy, like `tls_proxy`; stopping it (`Server::down`) is an outage of the store.
@@ -1602,7 +1602,9 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         deleting = self.command == "DELETE" or (self.command == "POST" and "delete" in [q.split("=")[0] for q in query])
         with lock, open(log, "a") as f:
             inm = " if-none-match" if self.headers.get("If-None-Match") == "*" else ""
-            f.write(f"{self.command} {self.path}{inm}{' DENIED' if deleting and deny else ''}\n")
+            mode = self.headers.get("x-amz-object-lock-mode")
+            locked = f" lock={mode}" if mode else ""
+            f.write(f"{self.command} {self.path}{inm}{locked}{' DENIED' if deleting and deny else ''}\n")
         if deleting and deny:
             self.send_response_only(403)
             self.send_header("Content-Type", "application/xml")
@@ -1785,7 +1787,8 @@ v = s3.list_object_versions(Bucket='locked', Prefix='app.db/')
 out = {'markers': len(v.get('DeleteMarkers', [])), 'objects': []}
 for o in v.get('Versions', []):
     h = s3.head_object(Bucket='locked', Key=o['Key'], VersionId=o['VersionId'])
-    left = (h['ObjectLockRetainUntilDate'] - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    until = h.get('ObjectLockRetainUntilDate')
+    left = (until - datetime.datetime.now(datetime.timezone.utc)).total_seconds() if until else None
     out['objects'].append([o['Key'], h.get('ObjectLockMode'), left])
 print(json.dumps(out))"#,
     );
@@ -1796,7 +1799,24 @@ print(json.dumps(out))"#,
     assert!(keys.iter().any(|k| k.contains("/snapshots/")), "{v}");
     assert!(keys.iter().any(|k| k.contains("/wal/")), "{v}");
     assert!(keys.iter().any(|k| k.contains("litestreamd-lease/")), "{v}");
+    // What went up in one request carries the lock as moto stores it. A multipart upload's
+    // lock is sent on its creation (checked in the proxy's log below), but moto does not
+    // apply it at completion (`complete_multipart_upload` in its models.py), so those versions
+    // are checked by the request, not by the store.
+    let requests = std::fs::read_to_string(&plog).unwrap();
+    let multipart: Vec<String> = requests
+        .lines()
+        .filter(|l| l.starts_with("POST /locked/") && l.contains("?uploads"))
+        .map(|l| {
+            assert!(l.ends_with(" lock=COMPLIANCE"), "{l}");
+            l["POST /locked/".len()..l.find('?').unwrap()].to_string()
+        })
+        .collect();
     for o in objects {
+        let key = o[0].as_str().unwrap();
+        if multipart.iter().any(|k| k == key) && o[2].is_null() {
+            continue;
+        }
         assert_eq!(o[1], "COMPLIANCE", "{o}");
         let left = o[2].as_f64().unwrap();
         assert!(left > 47.0 * 3600.0 && left <= 48.0 * 3600.0, "{o}");
@@ -1809,7 +1829,6 @@ print(json.dumps(out))"#,
         !keys.contains(&"app.db/litestreamd.lease"),
         "the append-only lease never uses the replaceable object"
     );
-    let requests = std::fs::read_to_string(&plog).unwrap();
     // Every upload under the replica path is create-only (If-None-Match: *), so a bucket
     // policy can require it: the owner record, lease records, snapshots and segments.
     let puts: Vec<&str> = requests
@@ -1818,15 +1837,16 @@ print(json.dumps(out))"#,
         .collect();
     assert!(puts.len() > 10, "{requests}");
     assert!(
-        puts.iter().all(|l| l.ends_with(" if-none-match")),
+        puts.iter()
+            .all(|l| l.ends_with(" if-none-match lock=COMPLIANCE")),
         "{requests}"
     );
+    assert!(!multipart.is_empty(), "no multipart snapshot: {requests}");
     // Multipart snapshots: created, their parts uploaded, completed create-only.
     let completions: Vec<&str> = requests
         .lines()
         .filter(|l| l.starts_with("POST /locked/app.db/") && l.contains("uploadId="))
         .collect();
-    assert!(!completions.is_empty(), "no multipart snapshot: {requests}");
     assert!(
         completions.iter().all(|l| l.ends_with(" if-none-match")),
         "{requests}"

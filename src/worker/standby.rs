@@ -349,9 +349,10 @@ impl Standby<'_> {
             .as_ref()
             .and_then(|f| f.position())
             .map(|p| p.pos());
-        // Closes the standby's connections before the primary opens the database.
-        self.follower = None;
+        // Marked while the follower still holds its locks (no other follower can start on the
+        // file in between); then its connections and locks go before the primary opens it.
         let at = crate::standby::mark_promoted(&spec.path).map_err(|e| e.to_string())?;
+        self.follower = None;
         let mut st = handle.status.lock().expect("status");
         st.standby.get_or_insert_with(Default::default).promoted_at = Some(at);
         info!(db = %spec.name, pos = ?pos.map(|p| p.to_string()), "standby promoted; replicating it as the primary in a new generation");
