@@ -234,13 +234,9 @@ impl Lease {
         match self.scheme {
             Scheme::Object => Ok(self.store.get_versioned(LEASE_KEY).await?),
             Scheme::Chain => {
-                let Some(first) = self.store.first(CHAIN_DIR).await? else {
+                let Some(n) = self.newest_record().await? else {
                     return Ok(None);
                 };
-                let n = record_number(&first.name).ok_or_else(|| LeaseError::Corrupt {
-                    url: format!("{}/{CHAIN_DIR}/{}", self.url(), first.name),
-                    message: "not a lease record name".into(),
-                })?;
                 // Expired by the lifecycle between the listing and the read: no lease.
                 Ok(self
                     .store
@@ -249,6 +245,19 @@ impl Lease {
                     .map(|(data, _)| (data, n.to_string())))
             }
         }
+    }
+
+    /// Chain: the number of the newest record (one LIST of one key), None if there is none.
+    async fn newest_record(&self) -> Result<Option<u64>, LeaseError> {
+        let Some(first) = self.store.first(CHAIN_DIR).await? else {
+            return Ok(None);
+        };
+        record_number(&first.name)
+            .map(Some)
+            .ok_or_else(|| LeaseError::Corrupt {
+                url: format!("{}/{CHAIN_DIR}/{}", self.url(), first.name),
+                message: "not a lease record name".into(),
+            })
     }
 
     /// Writes `data` as the lease if `cond` still holds; the new version, or None if not.
@@ -309,7 +318,12 @@ impl Lease {
     async fn renew(&self, version: &str, data: Vec<u8>) -> Result<Option<String>, LeaseError> {
         let cond = Precondition::Version(version.to_string());
         if self.scheme == Scheme::Chain
-            && self.read().await?.map(|(_, v)| v).as_deref() != Some(version)
+            && self
+                .newest_record()
+                .await?
+                .map(|n| n.to_string())
+                .as_deref()
+                != Some(version)
         {
             return Ok(None);
         }

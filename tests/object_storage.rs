@@ -891,7 +891,7 @@ fn two_databases_on_one_replica_path_only_the_first_ever_writes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_conditional_writes_on_s3_and_gcs() {
-    use litestreamd::lease::{CHAIN_DIR, Lease, LeaseError, Scheme};
+    use litestreamd::lease::{CHAIN_DIR, Lease, Scheme};
     use litestreamd::replica::{ObjectStore, StoreError, gcs, s3};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
@@ -919,13 +919,7 @@ async fn lease_conditional_writes_on_s3_and_gcs() {
         let mut a = Lease::new(store.clone(), ttl, "/srv/a.db");
         let mut b = Lease::new(store.clone(), ttl, "/srv/b.db");
         a.ensure().await.unwrap();
-        match b.ensure().await {
-            Err(LeaseError::Held { holder, .. }) => assert!(holder.contains("/srv/a.db"), "{url}"),
-            other => panic!("{url}: second lease: {other:?}"),
-        }
-        a.release().await;
-        b.ensure().await.unwrap();
-        assert!(a.ensure().await.is_err(), "{url}: b holds it now");
+        one_holder_then_the_other(&mut a, &mut b, &url).await;
         b.release().await;
         // The lease sits beside generations/, where Litestream never looks.
         assert!(
@@ -950,13 +944,7 @@ async fn lease_conditional_writes_on_s3_and_gcs() {
             tokio::time::sleep(Duration::from_millis(250)).await;
             a.ensure().await.unwrap();
         }
-        match b.ensure().await {
-            Err(LeaseError::Held { holder, .. }) => assert!(holder.contains("/srv/a.db"), "{url}"),
-            other => panic!("{url}: second append-only lease: {other:?}"),
-        }
-        a.release().await;
-        b.ensure().await.unwrap();
-        assert!(a.ensure().await.is_err(), "{url}: b holds it now");
+        one_holder_then_the_other(&mut a, &mut b, &url).await;
         let records = store.list(CHAIN_DIR).await.unwrap().objects;
         assert_eq!(records.len(), 6, "{url}: {records:?}");
         // The store's own preconditions (not only the lease's reading of who holds it).
@@ -1008,6 +996,23 @@ async fn lease_conditional_writes_on_s3_and_gcs() {
             "{url}"
         );
     }
+}
+
+/// `a` holds the lease: `b` is refused naming `a`; once `a` releases it `b` takes it, and `a`
+/// is refused.
+async fn one_holder_then_the_other(
+    a: &mut litestreamd::lease::Lease,
+    b: &mut litestreamd::lease::Lease,
+    url: &str,
+) {
+    use litestreamd::lease::LeaseError;
+    match b.ensure().await {
+        Err(LeaseError::Held { holder, .. }) => assert!(holder.contains("/srv/a.db"), "{url}"),
+        other => panic!("{url}: second lease: {other:?}"),
+    }
+    a.release().await;
+    b.ensure().await.unwrap();
+    assert!(a.ensure().await.is_err(), "{url}: b holds it now");
 }
 
 fn listing(kind: &str, url: &str) -> Vec<serde_json::Value> {
