@@ -609,14 +609,11 @@ impl Replica {
             let first = Pos::new(generation.clone(), pos.index, 0);
             if !self.client.wal_segment_exists(&first).await? {
                 self.pos = None;
-                let sh = shared.clone();
-                tokio::task::spawn_blocking(move || {
-                    sh.db.lock().expect("db lock").request_new_generation(
-                        "a replica lost WAL segments of the current generation",
-                    )
-                })
-                .await
-                .expect("db task");
+                request_new_generation(
+                    shared,
+                    "a replica lost WAL segments of the current generation",
+                )
+                .await;
                 metrics::counter!(telemetry::REPLICA_NOT_RESTORABLE, &labels).increment(1);
                 return Err(ReplicaError::NotRestorable(format!(
                     "{}: is gone, so the latest position cannot be restored from this replica; a new generation starts",
@@ -710,14 +707,11 @@ impl Replica {
             // index) and this path never replaces an object: a new generation has new keys.
             drop(src);
             info!(db = %shared.name, replica = %self.opts.name, %pos, "append-only: a snapshot of this WAL index exists; starting a new generation for the new snapshot");
-            let sh = shared.clone();
-            tokio::task::spawn_blocking(move || {
-                sh.db.lock().expect("db lock").request_new_generation(
-                    "an append-only replica needs a snapshot under a new key",
-                )
-            })
-            .await
-            .expect("db task");
+            request_new_generation(
+                shared,
+                "an append-only replica needs a snapshot under a new key",
+            )
+            .await;
             return Ok(None);
         }
         let started = std::time::Instant::now();
@@ -914,6 +908,19 @@ fn upload_outcome<T>(
         (_, Ok(Err(p))) => Err(local(p)),
         (_, Err(join)) => Err(local(io::Error::other(join))),
     }
+}
+
+/// Asks the database to start a new generation at its next sync (see `Db::request_new_generation`).
+async fn request_new_generation(shared: &Arc<DbShared>, reason: &'static str) {
+    let sh = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        sh.db
+            .lock()
+            .expect("db lock")
+            .request_new_generation(reason)
+    })
+    .await
+    .expect("db task");
 }
 
 async fn db_pos(shared: &Arc<DbShared>) -> Result<Option<Pos>, ReplicaError> {
