@@ -287,6 +287,22 @@ impl Scanner {
         }
         Ok(None)
     }
+
+    /// [`Scanner::scan`] over bytes already in memory (`data` starts at [`Scanner::offset`];
+    /// a partial frame at its end is left alone): frames are checked where they lie.
+    pub fn scan_bytes(
+        &mut self,
+        data: &[u8],
+        mut frame: impl FnMut(&FrameHeader, &[u8]),
+    ) -> Option<Stop> {
+        for f in data.chunks_exact(self.frame_size() as usize) {
+            match self.push(f) {
+                Ok(h) => frame(&h, f),
+                Err(stop) => return Some(stop),
+            }
+        }
+        None
+    }
 }
 
 /// Why a WAL read as a stream ([`StreamWalk`]) is rejected.

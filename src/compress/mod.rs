@@ -1,11 +1,12 @@
 //! LZ4 *frame* encoding as Litestream v0.3 writes it (4 MiB independent blocks, content
-//! checksum), and the bridge that streams a blocking producer into an async object upload.
+//! checksum; `encode`), decoding for restores (`decode`), and the bridge that streams a
+//! blocking producer into an async object upload.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use lz4_flex::frame::{BlockMode, BlockSize, FrameDecoder, FrameEncoder, FrameInfo};
+use lz4_flex::frame::FrameDecoder;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::StreamReader;
@@ -16,48 +17,44 @@ use crate::crypt::AgeKeys;
 type ObjectReader = std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>;
 
 mod decode;
+mod encode;
 pub use decode::{Scratch, decode, decode_parallel};
+pub use encode::{BLOCK_1M, BLOCK_4M, BLOCK_64K, BLOCK_256K, Lz4Writer};
 
-/// The frame settings pierrec/lz4 uses by default, which Litestream v0.3 emits.
-pub fn frame_info() -> FrameInfo {
-    frame_info_for(None)
-}
-
-/// The frame settings for `size` bytes (None: unknown): Litestream's, but with the smallest
-/// block size that holds them whole. The encoder reserves a block for its input and one for its
-/// output, so a 4 KiB WAL segment in a 4 MiB-block frame cost 8 MiB of buffers per upload (and
-/// the page faults of touching them); every LZ4 reader (Litestream's pierrec/lz4 too) takes any
-/// block size the frame declares.
-pub fn frame_info_for(size: Option<u64>) -> FrameInfo {
-    let block = match size {
-        Some(n) if n <= 64 << 10 => BlockSize::Max64KB,
-        Some(n) if n <= 256 << 10 => BlockSize::Max256KB,
-        Some(n) if n <= 1 << 20 => BlockSize::Max1MB,
-        _ => BlockSize::Max4MB,
-    };
+/// The frame settings pierrec/lz4 uses by default, which Litestream v0.3 emits (what
+/// [`Lz4Writer`] writes with 4 MiB blocks); for tests that encode with `lz4_flex`.
+#[cfg(test)]
+pub(crate) fn frame_info() -> lz4_flex::frame::FrameInfo {
+    use lz4_flex::frame::{BlockMode, BlockSize, FrameInfo};
     FrameInfo::new()
-        .block_size(block)
+        .block_size(BlockSize::Max4MB)
         .block_mode(BlockMode::Independent)
         .content_checksum(true)
 }
 
+/// The block size of a frame of `size` bytes (None: unknown): Litestream's 4 MiB, or the
+/// smallest that holds them whole. Not smaller: blocks are independent, and a WAL segment of
+/// small transactions rewrites the same pages over and over, which LZ4 finds only within a
+/// block (600 single-row commits, 2.6 MB of WAL: 96 KB in 4 MiB blocks, 98 KB in 1 MiB, 112 KB
+/// in 256 KiB, 167 KB in 64 KiB). Every LZ4 reader (Litestream's pierrec/lz4 too) takes any
+/// block size the frame declares.
+pub fn block_for(size: Option<u64>) -> usize {
+    match size {
+        Some(n) if n <= BLOCK_64K as u64 => BLOCK_64K,
+        Some(n) if n <= BLOCK_256K as u64 => BLOCK_256K,
+        Some(n) if n <= BLOCK_1M as u64 => BLOCK_1M,
+        _ => BLOCK_4M,
+    }
+}
+
 /// Compresses a whole buffer into one frame.
 pub fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
-    let mut enc = FrameEncoder::with_frame_info(
-        frame_info_for(Some(data.len() as u64)),
+    let mut enc = Lz4Writer::new(
+        block_for(Some(data.len() as u64)),
         Vec::with_capacity(data.len() / 2 + 64),
     );
     enc.write_all(data)?;
-    enc.finish().map_err(lz4_io)
-}
-
-/// An LZ4 frame error as an `io::Error`: the I/O error itself when it is one (a full disk, a
-/// closed upload), so messages say what happened rather than `IoError(Custom { .. })`.
-pub fn lz4_io(e: lz4_flex::frame::Error) -> io::Error {
-    match e {
-        lz4_flex::frame::Error::IoError(e) => e,
-        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
-    }
+    enc.finish()
 }
 
 /// Decompresses one whole frame.
@@ -111,7 +108,8 @@ impl Drop for ChannelWriter {
 
 /// Runs `produce` on a blocking thread; what it writes is LZ4-framed, encrypted when `age` has
 /// recipients (age outside, LZ4 inside, as Litestream 0.3 does), and streamed to the returned
-/// reader. Memory stays bounded by the channel (4 chunks) plus one LZ4 block, whatever the size.
+/// reader. Memory stays bounded by the channel (4 chunks) plus one LZ4 block, whatever the size;
+/// the block buffers are pooled across uploads (`encode`).
 /// The join handle returns the number of *uncompressed* bytes produced.
 pub fn lz4_stream<F>(
     age: Option<Arc<AgeKeys>>,
@@ -126,16 +124,15 @@ where
         let sink = ChannelWriter { tx: Some(tx) };
         let n = match age.filter(|k| k.encrypts()) {
             None => {
-                let mut enc = FrameEncoder::with_frame_info(frame_info_for(size), sink);
+                let mut enc = Lz4Writer::new(block_for(size), sink);
                 let n = produce(&mut enc)?;
-                enc.finish().map_err(lz4_io)?.finish();
+                enc.finish()?.finish();
                 n
             }
             Some(keys) => {
-                let mut enc =
-                    FrameEncoder::with_frame_info(frame_info_for(size), keys.encrypt_writer(sink)?);
+                let mut enc = Lz4Writer::new(block_for(size), keys.encrypt_writer(sink)?);
                 let n = produce(&mut enc)?;
-                enc.finish().map_err(lz4_io)?.finish()?.finish();
+                enc.finish()?.finish()?.finish();
                 n
             }
         };
@@ -146,9 +143,11 @@ where
     // producers must never take every thread, so they wait for a permit first.
     let handle = tokio::spawn(async move {
         let _permit = ENCODERS.acquire().await.expect("never closed");
-        tokio::task::spawn_blocking(blocking)
+        let n = tokio::task::spawn_blocking(blocking)
             .await
-            .unwrap_or_else(|e| Err(io::Error::other(e)))
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+        encode::schedule_trim();
+        n
     });
     let reader = StreamReader::new(ReceiverStream::new(rx));
     (Box::pin(reader), handle)
@@ -168,7 +167,7 @@ mod tests {
 
     #[test]
     fn frame_flags_match_litestream() {
-        let mut w = FrameEncoder::with_frame_info(frame_info(), Vec::new());
+        let mut w = Lz4Writer::new(BLOCK_4M, Vec::new());
         w.write_all(b"hello hello hello").unwrap();
         let out = w.finish().unwrap();
         assert_eq!(&out[0..4], &[0x04, 0x22, 0x4d, 0x18]);
@@ -183,7 +182,7 @@ mod tests {
         assert_eq!((small[4], small[5]), (0b0110_0100, 0x40));
         assert_eq!(decompress(&small).unwrap(), b"hello hello hello");
         let bd = |n| {
-            let mut w = FrameEncoder::with_frame_info(frame_info_for(Some(n)), Vec::new());
+            let mut w = Lz4Writer::new(block_for(Some(n)), Vec::new());
             w.write_all(b"x").unwrap();
             w.finish().unwrap()[5]
         };
