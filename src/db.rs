@@ -7,7 +7,7 @@
 //! `spawn_blocking` with the [`Db`] behind a mutex, so one database never blocks another's thread.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::layout::{self, MAX_INDEX, Pos};
-use crate::shadow::{Shadow, read_header_bytes};
+use crate::shadow::{self, Shadow, read_header_bytes};
 use crate::wal::{self, WAL_HEADER_SIZE, WalHeader};
 
 #[derive(Debug, Error)]
@@ -170,33 +170,48 @@ pub struct Db {
     /// has been replicated before (by Litestream or litestreamd), or is a restore of such a
     /// database; a brand-new application database has not.
     had_history: bool,
-    /// The new WAL bytes of a pass (see `copy_frames`), kept between passes so a busy
-    /// database does not map and fault in fresh memory every tick; freed when it parks.
+    /// Where a pass reads new WAL frames to check them (see `copy_frames`), kept between
+    /// passes so a busy database does not fault in fresh memory every tick; freed when it
+    /// parks.
     copy_buf: Vec<u8>,
-    /// Passes in a row that used a small part of `copy_buf`.
-    copy_buf_small: u8,
 }
 
-/// New WAL bytes up to which a pass reads them once, into memory; beyond (a big
-/// transaction), the WAL is scanned and then copied through a 1 MiB buffer.
-const ONE_PASS_MAX: u64 = 8 << 20;
+/// The most WAL bytes a pass reads at once to check them (see `copy_frames`).
+const SCAN_CHUNK: u64 = 1 << 20;
 
-/// Reads up to `len` bytes at `offset` into `buf` (replacing its content), stopping early at
-/// the end of the file; returns how many were read.
-fn read_at_most(f: &File, buf: &mut Vec<u8>, offset: u64, len: usize) -> io::Result<usize> {
-    buf.clear();
-    buf.resize(len, 0);
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], offset + got as u64) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Walks the WAL's frames from the scanner's offset to `wal_len` (or the first that does not
+/// continue the chain: frames after it belong to an older life of the WAL, or are being
+/// written), reading whole frames in chunks into `buf`.
+fn scan_new_frames(
+    wal: &File,
+    wal_len: u64,
+    scanner: &mut crate::wal::Scanner,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    let chunk = SCAN_CHUNK - SCAN_CHUNK % scanner.frame_size();
+    while scanner.offset() < wal_len {
+        let at = scanner.offset();
+        let want = chunk.min(wal_len - at) as usize;
+        if buf.len() < want {
+            buf.resize(want, 0);
+        }
+        let mut got = 0;
+        while got < want {
+            match wal.read_at(&mut buf[got..want], at + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if scanner.scan_bytes(&buf[..got], |_, _| {}).is_some()
+            || scanner.offset() == at
+            || got < want
+        {
+            break;
         }
     }
-    buf.truncate(got);
-    Ok(got)
+    Ok(())
 }
 
 /// Identity and change stamp of the WAL and the database. Any write to them (a commit, a
@@ -271,7 +286,6 @@ impl Db {
             new_generation_requested: None,
             had_history: false,
             copy_buf: Vec::new(),
-            copy_buf_small: 0,
         }
     }
 
@@ -1063,7 +1077,7 @@ impl Db {
             .scanner_at_end(generation, index, page_size)
             .map_err(self.shadow_err("read"))?;
         let start = scanner.offset();
-        let mut wal = match File::open(&self.wal_path) {
+        let wal = match File::open(&self.wal_path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(self.io(&self.wal_path, "open")(e)),
@@ -1072,81 +1086,26 @@ impl Db {
             .metadata()
             .map_err(self.io(&self.wal_path, "stat"))?
             .len();
-        let avail = wal_len.saturating_sub(start);
-        if avail <= ONE_PASS_MAX {
-            // One read of the new frames: checked in memory and appended from there (reading
-            // the WAL twice, the second time 8 KiB at a time through `io::copy`, was 30% of
-            // the daemon's CPU at 600 small commits a second).
-            let mut buf = std::mem::take(&mut self.copy_buf);
-            let res =
-                self.copy_frames_in_memory(&wal, avail, &mut buf, &mut scanner, generation, index);
-            // Sized to what the database writes per pass, not to its biggest burst: a
-            // buffer four times what 30 passes in a row needed shrinks (not at once: the
-            // passes of a checkpoint copy a few frames between full ticks).
-            let used = buf.len();
-            buf.clear();
-            if buf.capacity() > (1 << 20) && used < buf.capacity() / 4 {
-                self.copy_buf_small += 1;
-                if self.copy_buf_small >= 30 {
-                    buf.shrink_to(used);
-                    self.copy_buf_small = 0;
-                }
-            } else {
-                self.copy_buf_small = 0;
-            }
-            self.copy_buf = buf;
-            return res;
-        }
-        let mut rd = io::BufReader::with_capacity(1 << 20, &mut wal);
-        rd.seek(SeekFrom::Start(start))
-            .map_err(self.io(&self.wal_path, "seek"))?;
-        // Frames after the first that does not continue the chain belong to an older life
-        // of the WAL (or are being written): the copy ends there.
-        scanner
-            .scan(&mut rd, wal_len, |_, _| {})
-            .map_err(self.io(&self.wal_path, "read"))?;
-        drop(rd);
+        // The new frames are read once, a chunk at a time into a buffer kept between passes
+        // (sized to what a pass reads, at most `SCAN_CHUNK`), and checked; their whole commits
+        // then go from the WAL to the shadow inside the kernel (`shadow::Source::File`). Reading
+        // the WAL a second time through `io::copy`, 8 KiB at a time, was 30% of the daemon's
+        // CPU at 600 small commits a second; holding a pass's bytes in memory instead cost as
+        // many MiB as the pass.
+        let mut buf = std::mem::take(&mut self.copy_buf);
+        let scanned = scan_new_frames(&wal, wal_len, &mut scanner, &mut buf);
+        self.copy_buf = buf;
+        scanned.map_err(self.io(&self.wal_path, "read"))?;
         let n = scanner.last_commit() - start;
         if n == 0 {
             return Ok(0);
         }
-        wal.seek(SeekFrom::Start(start))
-            .map_err(self.io(&self.wal_path, "seek"))?;
+        let src = shadow::Source::File {
+            file: &wal,
+            offset: start,
+        };
         self.shadow
-            .append(
-                generation,
-                index,
-                start,
-                &mut io::BufReader::with_capacity(1 << 20, io::Read::take(&wal, n)),
-                n,
-            )
-            .map_err(self.shadow_err("append"))?;
-        Ok(n)
-    }
-
-    /// [`Db::copy_frames`] for a WAL that grew by at most [`ONE_PASS_MAX`]: the new bytes
-    /// read once into `buf`, their whole commits appended to the shadow from it.
-    fn copy_frames_in_memory(
-        &self,
-        wal: &File,
-        avail: u64,
-        buf: &mut Vec<u8>,
-        scanner: &mut crate::wal::Scanner,
-        generation: &str,
-        index: u32,
-    ) -> Result<u64, DbError> {
-        let start = scanner.offset();
-        let len = read_at_most(wal, buf, start, avail as usize)
-            .map_err(self.io(&self.wal_path, "read"))?;
-        // Frames after the first that does not continue the chain belong to an older life
-        // of the WAL (or are being written): the copy ends there.
-        scanner.scan_bytes(&buf[..len], |_, _| {});
-        let n = scanner.last_commit() - start;
-        if n == 0 {
-            return Ok(0);
-        }
-        self.shadow
-            .append(generation, index, start, &mut &buf[..n as usize], n)
+            .append(generation, index, start, src, n)
             .map_err(self.shadow_err("append"))?;
         Ok(n)
     }

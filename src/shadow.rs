@@ -60,6 +60,57 @@ pub struct PageVersions {
     pub page_size: u32,
 }
 
+/// Where [`Shadow::append`] takes its bytes from.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    Bytes(&'a [u8]),
+    /// A file from `offset` on (the database's WAL): copied inside the kernel.
+    File {
+        file: &'a File,
+        offset: u64,
+    },
+}
+
+fn shrank() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the source shrank while it was copied",
+    )
+}
+
+/// Copies `n` bytes of `src` from `offset` into `out` at `at` with `copy_file_range` (no trip
+/// through user space), or through a buffer where the kernel or file system cannot.
+fn copy_file(src: &File, offset: u64, out: &File, at: u64, n: u64) -> io::Result<()> {
+    use nix::errno::Errno;
+    let (mut from, mut to, end) = (offset as i64, at as i64, offset + n);
+    while (from as u64) < end {
+        let left = (end - from as u64).min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src, Some(&mut from), out, Some(&mut to), left) {
+            Ok(0) => return Err(shrank()),
+            Ok(_) => {}
+            Err(Errno::EINTR) => {}
+            Err(Errno::ENOSYS | Errno::EXDEV | Errno::EINVAL | Errno::EOPNOTSUPP) => {
+                let mut buf = vec![0u8; 256 << 10];
+                while (from as u64) < end {
+                    let k = (end - from as u64).min(buf.len() as u64) as usize;
+                    match src.read_at(&mut buf[..k], from as u64) {
+                        Ok(0) => return Err(shrank()),
+                        Ok(k) => {
+                            out.write_all_at(&buf[..k], to as u64)?;
+                            from += k as i64;
+                            to += k as i64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 fn io_at(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
@@ -263,42 +314,33 @@ impl Shadow {
         Ok(())
     }
 
-    /// Appends the next `n` bytes of `src` to an index, which must be `at` bytes long, and fsyncs. On
-    /// any failure (a full disk, a short source) the index is cut back to `at`, so no torn
-    /// frame is ever left (which would look like lost continuity: a new generation).
+    /// Appends the first `n` bytes of `src` to an index, which must be `at` bytes long, and
+    /// fsyncs. On any failure (a full disk, a short source) the index is cut back to `at`, so
+    /// no torn frame is ever left (which would look like lost continuity: a new generation).
     pub fn append(
         &self,
         generation: &str,
         index: u32,
         at: u64,
-        src: &mut impl io::BufRead,
+        src: Source<'_>,
         n: u64,
     ) -> io::Result<()> {
         let p = self.index_path(generation, index);
-        let mut out = OpenOptions::new()
-            .append(true)
+        // Not O_APPEND: `copy_file_range` refuses such a target; every write says where.
+        let out = OpenOptions::new()
+            .write(true)
             .open(&p)
             .map_err(|e| io_at(&p, e))?;
-        // Written straight from the source's buffer: one write for bytes already in memory
-        // (`io::copy` would go 8 KiB at a time through a buffer of its own).
-        let mut copy = |out: &mut File| -> io::Result<()> {
-            let mut left = n;
-            while left > 0 {
-                let b = src.fill_buf()?;
-                if b.is_empty() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the source shrank while it was copied",
-                    ));
+        let copy = |out: &File| -> io::Result<()> {
+            match src {
+                Source::Bytes(b) => {
+                    out.write_all_at(b.get(..n as usize).ok_or_else(shrank)?, at)?
                 }
-                let k = b.len().min(left as usize);
-                out.write_all(&b[..k])?;
-                src.consume(k);
-                left -= k as u64;
+                Source::File { file, offset } => copy_file(file, offset, out, at, n)?,
             }
             out.sync_data()
         };
-        let res = copy(&mut out);
+        let res = copy(&out);
         if let Err(e) = res {
             if let Err(t) = out.set_len(at).and_then(|()| out.sync_data()) {
                 warn!(shadow = %p.display(), error = %t, "cannot cut the shadow WAL back after a failed append; it is repaired at the next start");
@@ -650,7 +692,7 @@ mod tests {
                 "0123456789abcdef",
                 0,
                 32,
-                &mut &w[32..],
+                Source::Bytes(&w[32..]),
                 (w.len() - 32) as u64,
             )
             .unwrap();
@@ -687,7 +729,7 @@ mod tests {
         // What goes up is what went in, checked.
         let mut out = Vec::new();
         s.create_index(g, 2, w[..32].try_into().unwrap()).unwrap();
-        s.append(g, 2, 32, &mut &w[32..], (w.len() - 32) as u64)
+        s.append(g, 2, 32, Source::Bytes(&w[32..]), (w.len() - 32) as u64)
             .unwrap();
         assert_eq!(
             s.copy_range(g, 2, 0, w.len() as u64, &mut out).unwrap(),
@@ -709,19 +751,33 @@ mod tests {
         let w = index_with(&s, &[(1, 1, 1)]);
         let at = w.len() as u64;
         // The source ends early: the index is cut back to where the append started.
-        let err = s.append(g, 0, at, &mut &[7u8; 100][..], 4096).unwrap_err();
+        let err = s
+            .append(g, 0, at, Source::Bytes(&[7u8; 100]), 4096)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(s.size(g, 0).unwrap(), at);
+        // The same from a file (copied in the kernel) that is shorter than said.
+        let short = d.path().join("short");
+        std::fs::write(&short, [7u8; 5000]).unwrap();
+        let f = File::open(&short).unwrap();
+        let src = Source::File {
+            file: &f,
+            offset: 1000,
+        };
+        let err = s.append(g, 0, at, src, 4096).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(s.size(g, 0).unwrap(), at);
         // A crash left an uncommitted frame at the end: repaired back to the commit.
         let more = build_wal(false, PS, &[(1, 1, 1), (2, 0, 2)]);
-        s.append(
-            g,
-            0,
-            at,
-            &mut &more[at as usize..],
-            (more.len() - at as usize) as u64,
-        )
-        .unwrap();
+        std::fs::write(&short, &more).unwrap();
+        let f = File::open(&short).unwrap();
+        let src = Source::File {
+            file: &f,
+            offset: at,
+        };
+        s.append(g, 0, at, src, (more.len() - at as usize) as u64)
+            .unwrap();
+        assert_eq!(std::fs::read(s.describe(g, 0)).unwrap(), more);
         assert_eq!(
             s.repair_tail(g, 0, PS).unwrap(),
             Some((more.len() as u64, at))
