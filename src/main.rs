@@ -333,8 +333,8 @@ fn parse_hex_index(s: &str) -> Result<u32, String> {
 /// --only cpu-file --tps 600`, docs/benchmarks.md). The daemon keeps glibc's dynamic mmap
 /// threshold: it used to raise the mmap and trim thresholds (8/16 MiB) so that the 4 MiB LZ4
 /// buffers of every upload were not faulted in again each second, which kept ~55 MiB resident;
-/// uploads now size their LZ4 blocks to the data (`compress::frame_info_for`), so a segment's
-/// buffers are KiB, not MiB. A restore (`restore`) mmaps anything from 32 KiB: what it
+/// uploads now size their LZ4 blocks to the data (`compress::block_for`, at most 1 MiB for a
+/// segment) and reuse them from a pool that empties when uploads stop (`compress::encode`). A restore (`restore`) mmaps anything from 32 KiB: what it
 /// allocates and frees are the HTTP client's read buffers (tens of KiB each), which in the heap
 /// left fragments the kernel never got back (512 MiB shapes from a directory: 65-73 MiB with
 /// the old daemon settings, 32-42 with these). Must run before any thread starts.

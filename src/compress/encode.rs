@@ -11,7 +11,7 @@
 //!
 //! The frame is what Litestream 0.3 writes (pierrec/lz4 defaults: independent blocks, content
 //! checksum, no block checksums, no content size), with the block size chosen by the caller
-//! (`frame_info_for`); blocks themselves are compressed by `lz4_flex`. `decode.rs` reads it,
+//! (`block_for`); blocks themselves are compressed by `lz4_flex`. `decode.rs` reads it,
 //! and so does every LZ4 reader (the tests decode it with `lz4_flex`'s `FrameDecoder`).
 
 use std::hash::Hasher as _;
