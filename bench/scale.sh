@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Scale benchmark for the supervisor: one litestreamd daemon with N idle databases and M busy
 # ones (local-directory replicas). Prints RSS, open file descriptors, CPU over an idle window,
-# and the time a SIGHUP takes when one file among N changes.
+# the time from start to READY=1 (sd_notify, received here), and the time a SIGHUP takes when one
+# file among N changes.
 #   bench/scale.sh [IDLE=1000] [BUSY=100] [SECONDS=30]   (LITESTREAMD_BIN=... skips the build)
 # The comparison with Litestream 0.3.13/0.5.17 (100 and 1,000 idle databases in one process) is
 # figure 7 of bench/run.sh (bench/scalebench.py); this script adds busy databases and a reload.
@@ -18,7 +19,7 @@ fi
 # `litestreamd run` reads LITESTREAMD_* variables as configuration and rejects unknown keys.
 for v in $(compgen -e | grep '^LITESTREAMD_' || true); do unset "$v"; done
 W=$(mktemp -d /tmp/litestreamd-scale.XXXXXX)
-trap 'kill $PID 2>/dev/null || true; kill $WRITER 2>/dev/null || true; rm -rf "$W"' EXIT
+trap 'kill $PID 2>/dev/null || true; kill $WRITER 2>/dev/null || true; kill $LISTENER 2>/dev/null || true; rm -rf "$W"' EXIT
 mkdir -p "$W/dbs.d" "$W/data" "$W/replicas"
 python3 - "$W" "$IDLE" "$BUSY" <<'PY'
 import sqlite3, sys, os
@@ -30,12 +31,28 @@ for i in range(idle + busy):
     open(f"{w}/dbs.d/{name}.toml", "w").write(f'path = "{p}"\n[[replicas]]\nname = "local"\ntype = "file"\npath = "{w}/replicas/{name}"\n')
 open(f"{w}/litestreamd.toml", "w").write(f'dbs_dir = "dbs.d"\nmetrics_addr = ""\ncontrol_socket = "{w}/control.sock"\n')
 PY
+# READY=1 (sd_notify) arrives on a datagram socket of our own: its time is start-up's end.
+python3 - "$W" <<'PY' &
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(f"{sys.argv[1]}/notify.sock")
+open(f"{sys.argv[1]}/notify.bound", "w").close()
+while True:
+    msg = s.recv(65536).decode(errors="replace")
+    if "READY=1" in msg.split("\n"):
+        open(f"{sys.argv[1]}/ready.tmp", "w").write(repr(time.time()))
+        break
+PY
+LISTENER=$!
+until [ -e "$W/notify.bound" ]; do sleep 0.05; done
 start=$(date +%s.%N)
-"$BIN" run --config "$W/litestreamd.toml" 2> "$W/daemon.log" &
+NOTIFY_SOCKET="$W/notify.sock" "$BIN" run --config "$W/litestreamd.toml" 2> "$W/daemon.log" &
 PID=$!
 # Wait until every database has its first snapshot.
 until [ "$(find "$W/replicas" -name '*.snapshot.lz4' | wc -l)" -ge $((IDLE + BUSY)) ]; do sleep 1; done
 ready=$(date +%s.%N)
+wait $LISTENER
+sd_ready=$(cat "$W/ready.tmp")
 # Busy databases: one small transaction per database per 100 ms.
 python3 - "$W" "$IDLE" "$BUSY" <<'PY' &
 import sqlite3, sys, time
@@ -79,6 +96,7 @@ cpu_busy = ($t1 - $t0) / $hz / $WINDOW * 100
 cpu_idle = ($i1 - $i0) / $hz / $WINDOW * 100
 cpu_steady = ($s1 - $s0) / $hz / $WINDOW * 100
 print(f"databases           {n} ({idle} idle, {busy} busy at 10 tx/s each)")
+print(f"start to READY=1     {$sd_ready - $start:.1f} s")
 print(f"start to all snapshotted  {$ready - $start:.1f} s")
 print(f"RSS                 {$rss_kb/1024:.1f} MiB (peak {$hwm_kb/1024:.1f} MiB) = {$rss_kb/n:.0f} KiB per database")
 print(f"open fds            {$fds} = {$fds/n:.2f} per database")

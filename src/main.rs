@@ -689,8 +689,9 @@ fn reload(
 }
 
 /// `restore_on_start`: READY=1 waits until every database that needed a restore has it, or
-/// every replica answered that there is no backup; meanwhile systemd's start timeout is
-/// extended and STATUS= says what is awaited. A database whose `restore_on_start_timeout`
+/// every replica answered that there is no backup, and every database is prepared; meanwhile
+/// (and when preparing takes over 5 s) systemd's start timeout is extended and STATUS= says
+/// what is awaited. A database whose `restore_on_start_timeout`
 /// passes fails the start (an error, exit status 1). Returns false on SIGTERM/SIGINT.
 async fn wait_for_restores(
     sup: &mut Supervisor,
@@ -698,6 +699,7 @@ async fn wait_for_restores(
     int: &mut tokio::signal::unix::Signal,
 ) -> Result<bool> {
     let mut last_extend: Option<std::time::Instant> = None;
+    let begun = std::time::Instant::now();
     loop {
         let restoring = sup.restoring();
         if restoring.is_empty() && sup.starting() == 0 {
@@ -715,24 +717,38 @@ async fn wait_for_restores(
                 r.last_error.as_deref().unwrap_or("no restore finished")
             );
         }
-        if !restoring.is_empty()
-            && last_extend.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
-        {
+        // A long start (restores, or thousands of databases to prepare) keeps extending
+        // systemd's start timeout while it makes progress.
+        let long = !restoring.is_empty() || begun.elapsed() >= Duration::from_secs(5);
+        if long && last_extend.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             notify::extend_timeout(Duration::from_secs(15));
-            let names: Vec<String> = restoring
-                .iter()
-                .map(|r| match &r.last_error {
-                    Some(e) => format!("{} ({e})", r.name),
-                    None => r.name.clone(),
-                })
-                .collect();
-            notify::status(&format!("restoring before start: {}", names.join("; ")));
+            if restoring.is_empty() {
+                notify::status(&format!(
+                    "starting: {} databases to prepare",
+                    sup.starting()
+                ));
+            } else {
+                let names: Vec<String> = restoring
+                    .iter()
+                    .map(|r| match &r.last_error {
+                        Some(e) => format!("{} ({e})", r.name),
+                        None => r.name.clone(),
+                    })
+                    .collect();
+                notify::status(&format!("restoring before start: {}", names.join("; ")));
+            }
             last_extend = Some(std::time::Instant::now());
         }
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM while starting: stopping"); return Ok(false); }
             _ = int.recv() => { info!("SIGINT while starting: stopping"); return Ok(false); }
-            p = sup.next_prepared() => sup.start_prepared(p),
+            p = sup.next_prepared() => {
+                // Every preparation that is done, at once: the checks above walk all workers.
+                sup.start_prepared(p);
+                while let Some(p) = sup.try_next_prepared() {
+                    sup.start_prepared(p);
+                }
+            }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
         sup.check_workers();

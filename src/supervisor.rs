@@ -375,6 +375,11 @@ impl Supervisor {
         }
     }
 
+    /// A prepared worker if one is waiting (see [`Supervisor::next_prepared`]).
+    pub fn try_next_prepared(&mut self) -> Option<Prepared> {
+        self.prepared_rx.try_recv().ok()
+    }
+
     /// Databases still being prepared (at start: not yet running).
     pub fn starting(&self) -> usize {
         self.preparing.len()
@@ -446,8 +451,12 @@ impl Supervisor {
     /// Databases whose worker is still restoring them (restore_on_start): name, how long it
     /// has been trying, its configured give-up (None: no limit) and its last error.
     pub fn restoring(&self) -> Vec<Restoring> {
+        // Read in place and cloned only when restoring: this runs for every worker started
+        // while the daemon starts, and a clone of every status each time made a start of
+        // 10,000 databases quadratic (102 s to READY=1).
         self.running
             .iter()
+            .filter(|(_, r)| r.handle.with_status(|st| st.state == DbState::Restoring))
             .filter_map(|(n, r)| {
                 let st = r.handle.status();
                 (st.state == DbState::Restoring).then(|| Restoring {
