@@ -542,7 +542,7 @@ fn eof_as(e: io::Error, what: &str) -> io::Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
     use proptest::prelude::*;
@@ -583,7 +583,7 @@ mod tests {
 
     /// Half compressible text, half incompressible noise, so frames mix stored-raw and
     /// compressed blocks.
-    fn sample(len: usize, seed: u64) -> Vec<u8> {
+    pub(in crate::compress) fn sample(len: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..len)
             .map(|i| {

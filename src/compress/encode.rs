@@ -259,21 +259,9 @@ mod tests {
         w.finish().unwrap()
     }
 
+    /// Compressible and incompressible stretches: both block kinds.
     fn sample(len: usize) -> Vec<u8> {
-        // Half compressible, half not: both block kinds.
-        let mut x = 0x9E37_79B9u32;
-        (0..len)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                if (i / 70_000) % 2 == 0 {
-                    (i % 7) as u8
-                } else {
-                    x as u8
-                }
-            })
-            .collect()
+        super::super::decode::tests::sample(len, 7)
     }
 
     #[test]
