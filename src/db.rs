@@ -19,7 +19,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::layout::{self, MAX_INDEX, Pos};
-use crate::shadow::{self, Shadow, read_header_bytes};
+use crate::shadow::{Shadow, read_header_bytes};
 use crate::wal::{self, WAL_HEADER_SIZE, WalHeader};
 
 #[derive(Debug, Error)]
@@ -1088,7 +1088,7 @@ impl Db {
             .len();
         // The new frames are read once, a chunk at a time into a buffer kept between passes
         // (sized to what a pass reads, at most `SCAN_CHUNK`), and checked; their whole commits
-        // then go from the WAL to the shadow inside the kernel (`shadow::Source::File`). Reading
+        // then go from the WAL to the shadow inside the kernel (`Shadow::append`). Reading
         // the WAL a second time through `io::copy`, 8 KiB at a time, was 30% of the daemon's
         // CPU at 600 small commits a second; holding a pass's bytes in memory instead cost as
         // many MiB as the pass.
@@ -1100,12 +1100,8 @@ impl Db {
         if n == 0 {
             return Ok(0);
         }
-        let src = shadow::Source::File {
-            file: &wal,
-            offset: start,
-        };
         self.shadow
-            .append(generation, index, start, src, n)
+            .append(generation, index, start, &wal, start, n)
             .map_err(self.shadow_err("append"))?;
         Ok(n)
     }

@@ -60,17 +60,6 @@ pub struct PageVersions {
     pub page_size: u32,
 }
 
-/// Where [`Shadow::append`] takes its bytes from.
-#[derive(Clone, Copy)]
-pub enum Source<'a> {
-    Bytes(&'a [u8]),
-    /// A file from `offset` on (the database's WAL): copied inside the kernel.
-    File {
-        file: &'a File,
-        offset: u64,
-    },
-}
-
 fn shrank() -> io::Error {
     io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -314,15 +303,16 @@ impl Shadow {
         Ok(())
     }
 
-    /// Appends the first `n` bytes of `src` to an index, which must be `at` bytes long, and
-    /// fsyncs. On any failure (a full disk, a short source) the index is cut back to `at`, so
+    /// Appends `n` bytes of `src` from `offset` on (the database's WAL; copied inside the
+    /// kernel) to an index, which must be `at` bytes long, and fsyncs. On any failure (a full disk, a short source) the index is cut back to `at`, so
     /// no torn frame is ever left (which would look like lost continuity: a new generation).
     pub fn append(
         &self,
         generation: &str,
         index: u32,
         at: u64,
-        src: Source<'_>,
+        src: &File,
+        offset: u64,
         n: u64,
     ) -> io::Result<()> {
         let p = self.index_path(generation, index);
@@ -331,17 +321,7 @@ impl Shadow {
             .write(true)
             .open(&p)
             .map_err(|e| io_at(&p, e))?;
-        let copy = |out: &File| -> io::Result<()> {
-            match src {
-                Source::Bytes(b) => {
-                    out.write_all_at(b.get(..n as usize).ok_or_else(shrank)?, at)?
-                }
-                Source::File { file, offset } => copy_file(file, offset, out, at, n)?,
-            }
-            out.sync_data()
-        };
-        let res = copy(&out);
-        if let Err(e) = res {
+        if let Err(e) = copy_file(src, offset, &out, at, n).and_then(|()| out.sync_data()) {
             if let Err(t) = out.set_len(at).and_then(|()| out.sync_data()) {
                 warn!(shadow = %p.display(), error = %t, "cannot cut the shadow WAL back after a failed append; it is repaired at the next start");
             }
@@ -682,19 +662,21 @@ mod tests {
 
     const PS: u32 = 512;
 
+    /// A file holding `bytes`, as the source of an append.
+    fn source(bytes: &[u8]) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
     fn index_with(shadow: &Shadow, frames: &[(u32, u32, u8)]) -> Vec<u8> {
         let w = build_wal(false, PS, frames);
         shadow
             .create_index("0123456789abcdef", 0, w[..32].try_into().unwrap())
             .unwrap();
+        let n = (w.len() - 32) as u64;
         shadow
-            .append(
-                "0123456789abcdef",
-                0,
-                32,
-                Source::Bytes(&w[32..]),
-                (w.len() - 32) as u64,
-            )
+            .append("0123456789abcdef", 0, 32, &source(&w), 32, n)
             .unwrap();
         w
     }
@@ -729,7 +711,7 @@ mod tests {
         // What goes up is what went in, checked.
         let mut out = Vec::new();
         s.create_index(g, 2, w[..32].try_into().unwrap()).unwrap();
-        s.append(g, 2, 32, Source::Bytes(&w[32..]), (w.len() - 32) as u64)
+        s.append(g, 2, 32, &source(&w), 32, (w.len() - 32) as u64)
             .unwrap();
         assert_eq!(
             s.copy_range(g, 2, 0, w.len() as u64, &mut out).unwrap(),
@@ -752,31 +734,27 @@ mod tests {
         let at = w.len() as u64;
         // The source ends early: the index is cut back to where the append started.
         let err = s
-            .append(g, 0, at, Source::Bytes(&[7u8; 100]), 4096)
+            .append(g, 0, at, &source(&[7u8; 100]), 0, 4096)
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(s.size(g, 0).unwrap(), at);
-        // The same from a file (copied in the kernel) that is shorter than said.
-        let short = d.path().join("short");
-        std::fs::write(&short, [7u8; 5000]).unwrap();
-        let f = File::open(&short).unwrap();
-        let src = Source::File {
-            file: &f,
-            offset: 1000,
-        };
-        let err = s.append(g, 0, at, src, 4096).unwrap_err();
+        // The same when the part of the file after `offset` is shorter than said.
+        let err = s
+            .append(g, 0, at, &source(&[7u8; 5000]), 1000, 4096)
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert_eq!(s.size(g, 0).unwrap(), at);
         // A crash left an uncommitted frame at the end: repaired back to the commit.
         let more = build_wal(false, PS, &[(1, 1, 1), (2, 0, 2)]);
-        std::fs::write(&short, &more).unwrap();
-        let f = File::open(&short).unwrap();
-        let src = Source::File {
-            file: &f,
-            offset: at,
-        };
-        s.append(g, 0, at, src, (more.len() - at as usize) as u64)
-            .unwrap();
+        s.append(
+            g,
+            0,
+            at,
+            &source(&more),
+            at,
+            (more.len() - at as usize) as u64,
+        )
+        .unwrap();
         assert_eq!(std::fs::read(s.describe(g, 0)).unwrap(), more);
         assert_eq!(
             s.repair_tail(g, 0, PS).unwrap(),
