@@ -5,7 +5,7 @@
 pub mod append_only;
 pub mod file;
 pub mod gcs;
-mod insecure_http;
+mod http;
 pub mod meter;
 pub mod ranged;
 pub mod s3;

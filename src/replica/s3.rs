@@ -179,7 +179,7 @@ impl S3Store {
         }
         if cfg.skip_verify {
             tracing::warn!(bucket = %cfg.bucket, endpoint = ?cfg.endpoint, "skip_verify: TLS certificates of this S3 endpoint are not verified");
-            loader = loader.http_client(super::insecure_http::client());
+            loader = loader.http_client(super::http::insecure());
         }
         let sdk = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
@@ -193,6 +193,14 @@ impl S3Store {
             );
         if let Some(ep) = &cfg.endpoint {
             b = b.endpoint_url(ep);
+            // Only the S3 requests: credentials may still come from an https service (STS).
+            if !cfg.skip_verify
+                && ep
+                    .get(..7)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("http://"))
+            {
+                b = b.http_client(super::http::quick_ack());
+            }
         }
         b = b.force_path_style(cfg.force_path_style.unwrap_or(cfg.endpoint.is_some()));
         Ok(S3Store {
