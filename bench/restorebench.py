@@ -35,7 +35,8 @@ from pathlib import Path
 
 import statistics
 
-from common import (MB, MiB, BenchError, drop_caches, file_sha256, integrity_check, log, rm_db,
+from common import (MB, MiB, BenchError, drop_caches, file_sha256, integrity_check, log,
+                    proc_cpu_seconds, rm_db,
                     snapshot_files, spawn, stop, summary, table_digest, tail, timed_run,
                     wait_for, wait_quiet, wal_indexes, write_fsync_seconds)
 from tools import BUCKET, FileTarget, Litestream, Litestreamd, S3Target
@@ -192,8 +193,13 @@ def bench_shapes(a, work: Path, s3, build_history, build_fresh, make_db) -> dict
                                     while f.read(8 * MiB):
                                         pass
                             os.sync()
+                        # From S3, the server's CPU during the restore: s3s-fs shares the
+                        # machine's two cores with the restore and is what bounds those cells.
+                        c0 = proc_cpu_seconds(s3.proc.pid) if tname == "s3" else 0.0
                         m = timed_run(tool.restore_argv(work, out, rep["db"], target), lg,
                                       env=tool.env())
+                        if tname == "s3":
+                            m["server_cpu"] = proc_cpu_seconds(s3.proc.pid) - c0
                         m["bytes"] = out.stat().st_size
                         runs[key].append(m)
                         if r == 0:
@@ -212,6 +218,8 @@ def bench_shapes(a, work: Path, s3, build_history, build_fresh, make_db) -> dict
                     res["tools"][key] = {"wall": summary([m["wall"] for m in ms]),
                                          "cpu": summary([m["cpu"] for m in ms]),
                                          "maxrss_mib": max(m["maxrss_kib"] for m in ms) / 1024,
+                                         "server_cpu": (summary([m["server_cpu"] for m in ms])
+                                                        if "server_cpu" in ms[0] else None),
                                          "bytes": ms[0]["bytes"]}
                 fl = {k: statistics.median([f[k] for f in floors]) for k in floors[0]}
                 res["floor"] = fl
@@ -258,8 +266,8 @@ def render(a, R: dict) -> list[str]:
     lines.append("")
     lines.append("| shape | target | cache | litestreamd s | Litestream 0.3.13 s | vs Litestream "
                  "| floor s (read + write) | vs floor | LZ4 all cores s | peak RSS litestreamd / "
-                 "Litestream |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                 "Litestream | s3s-fs CPU s (litestreamd / Litestream) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in R["results"]:
         t, fl = r["tools"], r["floor"]
         w, l = t["lsd"]["wall"], t["ls03"]["wall"]
@@ -269,7 +277,9 @@ def render(a, R: dict) -> list[str]:
             f"{w['max']:.2f}] | {l['median']:.2f} [{l['min']:.2f}–{l['max']:.2f}] | "
             f"{w['median'] / l['median']:.2f}x | {fl['floor_s']:.2f} ({fl['read_s']:.2f} + "
             f"{fl['write_s']:.2f}) | {w['median'] / fl['floor_s']:.2f}x | {lz4} | "
-            f"{t['lsd']['maxrss_mib']:.0f} / {t['ls03']['maxrss_mib']:.0f} MiB |")
+            f"{t['lsd']['maxrss_mib']:.0f} / {t['ls03']['maxrss_mib']:.0f} MiB | "
+            + (f"{t['lsd']['server_cpu']['median']:.2f} / {t['ls03']['server_cpu']['median']:.2f}"
+               if t["lsd"].get("server_cpu") else "–") + " |")
     return lines
 
 

@@ -1341,11 +1341,27 @@ impl DrillSource {
             Some(n) => n as u64,
             None => self.file.metadata()?.len().div_ceil(ps),
         };
-        // The file is read 1 MiB at a time; pages the index wrote come from the shadow.
+        // The file is read 1 MiB at a time; pages the index wrote come from the shadow. The
+        // kernel is asked for the next 8 MiB ahead of each read, so the disk never waits for
+        // the hash (plain 1 MiB reads with the default readahead: 1.35 s cold for 1 GiB, where
+        // `dd` takes 0.7-0.8 s).
+        const AHEAD: u64 = 8 << 20;
         let per = ((1u64 << 20) / ps).max(1);
         let mut chunk = vec![0u8; (per * ps) as usize];
         let mut pgno = 1u64;
+        let mut advised = 0u64;
         while pgno <= n {
+            let at = (pgno - 1) * ps;
+            if advised < at + AHEAD {
+                let from = advised.max(at);
+                let _ = nix::fcntl::posix_fadvise(
+                    &*self.file,
+                    from as i64,
+                    (at + 2 * AHEAD - from) as i64,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                );
+                advised = at + 2 * AHEAD;
+            }
             let count = per.min(n - pgno + 1);
             let buf = &mut chunk[..(count * ps) as usize];
             let mut got = 0;
