@@ -729,6 +729,9 @@ def render_targets(a, R: dict) -> list[str]:
     if R.get("shapes"):
         for text, ok in restorebench.targets(R["shapes"]):
             out.append(f"- [issue 16] {text} — {verdict(ok)}")
+    if R.get("drill"):
+        for text, ok in drillbench.targets(R["drill"]):
+            out.append(f"- [issue 17] {text} — {verdict(ok)}")
     hist = next((r for r in R["restore"] if r["case"] == "history"), None)
     if hist:
         t = hist["tools"]

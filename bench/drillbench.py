@@ -57,7 +57,10 @@ class Writer:
 
     def __init__(self, db: Path, rate: float):
         self.db, self.rate = db, rate
-        self.times: dict[str, list[float]] = {"before": [], "during": [], "after": []}
+        # "drop": while the bench syncs and drops the page cache before the drill (a global
+        # sync and a cold database stall commits by themselves; not the drill's doing).
+        self.times: dict[str, list[float]] = {"before": [], "drop": [], "during": [],
+                                              "after": []}
         self.phase = "before"
         self.stop = threading.Event()
         self.t = threading.Thread(target=self.run, daemon=True)
@@ -74,9 +77,9 @@ class Writer:
             now = time.monotonic()
             if due > now:
                 time.sleep(due - now)
-            s = time.monotonic()
+            s, phase = time.monotonic(), self.phase
             con.execute("INSERT INTO w(v) VALUES (randomblob(200))")
-            self.times[self.phase].append(time.monotonic() - s)
+            self.times[phase].append(time.monotonic() - s)
             i += 1
         con.close()
 
@@ -129,11 +132,12 @@ def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
         time.sleep(BASELINE_QUICK if a.quick else BASELINE)
         done.set()
         th.join()
+        w.phase = "drop"
+        cold = drop_caches()
         lags_during: list[float] = []
         done = threading.Event()
         w.phase = "during"
         th = lag_sampler(a, sock, lags_during, done)
-        cold = drop_caches()
         t = time.monotonic()
         out = subprocess.run([a.litestreamd, "drill", "app", "--json", "--socket", str(sock)],
                              capture_output=True, text=True, env=env)
@@ -175,6 +179,7 @@ def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
         "lag_during_max": max(lags_during, default=0.0),
         "commit_before_ms": max(w.times["before"], default=0.0) * 1000,
         "commit_during_ms": max(w.times["during"], default=0.0) * 1000,
+        "commit_drop_ms": max(w.times["drop"], default=0.0) * 1000,
         "commit_before_p99_ms": percentile(w.times["before"] or [0.0], 99) * 1000,
         "commit_during_p99_ms": percentile(w.times["during"] or [0.0], 99) * 1000,
         "commits_before": len(w.times["before"]),
@@ -212,16 +217,30 @@ def render(R: dict) -> list[str]:
            f"cache {'dropped before the drill, the restore and the read' if cold else 'NOT dropped (no permission): warm'})", ""]
     rows = []
     for r in R["rows"]:
-        bound = r["restore_s"] + 2 * r["read_s"]
+        # Issue 17's bound: the restore plus one checksum pass (a read of the database).
+        bound = r["restore_s"] + r["read_s"]
         rows.append([
             r["target"], fmt_s(r["drill_s"]), fmt_s(r["restore_s"]), fmt_s(r["read_s"]),
             fmt_s(bound), ratio(r["drill_s"], bound),
             f"{r['lag_before_max']:.1f} s", f"{r['lag_during_max']:.1f} s",
             f"{r['commit_before_p99_ms']:.0f} / {r['commit_before_ms']:.0f} ms",
             f"{r['commit_during_p99_ms']:.0f} / {r['commit_during_ms']:.0f} ms",
+            f"{r['commit_drop_ms']:.0f} ms" if "commit_drop_ms" in r else "n/a",
         ])
     b = R.get("baseline_s", BASELINE)
-    out.append(table(["target", "drill", "restore", "read db", "restore + 2 reads",
+    out.append(table(["target", "drill", "restore", "read db", "restore + read",
                       "drill / that", f"lag max before ({b} s)", "lag max during",
-                      f"commit p99 / max before ({b} s)", "commit p99 / max during"], rows))
+                      f"commit p99 / max before ({b} s)", "commit p99 / max during",
+                      "commit max in sync + drop_caches"], rows))
+    return out
+
+
+def targets(R: dict) -> list[tuple[str, bool]]:
+    """(target text, met) for issue 17's drill bound, per target."""
+    out = []
+    for r in R["rows"]:
+        bound = r["restore_s"] + r["read_s"]
+        out.append((f"drill from {r['target']} at most the restore plus one read of the database "
+                    f"({r['drill_s']:.2f} s vs {bound:.2f} s, {r['drill_s'] / bound:.2f}x)",
+                    r["drill_s"] <= bound))
     return out

@@ -66,13 +66,23 @@ impl HttpConnector for InsecureConnector {
 /// Timeouts of the cached connector.
 type Timeouts = (Option<Duration>, Option<Duration>);
 
-/// Caches its connector (and so its connection pool) across requests, as the SDK expects.
-#[derive(Debug, Default)]
-struct InsecureClient {
+/// Caches its connector (and so its connection pool) across requests, as the SDK expects;
+/// `build` makes the connector for a pair of timeouts.
+struct Cached<F> {
+    build: F,
     cached: std::sync::Mutex<Option<(Timeouts, SharedHttpConnector)>>,
 }
 
-impl HttpClient for InsecureClient {
+impl<F> std::fmt::Debug for Cached<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cached").finish_non_exhaustive()
+    }
+}
+
+impl<F> HttpClient for Cached<F>
+where
+    F: Fn(&HttpConnectorSettings) -> SharedHttpConnector + Send + Sync,
+{
     fn http_connector(
         &self,
         settings: &HttpConnectorSettings,
@@ -85,6 +95,25 @@ impl HttpClient for InsecureClient {
         {
             return c.clone();
         }
+        let connector = (self.build)(settings);
+        *cached = Some((key, connector.clone()));
+        connector
+    }
+}
+
+fn cached<F>(build: F) -> SharedHttpClient
+where
+    F: Fn(&HttpConnectorSettings) -> SharedHttpConnector + Send + Sync + 'static,
+{
+    SharedHttpClient::new(Cached {
+        build,
+        cached: Default::default(),
+    })
+}
+
+/// An HTTP client for the SDK that accepts any server certificate.
+pub fn insecure() -> SharedHttpClient {
+    cached(|settings| {
         let mut b = reqwest::Client::builder()
             .tls_danger_accept_invalid_certs(true)
             .pool_idle_timeout(Duration::from_secs(90));
@@ -95,41 +124,14 @@ impl HttpClient for InsecureClient {
             b = b.read_timeout(t);
         }
         let client = b.build().expect("a TLS client without verification builds");
-        let connector = SharedHttpConnector::new(InsecureConnector { client });
-        *cached = Some((key, connector.clone()));
-        connector
-    }
-}
-
-/// An HTTP client for the SDK that accepts any server certificate.
-pub fn insecure() -> SharedHttpClient {
-    SharedHttpClient::new(InsecureClient::default())
+        SharedHttpConnector::new(InsecureConnector { client })
+    })
 }
 
 /// An HTTP client for the SDK, for `http://` endpoints, whose connections acknowledge every
 /// read at once (see the module doc).
 pub fn quick_ack() -> SharedHttpClient {
-    SharedHttpClient::new(QuickAckClient::default())
-}
-
-#[derive(Debug, Default)]
-struct QuickAckClient {
-    cached: std::sync::Mutex<Option<(Timeouts, SharedHttpConnector)>>,
-}
-
-impl HttpClient for QuickAckClient {
-    fn http_connector(
-        &self,
-        settings: &HttpConnectorSettings,
-        _components: &RuntimeComponents,
-    ) -> SharedHttpConnector {
-        let key = (settings.connect_timeout(), settings.read_timeout());
-        let mut cached = self.cached.lock().expect("connector cache");
-        if let Some((k, c)) = cached.as_ref()
-            && *k == key
-        {
-            return c.clone();
-        }
+    cached(|settings| {
         let mut tcp = TcpConnector::new();
         tcp.set_nodelay(true);
         tcp.set_connect_timeout(settings.connect_timeout());
@@ -137,13 +139,11 @@ impl HttpClient for QuickAckClient {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())
             .build(QuickAckConnector(tcp));
-        let connector = SharedHttpConnector::new(QuickAckAdapter {
+        SharedHttpConnector::new(QuickAckAdapter {
             client,
             read_timeout: settings.read_timeout(),
-        });
-        *cached = Some((key, connector.clone()));
-        connector
-    }
+        })
+    })
 }
 
 type HyperClient = hyper_util::client::legacy::Client<QuickAckConnector, SdkBody>;
