@@ -16,6 +16,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -137,6 +138,7 @@ pub async fn run(
         .name(format!("drill-{db_name}"))
         .spawn(move || {
             let _slot = slot;
+            let prepared = AtomicBool::new(false);
             lower_priority();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -146,7 +148,9 @@ pub async fn run(
                 .enable_all()
                 .build();
             let out = match rt {
-                Ok(rt) => rt.block_on(drill(&db_name, source, &spec, &positions, &progress)),
+                Ok(rt) => rt.block_on(drill(
+                    &db_name, source, &spec, &positions, &progress, &prepared,
+                )),
                 Err(e) => not_run_since(
                     started,
                     spec.replicas.len(),
@@ -157,7 +161,10 @@ pub async fn run(
             let _ = tx.send(out);
             // The restored database goes after the answer (a 1 GiB unlink takes ~0.25 s), still
             // under the slot; a crash before this leaves it to the next drill's `prepare_dir`.
-            let _ = fs::remove_file(output_path(&spec.dir, &db_name));
+            // Only from a directory `prepare_dir` accepted (never through a link put there).
+            if prepared.load(Ordering::SeqCst) {
+                let _ = fs::remove_file(output_path(&spec.dir, &db_name));
+            }
         });
     if let Err(e) = spawned {
         return not_run_since(started, n, &format!("cannot start the drill thread: {e}"));
@@ -214,6 +221,7 @@ async fn drill(
     spec: &DrillSpec,
     positions: &Mutex<Vec<Option<Pos>>>,
     progress: &Arc<Mutex<Option<DrillRun>>>,
+    prepared: &AtomicBool,
 ) -> Vec<DrillStatus> {
     let set_progress = |replica: Option<&str>, stage: &'static str, done: u64, total: u64| {
         *progress.lock().expect("drill progress") = Some(DrillRun {
@@ -266,6 +274,7 @@ async fn drill(
             (size, sum.clone()),
             positions,
             progress,
+            prepared,
         )
         .await;
         let st = match res {
@@ -299,6 +308,7 @@ async fn drill_replica(
     (size, sum): (u64, SourceSum),
     positions: &Mutex<Vec<Option<Pos>>>,
     progress: &Arc<Mutex<Option<DrillRun>>>,
+    prepared: &AtomicBool,
 ) -> Outcome {
     let err = |s: String| (DrillResult::Error, s);
     let fail = |s: String| (DrillResult::Failed, s);
@@ -345,6 +355,7 @@ async fn drill_replica(
         .await
         .expect("drill dir task")
         .map_err(err)?;
+    prepared.store(true, Ordering::SeqCst);
 
     let store = r
         .target
