@@ -304,8 +304,9 @@ impl Shadow {
     }
 
     /// Appends `n` bytes of `src` from `offset` on (the database's WAL; copied inside the
-    /// kernel) to an index, which must be `at` bytes long, and fsyncs. On any failure (a full disk, a short source) the index is cut back to `at`, so
-    /// no torn frame is ever left (which would look like lost continuity: a new generation).
+    /// kernel) to an index, which must be `at` bytes long, and fsyncs. On any failure (a full
+    /// disk, a short source) the index is cut back to `at`, so no torn frame is ever left
+    /// (which would look like lost continuity: a new generation).
     pub fn append(
         &self,
         generation: &str,

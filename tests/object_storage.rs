@@ -286,6 +286,19 @@ async fn s3_compatibility_with_litestream_0_3_13() {
     assert_eq!(dump(&out), dump_conn(&app));
 }
 
+/// The config of an S3 store at `path` in the test bucket of the s3s-fs on `port`, as
+/// `s3_url` names it, with the test credentials.
+fn s3_config(port: u16, path: &str) -> litestreamd::replica::s3::S3Config {
+    litestreamd::replica::s3::S3Config {
+        access_key_id: Some(KEY.into()),
+        secret_access_key: Some(SECRET.into()),
+        ..litestreamd::replica::s3::S3Config::from_url(
+            &url::Url::parse(&s3_url(port, path)).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
 /// s3s-fs leaves Nagle on, so without quick ACKs on our side every response's tail waits for
 /// Linux's delayed ACK (~40 ms a GET). 20 ranged GETs of 256 KiB one after the other take
 /// 0.08 s with `replica/http.rs`'s client and 0.8 s without it (at least 20 x 40 ms); the bound,
@@ -293,23 +306,10 @@ async fn s3_compatibility_with_litestream_0_3_13() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_ranged_gets_do_not_wait_for_delayed_acks() {
     use litestreamd::replica::ObjectStore;
-    use litestreamd::replica::s3::{S3Config, S3Store};
+    use litestreamd::replica::s3::S3Store;
     let dir = tempfile::tempdir().unwrap();
     let server = s3_server(&dir.path().join("s3"));
-    let store = S3Store::new(S3Config {
-        bucket: "litestream-bucket".into(),
-        path: "acks".into(),
-        endpoint: Some(format!("http://127.0.0.1:{}", server.port)),
-        region: Some("us-east-1".into()),
-        force_path_style: Some(true),
-        access_key_id: Some(KEY.into()),
-        secret_access_key: Some(SECRET.into()),
-        part_size: None,
-        skip_verify: false,
-        object_lock: None,
-    })
-    .await
-    .unwrap();
+    let store = S3Store::new(s3_config(server.port, "acks")).await.unwrap();
     const RANGE: usize = 256 << 10;
     let data: Vec<u8> = (0..20 * RANGE as u64)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -353,16 +353,8 @@ async fn s3_multipart_snapshot_restores_byte_identical() {
     app.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .unwrap();
     let store = S3Store::new(S3Config {
-        bucket: "litestream-bucket".into(),
-        path: "big.db".into(),
-        endpoint: Some(format!("http://127.0.0.1:{}", server.port)),
-        region: Some("us-east-1".into()),
-        force_path_style: Some(true),
-        access_key_id: Some(KEY.into()),
-        secret_access_key: Some(SECRET.into()),
         part_size: Some(MIN_PART_SIZE),
-        skip_verify: false,
-        object_lock: None,
+        ..s3_config(server.port, "big.db")
     })
     .await
     .unwrap();
@@ -452,15 +444,8 @@ async fn bad_targets_are_reported_and_do_not_stop_the_good_one() {
     let s3 = |bucket: &str, port: u16, secret: &str| {
         let cfg = S3Config {
             bucket: bucket.into(),
-            path: "app.db".into(),
-            endpoint: Some(format!("http://127.0.0.1:{port}")),
-            region: Some("us-east-1".into()),
-            force_path_style: Some(true),
-            access_key_id: Some(KEY.into()),
             secret_access_key: Some(secret.into()),
-            part_size: None,
-            skip_verify: false,
-            object_lock: None,
+            ..s3_config(port, "app.db")
         };
         async move { ReplicaClient::new(std::sync::Arc::new(S3Store::new(cfg).await.unwrap())) }
     };
@@ -949,12 +934,7 @@ async fn lease_conditional_writes_on_s3_and_gcs() {
     let dir = tempfile::tempdir().unwrap();
     let s3_srv = s3_server(&dir.path().join("s3"));
     let gcs_srv = gcs_server(&dir.path().join("gcs"));
-    let s3_cfg = s3::S3Config {
-        access_key_id: Some(KEY.into()),
-        secret_access_key: Some(SECRET.into()),
-        ..s3::S3Config::from_url(&url::Url::parse(&s3_url(s3_srv.port, "lease.db")).unwrap())
-            .unwrap()
-    };
+    let s3_cfg = s3_config(s3_srv.port, "lease.db");
     let gcs_cfg =
         gcs::GcsConfig::from_url(&url::Url::parse(&gcs_url(gcs_srv.port, "lease.db")).unwrap())
             .unwrap();
@@ -1563,11 +1543,7 @@ async fn a_standby_follows_s3_with_probes_not_listings() {
     let check = |p: &Path| accounts(&rusqlite::Connection::open(p).unwrap()) == (10_000, 0);
     tokio::task::block_in_place(|| wait_restorable(&url, &scratch, check));
 
-    let cfg = s3::S3Config {
-        access_key_id: Some(KEY.into()),
-        secret_access_key: Some(SECRET.into()),
-        ..s3::S3Config::from_url(&url::Url::parse(&url).unwrap()).unwrap()
-    };
+    let cfg = s3_config(server.port, "standby.db");
     let meter = Arc::new(RequestMeter::default());
     let store = Arc::new(s3::S3Store::new(cfg).await.unwrap());
     let standby = dir.path().join("standby.db");
