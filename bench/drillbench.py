@@ -1,20 +1,22 @@
 """Figure 8: what a restore drill costs, from a directory and from S3 (s3s-fs), in the same run.
 
 A --db-mib database is replicated by `litestreamd run` while a writer commits 50 small
-transactions a second. Then, per target:
-  drill     `litestreamd drill app` (wall time: source checksum, waiting for the replica to reach
-            the drill's position, restore, integrity_check, checksum of the restored file)
+transactions a second. After 30 s of baseline, per target, --reps times in turn:
+  drill     `litestreamd drill app` (wall time: waiting for the replica to reach the drill's
+            position, restore, integrity_check with the restored file's checksum, and the
+            source's checksum, which runs beside the restore from S3 and beside the
+            integrity check from a directory)
   restore   `litestreamd restore` of the same replica to a new file right after the drill,
             under the same load (daemon, writer, sampler) at normal priority: the main part of
-            a drill, which runs at nice 10 and the lowest best-effort I/O priority
-The page cache is dropped before the drill, before the restore and before the read (when
-permitted): a drill reads a replica and a database that are not in memory.
+            a drill, which runs at nice 10 in the idle I/O class
   read      reading the database file once (`dd bs=1M` to /dev/null): one checksum pass is
-            bounded by it (xxh3 runs at memory speed); a drill makes two (source and restored)
-  lag       the replica's lag (`status --json`, sampled every 100 ms) before and during the drill
-  commit    the writer's p99 and longest commit in the 30 s before the drill and during it
-Claim checked: drill <= restore + 2 x read (+ the wait for the replica, at most a sync interval
-of 100 ms here), and the lag during a drill stays at its usual level.
+            bounded by it (xxh3 runs at memory speed)
+The page cache is dropped before each drill, restore and read (when permitted): a drill reads
+a replica and a database that are not in memory. Figures are medians over the reps.
+  lag       the replica's lag (`status --json`, sampled every 100 ms) before and during drills
+  commit    the writer's p99 and longest commit in the 30 s before the drills and during them
+Claim checked (issue 17): drill <= restore + read, and the lag during a drill stays at its
+usual level.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sqlite3
 import subprocess
 import threading
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 
 import tools
-from common import (BenchError, drop_caches, fmt_s, percentile, ratio, rm_db, spawn, stop,
+from common import (BenchError, drop_caches, fmt_s, log, percentile, ratio, rm_db, spawn, stop,
                     table, tail, wait_for)
 
 
@@ -107,6 +110,47 @@ def read_seconds(path: Path) -> float:
     return time.monotonic() - t
 
 
+def one_rep(a, d: Path, name: str, db: Path, sock: Path, url: str, env: dict, w: "Writer",
+            lg: Path) -> dict:
+    """One drill and, right after it, one plain restore of the same replica under the same
+    load, each from a cold page cache, then one read of the database."""
+    w.phase = "drop"
+    cold = drop_caches()
+    lags_during: list[float] = []
+    done = threading.Event()
+    w.phase = "during"
+    th = lag_sampler(a, sock, lags_during, done)
+    t = time.monotonic()
+    out = subprocess.run([a.litestreamd, "drill", "app", "--json", "--socket", str(sock)],
+                         capture_output=True, text=True, env=env)
+    drill_s = time.monotonic() - t
+    done.set()
+    th.join()
+    w.phase = "after"
+    if out.returncode != 0:
+        raise BenchError(f"{name}: drill exited {out.returncode}: {out.stdout}{out.stderr}"
+                         f"\n{tail(lg)}")
+    res = json.loads(out.stdout)[0]
+    if res["result"] != "passed":
+        raise BenchError(f"{name}: drill {res}")
+    # The plain restore under the same load (the daemon replicating, the writer, the
+    # sampler), at normal priority: what the drill is compared with.
+    restored = d / "restored.db"
+    rm_db(restored)
+    drop_caches()
+    t = time.monotonic()
+    r = subprocess.run([a.litestreamd, "--log-level", "warn", "restore", "-o",
+                        str(restored), url], capture_output=True, text=True, env=env)
+    restore_s = time.monotonic() - t
+    if r.returncode != 0:
+        raise BenchError(f"{name}: restore failed: {r.stderr}")
+    rm_db(restored)
+    drop_caches()
+    read_s = read_seconds(db)
+    return {"cold": cold, "drill_s": drill_s, "restore_s": restore_s, "read_s": read_s,
+            "bytes": res["restored_bytes"], "lags_during": lags_during}
+
+
 def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
                env: dict) -> dict:
     d = work / f"drill-{name}"
@@ -132,49 +176,23 @@ def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
         time.sleep(BASELINE_QUICK if a.quick else BASELINE)
         done.set()
         th.join()
-        w.phase = "drop"
-        cold = drop_caches()
-        lags_during: list[float] = []
-        done = threading.Event()
-        w.phase = "during"
-        th = lag_sampler(a, sock, lags_during, done)
-        t = time.monotonic()
-        out = subprocess.run([a.litestreamd, "drill", "app", "--json", "--socket", str(sock)],
-                             capture_output=True, text=True, env=env)
-        drill_s = time.monotonic() - t
-        done.set()
-        th.join()
-        w.phase = "after"
-        # The plain restore under the same load (the daemon replicating, the writer, the
-        # sampler), at normal priority: what the drill is compared with.
-        restored = d / "restored.db"
-        lags_after: list[float] = []
-        done = threading.Event()
-        th = lag_sampler(a, sock, lags_after, done)
-        drop_caches()
-        t = time.monotonic()
-        r = subprocess.run([a.litestreamd, "--log-level", "warn", "restore", "-o",
-                            str(restored), url], capture_output=True, text=True, env=env)
-        restore_s = time.monotonic() - t
-        done.set()
-        th.join()
+        reps = []
+        for k in range(max(1, a.reps)):
+            reps.append(one_rep(a, d, name, db, sock, url, env, w, lg))
+            log(f"  drill {name} run {k + 1}/{max(1, a.reps)}: drill {reps[-1]['drill_s']:.2f} s, "
+                f"restore {reps[-1]['restore_s']:.2f} s, read {reps[-1]['read_s']:.2f} s")
         w.close()
-        if r.returncode != 0:
-            raise BenchError(f"{name}: restore failed: {r.stderr}")
-        if out.returncode != 0:
-            raise BenchError(f"{name}: drill exited {out.returncode}: {out.stdout}{out.stderr}"
-                             f"\n{tail(lg)}")
-        res = json.loads(out.stdout)[0]
-        if res["result"] != "passed":
-            raise BenchError(f"{name}: drill {res}")
     finally:
         stop(p)
-    drop_caches()
-    read_s = read_seconds(db)
-    rm_db(restored)
+    med = lambda k: statistics.median(r[k] for r in reps)
+    cold = all(r["cold"] for r in reps)
+    lags_during = [x for r in reps for x in r["lags_during"]]
     return {
-        "target": name, "cold": cold, "drill_s": drill_s, "drill_inner_s": res["duration_seconds"],
-        "restore_s": restore_s, "read_s": read_s, "bytes": res["restored_bytes"],
+        "target": name, "cold": cold, "reps": len(reps),
+        "drill_s": med("drill_s"), "restore_s": med("restore_s"), "read_s": med("read_s"),
+        "drill_range": [min(r["drill_s"] for r in reps), max(r["drill_s"] for r in reps)],
+        "bound_ratios": [r["drill_s"] / (r["restore_s"] + r["read_s"]) for r in reps],
+        "bytes": reps[0]["bytes"],
         "lag_before_max": max(lags_before, default=0.0),
         "lag_during_max": max(lags_during, default=0.0),
         "commit_before_ms": max(w.times["before"], default=0.0) * 1000,
@@ -213,22 +231,25 @@ def bench_drill(a, work: Path, s3, make_db) -> dict:
 
 def render(R: dict) -> list[str]:
     cold = all(r.get("cold") for r in R["rows"])
-    out = [f"### Restore drill of a {R['db_mib']} MiB database (writer: 50 commits/s; page "
+    reps = max((r.get("reps", 1) for r in R["rows"]), default=1)
+    out = [f"### Restore drill of a {R['db_mib']} MiB database, medians of {reps} (writer: 50 commits/s; page "
            f"cache {'dropped before the drill, the restore and the read' if cold else 'NOT dropped (no permission): warm'})", ""]
     rows = []
     for r in R["rows"]:
         # Issue 17's bound: the restore plus one checksum pass (a read of the database).
         bound = r["restore_s"] + r["read_s"]
         rows.append([
-            r["target"], fmt_s(r["drill_s"]), fmt_s(r["restore_s"]), fmt_s(r["read_s"]),
-            fmt_s(bound), ratio(r["drill_s"], bound),
+            r["target"],
+            f"{fmt_s(r['drill_s'])} [{fmt_s(r['drill_range'][0])}-{fmt_s(r['drill_range'][1])}]"
+            if "drill_range" in r else fmt_s(r["drill_s"]),
+            fmt_s(r["restore_s"]), fmt_s(r["read_s"]), fmt_s(bound), ratio(r["drill_s"], bound),
             f"{r['lag_before_max']:.1f} s", f"{r['lag_during_max']:.1f} s",
             f"{r['commit_before_p99_ms']:.0f} / {r['commit_before_ms']:.0f} ms",
             f"{r['commit_during_p99_ms']:.0f} / {r['commit_during_ms']:.0f} ms",
             f"{r['commit_drop_ms']:.0f} ms" if "commit_drop_ms" in r else "n/a",
         ])
     b = R.get("baseline_s", BASELINE)
-    out.append(table(["target", "drill", "restore", "read db", "restore + read",
+    out.append(table(["target", "drill [min-max]", "restore", "read db", "restore + read",
                       "drill / that", f"lag max before ({b} s)", "lag max during",
                       f"commit p99 / max before ({b} s)", "commit p99 / max during",
                       "commit max in sync + drop_caches"], rows))

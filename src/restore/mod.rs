@@ -119,6 +119,10 @@ pub struct RestoreProgress {
     pub total: u64,
 }
 
+/// The stage a restore reports while `PRAGMA integrity_check` reads its output (which is in
+/// the page cache then: the disk is idle).
+pub const INTEGRITY_STAGE: &str = "integrity_check";
+
 pub type ProgressFn = Arc<dyn Fn(&RestoreProgress) + Send + Sync>;
 
 #[derive(Clone)]
@@ -618,7 +622,7 @@ async fn run_plan(
     debug!(elapsed = ?started.elapsed(), wal_pages = stats.wal_pages, snapshot_pages = stats.snapshot_pages, rewrites = stats.rewrites, "merged and synced");
 
     let checked = if opts.integrity_check {
-        progress("integrity_check", 0, 1);
+        progress(INTEGRITY_STAGE, 0, 1);
         let sc = scratch.clone();
         blocking(move || {
             sc.check_same(DB_FILE)?;
@@ -640,7 +644,7 @@ async fn run_plan(
     };
     checked?;
     if opts.integrity_check {
-        progress("integrity_check", 1, 1);
+        progress(INTEGRITY_STAGE, 1, 1);
     }
     let output_hash = output_hash.transpose()?;
     Ok(RestoreSummary {
