@@ -292,8 +292,16 @@ def targets(R: dict) -> list[tuple[str, bool]]:
                 f"(worst {worst_floor:.2f}x)", worst_floor <= 1.5))
     worst_ls = max(r["tools"]["lsd"]["wall"]["median"] / r["tools"]["ls03"]["wall"]["median"]
                    for r in rs)
+    # Cells that miss, and those of them where half of Litestream's time is less than writing
+    # and fsyncing the output alone on this disk (the floor's write part, same run).
+    miss = [r for r in rs
+            if r["tools"]["lsd"]["wall"]["median"] > r["tools"]["ls03"]["wall"]["median"] / 2]
+    below = [r for r in miss
+             if r["tools"]["ls03"]["wall"]["median"] / 2 < r["floor"]["write_s"]]
     out.append((f"restore at most half of Litestream 0.3.13's time everywhere "
-                f"(worst {worst_ls:.2f}x)", worst_ls <= 0.5))
+                f"(worst {worst_ls:.2f}x; {len(miss)} of {len(rs)} cells miss, in "
+                f"{len(below)} of them half of Litestream's time is less than writing and "
+                f"fsyncing the output alone)", worst_ls <= 0.5))
     rss = max(r["tools"]["lsd"]["maxrss_mib"] for r in rs)
     out.append((f"restore peak RSS under 64 MiB (max {rss:.0f} MiB)", rss < 64))
     s3 = min(r["tools"]["ls03"]["wall"]["median"] / r["tools"]["lsd"]["wall"]["median"]

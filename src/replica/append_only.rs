@@ -65,8 +65,9 @@ impl ObjectStore for AppendOnly {
         key: &str,
         start: u64,
         end: u64,
-    ) -> Result<Vec<bytes::Bytes>, StoreError> {
-        self.inner.get_range(key, start, end).await
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.inner.get_range(key, start, end, buf).await
     }
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         self.inner.head(key).await

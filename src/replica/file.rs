@@ -285,27 +285,36 @@ impl ObjectStore for FileStore {
         key: &str,
         start: u64,
         end: u64,
-    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let path = self.path(key);
-        let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+        let mut owned = std::mem::take(buf);
+        let read = tokio::task::spawn_blocking(move || -> (Vec<u8>, io::Result<()>) {
             use std::os::unix::fs::FileExt;
-            let f = std::fs::File::open(path)?;
-            let mut buf = vec![0u8; end.saturating_sub(start) as usize];
-            let mut filled = 0;
-            while filled < buf.len() {
-                match f.read_at(&mut buf[filled..], start + filled as u64)? {
-                    0 => break,
-                    n => filled += n,
+            let res = (|| {
+                let f = std::fs::File::open(path)?;
+                let base = owned.len();
+                owned.resize(base + end.saturating_sub(start) as usize, 0);
+                let mut filled = 0;
+                while base + filled < owned.len() {
+                    match f.read_at(&mut owned[base + filled..], start + filled as u64)? {
+                        0 => break,
+                        n => filled += n,
+                    }
                 }
-            }
-            buf.truncate(filled);
-            Ok(buf)
+                owned.truncate(base + filled);
+                Ok(())
+            })();
+            (owned, res)
         })
-        .await
-        .map_err(io::Error::other)
-        .and_then(|r| r);
-        read.map(|b| vec![b.into()])
-            .map_err(|e| self.io_err("get", key, e))
+        .await;
+        match read {
+            Ok((owned, res)) => {
+                *buf = owned;
+                res.map_err(|e| self.io_err("get", key, e))
+            }
+            Err(e) => Err(self.io_err("get", key, io::Error::other(e))),
+        }
     }
 
     async fn remove_incomplete(

@@ -390,22 +390,30 @@ impl ObjectStore for GcsStore {
         key: &str,
         start: u64,
         end: u64,
-    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         if end <= start {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let req = GetObjectRequest {
             bucket: self.cfg.bucket.clone(),
             object: self.key(key),
             ..Default::default()
         };
-        let data = self
+        let mut stream = self
             .client
-            .download_object(&req, &Range(Some(start), Some(end - 1)))
+            .download_streamed_object(&req, &Range(Some(start), Some(end - 1)))
             .await
             .map_err(|e| self.err("get", key, e))?;
         metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "GET").increment(1);
-        Ok(vec![data.into()])
+        while let Some(piece) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("get", key, e))?
+        {
+            buf.extend_from_slice(&piece);
+        }
+        Ok(())
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {

@@ -162,9 +162,10 @@ impl ObjectStore for Metered {
         key: &str,
         start: u64,
         end: u64,
-    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         self.meter.add(RequestKind::Get);
-        self.inner.get_range(key, start, end).await
+        self.inner.get_range(key, start, end, buf).await
     }
     async fn first(&self, dir: &str) -> Result<Option<ObjectInfo>, StoreError> {
         self.meter.add(RequestKind::List);

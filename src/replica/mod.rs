@@ -129,15 +129,19 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     async fn get_stat(&self, key: &str) -> Result<(ObjectReader, Option<SystemTime>), StoreError> {
         Ok((self.get(key).await?, None))
     }
-    /// Bytes `start..end` of an object (fewer only if the object is shorter), in the pieces
-    /// they arrived in (not copied into one buffer). The default reads the object from its
-    /// start; the buckets ask for the range.
+    /// Appends bytes `start..end` of an object to `buf` (fewer only if the object is
+    /// shorter), copied out of the response as it arrives. The caller reuses `buf` from range
+    /// to range: holding on to the HTTP client's own buffers instead made it allocate new ones
+    /// (mapped fresh, so every byte received also cost a page fault; a restore's S3 snapshot
+    /// took 2.5 s of which 1.4 s system time, 1.9 s and 0.6 s without the faults). The default
+    /// reads the object from its start; the buckets ask for the range.
     async fn get_range(
         &self,
         key: &str,
         start: u64,
         end: u64,
-    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         use tokio::io::AsyncReadExt;
         let mut body = self.get(key).await?;
         let io_err = |source| StoreError::Io {
@@ -149,12 +153,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
         tokio::io::copy(&mut (&mut body).take(start), &mut tokio::io::sink())
             .await
             .map_err(io_err)?;
-        let mut buf = Vec::with_capacity((end - start) as usize);
-        body.take(end - start)
-            .read_to_end(&mut buf)
+        body.take(end.saturating_sub(start))
+            .read_to_end(buf)
             .await
             .map_err(io_err)?;
-        Ok(vec![buf.into()])
+        Ok(())
     }
     /// The first object directly under `dir` in key order, if any: one LIST of one key on a
     /// bucket, however many objects the directory holds. The append-only lease finds its newest

@@ -3,9 +3,10 @@
 //! A single HTTP stream per object is what bounded an S3 restore (one GET for a 1 GiB snapshot
 //! ran at ~350 MiB/s on loopback). Here up to `connections` ranges of `chunk` bytes are in
 //! flight, each retried on its own; the consumer (decryption, then the LZ4 decoder) sees one
-//! ordered byte stream and never a transient error. Memory is at most `connections + 1` chunks:
-//! those in flight or waiting, and the one being read (its pieces are handed on as they
-//! arrived, never copied into one buffer).
+//! ordered byte stream and never a transient error. Each range is copied out of the response
+//! into a chunk buffer as it arrives, and the buffers are reused from range to range (`Pool`):
+//! memory is at most `connections + 2` chunks (in flight, waiting, and the one being read),
+//! allocated once per reader.
 
 use std::collections::VecDeque;
 use std::io;
@@ -69,7 +70,8 @@ pub fn readers(
     let mut txs = Vec::with_capacity(objects.len());
     let mut out: Vec<ObjectReader> = Vec::with_capacity(objects.len());
     for _ in &objects {
-        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(16);
+        // One whole range waits here while the consumer reads the one before it.
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
         txs.push(Some(tx));
         out.push(Box::pin(StreamReader::new(ReceiverStream::new(rx))));
     }
@@ -82,6 +84,7 @@ pub fn readers(
             (0..size.div_ceil(chunk)).map(move |n| (i, n * chunk, ((n + 1) * chunk).min(*size)))
         })
         .collect();
+    let pool = Pool::new(chunk as usize);
     tokio::spawn(async move {
         // Empty objects end at once.
         for (i, (_, size)) in objects.iter().enumerate() {
@@ -92,7 +95,7 @@ pub fn readers(
         type Pending = (
             usize,
             u64,
-            tokio::task::JoinHandle<Result<Vec<Bytes>, StoreError>>,
+            tokio::task::JoinHandle<Result<Bytes, StoreError>>,
         );
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut next = ranges.into_iter();
@@ -103,7 +106,8 @@ pub fn readers(
                     break;
                 };
                 let (store, key) = (store.clone(), objects[i].0.clone());
-                let h = tokio::spawn(range_with_retries(store, key, start, end, opts));
+                let buf = pool.take();
+                let h = tokio::spawn(range_with_retries(store, key, start, end, opts, buf));
                 pending.push_back((i, end, h));
             }
             let Some((i, end, h)) = pending.pop_front() else {
@@ -112,24 +116,22 @@ pub fn readers(
             let tx = txs[i]
                 .as_ref()
                 .expect("an object is served until its last range");
-            let pieces = match h.await {
-                Ok(Ok(pieces)) => Ok(pieces),
-                Ok(Err(e)) => Err(io::Error::other(e)),
-                Err(e) => Err(io::Error::other(e)),
-            };
-            let pieces = match pieces {
-                Ok(pieces) => pieces,
+            let data = match h.await {
+                Ok(Ok(data)) => data,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(io::Error::other(e))).await;
+                    abort(&pending);
+                    return;
+                }
                 Err(e) => {
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.send(Err(io::Error::other(e))).await;
                     abort(&pending);
                     return;
                 }
             };
-            for piece in pieces {
-                if tx.send(Ok(piece)).await.is_err() {
-                    abort(&pending);
-                    return;
-                }
+            if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
+                abort(&pending);
+                return;
             }
             if end == objects[i].1 {
                 // Its last range: the reader sees the end of the object.
@@ -146,15 +148,18 @@ async fn range_with_retries(
     start: u64,
     end: u64,
     opts: RangeOpts,
-) -> Result<Vec<Bytes>, StoreError> {
+    mut buf: Pooled,
+) -> Result<Bytes, StoreError> {
     let mut delay = opts.backoff;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let res = store.get_range(&key, start, end).await.and_then(|data| {
-            let len: usize = data.iter().map(Bytes::len).sum();
+        buf.data.clear();
+        let res = store.get_range(&key, start, end, &mut buf.data).await;
+        let res = res.and_then(|()| {
+            let len = buf.data.len();
             if len as u64 == end - start {
-                Ok(data)
+                Ok(())
             } else {
                 // The object is shorter than its listing said: it changed under the restore.
                 Err(StoreError::Backend {
@@ -174,7 +179,61 @@ async fn range_with_retries(
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            other => return other,
+            other => return other.map(|()| Bytes::from_owner(buf)),
+        }
+    }
+}
+
+/// The chunk buffers of one schedule of ranges, reused: a buffer goes back when the consumer
+/// has read its range (the `Bytes` made of it is dropped). Fresh buffers would be mapped anew
+/// by the allocator each time (restore maps anything from 32 KiB, see `main.rs`), and every
+/// byte written into one would first fault a zeroed page in.
+#[derive(Clone)]
+struct Pool {
+    free: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    chunk: usize,
+}
+
+/// A buffer of a [`Pool`], back in it when dropped.
+struct Pooled {
+    data: Vec<u8>,
+    pool: Pool,
+}
+
+impl Pool {
+    fn new(chunk: usize) -> Pool {
+        Pool {
+            free: Arc::default(),
+            chunk,
+        }
+    }
+    fn take(&self) -> Pooled {
+        let data = self
+            .free
+            .lock()
+            .expect("range buffers")
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.chunk));
+        Pooled {
+            data,
+            pool: self.clone(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        // Only buffers of the chunk's size are worth keeping (a failed range may have grown
+        // one past it; the last range of an object may be short, but its buffer is not).
+        if data.capacity() >= self.pool.chunk && data.capacity() <= 2 * self.pool.chunk {
+            self.pool.free.lock().expect("range buffers").push(data);
         }
     }
 }

@@ -618,9 +618,10 @@ impl ObjectStore for S3Store {
         key: &str,
         start: u64,
         end: u64,
-    ) -> Result<Vec<bytes::Bytes>, StoreError> {
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         if end <= start {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let out = self
             .client
@@ -632,13 +633,16 @@ impl ObjectStore for S3Store {
             .await
             .map_err(|e| self.err("get", key, e))?;
         metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
-        let data = out.body.collect().await.map_err(|e| StoreError::Io {
+        let mut body = out.body;
+        while let Some(piece) = body.try_next().await.map_err(|e| StoreError::Io {
             store: self.url(),
             op: "get",
             key: key.to_string(),
             source: std::io::Error::other(e),
-        })?;
-        Ok(data.into_segments().collect())
+        })? {
+            buf.extend_from_slice(&piece);
+        }
+        Ok(())
     }
 
     async fn remove_incomplete(&self, older_than: Duration) -> Result<usize, StoreError> {
