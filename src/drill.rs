@@ -44,6 +44,11 @@ const FREE_MARGIN: u64 = 64 << 20;
 /// sync interval.
 const CATCH_UP_GRACE: Duration = Duration::from_secs(2);
 
+/// The longest the source's checksum waits for a restore's integrity check (see `drill`):
+/// our checkpoints are paused until it is taken, so a big or slow restore must not hold
+/// them for its whole length (a 1 GiB restore from a directory takes ~2.5 s).
+const HOLD_MAX: Duration = Duration::from_secs(30);
+
 /// A database's drill settings, resolved from its config.
 #[derive(Clone)]
 pub struct DrillSpec {
@@ -249,6 +254,13 @@ async fn drill(
     // Checkpoints then stay paused for the restore's length, as they do for a snapshot's.
     let start = Arc::new(Start::default());
     let go = start.waiter();
+    let timer = {
+        let start = start.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(HOLD_MAX).await;
+            start.fire();
+        })
+    };
     if spec
         .replicas
         .first()
@@ -301,6 +313,8 @@ async fn drill(
         };
         out.push(st);
     }
+    // Unfired by now, the checksum was not needed: dropping the timer's `Start` ends its task.
+    timer.abort();
     out
 }
 
@@ -359,7 +373,9 @@ async fn drill_replica(
                 have.map_or("nothing yet".to_string(), |h| h.to_string())
             )));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The positions are in memory: a short poll keeps the drill from adding up to a
+        // poll's length to its time once the replica is there.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     let dir = spec.dir.clone();
