@@ -502,15 +502,22 @@ fn restore_on_start_brings_a_deleted_database_back_before_ready() {
     )
     .unwrap();
     let db = d.join("e.db");
-    let expect = {
+    let (expect, first_log) = {
         let app = app_conn(&db);
         insert(&app, 40);
         let daemon = Daemon::start(d, &main, None);
         daemon.expect("READY=1");
         let rows = dump_conn(&app);
+        // READY=1 does not wait for each database's first sync (a worker may still wait for
+        // its start slot), and a stop before it leaves the replica empty: this test is about
+        // the restore, so the backup must exist first.
+        let scratch = d.join("probe");
+        std::fs::create_dir_all(&scratch).unwrap();
+        wait_replica_rows(&replica, &scratch, rows.len());
+        std::fs::remove_dir_all(&scratch).unwrap();
         let (st, _, log) = daemon.stop();
         assert!(st.success(), "{log}");
-        rows
+        (rows, log)
     };
     for f in ["e.db", "e.db-wal", "e.db-shm"] {
         let _ = std::fs::remove_file(d.join(f));
@@ -518,7 +525,12 @@ fn restore_on_start_brings_a_deleted_database_back_before_ready() {
     let daemon = Daemon::start(d, &main, None);
     daemon.expect("READY=1");
     // Checked right at READY=1: the database is already back.
-    assert!(db.exists(), "restored before READY=1");
+    if !db.exists() {
+        let (_, _, log) = daemon.stop();
+        panic!(
+            "not restored before READY=1\n--- first daemon ---\n{first_log}\n--- second daemon ---\n{log}"
+        );
+    }
     assert_eq!(dump(&db), expect);
     let (st, _, log) = daemon.stop();
     assert!(st.success(), "{log}");

@@ -406,10 +406,13 @@ impl ObjectStore for GcsStore {
             .await
             .map_err(|e| self.err("get", key, e))?;
         metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "gcs", "operation" => "GET").increment(1);
-        while let Some(piece) = stream
-            .try_next()
-            .await
-            .map_err(|e| self.err("get", key, e))?
+        // A server that sends more than the range is cut off (see `S3Store::get_range`).
+        let limit = buf.len() + (end - start) as usize;
+        while buf.len() <= limit
+            && let Some(piece) = stream
+                .try_next()
+                .await
+                .map_err(|e| self.err("get", key, e))?
         {
             buf.extend_from_slice(&piece);
         }

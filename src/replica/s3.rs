@@ -634,12 +634,17 @@ impl ObjectStore for S3Store {
             .map_err(|e| self.err("get", key, e))?;
         metrics::counter!(crate::telemetry::REPLICA_OPERATIONS, "replica_type" => "s3", "operation" => "GET").increment(1);
         let mut body = out.body;
-        while let Some(piece) = body.try_next().await.map_err(|e| StoreError::Io {
-            store: self.url(),
-            op: "get",
-            key: key.to_string(),
-            source: std::io::Error::other(e),
-        })? {
+        // A server that sends more than the range (one ignoring `Range`) is cut off here, and
+        // the caller's length check names the object.
+        let limit = buf.len() + (end - start) as usize;
+        while buf.len() <= limit
+            && let Some(piece) = body.try_next().await.map_err(|e| StoreError::Io {
+                store: self.url(),
+                op: "get",
+                key: key.to_string(),
+                source: std::io::Error::other(e),
+            })?
+        {
             buf.extend_from_slice(&piece);
         }
         Ok(())
