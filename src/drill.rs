@@ -248,10 +248,11 @@ async fn drill(
     // work; our checkpoints stay paused until it is taken. From a bucket the restore waits on
     // the network and the checksum starts at once (overlapping saved 16 %: 13.8 -> 11.6 s).
     // From a local directory the restore's merge reads and writes the disk the checksum
-    // reads (both at once: cold 1 GiB drills took 5.5-8.8 s against 4.7 s one after the
-    // other), so the checksum waits for the restore's integrity check, which reads the
-    // restored file from the page cache, or for a wait on the replica (`drill_replica`).
-    // Checkpoints then stay paused for the restore's length, as they do for a snapshot's.
+    // reads, so the checksum waits for the restore's integrity check, which reads the
+    // restored file from the page cache, or for a wait on the replica (`drill_replica`):
+    // cold 1 GiB drills went from 1.15-1.32x of a restore plus one read (checksum first) to
+    // 0.95-1.01x (docs/benchmarks.md). Checkpoints then stay paused for the restore's length
+    // (at most `HOLD_MAX`), as they do for a snapshot's upload.
     let start = Arc::new(Start::default());
     let go = start.waiter();
     let timer = {
