@@ -253,8 +253,8 @@ async fn drill(
     // cold 1 GiB drills went from 1.15-1.32x of a restore plus one read (checksum first) to
     // 0.95-1.01x (docs/benchmarks.md). Checkpoints then stay paused for the restore's length
     // (at most `HOLD_MAX`), as they do for a snapshot's upload.
-    let start = Arc::new(Start::default());
-    let go = start.waiter();
+    let (start, go) = Start::new();
+    let start = Arc::new(start);
     let timer = {
         let start = start.clone();
         tokio::spawn(async move {
@@ -457,17 +457,20 @@ async fn drill_replica(
 
 /// Starts the source's checksum once (see [`drill`]). Dropped unfired, the checksum is
 /// never taken.
-#[derive(Default)]
 struct Start {
     tx: Mutex<Option<std::sync::mpsc::SyncSender<()>>>,
 }
 
 impl Start {
-    /// The receiving end, for the checksum task (once).
-    fn waiter(&self) -> std::sync::mpsc::Receiver<()> {
+    /// The starter and the receiving end the checksum task waits on.
+    fn new() -> (Start, std::sync::mpsc::Receiver<()>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        *self.tx.lock().expect("drill start") = Some(tx);
-        rx
+        (
+            Start {
+                tx: Mutex::new(Some(tx)),
+            },
+            rx,
+        )
     }
     fn fire(&self) {
         if let Some(tx) = self.tx.lock().expect("drill start").take() {

@@ -287,34 +287,21 @@ impl ObjectStore for FileStore {
         end: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), StoreError> {
+        use std::io::{Read, Seek, SeekFrom};
         let path = self.path(key);
+        // The caller's buffer goes to the blocking thread and comes back with the range.
         let mut owned = std::mem::take(buf);
-        let read = tokio::task::spawn_blocking(move || -> (Vec<u8>, io::Result<()>) {
-            use std::os::unix::fs::FileExt;
-            let res = (|| {
-                let f = std::fs::File::open(path)?;
-                let base = owned.len();
-                owned.resize(base + end.saturating_sub(start) as usize, 0);
-                let mut filled = 0;
-                while base + filled < owned.len() {
-                    match f.read_at(&mut owned[base + filled..], start + filled as u64)? {
-                        0 => break,
-                        n => filled += n,
-                    }
-                }
-                owned.truncate(base + filled);
-                Ok(())
-            })();
+        let (owned, res) = tokio::task::spawn_blocking(move || {
+            let res = std::fs::File::open(path).and_then(|mut f| {
+                f.seek(SeekFrom::Start(start))?;
+                f.take(end.saturating_sub(start)).read_to_end(&mut owned)
+            });
             (owned, res)
         })
-        .await;
-        match read {
-            Ok((owned, res)) => {
-                *buf = owned;
-                res.map_err(|e| self.io_err("get", key, e))
-            }
-            Err(e) => Err(self.io_err("get", key, io::Error::other(e))),
-        }
+        .await
+        .map_err(|e| self.io_err("get", key, io::Error::other(e)))?;
+        *buf = owned;
+        res.map(drop).map_err(|e| self.io_err("get", key, e))
     }
 
     async fn remove_incomplete(

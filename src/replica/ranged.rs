@@ -117,19 +117,12 @@ pub fn readers(
                 .as_ref()
                 .expect("an object is served until its last range");
             let data = match h.await {
-                Ok(Ok(data)) => data,
-                Ok(Err(e)) => {
-                    let _ = tx.send(Err(io::Error::other(e))).await;
-                    abort(&pending);
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(io::Error::other(e))).await;
-                    abort(&pending);
-                    return;
-                }
+                Ok(res) => res.map_err(io::Error::other),
+                Err(e) => Err(io::Error::other(e)),
             };
-            if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
+            // A range is never empty (it holds exactly its `end - start > 0` bytes).
+            let (failed, sent) = (data.is_err(), tx.send(data).await.is_ok());
+            if failed || !sent {
                 abort(&pending);
                 return;
             }
