@@ -191,7 +191,7 @@ def one_target(a, work: Path, name: str, db: Path, replica_toml: str, url: str,
         "target": name, "cold": cold, "reps": len(reps),
         "drill_s": med("drill_s"), "restore_s": med("restore_s"), "read_s": med("read_s"),
         "drill_range": [min(r["drill_s"] for r in reps), max(r["drill_s"] for r in reps)],
-        "bound_ratios": [r["drill_s"] / (r["restore_s"] + r["read_s"]) for r in reps],
+        "bound_ratios": [r["drill_s"] / bound(r) for r in reps],
         "bytes": reps[0]["bytes"],
         "lag_before_max": max(lags_before, default=0.0),
         "lag_during_max": max(lags_during, default=0.0),
@@ -229,6 +229,11 @@ def bench_drill(a, work: Path, s3, make_db) -> dict:
             "baseline_s": BASELINE_QUICK if a.quick else BASELINE}
 
 
+def bound(r: dict) -> float:
+    """Issue 17's bound for a row: the restore plus one checksum pass (a read of the database)."""
+    return r["restore_s"] + r["read_s"]
+
+
 def render(R: dict) -> list[str]:
     cold = all(r.get("cold") for r in R["rows"])
     reps = max((r.get("reps", 1) for r in R["rows"]), default=1)
@@ -236,13 +241,12 @@ def render(R: dict) -> list[str]:
            f"cache {'dropped before the drill, the restore and the read' if cold else 'NOT dropped (no permission): warm'})", ""]
     rows = []
     for r in R["rows"]:
-        # Issue 17's bound: the restore plus one checksum pass (a read of the database).
-        bound = r["restore_s"] + r["read_s"]
+        lim = bound(r)
         rows.append([
             r["target"],
             f"{fmt_s(r['drill_s'])} [{fmt_s(r['drill_range'][0])}-{fmt_s(r['drill_range'][1])}]"
             if "drill_range" in r else fmt_s(r["drill_s"]),
-            fmt_s(r["restore_s"]), fmt_s(r["read_s"]), fmt_s(bound), ratio(r["drill_s"], bound),
+            fmt_s(r["restore_s"]), fmt_s(r["read_s"]), fmt_s(lim), ratio(r["drill_s"], lim),
             f"{r['lag_before_max']:.1f} s", f"{r['lag_during_max']:.1f} s",
             f"{r['commit_before_p99_ms']:.0f} / {r['commit_before_ms']:.0f} ms",
             f"{r['commit_during_p99_ms']:.0f} / {r['commit_during_ms']:.0f} ms",
@@ -260,8 +264,10 @@ def targets(R: dict) -> list[tuple[str, bool]]:
     """(target text, met) for issue 17's drill bound, per target."""
     out = []
     for r in R["rows"]:
-        bound = r["restore_s"] + r["read_s"]
+        lim = bound(r)
+        per_run = (f"; per run {min(r['bound_ratios']):.2f}-{max(r['bound_ratios']):.2f}x"
+                   if r.get("bound_ratios") else "")
         out.append((f"drill from {r['target']} at most the restore plus one read of the database "
-                    f"({r['drill_s']:.2f} s vs {bound:.2f} s, {r['drill_s'] / bound:.2f}x)",
-                    r["drill_s"] <= bound))
+                    f"({r['drill_s']:.2f} s vs {lim:.2f} s, {r['drill_s'] / lim:.2f}x{per_run})",
+                    r["drill_s"] <= lim))
     return out
